@@ -1,0 +1,291 @@
+"""wav2vec2 speech features at video rate, as the reference's `AudioEncoder` + `WanS2V.encode_audio`.
+
+Whole-file path (the reference, used for parity):
+1. the processor normalises the whole 16 kHz waveform to zero mean / unit variance;
+2. wav2vec2 (`Wav2Vec2ForCTC` from the release's `wav2vec2-large-xlsr-53-english/`) runs once over the whole
+   file; all 25 hidden states are kept: the transformer input, the outputs of layers 1..23 and the output of
+   layer 24 after the encoder's final LayerNorm -> `[25, T50, C]` at 50 Hz;
+3. linear interpolation (align_corners) to `int(T50/50*30)` frames at 30 Hz, in the model dtype, then float32;
+4. video frame k of 25 fps takes the 30 Hz frame round(k*30/25) (zeros past the end of the audio), in whole
+   clips of `infer_frames`, clips = int(T30/(infer_frames*1.2)) + 1 -> `audio_emb [1, 25, C, frames]`.
+
+`StreamingAudioFeatures` is the chunked counterpart for audio that arrives in pieces (see its docstring for
+where and by how much it differs).
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAMPLE_RATE = 16000
+# The reference hard-codes these rates rather than deriving them from the model config.
+FEATURE_RATE = 50
+VIDEO_RATE = 30
+
+
+class AudioFeatureExtractor:
+    """The wav2vec2 feature extractor (processor normalisation + model) on a given device and dtype."""
+
+    def __init__(self, processor, model: torch.nn.Module, *, device: torch.device | str, dtype: torch.dtype):
+        self.processor = processor
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        config = model.config
+        self.num_layers = config.num_hidden_layers
+        self.hidden_size = config.hidden_size
+        # Samples per 50 Hz frame and samples seen by the first frame (320 and 400 for wav2vec2).
+        self.hop = math.prod(config.conv_stride)
+        self.receptive_field = 1
+        for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride))):
+            self.receptive_field = (self.receptive_field - 1) * stride + kernel
+
+    @classmethod
+    def from_pretrained(cls, wav2vec_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.bfloat16) -> "AudioFeatureExtractor":
+        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+        folder = Path(wav2vec_dir)
+        for name in ("config.json", "preprocessor_config.json"):
+            if not (folder / name).is_file():
+                raise ValueError(f"{folder}: no {name}; point it at the release's "
+                                 f"wav2vec2-large-xlsr-53-english folder")
+        try:
+            processor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder))
+            # Loaded in float32 and then cast, as the reference does (the positional conv's weight norm is
+            # recombined from the legacy weight_g/weight_v before the cast).
+            model = Wav2Vec2ForCTC.from_pretrained(str(folder))
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{folder}: cannot load the wav2vec2 checkpoint ({str(error).splitlines()[0]}); "
+                             f"the folder is incomplete or corrupt") from None
+        if model.config.num_hidden_layers != 24:
+            raise ValueError(f"{folder}: wav2vec2 has {model.config.num_hidden_layers} layers; the DiT's audio "
+                             f"encoder mixes exactly 25 hidden states, i.e. 24 layers")
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return cls(processor, model, device=device, dtype=dtype)
+
+    def input_values(self, waveform_16k: np.ndarray) -> torch.Tensor:
+        """The processor's output for the whole waveform (zero mean / unit variance when configured)."""
+        waveform = np.asarray(waveform_16k, dtype=np.float32)
+        if waveform.ndim != 1:
+            raise ValueError(f"waveform must be mono [samples], got shape {waveform.shape}")
+        if waveform.shape[0] < self.receptive_field:
+            raise ValueError(f"audio is too short: {waveform.shape[0]} samples, wav2vec2 needs at least "
+                             f"{self.receptive_field} ({self.receptive_field / SAMPLE_RATE * 1000:.0f} ms at 16 kHz)")
+        return self.processor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values[0]
+
+    def hidden_states(self, waveform_16k: np.ndarray) -> torch.Tensor:
+        """All 25 hidden states `[25, T50, C]` in the model dtype, on the model device."""
+        values = self.input_values(waveform_16k).to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            out = self.model.wav2vec2(values[None], output_hidden_states=True)
+        # The first num_layers entries are the input of every layer in all transformers versions; the last
+        # entry is the post-LayerNorm output in 4.x but the raw layer-24 output in 5.x, so it is taken from
+        # last_hidden_state, which is post-LayerNorm in both.
+        states = out.hidden_states[: self.num_layers] + (out.last_hidden_state,)
+        return torch.cat(states)
+
+    def unload(self) -> None:
+        on_cuda = self.device.type == "cuda"
+        self.model = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+
+def resample_to_video_rate(hidden: torch.Tensor, *, video_rate: int = VIDEO_RATE) -> torch.Tensor:
+    """`[L, T50, C]` -> `[L, int(T50/50*video_rate), C]` by linear interpolation with align_corners, computed in
+    the input's dtype (bf16 in real runs, as the reference) and returned as float32."""
+    length = int(hidden.shape[1] / float(FEATURE_RATE) * video_rate)
+    if length < 1:
+        raise ValueError(f"audio is too short: {hidden.shape[1]} wav2vec2 frames give no {video_rate} Hz frame")
+    resampled = F.interpolate(hidden.transpose(1, 2), size=length, mode="linear", align_corners=True)
+    return resampled.transpose(1, 2).float()
+
+
+def video_frame_indices(first: int, count: int, *, fps: int, video_rate: int = VIDEO_RATE) -> np.ndarray:
+    """Index of the `video_rate` frame used by video frames first..first+count-1 (numpy round-half-even)."""
+    times = np.arange(first, first + count, dtype=np.float64) / fps
+    return np.round(times * video_rate).astype(np.int64)
+
+
+def bucket_video_frames(features: torch.Tensor, *, infer_frames: int, fps: int = 25,
+                        video_rate: int = VIDEO_RATE) -> tuple[torch.Tensor, int]:
+    """`[L, T30, C]` at `video_rate` -> (`[1, L, C, infer_frames*num_clips]`, num_clips) at `fps`.
+
+    The reference's `get_audio_embed_bucket_fps` with m=0: whole clips, frame k takes index round(k*30/25),
+    zeros where that index is past the end of the audio.
+    """
+    num_layers, length, channels = features.shape
+    num_clips = int(length / (infer_frames * (video_rate / fps))) + 1
+    num_frames = num_clips * infer_frames
+    padded_length = math.ceil(num_frames / fps * video_rate)
+    # The reference's own expression (linspace over the clip duration), kept for its exact float rounding.
+    times = np.linspace(0, num_frames / int(fps), num_frames, endpoint=False)
+    indices = np.clip(np.round(times * int(video_rate)).astype(np.int64), 0, padded_length - 1)
+    valid = torch.from_numpy(indices < length)
+    out = features.new_zeros(num_layers, num_frames, channels)
+    out[:, valid] = features[:, torch.from_numpy(indices[indices < length]).to(features.device)]
+    return out.permute(0, 2, 1).unsqueeze(0).contiguous(), num_clips
+
+
+def video_rate_features(hidden: torch.Tensor, *, infer_frames: int, fps: int = 25,
+                        video_rate: int = VIDEO_RATE) -> tuple[torch.Tensor, int]:
+    """wav2vec2 hidden states `[25, T50, C]` -> (`audio_emb [1, 25, C, infer_frames*num_clips]` float32, num_clips)."""
+    return bucket_video_frames(resample_to_video_rate(hidden, video_rate=video_rate),
+                               infer_frames=infer_frames, fps=fps, video_rate=video_rate)
+
+
+class StreamingAudioFeatures:
+    """Per-block `audio_emb` for audio that arrives in chunks, with bounded memory and latency.
+
+    `push(chunk)` appends 16 kHz float32 samples and returns the blocks that became computable, each
+    `[1, 25, C, frames_per_block]` float32 for video frames `frames_per_block*b ...`; `finish()` returns the
+    rest, up to the block holding the last frame of the audio, with zeros past the end (it does not pad to
+    whole clips). A block is computed once the samples for its last 50 Hz frame plus `lookahead_seconds` have
+    arrived, by running wav2vec2 on the last `context_seconds` of audio ending there.
+
+    Where the features must differ from the whole-file path (`hidden_states` + `video_rate_features`):
+    * wav2vec2's self-attention is global over its input and its positional convolution spans +-64 frames
+      (+-1.28 s): here the input is a window, so frames see no audio after the lookahead and none before the
+      context;
+    * the processor normalises per input: here per window, not over the whole file;
+    * the 50 -> 30 Hz interpolation of the whole file maps 30 Hz frame i to 50 Hz position i*(T50-1)/(T30-1),
+      which depends on the file length; the stream uses the nominal i*50/30 (the positions agree at the start
+      and drift by up to ~0.7 of a 50 Hz frame at the end of a file);
+    * interpolation is done in float32 (the whole-file path interpolates in the model dtype).
+    Frames with 30 Hz index past the end of the audio are zeros in both.
+
+    Measured on the real speech in shared/media (dwarven_blacksmith 35 s, cyclops_baker 23 s,
+    fashion_blogger 25 s, 24 kHz resampled to 16 kHz) in float32, relative L2 error of the streamed
+    `audio_emb` against the whole-file one over all frames of the audio. The release's wav2vec2 weights are not
+    available offline, so two random-weight models were measured; the numbers bound the effect of the window
+    but are not those of the trained model (whose attention is mostly local):
+    <filled in from the measurement>
+    """
+
+    def __init__(self, extractor: AudioFeatureExtractor, *, frames_per_block: int = 12, fps: int = 25,
+                 video_rate: int = VIDEO_RATE, context_seconds: float = 10.0, lookahead_seconds: float = 1.0):
+        if frames_per_block < 1 or context_seconds <= lookahead_seconds or lookahead_seconds < 0:
+            raise ValueError("need frames_per_block >= 1 and 0 <= lookahead_seconds < context_seconds")
+        self.extractor = extractor
+        self.frames_per_block = frames_per_block
+        self.fps = fps
+        self.video_rate = video_rate
+        hop = extractor.hop
+        self.context_samples = int(round(context_seconds * SAMPLE_RATE / hop)) * hop
+        self.lookahead_samples = int(round(lookahead_seconds * SAMPLE_RATE))
+        self._buffer = np.zeros(0, dtype=np.float32)
+        self._buffer_start = 0  # absolute index of self._buffer[0]
+        self._received = 0
+        self._next_block = 0
+        self._finished = False
+
+    def push(self, chunk: np.ndarray) -> list[torch.Tensor]:
+        if self._finished:
+            raise ValueError("push() after finish(): start a new StreamingAudioFeatures for new audio")
+        chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        self._buffer = np.concatenate([self._buffer, chunk])
+        self._received += chunk.shape[0]
+        blocks = []
+        while (end := self._window_end(self._next_block)) <= self._received:
+            blocks.append(self._compute_block(self._next_block, end, total_frames=None))
+        return blocks
+
+    def finish(self) -> list[torch.Tensor]:
+        """The remaining blocks; frames whose 30 Hz index is past the end of the audio are zeros."""
+        self._finished = True
+        hop, field = self.extractor.hop, self.extractor.receptive_field
+        if self._received < field:
+            return []
+        total_50 = (self._received - field) // hop + 1
+        total_30 = int(total_50 / float(FEATURE_RATE) * self.video_rate)
+        blocks = []
+        while video_frame_indices(self._next_block * self.frames_per_block, 1, fps=self.fps,
+                                  video_rate=self.video_rate)[0] < total_30:
+            blocks.append(self._compute_block(self._next_block, self._received, total_frames=(total_50, total_30)))
+        return blocks
+
+    def _positions(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """30 Hz indices of the block's video frames and their nominal 50 Hz positions."""
+        indices = video_frame_indices(block * self.frames_per_block, self.frames_per_block,
+                                      fps=self.fps, video_rate=self.video_rate)
+        return indices, indices * (FEATURE_RATE / self.video_rate)
+
+    def _window_end(self, block: int) -> int:
+        last_frame = int(math.ceil(self._positions(block)[1][-1]))
+        return last_frame * self.extractor.hop + self.extractor.receptive_field + self.lookahead_samples
+
+    def _compute_block(self, block: int, end: int, *, total_frames: tuple[int, int] | None) -> torch.Tensor:
+        hop = self.extractor.hop
+        start = max(0, end - self.context_samples) // hop * hop
+        window = self._buffer[start - self._buffer_start: end - self._buffer_start]
+        hidden = self.extractor.hidden_states(window).float()
+        first_frame = start // hop
+        indices, positions = self._positions(block)
+        lower = np.floor(positions).astype(np.int64)
+        weight = torch.tensor(positions - lower, dtype=torch.float32, device=hidden.device)
+        last = first_frame + hidden.shape[1] - 1
+        lower_rows = torch.from_numpy(np.clip(lower, first_frame, last) - first_frame)
+        upper_rows = torch.from_numpy(np.clip(lower + 1, first_frame, last) - first_frame)
+        features = hidden[:, lower_rows] * (1 - weight)[None, :, None] + hidden[:, upper_rows] * weight[None, :, None]
+        if total_frames is not None:
+            features[:, torch.from_numpy(indices >= total_frames[1])] = 0
+        self._next_block = block + 1
+        # Keep only what the next window can reach back to.
+        keep_from = max(0, self._window_end(self._next_block) - self.context_samples) // hop * hop
+        if keep_from > self._buffer_start:
+            self._buffer = self._buffer[keep_from - self._buffer_start:]
+            self._buffer_start = keep_from
+        return features.permute(0, 2, 1).unsqueeze(0).cpu()
+
+
+def save_tiny_wav2vec2(out_dir: str | os.PathLike, *, seed: int = 0, hidden_size: int = 32) -> Path:
+    """Write a tiny `Wav2Vec2ForCTC` + processor folder with the XLSR-53 structure (24 stable-layer-norm layers,
+    conv kernels 10,3,3,3,3,2,2 / strides 5,2,2,2,2,2,2) and seeded random weights; the positional-conv weight
+    norm is stored as legacy `weight_g`/`weight_v`, like the release checkpoint."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + ["'"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, **{c: 5 + i for i, c in enumerate(letters)}}
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=24, num_attention_heads=2,
+        intermediate_size=2 * hidden_size, conv_dim=[16] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2],
+        conv_stride=[5, 2, 2, 2, 2, 2, 2], num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True, layerdrop=0.0,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        final_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = Wav2Vec2ForCTC(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for key, tensor in model.state_dict().items():
+        if ("layer_norm" in key and key.endswith("weight")) or "original0" in key:
+            value = 1 + 0.1 * torch.randn(tensor.shape, generator=generator)
+        elif key.endswith("bias") or tensor.ndim == 1:
+            value = 0.05 * torch.randn(tensor.shape, generator=generator)
+        else:
+            value = torch.randn(tensor.shape, generator=generator) * (tensor[0].numel() ** -0.5)
+        key = key.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v")
+        state_dict[key] = value.contiguous()
+    save_file(state_dict, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config.architectures = ["Wav2Vec2ForCTC"]
+    config.save_pretrained(str(out_dir))
+    (out_dir / "vocab.json").write_text(json.dumps(vocab))
+    Wav2Vec2CTCTokenizer(str(out_dir / "vocab.json")).save_pretrained(str(out_dir))
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(str(out_dir))
+    return out_dir
