@@ -1,0 +1,575 @@
+"""The causal Wan2.2-S2V-14B DiT (the release's ``CausalWanModel_S2V``) as Live Avatar drives it.
+
+Two calls make up a run (see ``dit.md``):
+
+* ``prefill_sink``: once per cond cache, at t = 0. Only condition tokens (the reference frame followed by
+  the frame-packed motion latents) go through the blocks; their un-roped keys and values are kept.
+* ``forward_block``: every denoising step of every block. Only the block's noisy tokens go through the
+  blocks; they attend to themselves, to earlier blocks of the same step (``KVCache``) and to the condition
+  tokens, whose keys are roped per call with the reference frame at its rolling position.
+
+Precision follows the reference's bf16 run in any run dtype: the residual stream is float32 inside a block
+and the run dtype between blocks; modulation, the timestep MLP and the head's linear are float32; norm1 and
+the head's norm round their output to the run dtype; the cross-attention norm always sees (and returns)
+bfloat16 values, and RoPE cos/sin are float16-rounded — also in float32 runs, because the reference
+hard-codes both.
+
+The model draws no random numbers: the reference frame's RoPE shift (``ref_rope_shift``) comes from the
+caller.
+"""
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from liveavatar.checkpoints.lora import LORA_KEY_FORMAT, lora_target_modules, merge_lora
+from liveavatar.checkpoints.safetensors_io import (
+    checkpoint_files,
+    checkpoint_shapes,
+    load_into,
+    save_sharded,
+)
+from liveavatar.models.attention import CrossAttention, RMSNorm, attention
+from liveavatar.models.audio_injection import AudioInjector, CausalAudioEncoder
+from liveavatar.models.rope import (
+    apply_rotation,
+    block_positions,
+    condition_positions,
+    rotation,
+    rotation_dtype,
+)
+from liveavatar.runtime.kv_cache import CondCache, KVCache
+
+CONFIG_NAME = "config.json"
+WEIGHTS_STEM = "diffusion_pytorch_model"
+RUN_DTYPES = (torch.float32, torch.bfloat16)
+
+# config.json switches of the release and the value this implementation requires; the first value is the
+# reference class's default, which applies when the key is absent.
+_REQUIRED_SWITCHES = {
+    "enable_adain": (False, True),
+    "adain_mode": ("attn_norm", "attn_norm"),
+    "zero_timestep": (False, True),
+    "enable_framepack": (False, True),
+    "enable_motioner": (True, False),
+    "add_last_motion": (True, True),
+}
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Sizes of the DiT. The defaults are the 14B release; ``from_dir`` reads a checkpoint folder."""
+
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_dim: int = 16
+    out_dim: int = 16
+    cond_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    audio_dim: int = 1024
+    audio_layers: int = 25
+    num_audio_token: int = 4
+    audio_inject_layers: tuple[int, ...] = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+    eps: float = 1e-6
+
+    # Fixed by the reference code, not by config.json.
+    PATCH_SIZE: ClassVar[tuple[int, int, int]] = (1, 2, 2)
+    REF_FRAME: ClassVar[int] = 30                 # sink RoPE frame of the reference tokens
+    FRAMEPACK_BUCKETS: ClassVar[tuple[int, ...]] = (1, 2, 16)  # motion latents packed 1x, 2x, 4x (newest first)
+    AUDIO_HISTORY_FRAMES: ClassVar[int] = 73      # copies of a block's first audio frame prepended to it
+    AUDIO_HISTORY_LATENTS: ClassVar[int] = 19     # audio-encoder outputs those copies produce (dropped)
+    AUDIO_FRAMES_PER_LATENT: ClassVar[int] = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "audio_inject_layers", tuple(int(i) for i in self.audio_inject_layers))
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even width")
+        if len(set(self.audio_inject_layers)) != len(self.audio_inject_layers) or not all(
+                0 <= i < self.num_layers for i in self.audio_inject_layers):
+            raise ValueError(f"audio_inject_layers {list(self.audio_inject_layers)} must be distinct block "
+                             f"indices below num_layers={self.num_layers}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def patch_outputs(self) -> int:
+        """Numbers the head emits per token (one latent patch of out_dim channels)."""
+        pf, ph, pw = self.PATCH_SIZE
+        return pf * ph * pw * self.out_dim
+
+    def frame_tokens(self, latent_h: int, latent_w: int) -> int:
+        """Tokens per latent frame (the reference's ``frame_seq_length``)."""
+        return (latent_h // 2) * (latent_w // 2)
+
+    def cond_tokens(self, latent_h: int, latent_w: int) -> int:
+        """Condition (sink) tokens for a latent size: the reference frame plus the packed motion."""
+        return condition_positions(latent_h, latent_w, ref_frame=self.REF_FRAME,
+                                   buckets=self.FRAMEPACK_BUCKETS).shape[0]
+
+    @classmethod
+    def full_14b(cls) -> "TransformerConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "TransformerConfig":
+        """A few-MB model for tests: the fixtures' tiny shapes (head.head not square) with a 48-wide text
+        input and 32-wide audio input (the tiny umT5 / wav2vec2 widths)."""
+        return cls(dim=96, ffn_dim=192, num_heads=3, num_layers=3, text_dim=48, audio_dim=32,
+                   audio_inject_layers=(0, 2))
+
+    @classmethod
+    def from_dir(cls, ckpt_dir: str | Path) -> "TransformerConfig":
+        """Read ``config.json``; widths the reference takes from the weights (text_dim — its loader
+        ignores the config entry —, audio_dim, audio_layers, cond_dim) come from the tensor headers."""
+        ckpt_dir = Path(ckpt_dir)
+        config_path = ckpt_dir / CONFIG_NAME
+        try:
+            raw = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{config_path}: not found; pass the DiT checkpoint folder "
+                             f"(the one with {CONFIG_NAME} and {WEIGHTS_STEM}*.safetensors)") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path}: invalid JSON ({error})") from None
+        if raw.get("model_type", "s2v") != "s2v":
+            raise ValueError(f"{config_path}: model_type {raw['model_type']!r} is not the S2V model")
+        for key, (default, required) in _REQUIRED_SWITCHES.items():
+            if raw.get(key, default) != required:
+                raise ValueError(f"{config_path}: {key}={raw.get(key, default)!r} is not supported "
+                                 f"(the Live Avatar release uses {required!r})")
+        missing = [key for key in ("dim", "ffn_dim", "num_heads", "num_layers", "audio_inject_layers")
+                   if key not in raw]
+        if missing:
+            raise ValueError(f"{config_path}: missing {missing[0]!r}; is this the Wan2.2-S2V config?")
+        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        shapes = checkpoint_shapes(checkpoint_files(ckpt_dir, WEIGHTS_STEM))
+        from_weights = {
+            "text_dim": ("text_embedding.0.weight", 1),
+            "audio_dim": ("casual_audio_encoder.encoder.conv1_local.conv.weight", 1),
+            "audio_layers": ("casual_audio_encoder.weights", 1),
+            "cond_dim": ("cond_encoder.weight", 1),
+        }
+        for name, (key, axis) in from_weights.items():
+            if key in shapes:
+                values[name] = shapes[key][axis]
+        return cls(**values)
+
+    def to_json_dict(self) -> dict:
+        """config.json content in the release's (diffusers) layout."""
+        values = asdict(self)
+        values["audio_inject_layers"] = list(self.audio_inject_layers)
+        return {
+            "_class_name": "WanModel_S2V", "model_type": "s2v", **values,
+            "patch_size": list(self.PATCH_SIZE), "window_size": [-1, -1], "qk_norm": True,
+            "cross_attn_norm": True, "zero_init": True, "enable_tsm": False, "trainable_token_pos_emb": False,
+            "motion_token_num": 1024, "framepack_drop_mode": "padd",
+            **{key: required for key, (_, required) in _REQUIRED_SWITCHES.items()},
+        }
+
+
+def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer evaluated in float32 whatever its stored dtype (the reference's float32 autocast)."""
+    return F.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Un-roped q, k and v [1, L, heads, head_dim]."""
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        k = self.norm_k(self.k(x)).unflatten(-1, heads)
+        return q, k, self.v(x).unflatten(-1, heads)
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.eps = config.eps
+        self.modulation = nn.Parameter(torch.zeros(1, 6, config.dim))
+        self.self_attn = SelfAttention(config.dim, config.num_heads, config.eps)
+        self.norm3 = nn.LayerNorm(config.dim, eps=config.eps)
+        self.cross_attn = CrossAttention(config.dim, config.num_heads, config.eps)
+        self.ffn = nn.Sequential(nn.Linear(config.dim, config.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(config.ffn_dim, config.dim))
+
+    def forward(self, x: torch.Tensor, time_modulation: torch.Tensor, attend: Attend,
+                text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [1, L, dim] in the run dtype; time_modulation [6, dim] float32 (the same for every token);
+        ``attend(q, k, v)`` ropes, caches and attends, returning [1, L, heads, head_dim]."""
+        dtype, width = x.dtype, (x.shape[-1],)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation.float()[0] + time_modulation
+        normed = F.layer_norm(x.float(), width, eps=self.eps).to(dtype)
+        q, k, v = self.self_attn.qkv((normed.float() * (1 + scale1) + shift1).to(dtype))
+        y = self.self_attn.o(attend(q, k, v).flatten(-2))
+        x = x.float() + y.float() * gate1
+        # The reference casts the residual to bfloat16 before norm3 in every run dtype.
+        context_query = F.layer_norm(x.to(torch.bfloat16), width, self.norm3.weight, self.norm3.bias, self.eps)
+        x = x + self.cross_attn(context_query.to(dtype), text_kv).float()
+        normed = F.layer_norm(x, width, eps=self.eps)
+        z = self.ffn((normed * (1 + scale2) + shift2).to(dtype))
+        return (x + z.float() * gate2).to(dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.eps = config.eps
+        self.modulation = nn.Parameter(torch.zeros(1, 2, config.dim))
+        self.head = nn.Linear(config.dim, config.patch_outputs)
+
+    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation.float()[0] + time_embedding
+        normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return _fp32_linear(self.head, normed.float() * (1 + scale) + shift).to(x.dtype)
+
+
+class FramePacker(nn.Module):
+    """Motion latents as tokens: the newest latent at full patch resolution (``proj``), the two before it
+    2x coarser in time and space (``proj_2x``), the 16 before those 4x coarser (``proj_4x``)."""
+
+    def __init__(self, dim: int, in_dim: int):
+        super().__init__()
+        self.proj = nn.Conv3d(in_dim, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.proj_2x = nn.Conv3d(in_dim, dim, kernel_size=(2, 4, 4), stride=(2, 4, 4))
+        self.proj_4x = nn.Conv3d(in_dim, dim, kernel_size=(4, 8, 8), stride=(4, 8, 8))
+
+    def forward(self, motion: torch.Tensor) -> torch.Tensor:
+        """motion [1, C, T, h, w] -> tokens [1, M, dim], newest group first."""
+        buckets = TransformerConfig.FRAMEPACK_BUCKETS
+        frames = sum(buckets)
+        kept = min(frames, motion.shape[2])
+        padded = motion.new_zeros(*motion.shape[:2], frames, *motion.shape[3:])
+        padded[:, :, frames - kept:] = motion[:, :, motion.shape[2] - kept:]
+        oldest, middle, newest = padded.split(list(reversed(buckets)), dim=2)
+        groups = [self.proj(newest), self.proj_2x(middle), self.proj_4x(oldest)]
+        return torch.cat([g.flatten(2).transpose(1, 2) for g in groups], dim=1)
+
+
+class CausalS2VTransformer(nn.Module):
+    """The DiT with the release's parameter names (1260 tensors, 16,295,755,609 parameters at 14B)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        patch = c.PATCH_SIZE
+        self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=patch, stride=patch)
+        self.cond_encoder = nn.Conv3d(c.cond_dim, c.dim, kernel_size=patch, stride=patch)
+        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(c.dim, c.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.trainable_cond_mask = nn.Embedding(3, c.dim)  # rows: 0 noisy, 1 reference, 2 motion tokens
+        self.frame_packer = FramePacker(c.dim, c.in_dim)
+        self.blocks = nn.ModuleList(TransformerBlock(c) for _ in range(c.num_layers))
+        self.head = Head(c)
+        self.casual_audio_encoder = CausalAudioEncoder(c.audio_dim, c.dim, c.num_audio_token, c.audio_layers)
+        self.audio_injector = AudioInjector(c.dim, c.num_heads, len(c.audio_inject_layers), c.eps)
+        self._injector_slot = {layer: slot for slot, layer in enumerate(c.audio_inject_layers)}
+        self._text_kv_source: tuple[weakref.ref, int] | None = None
+        self._text_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    # ------------------------------------------------------------------------------------------------
+    # loading
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str | Path, *, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.bfloat16, lora: str | Path | None = None,
+                        lora_alpha: float | None = None) -> "CausalS2VTransformer":
+        """Build the model from a checkpoint folder (sharded safetensors with an index, or one file),
+        each tensor streamed to ``device`` in ``dtype``; then merge ``lora`` (see ``merge_lora``)."""
+        if dtype not in RUN_DTYPES:
+            raise ValueError(f"dtype {dtype} is not supported; use torch.bfloat16 or torch.float32")
+        config = TransformerConfig.from_dir(ckpt_dir)
+        with torch.device("meta"):
+            model = cls(config)
+        load_into(model, checkpoint_files(Path(ckpt_dir), WEIGHTS_STEM), device=device, dtype=dtype,
+                  source=str(ckpt_dir))
+        if lora is not None:
+            merge_lora(model, lora, alpha=lora_alpha)
+        return model.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------
+    # caches
+
+    def new_kv_cache(self, *, cache_frames: int, frame_tokens: int, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for one denoising step holding ``cache_frames`` latent frames (one clip)."""
+        c = self.config
+        return KVCache(num_layers=c.num_layers, capacity=cache_frames * frame_tokens, num_heads=c.num_heads,
+                       head_dim=c.head_dim, device=device or self.device, dtype=dtype or self.dtype)
+
+    def new_cond_cache(self, *, cond_tokens: int, device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> CondCache:
+        """The condition-token cache shared by all steps (``config.cond_tokens(latent_h, latent_w)``)."""
+        c = self.config
+        return CondCache(num_layers=c.num_layers, capacity=cond_tokens, num_heads=c.num_heads,
+                         head_dim=c.head_dim, device=device or self.device, dtype=dtype or self.dtype)
+
+    # ------------------------------------------------------------------------------------------------
+    # embeddings
+
+    @torch.no_grad()
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Text encoder output [L_txt, text_dim] -> cross-attention context [1, text_len, dim].
+
+        The context is zero-padded to text_len rows first; the padding rows are attended too.
+        """
+        c = self.config
+        if context.ndim != 2 or context.shape[1] != c.text_dim:
+            raise ValueError(f"text context must be [tokens, {c.text_dim}], got {list(context.shape)}; "
+                             f"does the text encoder match this DiT?")
+        if context.shape[0] > c.text_len:
+            raise ValueError(f"text context has {context.shape[0]} tokens, more than text_len={c.text_len}")
+        padded = torch.zeros(1, c.text_len, c.text_dim, device=self.device, dtype=self.dtype)
+        padded[0, :context.shape[0]] = context
+        return self.text_embedding(padded)
+
+    def _text_kv_for(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer text cross-attention keys/values, cached while the same, unmodified tensor is passed.
+
+        ``text`` is the output of ``embed_text`` [1, text_len, dim] or a raw encoder output [L, text_dim].
+        """
+        if self._text_kv_source is not None:
+            source, version = self._text_kv_source
+            if source() is text and text._version == version:
+                return self._text_kv
+        context = self.embed_text(text) if text.ndim == 2 else text.to(self.device, self.dtype)
+        if tuple(context.shape) != (1, self.config.text_len, self.config.dim):
+            raise ValueError(f"text must come from embed_text ([1, {self.config.text_len}, {self.config.dim}]), "
+                             f"got {list(context.shape)}")
+        self._text_kv = [block.cross_attn.context_kv(context) for block in self.blocks]
+        self._text_kv_source = (weakref.ref(text), text._version)
+        return self._text_kv
+
+    def _time_vectors(self, timestep: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timestep embedding e [dim] (for the head) and block modulation base e0 [6, dim], float32."""
+        c = self.config
+        # The reference feeds the timestep as a float32 tensor and embeds it in float64.
+        position = torch.tensor([float(timestep)], dtype=torch.float32, device=self.device).double()
+        half = c.freq_dim // 2
+        frequencies = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=self.device).div(half))
+        angles = torch.outer(position, frequencies)
+        sinusoid = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+        e = _fp32_linear(self.time_embedding[2], F.silu(_fp32_linear(self.time_embedding[0], sinusoid)))
+        e0 = _fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, c.dim))
+        return e[0], e0[0]
+
+    def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotation(positions.to(self.device), self.config.head_dim, rotation_dtype(self.dtype))
+
+    def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
+        """[1, C, f, h, w] latents -> [1, f*(h/2)*(w/2), dim] tokens in frame, row, column order."""
+        return conv(latents.to(self.device, self.dtype)).flatten(2).transpose(1, 2)
+
+    def _run_blocks(self, x: torch.Tensor, time_modulation: torch.Tensor, attend: Callable[..., torch.Tensor],
+                    text_kv: list, audio: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        for index, block in enumerate(self.blocks):
+            x = block(x, time_modulation, partial(attend, index), text_kv[index])
+            if audio is not None and index in self._injector_slot:
+                x = self.audio_injector(self._injector_slot[index], x, *audio)
+        return x
+
+    # ------------------------------------------------------------------------------------------------
+    # the two calls
+
+    @torch.no_grad()
+    def prefill_sink(self, cond_cache: CondCache, text: torch.Tensor, ref_latents: torch.Tensor,
+                     motion_latents: torch.Tensor) -> None:
+        """The t = 0 sink call: run the condition tokens and store their un-roped K and V per layer.
+
+        ref_latents [1, 16, 1, h, w]; motion_latents [1, 16, T, h, w] (only the last 19 frames are used,
+        zero-padded in front when fewer).
+        """
+        c = self.config
+        if ref_latents.ndim != 5 or ref_latents.shape[:3] != (1, c.in_dim, 1):
+            raise ValueError(f"ref_latents must be [1, {c.in_dim}, 1, h, w], got {list(ref_latents.shape)}")
+        latent_hw = tuple(ref_latents.shape[3:])
+        if motion_latents.ndim != 5 or motion_latents.shape[:2] != (1, c.in_dim) \
+                or tuple(motion_latents.shape[3:]) != latent_hw:
+            raise ValueError(f"motion_latents must be [1, {c.in_dim}, T, {latent_hw[0]}, {latent_hw[1]}], "
+                             f"got {list(motion_latents.shape)}")
+        self._text_kv_source = None  # a new run: never reuse text K/V computed before (weights may differ)
+        text_kv = self._text_kv_for(text)
+
+        mask = self.trainable_cond_mask.weight
+        ref_tokens = self._patchify(self.patch_embedding, ref_latents)
+        motion_tokens = self.frame_packer(motion_latents.to(self.device, self.dtype))
+        x = torch.cat([ref_tokens + mask[1], motion_tokens + mask[2]], dim=1)
+        positions = condition_positions(*latent_hw, ref_frame=c.REF_FRAME, buckets=c.FRAMEPACK_BUCKETS)
+        cond_cache.begin(positions, ref_tokens.shape[1], latent_hw)
+        rotation_ = self._rotation(positions)
+
+        def attend(layer: int, q, k, v):
+            cond_cache.write(layer, k, v)
+            return attention(apply_rotation(q, *rotation_), apply_rotation(k, *rotation_), v)
+
+        _, zero_modulation = self._time_vectors(0.0)
+        self._run_blocks(x, zero_modulation, attend, text_kv, audio=None)
+
+    @torch.no_grad()
+    def forward_block(self, x: torch.Tensor, timestep: float, text: torch.Tensor, audio: torch.Tensor,
+                      kv_cache: KVCache, cond_cache: CondCache, *, start_frame: int, ref_rope_shift: int,
+                      cond_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-velocity prediction for one block at one denoising step.
+
+        x [16, f, h, w] noisy latents; timestep on the 0..1000 scale; text from ``embed_text``;
+        audio [1, 25, audio_dim, 4f] wav2vec2 features of the block's video frames; kv_cache the cache of
+        this denoising step; start_frame the block's absolute latent-frame index; ref_rope_shift the
+        reference's ``relative_dist`` (the reference frame sits at max(30, start_frame + ref_rope_shift));
+        cond_states [16, f, h, w] pose latents (None = no pose video, i.e. zeros).
+        Returns [16, f, h, w] in the model dtype.
+        """
+        c = self.config
+        if x.ndim != 4 or x.shape[0] != c.in_dim:
+            raise ValueError(f"x must be [{c.in_dim}, frames, h, w], got {list(x.shape)}")
+        frames, latent_h, latent_w = x.shape[1:]
+        if cond_cache.length == 0:
+            raise ValueError("the cond cache is empty: call prefill_sink before forward_block")
+        if cond_cache.latent_hw != (latent_h, latent_w):
+            raise ValueError(f"block latents are {latent_h}x{latent_w} but the sink was prefilled for "
+                             f"{cond_cache.latent_hw[0]}x{cond_cache.latent_hw[1]}")
+        expected_audio = (1, c.audio_layers, c.audio_dim, c.AUDIO_FRAMES_PER_LATENT * frames)
+        if tuple(audio.shape) != expected_audio:
+            raise ValueError(f"audio must be {list(expected_audio)} for a {frames}-frame block, "
+                             f"got {list(audio.shape)}")
+        if cond_states is not None and cond_states.shape != x.shape:
+            raise ValueError(f"cond_states must have the shape of x {list(x.shape)}, got {list(cond_states.shape)}")
+        if start_frame < 0:
+            raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+
+        text_kv = self._text_kv_for(text)
+        audio_tokens = self._audio_tokens(audio, frames)
+
+        patches = self.patch_embedding(x[None].to(self.device, self.dtype))
+        if cond_states is None:  # the encoder of all-zero pose latents yields exactly its bias
+            patches = patches + self.cond_encoder.bias.view(1, -1, 1, 1, 1)
+        else:
+            patches = patches + self.cond_encoder(cond_states[None].to(self.device, self.dtype))
+        tokens = patches.flatten(2).transpose(1, 2) + self.trainable_cond_mask.weight[0]
+
+        rows, cols = latent_h // 2, latent_w // 2
+        frame_tokens = rows * cols
+        start_token = start_frame * frame_tokens
+        block_rotation = self._rotation(block_positions(start_frame, frames, rows, cols))
+        cond_positions = cond_cache.positions.clone()
+        cond_positions[:cond_cache.ref_tokens, 0] = c.REF_FRAME + max(0, start_frame - (c.REF_FRAME - ref_rope_shift))
+        cond_rotation = self._rotation(cond_positions)
+        kv_cache.reserve(start_token, tokens.shape[1])
+
+        def attend(layer: int, q, k, v):
+            q = apply_rotation(q, *block_rotation)
+            k = apply_rotation(k, *block_rotation)
+            kv_cache.write(layer, start_token, k, v)
+            window_k, window_v = kv_cache.window(layer)
+            cond_k, cond_v = cond_cache.entries(layer)
+            keys = torch.cat([window_k, apply_rotation(cond_k, *cond_rotation)], dim=1)
+            return attention(q, keys, torch.cat([window_v, cond_v], dim=1))
+
+        e, modulation = self._time_vectors(timestep)
+        hidden = self._run_blocks(tokens, modulation, attend, text_kv, audio=audio_tokens)
+        out = self.head(hidden, e)[0]
+        # Unpatchify: token (t, y, x) holds its (pt, ph, pw, channel) patch values, channel fastest.
+        pf, ph, pw = c.PATCH_SIZE
+        out = out.view(frames, rows, cols, pf, ph, pw, c.out_dim).permute(6, 0, 3, 1, 4, 2, 5)
+        return out.reshape(c.out_dim, frames * pf, rows * ph, cols * pw)
+
+    def _audio_tokens(self, audio: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per latent frame: local audio tokens [f, num_audio_token+1, dim] and the global vector [f, dim].
+
+        The block's audio is prefixed with copies of its own first frame (no history crosses blocks), and
+        the encoder outputs those copies produce are dropped.
+        """
+        c = self.config
+        audio = audio.to(self.device, self.dtype)
+        history = audio[..., :1].expand(-1, -1, -1, c.AUDIO_HISTORY_FRAMES)
+        audio_global, audio_local = self.casual_audio_encoder(torch.cat([history, audio], dim=-1))
+        audio_global = audio_global[0, c.AUDIO_HISTORY_LATENTS:, 0].to(self.dtype)
+        audio_local = audio_local[0, c.AUDIO_HISTORY_LATENTS:].to(self.dtype)
+        if audio_local.shape[0] != frames:
+            raise ValueError(f"audio encoder produced {audio_local.shape[0]} frames for a {frames}-frame block")
+        return audio_local, audio_global
+
+
+# ----------------------------------------------------------------------------------------------------
+# tiny checkpoints for tests
+
+
+def _random_tensor(key: str, shape: torch.Size, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """Seeded weights that exercise every path: matrices N(0, 1/fan_in), biases N(0, 0.05²),
+    norm gains 1 + N(0, 0.1²), modulations N(0, 1/dim)."""
+    noise = torch.randn(shape, generator=generator)
+    if key.endswith("modulation"):
+        return noise * dim ** -0.5
+    if key.endswith("bias"):
+        return noise * 0.05
+    if len(shape) == 1:
+        return 1 + noise * 0.1
+    return noise * shape[1:].numel() ** -0.5
+
+
+def save_tiny_transformer(out_dir: str | Path, config: TransformerConfig | None = None, *, seed: int = 0,
+                          num_shards: int = 2) -> Path:
+    """Write a DiT checkpoint folder (config.json, shards, index) with seeded random weights."""
+    config = config or TransformerConfig.tiny()
+    out_dir = Path(out_dir)
+    with torch.device("meta"):
+        shapes = {key: value.shape for key, value in CausalS2VTransformer(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {key: _random_tensor(key, shape, config.dim, generator) for key, shape in shapes.items()}
+    save_sharded(state_dict, out_dir, stem=WEIGHTS_STEM, num_shards=num_shards)
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
+    return out_dir
+
+
+def save_tiny_lora(path: str | Path, config: TransformerConfig, *, rank: int, alpha: float, seed: int) -> Path:
+    """Write a LoRA for ``config`` in the release's key layout (``<module>.lora_A.default.weight`` [rank, in],
+    ``…lora_B.default.weight`` [out, rank]) covering every targeted module, with rank/alpha metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        targets = lora_target_modules(CausalS2VTransformer(config))
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, layer in targets.items():
+        down = torch.randn(rank, layer.in_features, generator=generator) * layer.in_features ** -0.5
+        up = torch.randn(layer.out_features, rank, generator=generator) * rank ** -0.5
+        tensors[LORA_KEY_FORMAT.format(module=name, which="A")] = down
+        tensors[LORA_KEY_FORMAT.format(module=name, which="B")] = up
+    save_file(tensors, str(path), metadata={"format": "pt", "rank": str(rank), "alpha": str(alpha)})
+    return path
