@@ -1,0 +1,207 @@
+"""Incremental H.264/AAC mp4 output: frames are encoded as they arrive, the audio track is decoded and
+muxed alongside them, so memory stays constant however long the video runs.
+
+The file is written under a hidden temporary name in the target folder (``.name.partial.mp4``) and
+renamed to its final name only by a successful ``close()``. On an error or Ctrl-C nothing with the final
+name is left; with ``keep_partial`` the frames written so far are kept as a valid ``name.partial.mp4``.
+Like the reference's ``ffmpeg -shortest`` mux, the result ends with the shorter of the two streams.
+"""
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from liveavatar.errors import InputError, LiveAvatarError
+
+_AAC_FRAME = 1024
+_AAC_RATES = {7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}
+
+
+def pixels_to_uint8(video) -> np.ndarray:
+    """Decoded video in [-1, 1], a tensor [3, T, H, W] or [1, 3, T, H, W] -> uint8 [T, H, W, 3], the way
+    the reference saves it: clamp, (x + 1) / 2 * 255, truncated (not rounded)."""
+    if video.dim() == 5:
+        video = video[0]
+    pixels = ((video.detach().float().clamp(-1, 1) + 1) / 2 * 255).byte()
+    return pixels.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+class _AudioTrack:
+    """The first audio stream of a file, decoded on demand and resampled into a FIFO of AAC-ready frames."""
+
+    def __init__(self, path: Path):
+        try:
+            self._container = av.open(str(path))
+        except (av.FFmpegError, EOFError, OSError) as error:
+            raise InputError(f"--audio {path}: cannot be opened for muxing ({error})") from None
+        if not self._container.streams.audio:
+            self._container.close()
+            raise InputError(f"--audio {path}: has no audio track")
+        stream = self._container.streams.audio[0]
+        self.rate = stream.sample_rate if stream.sample_rate in _AAC_RATES else 48_000
+        self.layout = "mono" if stream.channels == 1 else "stereo"
+        self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
+        self._fifo = av.AudioFifo()
+        self._frames = self._container.decode(stream)
+        self.finished = False
+        self.samples_read = 0  # samples pushed into the FIFO since the start of the file
+
+    def fill(self, total_samples: int) -> None:
+        """Decode until ``total_samples`` have been read from the start of the file or it ends."""
+        while not self.finished and self.samples_read < total_samples:
+            try:
+                frames = self._resampler.resample(next(self._frames))
+            except StopIteration:
+                frames = self._resampler.resample(None)
+                self.finished = True
+                self._container.close()
+            for frame in frames:
+                frame.pts = None  # the FIFO insists on contiguous pts; we stamp the output frames ourselves
+                self._fifo.write(frame)
+                self.samples_read += frame.samples
+
+    def read(self, samples: int) -> av.AudioFrame | None:
+        return self._fifo.read(samples, partial=True) if self._fifo.samples else None
+
+    def close(self) -> None:
+        if not self.finished:
+            self._container.close()
+
+
+class Mp4Writer:
+    """``with Mp4Writer(path, width=W, height=H, audio_path=wav) as out: out.write(frames)``.
+
+    ``write`` takes uint8 frames [N, H, W, 3] (or one [H, W, 3]); leaving the block normally calls
+    ``close()`` (finish, mux, rename); leaving it with an exception calls ``abort()``."""
+
+    def __init__(self, path: str | os.PathLike, *, width: int, height: int, fps: int = 25,
+                 audio_path: str | os.PathLike | None = None, keep_partial: bool = False,
+                 crf: int = 10, preset: str = "medium"):
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"video size {width}x{height}: H.264 yuv420p needs positive even dimensions")
+        self.path = Path(path)
+        if self.path.suffix.lower() != ".mp4":
+            raise InputError(f"{self.path}: the output is an mp4; give a name ending in .mp4")
+        self.width, self.height, self.fps = width, height, fps
+        self.keep_partial = keep_partial
+        self.frames_written = 0
+        self.frames_dropped = 0  # frames past the end of the audio (the -shortest rule)
+        self._temporary = self.path.with_name(f".{self.path.stem}.partial.mp4")
+        self._audio = _AudioTrack(Path(audio_path).expanduser()) if audio_path is not None else None
+        self._audio_encoded = 0
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._container = av.open(str(self._temporary), "w", format="mp4")
+        except Exception:
+            if self._audio is not None:
+                self._audio.close()
+            raise
+        self._video = self._container.add_stream("libx264", rate=fps)
+        self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
+        self._video.options = {"crf": str(crf), "preset": preset}
+        if self._audio is not None:
+            self._audio_stream = self._container.add_stream("aac", rate=self._audio.rate, layout=self._audio.layout)
+            self._audio_stream.bit_rate = 192_000
+
+    @property
+    def partial_path(self) -> Path:
+        """Where ``keep_partial`` leaves the frames written so far after a failure."""
+        return self.path.with_name(f"{self.path.stem}.partial.mp4")
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, frames) -> None:
+        if self._closed:
+            raise LiveAvatarError(f"{self.path}: write() after the writer was closed")
+        if hasattr(frames, "detach"):
+            frames = frames.detach().cpu().numpy()
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.dtype != np.uint8 or frames.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"frames must be uint8 [N, {self.height}, {self.width}, 3], "
+                             f"got {frames.dtype} {list(frames.shape)}")
+        for pixels in frames:
+            if self._audio is not None and self._past_audio_end(self.frames_written):
+                self.frames_dropped += 1
+                continue
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame.pts, frame.time_base = self.frames_written, Fraction(1, self.fps)
+            self._container.mux(self._video.encode(frame))
+            self.frames_written += 1
+            if self._audio is not None:
+                self._mux_audio(self._video_end_sample(), whole_frames_only=True)
+
+    def close(self) -> Path:
+        """Flush the encoders, mux the rest of the audio (cut at the video's end) and rename to the final name."""
+        if self._closed:
+            return self.path
+        if self.frames_written == 0:
+            self.abort()
+            raise LiveAvatarError(f"{self.path}: no video frames were written")
+        self._finish()
+        os.replace(self._temporary, self.path)
+        return self.path
+
+    def abort(self) -> Path | None:
+        """Stop after a failure: delete the temporary file, or keep what was written as ``partial_path``."""
+        if self._closed:
+            return None
+        if self.keep_partial and self.frames_written:
+            try:
+                self._finish()
+                os.replace(self._temporary, self.partial_path)
+                return self.partial_path
+            except Exception:
+                pass
+        self._closed = True
+        try:
+            self._container.close()
+        except Exception:
+            pass  # a half-written container may refuse to finalise; it is deleted anyway
+        if self._audio is not None:
+            self._audio.close()
+        self._temporary.unlink(missing_ok=True)
+        return None
+
+    def _finish(self) -> None:
+        self._container.mux(self._video.encode(None))
+        if self._audio is not None:
+            self._mux_audio(self._video_end_sample(), whole_frames_only=False)
+            self._container.mux(self._audio_stream.encode(None))
+            self._audio.close()
+        self._container.close()
+        self._closed = True
+
+    def _video_end_sample(self) -> int:
+        return self.frames_written * self._audio.rate // self.fps
+
+    def _past_audio_end(self, frame_index: int) -> bool:
+        start = frame_index * self._audio.rate // self.fps
+        self._audio.fill(start + 1)
+        return self._audio.finished and self._audio.samples_read <= start
+
+    def _mux_audio(self, until_sample: int, *, whole_frames_only: bool) -> None:
+        while self._audio_encoded < until_sample:
+            wanted = min(_AAC_FRAME, until_sample - self._audio_encoded)
+            if whole_frames_only and wanted < _AAC_FRAME:
+                return
+            self._audio.fill(self._audio_encoded + wanted)
+            frame = self._audio.read(wanted)
+            if frame is None:
+                return
+            frame.pts, frame.time_base = self._audio_encoded, Fraction(1, self._audio.rate)
+            self._container.mux(self._audio_stream.encode(frame))
+            self._audio_encoded += frame.samples

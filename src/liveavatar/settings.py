@@ -1,0 +1,289 @@
+"""Everything ``generate`` needs, validated once: the size search, clip counts and the settings dataclass.
+
+``--size`` is an AREA, as in the reference: the output aspect ratio follows the reference image and the
+height/width come from the reference's own search (``size_for_area``), so outputs line up with it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from liveavatar.checkpoints.layout import BASE_DIR_NAME, LORA_REPO, CheckpointLayout
+from liveavatar.errors import InputError
+
+FPS = 25
+AUDIO_SAMPLE_RATE = 16_000
+# wav2vec2 frames: 400-sample receptive field, 320-sample hop (50 Hz at 16 kHz); resampled to 30 Hz.
+WAV2VEC_WINDOW, WAV2VEC_HOP, WAV2VEC_RATE, AUDIO_FEATURE_RATE = 400, 320, 50, 30
+FRAMES_PER_BLOCK = 12  # 3 latent frames x 4 (VAE time stride)
+DROPPED_LEADING_FRAMES = 3  # the reference drops the first 3 decoded frames
+SIZE_GRANULARITY = 64
+VAE_STRIDE = 8
+PATCH = 2
+MIN_AREA = SIZE_GRANULARITY * SIZE_GRANULARITY
+
+DEFAULT_SIZE = "704*384"
+DEFAULT_CKPT_DIR = f"ckpt/{BASE_DIR_NAME}"
+MODES = ("streaming", "single_gpu")
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+REF_ROPE_OFFSET_RANGE = (4, 30)  # the reference draws relative_dist from randint(4, 30)
+MAX_SEED = 2**63 - 1
+
+SIZE_FORMS = "704*384, 704x384, 704X384, 704×384 or '704 * 384'"
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
+_TRUE = {"true", "t", "yes", "y", "1", "on"}
+_FALSE = {"false", "f", "no", "n", "0", "off"}
+_UNSAFE_NAME_CHARS = re.compile(r'[\s/\\:*?"<>|\x00-\x1f]')
+
+
+def parse_size(text: str) -> int:
+    """``"704*384"`` (or x, X, ×, with spaces) -> the area 270336. Only the product is used."""
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise InputError(f"--size {text!r}: expected WIDTH*HEIGHT, e.g. {SIZE_FORMS}")
+    area = int(match.group(1)) * int(match.group(2))
+    if area < MIN_AREA:
+        raise InputError(f"--size {text!r}: the area must be at least 64*64; accepted forms: {SIZE_FORMS}")
+    return area
+
+
+def size_for_area(image_h: int, image_w: int, area: int, divisor: int = SIZE_GRANULARITY) -> tuple[int, int]:
+    """The reference's ``get_size_less_than_area``: the largest (height, width), multiples of 64, with
+    height*width <= area and the image's aspect ratio, found by a 100-step scale scan.
+
+    Kept exactly, quirks included: the lower scan bound solves the quadratic with 2ac instead of 4ac, the
+    candidates are rounded up to 64 whatever ``divisor`` is, and the fallback is the reference's.
+    """
+    if image_h * image_w <= area:
+        min_scale, max_scale = 0.1, 1.0
+    else:
+        d = divisor - 1
+        a = image_h * image_w
+        b = d * (image_h + image_w)
+        c = d**2 - area
+        min_scale = (-b + math.sqrt(b**2 - 2 * a * c)) / (2 * a)
+        max_scale = math.sqrt(area / (image_h * image_w))
+    for i in range(100):
+        scale = max_scale - (max_scale - min_scale) * i / 100
+        height, width = int(image_h * scale), int(image_w * scale)
+        height += (64 - height % 64) % 64
+        width += (64 - width % 64) % 64
+        if height * width <= area:
+            return height, width
+    aspect = image_w / image_h
+    width = int((area * aspect) ** 0.5 // divisor * divisor)
+    height = int((area / aspect) ** 0.5 // divisor * divisor)
+    if width >= image_w or height >= image_h:
+        width = int(image_w // divisor * divisor)
+        height = int(image_h // divisor * divisor)
+    return height, width
+
+
+def audio_clip_count(num_samples_16k: int, infer_frames: int) -> int:
+    """Clips the reference derives from an audio of ``num_samples_16k`` samples at 16 kHz (without wav2vec2):
+    T50 wav2vec2 frames -> int(T50/50*30) frames at 30 Hz -> int(N30 / (infer_frames*1.2)) + 1 clips."""
+    frames_50 = (num_samples_16k - WAV2VEC_WINDOW) // WAV2VEC_HOP + 1
+    frames_30 = int(frames_50 / float(WAV2VEC_RATE) * AUDIO_FEATURE_RATE)
+    return int(frames_30 / (infer_frames * (AUDIO_FEATURE_RATE / FPS))) + 1
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected True/False, 1/0 or yes/no, got {text!r}")
+
+
+def parse_vram_budget(text: str) -> int:
+    """``"40"``, ``"40G"``, ``"40GiB"``, ``"40GB"``, ``"38000MiB"`` -> bytes. Units are binary; no unit = GiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])i?b?)?\s*", str(text), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise InputError(f"--vram-budget {text!r}: expected a positive amount such as 40, 40GiB or 38000MiB")
+    power = "kmgt".index(match.group(2).lower()) + 1 if match.group(2) else 3
+    return int(float(match.group(1)) * 1024**power)
+
+
+def parse_ref_rope_offset(text: str | int) -> str | int:
+    """``seeded`` | ``random`` | an integer in 4..30 (the reference's relative_dist range)."""
+    value = str(text).strip().lower()
+    if value in ("seeded", "random"):
+        return value
+    low, high = REF_ROPE_OFFSET_RANGE
+    if re.fullmatch(r"[+-]?\d+", value) and low <= int(value) <= high:
+        return int(value)
+    raise InputError(f"--ref_rope_offset {text!r}: expected seeded, random or an integer in {low}..{high}")
+
+
+def split_audio_spec(spec: str) -> list[Path]:
+    """``a.wav+b.wav`` -> two paths, as in the reference, unless the whole string is an existing path."""
+    whole = Path(spec).expanduser()
+    if whole.exists() or "+" not in spec:
+        return [whole.absolute()]
+    parts = spec.split("+")
+    if any(not part.strip() for part in parts):
+        raise InputError(f"--audio {spec!r}: an empty name around '+'; join files as a.wav+b.wav")
+    return [Path(part).expanduser().absolute() for part in parts]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """A validated description of one ``generate`` run. Paths are absolute; ``base_seed`` is concrete.
+
+    mode: ``streaming`` (default) reproduces the multi-GPU TPP pipeline (the paper's behaviour: VAE(ref)
+    as the sink, replaced by the first generated latent before clip 1, one continuous streaming decode);
+    ``single_gpu`` reproduces the single-GPU script, where ``enable_online_decode`` has its meaning.
+    ref_rope_offset: the rolling-sink RoPE offset rd; ``seeded`` draws it from a generator seeded with
+    base_seed, ``random`` draws it unseeded like the reference, an int fixes it.
+    """
+
+    image: Path
+    audio: tuple[Path, ...]
+    prompt: str = ""
+    ckpt_dir: Path = Path(DEFAULT_CKPT_DIR)
+    lora: str | None = LORA_REPO
+    size_area: int = 704 * 384
+    infer_frames: int = 48
+    sample_steps: int = 4
+    num_clip: int | None = None
+    base_seed: int = 420
+    mode: str = "streaming"
+    enable_online_decode: bool = False
+    ref_rope_offset: str | int = "seeded"
+    fp8: bool = False
+    t5_cpu: bool = False
+    device: str | None = None
+    dtype: str = "bfloat16"
+    vram_budget: int | None = None
+    save_file: Path | None = None
+    save_dir: Path = Path("output")
+    keep_partial: bool = False
+
+    def __post_init__(self):
+        # Normalise in place (frozen dataclass): absolute paths, an audio spec string split on '+'.
+        audio = split_audio_spec(str(self.audio)) if isinstance(self.audio, (str, os.PathLike)) else self.audio
+        self._normalise("audio", tuple(Path(p).expanduser().absolute() for p in audio))
+        self._normalise("image", Path(self.image).expanduser().absolute())
+        self._normalise("ckpt_dir", Path(self.ckpt_dir).expanduser().absolute())
+        self._normalise("save_dir", Path(self.save_dir).expanduser().absolute())
+        if self.save_file is not None:
+            self._normalise("save_file", Path(self.save_file).expanduser().absolute())
+        self._normalise("dtype", DTYPES.get(str(self.dtype).lower(), self.dtype))
+        if not self.audio:
+            raise InputError("--audio: no audio file given")
+        if self.size_area < MIN_AREA:
+            raise InputError(f"--size: the area {self.size_area} is below 64*64")
+        if self.infer_frames <= 0 or self.infer_frames % FRAMES_PER_BLOCK:
+            raise InputError(f"--infer_frames {self.infer_frames}: must be a positive multiple of "
+                             f"{FRAMES_PER_BLOCK} (a block is 3 latent frames = 12 video frames); use 48")
+        if self.sample_steps < 1:
+            raise InputError(f"--sample_steps {self.sample_steps}: must be at least 1 (the LoRA is distilled for 4)")
+        if self.num_clip is not None and self.num_clip < 1:
+            raise InputError(f"--num_clip {self.num_clip}: must be at least 1 (leave it out to cover the whole audio)")
+        if not 0 <= self.base_seed <= MAX_SEED:
+            raise InputError(f"--base_seed {self.base_seed}: must be -1 (random) or in 0..{MAX_SEED}")
+        if self.mode not in MODES:
+            raise InputError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.dtype not in DTYPES.values():
+            raise InputError(f"--dtype {self.dtype!r}: expected bfloat16, float16 or float32")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise InputError(f"--device {self.device!r}: expected cuda, cuda:N, cpu or mps")
+        if self.vram_budget is not None and self.vram_budget <= 0:
+            raise InputError("--vram-budget: must be positive")
+        self._normalise("ref_rope_offset", parse_ref_rope_offset(self.ref_rope_offset))
+        if self.save_file is not None:
+            if self.save_file.suffix.lower() != ".mp4":
+                raise InputError(f"--save_file {self.save_file}: the output is an H.264 .mp4; give a name ending in .mp4")
+            if self.save_file.is_dir():
+                raise InputError(f"--save_file {self.save_file}: is a folder; give a file name (or use --save_dir)")
+        elif self.save_dir.exists() and not self.save_dir.is_dir():
+            raise InputError(f"--save_dir {self.save_dir}: exists and is not a folder")
+
+    def _normalise(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+    def output_path(self, width: int, height: int, *, now: datetime | None = None) -> Path:
+        """``--save_file`` verbatim, else ``<save_dir>/<YYYYmmdd_HHMMSS>_<W>x<H>_<steps>step[_<prompt>].mp4``."""
+        if self.save_file is not None:
+            return self.save_file
+        stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
+        name = f"{stamp}_{width}x{height}_{self.sample_steps}step"
+        slug = _UNSAFE_NAME_CHARS.sub("_", self.prompt[:50]).strip("._")
+        return self.save_dir / (f"{name}_{slug}.mp4" if slug else f"{name}.mp4")
+
+    def checkpoint_layout(self) -> CheckpointLayout:
+        return CheckpointLayout.discover(self.ckpt_dir, self.lora)
+
+
+@dataclass(frozen=True)
+class GenerationShape:
+    """The resolved geometry of a run: what the one-line summary and ``--dry-run --json`` report."""
+
+    width: int
+    height: int
+    latent_width: int
+    latent_height: int
+    tokens_per_frame: int
+    infer_frames: int
+    audio_clips: int
+    num_clips: int
+    num_frames: int
+    fps: int
+    duration_s: float
+    audio_s: float
+
+    @classmethod
+    def compute(cls, settings: GenerationSettings, image_size: tuple[int, int],
+                audio_samples_16k: Sequence[int]) -> GenerationShape:
+        """``image_size`` is PIL's (width, height); one sample count per audio file (several files: the
+        shortest decides, as in the reference)."""
+        image_w, image_h = image_size
+        height, width = size_for_area(image_h, image_w, settings.size_area)
+        if height < SIZE_GRANULARITY or width < SIZE_GRANULARITY:
+            raise InputError(f"--image {settings.image}: its aspect ratio {image_w}x{image_h} is too extreme for "
+                             f"--size area {settings.size_area} (got {width}x{height}); crop it or raise the area")
+        shortest = min(audio_samples_16k)
+        if shortest < WAV2VEC_WINDOW:
+            raise InputError(f"--audio: shorter than {WAV2VEC_WINDOW / AUDIO_SAMPLE_RATE * 1000:.0f} ms of sound")
+        audio_clips = audio_clip_count(shortest, settings.infer_frames)
+        num_clips = audio_clips if settings.num_clip is None else min(settings.num_clip, audio_clips)
+        num_frames = settings.infer_frames * num_clips - DROPPED_LEADING_FRAMES
+        return cls(
+            width=width, height=height,
+            latent_width=width // VAE_STRIDE, latent_height=height // VAE_STRIDE,
+            tokens_per_frame=(width // (VAE_STRIDE * PATCH)) * (height // (VAE_STRIDE * PATCH)),
+            infer_frames=settings.infer_frames, audio_clips=audio_clips, num_clips=num_clips,
+            num_frames=num_frames, fps=FPS, duration_s=round(num_frames / FPS, 3),
+            audio_s=round(shortest / AUDIO_SAMPLE_RATE, 3),
+        )
+
+    def summary(self) -> str:
+        clips = f"{self.num_clips} clip{'s' if self.num_clips != 1 else ''}"
+        if self.num_clips < self.audio_clips:
+            clips += f" of {self.audio_clips}"
+        return (f"{self.width}x{self.height} (latent {self.latent_width}x{self.latent_height}, "
+                f"{self.tokens_per_frame} tokens/frame), {clips} x {self.infer_frames} frames -> "
+                f"{self.num_frames} frames = {self.duration_s:g} s at {self.fps} fps (audio {self.audio_s:g} s)")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def inspect_inputs(settings: GenerationSettings) -> GenerationShape:
+    """Open every input the run needs without loading a model: the image, each audio file, every
+    checkpoint piece (headers only). Raises InputError naming the first bad one."""
+    from liveavatar.io.media import load_audio, load_image
+
+    image = load_image(settings.image)
+    waveforms = load_audio(settings.audio)
+    settings.checkpoint_layout().validate()
+    return GenerationShape.compute(settings, image.size, [len(w) for w in waveforms])
