@@ -1,0 +1,207 @@
+import math
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from liveavatar.errors import InputError
+from liveavatar.io.media import load_audio
+from liveavatar.settings import (GenerationSettings, GenerationShape, audio_clip_count, parse_bool,
+                                 parse_ref_rope_offset, parse_size, parse_vram_budget, size_for_area,
+                                 split_audio_spec)
+
+
+@pytest.mark.parametrize("text", ["704*384", "704x384", "704X384", "704×384", "704 * 384", " 384*704 "])
+def test_every_size_spelling_is_the_same_area(text):
+    assert parse_size(text) == 704 * 384
+
+
+@pytest.mark.parametrize("text", ["big", "0*0", "-704*384", "704*", "704*384*2", "704.5*384", "", "63*64"])
+def test_bad_size_names_the_accepted_forms(text):
+    with pytest.raises(InputError) as error:
+        parse_size(text)
+    message = str(error.value)
+    assert message.startswith("--size") and "704x384" in message and "\n" not in message
+
+
+# pipeline.md §2 table and SPEC.md parity checkpoint 1: (size, image w×h) -> W×H.
+@pytest.mark.parametrize("size, image_wh, expected_wh", [
+    ("704*384", (720, 400), (704, 384)),
+    ("704*384", (400, 720), (384, 704)),
+    ("704*384", (1920, 1080), (704, 384)),
+    ("704*384", (1024, 1024), (512, 512)),
+    ("720*400", (720, 400), (704, 384)),
+    ("688*368", (720, 400), (640, 384)),
+    ("384*256", (720, 400), (384, 256)),
+    ("480*832", (720, 400), (768, 448)),
+])
+def test_size_search_matches_the_reference_table(size, image_wh, expected_wh):
+    (image_w, image_h), (width, height) = image_wh, expected_wh
+    assert size_for_area(image_h, image_w, parse_size(size)) == (height, width)
+
+
+def test_fixture_b_size_comes_from_the_same_search(fixtures_dir):
+    import json
+
+    manifest = json.loads((fixtures_dir / "B_loop_offline.json").read_text())
+    image_h, image_w = manifest["ref_image_source_hw"]
+    assert list(size_for_area(image_h, image_w, manifest["generate_kwargs"]["max_area"])) == manifest["generated_hw"]
+
+
+@pytest.mark.parametrize("image_hw", [(400, 720), (1080, 1920), (333, 517), (2000, 301), (50, 70), (640, 640)])
+@pytest.mark.parametrize("area", [384 * 256, 704 * 384, 720 * 400, 1280 * 720, 5000])
+def test_any_area_gives_multiples_of_64_within_the_area(image_hw, area):
+    height, width = size_for_area(*image_hw, area)
+    assert height % 64 == 0 and width % 64 == 0 and 0 < height * width <= area
+    # the aspect ratio follows the image (up to the 64-pixel rounding)
+    assert (height >= width) == (image_hw[0] >= image_hw[1]) or abs(height - width) <= 64
+
+
+def test_size_search_scans_the_2ac_bound_of_the_reference():
+    # With 4ac the lower scan bound is higher and the 100-step scan is finer; the reference's 2ac
+    # bound reaches other sizes for some images. This image/area pair tells the two apart.
+    def search(h, w, area, discriminant_factor):
+        d, a, b, c = 63, h * w, 63 * (h + w), 63**2 - area
+        low = (-b + math.sqrt(b * b - discriminant_factor * a * c)) / (2 * a)
+        high = math.sqrt(area / (h * w))
+        for i in range(100):
+            s = high - (high - low) * i / 100
+            hh, ww = -(-int(h * s) // 64) * 64, -(-int(w * s) // 64) * 64
+            if hh * ww <= area:
+                return hh, ww
+    cases = [(h, w, a) for h in range(300, 2000, 37) for w in range(300, 2000, 41) for a in (270336, 288000)
+             if h * w > a and search(h, w, a, 2) != search(h, w, a, 4)]
+    assert cases, "no image where the 2ac quirk matters; the test needs another search range"
+    for h, w, area in cases[:20]:
+        assert size_for_area(h, w, area) == search(h, w, area, 2)
+
+
+def test_clip_count_from_sample_count(media_dir):
+    # pipeline.md §11: 283,520 samples at 16 kHz -> T50 885 -> N30 531 -> 10 clips.
+    assert audio_clip_count(283_520, 48) == 10
+    # and the other examples' durations: cyclops_baker 11.6 s -> 7, fashion_blogger 12.8 s -> 7
+    for name, clips in [("cyclops_baker.wav", 7), ("fashion_blogger.wav", 7), ("dwarven_blacksmith.wav", 10)]:
+        (waveform,) = load_audio(str(media_dir / name))
+        assert audio_clip_count(len(waveform), 48) == clips
+
+
+def test_clip_count_follows_infer_frames():
+    samples = 283_520  # N30 = 531
+    for infer_frames in (12, 24, 48, 96):
+        assert audio_clip_count(samples, infer_frames) == int(531 / (infer_frames * 1.2)) + 1
+
+
+@pytest.mark.parametrize("text, value", [("True", True), ("false", False), ("1", True), ("0", False),
+                                         ("yes", True), ("NO", False), (True, True)])
+def test_parse_bool(text, value):
+    assert parse_bool(text) is value
+
+
+def test_parse_bool_rejects_other_words():
+    with pytest.raises(ValueError):
+        parse_bool("maybe")
+
+
+@pytest.mark.parametrize("text, expected", [("40", 40 * 2**30), ("40GiB", 40 * 2**30), ("40g", 40 * 2**30),
+                                            ("38000MiB", 38000 * 2**20), ("1.5T", int(1.5 * 2**40))])
+def test_vram_budget(text, expected):
+    assert parse_vram_budget(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-4G", "0", "40 GB extra"])
+def test_bad_vram_budget(text):
+    with pytest.raises(InputError, match="--vram-budget"):
+        parse_vram_budget(text)
+
+
+def test_ref_rope_offset_values():
+    assert parse_ref_rope_offset("seeded") == "seeded"
+    assert parse_ref_rope_offset("RANDOM") == "random"
+    assert parse_ref_rope_offset("4") == 4 and parse_ref_rope_offset(30) == 30
+    for bad in ("3", "31", "abc", "-5"):
+        with pytest.raises(InputError, match="--ref_rope_offset"):
+            parse_ref_rope_offset(bad)
+
+
+def test_audio_spec_split_on_plus_unless_the_path_exists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert split_audio_spec("a.wav+b.wav") == [tmp_path / "a.wav", tmp_path / "b.wav"]
+    (tmp_path / "me+you.wav").write_bytes(b"x")
+    assert split_audio_spec("me+you.wav") == [tmp_path / "me+you.wav"]
+    with pytest.raises(InputError):
+        split_audio_spec("a.wav+")
+
+
+def _settings(tmp_path, **overrides):
+    values = dict(image=tmp_path / "i.jpg", audio=str(tmp_path / "a.wav"), ckpt_dir=tmp_path / "ckpt")
+    values.update(overrides)
+    return GenerationSettings(**values)
+
+
+def test_settings_defaults_are_the_engine_defaults(tmp_path):
+    settings = _settings(tmp_path)
+    assert (settings.infer_frames, settings.sample_steps, settings.size_area, settings.base_seed) == (48, 4, 270336, 420)
+    assert settings.mode == "streaming" and settings.ref_rope_offset == "seeded" and settings.dtype == "bfloat16"
+    assert settings.audio == (tmp_path / "a.wav",)
+
+
+def test_settings_paths_expand_home_and_cwd(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    settings = GenerationSettings(image="~/face.png", audio="speech.wav", ckpt_dir="ckpt", save_dir="out")
+    assert settings.image == tmp_path / "face.png"
+    assert settings.audio == (tmp_path / "speech.wav",)
+    assert settings.ckpt_dir == tmp_path / "ckpt" and settings.save_dir == tmp_path / "out"
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    ({"infer_frames": 50}, "--infer_frames"), ({"infer_frames": 0}, "--infer_frames"),
+    ({"sample_steps": 0}, "--sample_steps"), ({"num_clip": -1}, "--num_clip"), ({"num_clip": 0}, "--num_clip"),
+    ({"base_seed": -2}, "--base_seed"), ({"mode": "tpp"}, "--mode"), ({"dtype": "int8"}, "--dtype"),
+    ({"device": "gpu0"}, "--device"), ({"ref_rope_offset": "2"}, "--ref_rope_offset"),
+    ({"save_file": "out.avi"}, "--save_file"),
+])
+def test_settings_reject_nonsense(tmp_path, overrides, flag):
+    with pytest.raises(InputError) as error:
+        _settings(tmp_path, **overrides)
+    assert str(error.value).startswith(flag) and "\n" not in str(error.value)
+
+
+def test_save_dir_that_is_a_file_is_rejected(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(InputError, match="--save_dir"):
+        _settings(tmp_path, save_dir=tmp_path / "taken")
+
+
+def test_dtype_aliases(tmp_path):
+    assert _settings(tmp_path, dtype="bf16").dtype == "bfloat16"
+    assert _settings(tmp_path, dtype="fp32").dtype == "float32"
+
+
+def test_output_path_is_a_file_inside_save_dir(tmp_path):
+    settings = _settings(tmp_path, save_dir=tmp_path / "videos", prompt="a dwarf / smith: laughing?", sample_steps=3)
+    path = settings.output_path(704, 384, now=datetime(2025, 1, 2, 3, 4, 5))
+    assert path.parent == tmp_path / "videos"
+    assert path.name == "20250102_030405_704x384_3step_a_dwarf___smith__laughing.mp4"
+    assert _settings(tmp_path).output_path(64, 128).name.endswith("_64x128_4step.mp4")
+    assert _settings(tmp_path, save_file="x/y.mp4").output_path(1, 1) == Path.cwd() / "x" / "y.mp4"
+
+
+def test_shape_counts_frames_and_tokens(tmp_path):
+    shape = GenerationShape.compute(_settings(tmp_path), (720, 400), [283_520])
+    assert (shape.width, shape.height, shape.latent_width, shape.latent_height) == (704, 384, 88, 48)
+    assert shape.tokens_per_frame == 1056 and shape.num_clips == 10 and shape.num_frames == 477
+    assert shape.duration_s == pytest.approx(477 / 25) and shape.audio_s == pytest.approx(17.72)
+    limited = GenerationShape.compute(_settings(tmp_path, num_clip=2, infer_frames=24), (400, 720), [283_520])
+    assert (limited.width, limited.height, limited.num_clips, limited.num_frames) == (384, 704, 2, 45)
+    assert "2 clips of" in limited.summary()
+    # several audio files: the shortest decides, as in the reference
+    assert GenerationShape.compute(_settings(tmp_path), (720, 400), [283_520, 100_000]).num_clips == \
+        audio_clip_count(100_000, 48)
+
+
+def test_shape_rejects_too_short_audio_and_extreme_images(tmp_path):
+    with pytest.raises(InputError, match="--audio"):
+        GenerationShape.compute(_settings(tmp_path), (720, 400), [399])
+    with pytest.raises(InputError, match="--image"):
+        GenerationShape.compute(_settings(tmp_path, size_area=64 * 128), (4000, 10), [16000])
