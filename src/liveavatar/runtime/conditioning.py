@@ -1,0 +1,142 @@
+"""What the sampling loop is conditioned on: clip geometry, reference and motion latents, audio per block,
+noise per clip.
+
+The two reference behaviours (pipeline.md §4, parallel_and_memory.md §1.4) differ here only in how the
+reference image is encoded:
+
+* ``streaming`` (the paper's pipeline, our default): ref latent = VAE(reference as one frame); motion
+  history = the reference repeated ``MOTION_FRAMES`` times.
+* ``single_gpu`` (the single-GPU script): the reference is first repeated 5 times; ref latent = the
+  second latent of VAE(those 5 frames); the motion history is those 5 frames repeated ``MOTION_FRAMES``
+  times again (365 frames, 92 latents, of which the DiT reads the last 19). This 5x-too-long history is
+  also the pixel context of the single-GPU per-clip decode, so it is reproduced as is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from liveavatar.models.transformer import TransformerConfig
+
+# Constants of the released model and of both reference pipelines (motion_frames=[73, 19], 3-frame
+# blocks, 4x temporal VAE compression, the first 3 decoded frames dropped).
+MOTION_FRAMES = 73
+MOTION_LATENT_FRAMES = (MOTION_FRAMES + 3) // 4
+LATENT_FRAMES_PER_BLOCK = 3
+LATENT_CHANNELS = 16
+DROPPED_LEADING_FRAMES = 3
+SINGLE_GPU_REFERENCE_REPEATS = 5
+MODES = ("streaming", "single_gpu")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+    return mode
+
+
+@dataclass(frozen=True)
+class ClipGeometry:
+    """Sizes of one clip: pixels, latents, tokens and blocks."""
+
+    height: int
+    width: int
+    infer_frames: int
+
+    def __post_init__(self):
+        if self.height % 64 or self.width % 64 or self.height <= 0 or self.width <= 0:
+            raise ValueError(f"video size must be positive multiples of 64 (got {self.width}x{self.height})")
+        if self.infer_frames <= 0 or self.infer_frames % 12:
+            raise ValueError(f"infer_frames must be a positive multiple of 12 (got {self.infer_frames}); "
+                             "other values leave latent frames of every clip undenoised in the reference")
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // 8
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // 8
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens per latent frame after the 1x2x2 patch embedding (the reference's frame_seq_length)."""
+        return (self.latent_height // 2) * (self.latent_width // 2)
+
+    @property
+    def cond_tokens(self) -> int:
+        """Sink tokens: the reference frame and the frame-packed motion latents."""
+        return TransformerConfig().cond_tokens(self.latent_height, self.latent_width)
+
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames per clip, computed as the reference does."""
+        return (self.infer_frames + 3 + MOTION_FRAMES) // 4 - MOTION_LATENT_FRAMES
+
+    @property
+    def blocks_per_clip(self) -> int:
+        return self.latent_frames // LATENT_FRAMES_PER_BLOCK
+
+    @property
+    def frames_per_block(self) -> int:
+        """Video frames a block contributes (= the audio frames it is driven by)."""
+        return self.infer_frames // self.blocks_per_clip
+
+    def start_frame(self, clip: int, block: int) -> int:
+        """Absolute latent-frame index of a block (the reference's current_start // frame_seq_length)."""
+        return clip * self.blocks_per_clip * LATENT_FRAMES_PER_BLOCK + block * LATENT_FRAMES_PER_BLOCK
+
+    def video_frames(self, num_clips: int) -> int:
+        return num_clips * self.infer_frames - DROPPED_LEADING_FRAMES
+
+    def block_slice(self, block: int) -> slice:
+        return slice(block * LATENT_FRAMES_PER_BLOCK, (block + 1) * LATENT_FRAMES_PER_BLOCK)
+
+
+def audio_block(audio_emb: torch.Tensor, geometry: ClipGeometry, clip: int, block: int) -> torch.Tensor:
+    """Audio features [1, 25, C, frames_per_block] driving block ``block`` of clip ``clip``."""
+    start = clip * geometry.infer_frames + block * geometry.frames_per_block
+    return audio_emb[..., start:start + geometry.frames_per_block]
+
+
+def clip_noise(base_seed: int, clip: int, geometry: ClipGeometry, *, device, dtype) -> torch.Tensor:
+    """Initial noise [16, latent_frames, h, w] of a clip: a CPU generator seeded with base_seed + clip.
+
+    Drawn in float32 on the CPU so that every device gives the same video. The reference draws in
+    bfloat16 with a CUDA generator, a stream no CPU run can reproduce; its float32 CPU fixtures draw
+    exactly this tensor.
+    """
+    generator = torch.Generator("cpu").manual_seed(base_seed + clip)
+    noise = torch.randn(LATENT_CHANNELS, geometry.latent_frames, geometry.latent_height, geometry.latent_width,
+                        generator=generator, dtype=torch.float32)
+    return noise.to(device=device, dtype=dtype)
+
+
+def motion_history(reference: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pixel motion history [1, 3, T, H, W] the reference starts from: the reference image repeated."""
+    repeats = MOTION_FRAMES * (SINGLE_GPU_REFERENCE_REPEATS if check_mode(mode) == "single_gpu" else 1)
+    return reference.expand(-1, -1, repeats, -1, -1)
+
+
+@dataclass
+class ReferenceLatents:
+    """The sink's conditioning latents and, for the single-GPU decode, the pixel history they came from."""
+
+    ref: torch.Tensor  # [1, 16, 1, h, w] float32
+    motion: torch.Tensor  # [1, 16, T, h, w] float32; the DiT reads the last MOTION_LATENT_FRAMES
+    history: torch.Tensor  # [1, 3, T_pixels, H, W], the pixels ``motion`` encodes
+
+    @property
+    def dit_motion(self) -> torch.Tensor:
+        return self.motion[:, :, -MOTION_LATENT_FRAMES:]
+
+
+def encode_reference(vae, reference: torch.Tensor, mode: str) -> ReferenceLatents:
+    """Reference and motion latents of ``reference`` [1, 3, 1, H, W] in [-1, 1], as the given mode makes them."""
+    if check_mode(mode) == "single_gpu":
+        ref = vae.encode(reference.expand(-1, -1, SINGLE_GPU_REFERENCE_REPEATS, -1, -1))[:, :, 1:2]
+    else:
+        ref = vae.encode(reference)
+    history = motion_history(reference, mode)
+    return ReferenceLatents(ref=ref, motion=vae.encode(history), history=history)
