@@ -94,7 +94,8 @@ class TransformerConfig:
     AUDIO_FRAMES_PER_LATENT: ClassVar[int] = 4
 
     def __post_init__(self):
-        object.__setattr__(self, "audio_inject_layers", tuple(int(i) for i in self.audio_inject_layers))
+        # Injector slots are numbered in block order (what the reference's wiring yields for any list).
+        object.__setattr__(self, "audio_inject_layers", tuple(sorted(int(i) for i in self.audio_inject_layers)))
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even width")
         if len(set(self.audio_inject_layers)) != len(self.audio_inject_layers) or not all(
@@ -432,7 +433,7 @@ class CausalS2VTransformer(nn.Module):
         motion_tokens = self.frame_packer(motion_latents.to(self.device, self.dtype))
         x = torch.cat([ref_tokens + mask[1], motion_tokens + mask[2]], dim=1)
         positions = condition_positions(*latent_hw, ref_frame=c.REF_FRAME, buckets=c.FRAMEPACK_BUCKETS)
-        cond_cache.begin(positions, ref_tokens.shape[1], latent_hw)
+        cond_cache.begin(positions.to(self.device), ref_tokens.shape[1], latent_hw)
         rotation_ = self._rotation(positions)
 
         def attend(layer: int, q, k, v):
@@ -476,12 +477,12 @@ class CausalS2VTransformer(nn.Module):
         text_kv = self._text_kv_for(text)
         audio_tokens = self._audio_tokens(audio, frames)
 
-        patches = self.patch_embedding(x[None].to(self.device, self.dtype))
+        tokens = self._patchify(self.patch_embedding, x[None])
         if cond_states is None:  # the encoder of all-zero pose latents yields exactly its bias
-            patches = patches + self.cond_encoder.bias.view(1, -1, 1, 1, 1)
+            tokens = tokens + self.cond_encoder.bias
         else:
-            patches = patches + self.cond_encoder(cond_states[None].to(self.device, self.dtype))
-        tokens = patches.flatten(2).transpose(1, 2) + self.trainable_cond_mask.weight[0]
+            tokens = tokens + self._patchify(self.cond_encoder, cond_states[None])
+        tokens = tokens + self.trainable_cond_mask.weight[0]
 
         rows, cols = latent_h // 2, latent_w // 2
         frame_tokens = rows * cols
