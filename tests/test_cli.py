@@ -1,0 +1,278 @@
+import json
+import re
+import shlex
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from liveavatar.cli import COMPATIBILITY_FLAGS, build_parser, main
+from test_layout import build_checkpoint_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint_dir(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture
+def inputs(media_dir, ckpt, tmp_path):
+    return ["--image", str(media_dir / "dwarven_blacksmith.jpg"), "--audio", str(media_dir / "dwarven_blacksmith.wav"),
+            "--ckpt_dir", str(ckpt), "--save_dir", str(tmp_path / "out")]
+
+
+def run(argv, capsys):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def dry_run_json(argv, capsys):
+    code, out, err = run(["generate", *argv, "--dry-run", "--json"], capsys)
+    assert code == 0, err
+    return json.loads(out), err
+
+
+def test_help_lists_commands_and_imports_no_torch():
+    script = "import sys, liveavatar.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).stdout.strip() == "False"
+    result = subprocess.run([sys.executable, "-m", "liveavatar.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("generate", "doctor", "download", "make-tiny"):
+        assert command in result.stdout
+
+
+# The launch lines of the reference's scripts (cli.md §1), with the example paths pointing to our media.
+SINGLE_GPU = ("--ulysses_size 1 --task s2v-14B --size 704*384 --base_seed 420 --training_config "
+              "liveavatar/configs/s2v_causal_sft.yaml --offload_model True --convert_model_dtype --prompt {prompt} "
+              "--image {image} --audio {audio} --infer_frames 48 --load_lora --lora_path_dmd Quark-Vision/Live-Avatar "
+              "--sample_steps 4 --sample_guide_scale 0 --num_clip 10000 --num_gpus_dit 1 --sample_solver euler "
+              "--single_gpu --ckpt_dir {ckpt}/ --fp8")
+MULTI_GPU = ("--ulysses_size 1 --task s2v-14B --size 720*400 --base_seed 420 --training_config "
+             "liveavatar/configs/s2v_causal_sft.yaml --offload_model False --convert_model_dtype --prompt {prompt} "
+             "--image {image} --audio {audio} --infer_frames 48 --load_lora --lora_path_dmd Quark-Vision/Live-Avatar "
+             "--sample_steps 4 --sample_guide_scale 0 --num_clip 10000 --num_gpus_dit 4 --sample_solver euler "
+             "--enable_vae_parallel --ckpt_dir {ckpt}/ --fp8")
+
+
+@pytest.mark.parametrize("recipe, ignored", [(SINGLE_GPU, 7), (MULTI_GPU, 7)], ids=["single_gpu", "multi_gpu"])
+def test_reference_recipes_parse(recipe, ignored, media_dir, ckpt, capsys):
+    argv = shlex.split(recipe.format(prompt=shlex.quote("A stout, cheerful dwarf"), ckpt=ckpt,
+                                     image=media_dir / "dwarven_blacksmith.jpg", audio=media_dir / "dwarven_blacksmith.wav"))
+    report, err = dry_run_json(argv, capsys)
+    # pipeline.md §11: 704x384, 10 clips, 477 frames for this example, with either size key
+    assert (report["width"], report["height"], report["num_clips"], report["num_frames"]) == (704, 384, 10, 477)
+    assert report["tokens_per_frame"] == 1056 and report["fps"] == 25 and report["duration_s"] == pytest.approx(19.08)
+    assert report["fp8"] is True and report["lora"].endswith("LiveAvatar/liveavatar.safetensors")
+    notices = [line for line in err.splitlines() if line.startswith("notice: ")]
+    assert len(notices) == ignored == len(err.splitlines())
+
+
+@pytest.mark.parametrize("size", ["704*384", "704x384", "704X384", "704×384", "704 * 384"])
+def test_every_size_spelling_resolves_like_the_reference(size, inputs, media_dir, capsys):
+    report, _ = dry_run_json([*inputs, "--size", size], capsys)
+    assert (report["width"], report["height"]) == (704, 384)
+    portrait = [*inputs, "--image", str(media_dir / "fashion_blogger.jpg"), "--size", size]
+    report, _ = dry_run_json(portrait, capsys)
+    assert (report["width"], report["height"], report["latent_width"], report["latent_height"]) == (384, 704, 48, 88)
+
+
+def test_human_dry_run_prints_the_resolved_configuration(inputs, capsys):
+    code, out, err = run(["generate", *inputs, "--dry-run"], capsys)
+    assert code == 0 and err == ""
+    first, second = out.splitlines()
+    assert first.startswith("704x384 (latent 88x48, 1056 tokens/frame), 10 clips") and "477 frames" in first
+    assert "19.08 s" in first and "mode streaming" in second
+
+
+def test_dashed_and_underscored_spellings_are_the_same(inputs, capsys):
+    underscored, _ = dry_run_json([*inputs, "--sample_steps", "3", "--infer_frames", "24", "--num_clip", "2",
+                                   "--base_seed", "7", "--ref_rope_offset", "12"], capsys)
+    dashed, _ = dry_run_json([*inputs, "--sample-steps", "3", "--infer-frames", "24", "--num-clip", "2",
+                              "--base-seed", "7", "--ref-rope-offset", "12"], capsys)
+    assert underscored == dashed
+    assert (dashed["sample_steps"], dashed["infer_frames"], dashed["num_clips"], dashed["base_seed"]) == (3, 24, 2, 7)
+    assert dashed["num_frames"] == 2 * 24 - 3 and dashed["ref_rope_offset"] == 12
+
+
+@pytest.mark.parametrize("flag, value", [([], False), (["--fp8"], True), (["--fp8", "True"], True),
+                                         (["--fp8", "False"], False), (["--fp8", "1"], True), (["--fp8", "no"], False),
+                                         (["--fp8=yes"], True)])
+def test_boolean_flags(flag, value, inputs, capsys):
+    report, _ = dry_run_json([*inputs, *flag], capsys)
+    assert report["fp8"] is value
+
+
+def test_every_compatibility_flag_is_accepted_with_one_notice(inputs, capsys):
+    argv = []
+    for name, (kind, _) in COMPATIBILITY_FLAGS.items():
+        argv += [f"--{name}"] + ({int: ["1"], float: ["0.5"], str: ["x"]}.get(kind, []))
+    report, err = dry_run_json([*inputs, *argv], capsys)
+    lines = err.splitlines()
+    assert len(lines) == len(COMPATIBILITY_FLAGS) and all(line.startswith("notice: --") for line in lines)
+    assert report["width"] == 704
+
+
+def test_online_decode_notice_only_in_streaming_mode(inputs, capsys):
+    _, err = dry_run_json([*inputs, "--enable_online_decode"], capsys)
+    assert "--enable_online_decode" in err
+    report, err = dry_run_json([*inputs, "--enable_online_decode", "--mode", "single_gpu"], capsys)
+    assert err == "" and report["mode"] == "single_gpu"
+
+
+def test_random_seed_is_printed(inputs, capsys):
+    report, err = dry_run_json([*inputs, "--base_seed", "-1"], capsys)
+    (seed,) = re.findall(r"using seed (\d+)", err)
+    assert report["base_seed"] == int(seed)
+
+
+def test_quiet_hides_notices_and_no_lora(inputs, capsys):
+    report, err = dry_run_json([*inputs, "--quiet", "--load_lora", "False", "--sample_guide_scale", "5"], capsys)
+    assert err == "" and report["lora"] is None
+
+
+def _bad_argument_cases(media_dir, tmp_path):
+    text_jpg = tmp_path / "text.jpg"
+    text_jpg.write_text("hello")
+    empty_wav = tmp_path / "empty.wav"
+    empty_wav.write_bytes(b"")
+    cut_wav = tmp_path / "cut.wav"
+    cut_wav.write_bytes((media_dir / "cyclops_baker.wav").read_bytes()[:50_000])
+    return {
+        "infer_frames not a multiple of 12": (["--infer_frames", "50"], "--infer_frames 50"),
+        "zero steps": (["--sample_steps", "0"], "--sample_steps 0"),
+        "negative clips": (["--num_clip", "-1"], "--num_clip -1"),
+        "size word": (["--size", "big"], "--size 'big'"),
+        "size zero": (["--size", "0*0"], "--size '0*0'"),
+        "size negative": (["--size=-704*384"], "--size '-704*384'"),
+        "missing image": (["--image", str(tmp_path / "none.jpg")], "none.jpg"),
+        "text as jpg": (["--image", str(text_jpg)], "text.jpg"),
+        "empty audio": (["--audio", str(empty_wav)], "empty.wav"),
+        "truncated audio": (["--audio", str(cut_wav)], "cut.wav"),
+        "missing ckpt": (["--ckpt_dir", str(tmp_path / "no-ckpt")], "no-ckpt"),
+        "solver": (["--sample_solver", "unipc"], "--sample_solver"),
+        "task": (["--task", "t2v-A14B"], "--task"),
+        "rope offset": (["--ref_rope_offset", "3"], "--ref_rope_offset"),
+        "seed": (["--base_seed", "-5"], "--base_seed"),
+        "vram": (["--vram-budget", "abc"], "--vram-budget"),
+        "dtype": (["--dtype", "int8"], "--dtype"),
+        "mode": (["--mode", "tpp"], "--mode"),
+        "not an int": (["--infer_frames", "abc"], "--infer_frames"),
+        "not a bool": (["--fp8", "maybe"], "--fp8"),
+        "unknown flag": (["--bogus", "1"], "--bogus"),
+        "save file kind": (["--save_file", str(tmp_path / "out" / "x.avi")], "x.avi"),
+    }
+
+
+def test_each_bad_input_is_one_line_and_leaves_no_output(inputs, media_dir, tmp_path, capsys):
+    for case, (extra, named) in _bad_argument_cases(media_dir, tmp_path).items():
+        code, out, err = run(["generate", *inputs, *extra], capsys)
+        assert code == 2, case
+        assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: "), (case, err)
+        assert named in err and "Traceback" not in err, (case, err)
+        assert not (tmp_path / "out").exists(), case
+
+
+def test_errors_from_a_subprocess_have_no_traceback(inputs, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "liveavatar.cli", "generate", *inputs, "--infer_frames", "50"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: --infer_frames 50") and len(result.stderr.splitlines()) == 1
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    """Stands in for liveavatar.api: records the call and writes a file where the real one would."""
+    calls = []
+
+    def generate_from_settings(settings, *, progress=True):
+        calls.append((settings, progress))
+        if calls_behaviour:
+            raise calls_behaviour[0]
+        path = settings.output_path(704, 384)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"video")
+        return path
+
+    calls_behaviour = []
+    module = types.ModuleType("liveavatar.api")
+    module.generate_from_settings = generate_from_settings
+    monkeypatch.setitem(sys.modules, "liveavatar.api", module)
+    return calls, calls_behaviour
+
+
+def test_generate_validates_then_calls_the_engine(inputs, tmp_path, fake_api, capsys):
+    calls, _ = fake_api
+    code, out, err = run(["generate", *inputs, "--prompt", "a dwarf", "--sample-steps", "4", "--quiet"], capsys)
+    assert code == 0 and err == ""
+    summary, saved = out.splitlines()
+    assert summary.startswith("704x384") and saved.startswith("saved ")
+    (settings, progress), = calls
+    assert progress is False and settings.prompt == "a dwarf" and settings.sample_steps == 4
+    output = Path(saved.removeprefix("saved "))
+    assert output.parent == tmp_path / "out" and output.name.endswith("_704x384_4step_a_dwarf.mp4")
+
+
+def test_generate_json_reports_the_output(inputs, fake_api, capsys):
+    code, out, _ = run(["generate", *inputs, "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["output"].endswith(".mp4") and report["width"] == 704
+
+
+def test_engine_is_not_called_on_bad_input(inputs, fake_api, capsys):
+    calls, _ = fake_api
+    code, _, _ = run(["generate", *inputs, "--num_clip", "0"], capsys)
+    assert code == 2 and calls == []
+
+
+@pytest.mark.parametrize("raised, code, text", [(KeyboardInterrupt(), 130, "error: interrupted"),
+                                                (RuntimeError("CUDA exploded"), 1, "unexpected RuntimeError")])
+def test_engine_failures_are_one_line(inputs, fake_api, capsys, raised, code, text):
+    fake_api[1].append(raised)
+    got, _, err = run(["generate", *inputs], capsys)
+    assert got == code and text in err and len(err.splitlines()) == 1
+
+
+def test_debug_shows_the_traceback(inputs, fake_api, capsys, monkeypatch):
+    fake_api[1].append(RuntimeError("CUDA exploded"))
+    with pytest.raises(RuntimeError):
+        main(["generate", *inputs, "--debug"])
+    monkeypatch.setenv("LIVEAVATAR_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["generate", *inputs])
+
+
+def test_doctor_reports_setup_and_checkpoints(ckpt, tmp_path, capsys):
+    code, out, _ = run(["doctor", "--ckpt_dir", ckpt], capsys)
+    assert code == 0
+    assert "python " in out and "torch " in out and "complete" in out and "generate would use" in out
+    code, out, _ = run(["doctor", "--ckpt_dir", tmp_path / "missing"], capsys)
+    assert code == 1 and "liveavatar download" in out
+
+
+def test_download_command_failure(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def unreachable(repo_id, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    code, out, err = run(["download", tmp_path / "ckpt", "--quiet"], capsys)
+    assert code == 1 and out == "" and "again to resume" in err and len(err.splitlines()) == 1
+
+
+def test_readme_documents_every_generate_flag():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table_flags = set(re.findall(r"^\|\s*`(--[\w-]+)", readme, flags=re.MULTILINE))
+    generate = next(action for action in build_parser()._subparsers._group_actions[0].choices.items()
+                    if action[0] == "generate")[1]
+    primary = {action.option_strings[0] for action in generate._actions if action.option_strings} - {"-h"}
+    assert primary <= table_flags, f"flags missing from the README table: {sorted(primary - table_flags)}"
+    assert table_flags <= primary, f"README documents flags that do not exist: {sorted(table_flags - primary)}"
