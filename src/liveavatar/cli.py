@@ -83,8 +83,8 @@ COMPATIBILITY_FLAGS: dict[str, tuple[Callable, str]] = {
     "convert_model_dtype": (_bool, "weights are always loaded in --dtype (default bfloat16)"),
     "sample_shift": (float, "ignored as in the reference: the schedule's shift is fixed at 3"),
     "sample_guide_scale": (float, "the distilled model has no classifier-free guidance; ignored as in the reference"),
-    "training_config": (str, "not needed: the LoRA rank is read from the file and its alpha is the release's "
-                             "(64, as in s2v_causal_sft.yaml)"),
+    "training_config": (str, "not needed: the LoRA rank is read from the file and alpha is rank/2 "
+                             "(64 for the release's rank 128, as in s2v_causal_sft.yaml)"),
     "lora_path": (str, "unused, as in the reference; the LoRA comes from --lora_path_dmd"),
     "use_prompt_extend": (_bool, "prompt extension is not built in; the prompt is used as given"),
     "prompt_extend_method": (str, "prompt extension is not built in; the prompt is used as given"),
