@@ -1,0 +1,93 @@
+"""Where every piece of the engine lives on a run: the one decision that models and caches read.
+
+A `Placement` is chosen by the planner (`liveavatar.runtime.planner`) before anything is loaded and is
+then consumed by the loaders (FP8 conversion, layer streaming) and by the cache construction (KV dtype
+and location). It is deliberately a plain, frozen, JSON-friendly value.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+WEIGHT_DTYPES = ("bf16", "fp8")
+KV_DTYPES = ("bf16", "fp8")
+LOCATIONS = ("gpu", "host")
+ENCODER_PLACEMENTS = ("gpu_then_free", "cpu")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What goes where for one run.
+
+    weight_dtype: "bf16", or "fp8" (e4m3 per-tensor linears after the LoRA merge, lora_fp8.md §2).
+    streamed_layers: indices of the DiT blocks whose weights live in pinned host memory and are
+        copied into one of two GPU slots just before they run (prefetched on a side stream). A block
+        that carries an audio injector streams together with its injector. Empty: all resident.
+    kv_dtype: dtype of the per-step KV sets ("fp8" stores e4m3 codes with one scale per written chunk).
+    kv_location: "gpu", or "host" (pinned host memory, each layer's window fetched ahead of use and
+        the new block's K/V written back asynchronously).
+    cond_location: where the shared sink (cond) cache lives; "host" streams it per layer like the KV.
+    encoders: "gpu_then_free" runs the text/audio encoders on the GPU before the DiT is loaded and
+        frees them; "cpu" runs them on the CPU (for cards that cannot hold the 11.4 GB text encoder).
+    """
+
+    weight_dtype: str = "bf16"
+    streamed_layers: tuple[int, ...] = field(default_factory=tuple)
+    kv_dtype: str = "bf16"
+    kv_location: str = "gpu"
+    cond_location: str = "gpu"
+    encoders: str = "gpu_then_free"
+
+    def __post_init__(self):
+        _check_choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
+        _check_choice("kv_dtype", self.kv_dtype, KV_DTYPES)
+        _check_choice("kv_location", self.kv_location, LOCATIONS)
+        _check_choice("cond_location", self.cond_location, LOCATIONS)
+        _check_choice("encoders", self.encoders, ENCODER_PLACEMENTS)
+        layers = tuple(int(i) for i in self.streamed_layers)
+        if len(set(layers)) != len(layers) or any(i < 0 for i in layers):
+            raise ValueError(f"streamed_layers must be distinct non-negative block indices, got {layers}")
+        object.__setattr__(self, "streamed_layers", tuple(sorted(layers)))
+
+    @property
+    def streams_layers(self) -> bool:
+        return bool(self.streamed_layers)
+
+    def is_streamed(self, layer: int) -> bool:
+        return layer in self.streamed_layers
+
+    def describe(self) -> str:
+        """One line for logs: `fp8 weights, 12/40 layers streamed, KV bf16 on host, cond on gpu`."""
+        return (f"{self.weight_dtype} weights, {len(self.streamed_layers)} layers streamed, "
+                f"KV {self.kv_dtype} on {self.kv_location}, cond on {self.cond_location}, "
+                f"encoders {self.encoders}")
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["streamed_layers"] = list(self.streamed_layers)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Placement":
+        return cls(**{**data, "streamed_layers": tuple(data.get("streamed_layers", ()))})
+
+
+def spread_layers(count: int, num_layers: int) -> tuple[int, ...]:
+    """`count` block indices spread evenly over `num_layers` blocks, never the first block.
+
+    Spreading lets each streamed block's copy overlap the compute of the resident blocks before it
+    (with two GPU slots the copy of streamed block j+1 starts as soon as block j-1 is done); keeping
+    block 0 resident hides the first copy of every forward.
+    """
+    if not 0 <= count <= num_layers:
+        raise ValueError(f"cannot stream {count} of {num_layers} layers")
+    if count == 0:
+        return ()
+    if count == num_layers:
+        return tuple(range(num_layers))
+    # Place streamed blocks at the end of equal-sized groups, so block 0 stays resident.
+    return tuple(num_layers - 1 - (i * num_layers) // count for i in range(count))[::-1]
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"placement {name} must be one of {', '.join(choices)}; got {value!r}")
