@@ -94,10 +94,53 @@ class ClipGeometry:
         return slice(block * LATENT_FRAMES_PER_BLOCK, (block + 1) * LATENT_FRAMES_PER_BLOCK)
 
 
-def audio_block(audio_emb: torch.Tensor, geometry: ClipGeometry, clip: int, block: int) -> torch.Tensor:
-    """Audio features [1, 25, C, frames_per_block] driving block ``block`` of clip ``clip``."""
-    start = clip * geometry.infer_frames + block * geometry.frames_per_block
-    return audio_emb[..., start:start + geometry.frames_per_block]
+class WholeFileAudio:
+    """Audio features computed over the whole file, as the reference does: [1, 25, C, clips * infer_frames]."""
+
+    def __init__(self, features: torch.Tensor, geometry: ClipGeometry):
+        self.features = features
+        self.geometry = geometry
+
+    def block(self, clip: int, block: int) -> torch.Tensor:
+        """Features [1, 25, C, frames_per_block] driving block ``block`` of clip ``clip``."""
+        start = clip * self.geometry.infer_frames + block * self.geometry.frames_per_block
+        return self.features[..., start:start + self.geometry.frames_per_block]
+
+
+class StreamedAudio:
+    """Audio features made block by block from a waveform (`StreamingAudioFeatures`), for audio too long to
+    run wav2vec2 over at once: memory stays bounded however long the audio is. Blocks must be asked for in
+    order; blocks past the end of the audio are zeros, as in the whole-file path."""
+
+    def __init__(self, streamer, waveform, geometry: ClipGeometry, *, feature_shape: tuple[int, int],
+                 chunk_samples: int = 16_000):
+        self.streamer = streamer
+        self.waveform = waveform
+        self.geometry = geometry
+        self.feature_shape = feature_shape  # (hidden states, channels)
+        self.chunk_samples = chunk_samples
+        self.pushed = 0
+        self.ready: list[torch.Tensor] = []
+        self.next_block = 0
+        self.finished = False
+
+    def block(self, clip: int, block: int) -> torch.Tensor:
+        index = clip * self.geometry.blocks_per_clip + block
+        if index != self.next_block:
+            raise ValueError(f"streamed audio blocks must be read in order: asked for {index}, next is {self.next_block}")
+        self.next_block += 1
+        while not self.ready and not self.finished:
+            if self.pushed < len(self.waveform):
+                chunk = self.waveform[self.pushed:self.pushed + self.chunk_samples]
+                self.pushed += len(chunk)
+                self.ready.extend(self.streamer.push(chunk))
+            else:
+                self.ready.extend(self.streamer.finish())
+                self.finished = True
+        if self.ready:
+            return self.ready.pop(0)
+        layers, channels = self.feature_shape
+        return torch.zeros(1, layers, channels, self.geometry.frames_per_block)
 
 
 def clip_noise(base_seed: int, clip: int, geometry: ClipGeometry, *, device, dtype) -> torch.Tensor:

@@ -33,7 +33,6 @@ from liveavatar.runtime.conditioning import (
     MOTION_LATENT_FRAMES,
     ClipGeometry,
     ReferenceLatents,
-    audio_block,
     check_mode,
 )
 from liveavatar.runtime.schedule import FlowMatchSchedule
@@ -236,20 +235,22 @@ class VideoFrames:
 LoopEvent = Union[BlockLatents, VideoFrames]
 
 
-def sample(executor: BlockExecutor, vae, reference: ReferenceLatents, audio_emb: torch.Tensor,
-           geometry: ClipGeometry, *, num_clips: int, noise: Callable[[int], torch.Tensor],
-           mode: str = "streaming", online_decode: bool = False) -> Iterator[LoopEvent]:
+class BlockAudio(Protocol):
+    def block(self, clip: int, block: int) -> torch.Tensor: ...
+
+
+def sample(executor: BlockExecutor, vae, reference: ReferenceLatents, audio: BlockAudio, geometry: ClipGeometry,
+           *, num_clips: int, noise: Callable[[int], torch.Tensor], mode: str = "streaming",
+           online_decode: bool = False) -> Iterator[LoopEvent]:
     """Generate ``num_clips`` clips; yields every clean block, then the frames it completes, as they are made.
 
-    ``noise(r)`` gives clip r's initial noise [16, latent_frames, h, w]; ``audio_emb`` is
-    [1, 25, C, >= num_clips * infer_frames]; ``reference`` comes from `encode_reference` in the same mode.
+    ``noise(r)`` gives clip r's initial noise [16, latent_frames, h, w]; ``audio.block(r, b)`` the block's
+    features [1, 25, C, frames_per_block] (asked for in order); ``reference`` comes from `encode_reference`
+    in the same mode.
     """
     check_mode(mode)
     if online_decode and mode != "single_gpu":
         raise ValueError("enable_online_decode belongs to the single-GPU behaviour; use mode='single_gpu' with it")
-    needed = num_clips * geometry.infer_frames
-    if audio_emb.shape[-1] < needed:
-        raise ValueError(f"audio features cover {audio_emb.shape[-1]} frames, {num_clips} clips need {needed}")
 
     if mode == "streaming":
         decoder = BlockStreamDecoder(vae, reference.motion, geometry)
@@ -268,7 +269,7 @@ def sample(executor: BlockExecutor, vae, reference: ReferenceLatents, audio_emb:
         clip_noise = noise(clip)
         for block in range(geometry.blocks_per_clip):
             latents = executor.denoise_block(
-                clip_noise[:, geometry.block_slice(block)], audio_block(audio_emb, geometry, clip, block),
+                clip_noise[:, geometry.block_slice(block)], audio.block(clip, block),
                 clip=clip, block=block, start_frame=geometry.start_frame(clip, block))
             if first_latent is None:
                 first_latent = latents[:, 0:1].unsqueeze(0)

@@ -14,7 +14,7 @@ import torch
 
 from liveavatar.models.transformer import CausalS2VTransformer
 from liveavatar.models.vae import WanVAE
-from liveavatar.runtime.conditioning import ClipGeometry, encode_reference
+from liveavatar.runtime.conditioning import ClipGeometry, WholeFileAudio, encode_reference
 from liveavatar.runtime.sampler import (
     BlockLatents,
     SequentialExecutor,
@@ -111,7 +111,8 @@ def run(fixture: Fixture) -> Iterator[Comparison]:
 
     clips: dict[int, list[torch.Tensor]] = {}
     frames: list[torch.Tensor] = []
-    for event in sample(executor, vae, reference, fixture["in.audio_emb"], geometry, num_clips=num_clips,
+    audio = WholeFileAudio(fixture["in.audio_emb"], geometry)
+    for event in sample(executor, vae, reference, audio, geometry, num_clips=num_clips,
                         noise=lambda clip: fixture[f"in.noise.clip{clip}"].to(dtype), mode=mode,
                         online_decode=online):
         if isinstance(event, BlockLatents):
