@@ -157,7 +157,7 @@ def test_settings_paths_expand_home_and_cwd(tmp_path, monkeypatch):
 @pytest.mark.parametrize("overrides, flag", [
     ({"infer_frames": 50}, "--infer_frames"), ({"infer_frames": 0}, "--infer_frames"),
     ({"sample_steps": 0}, "--sample_steps"), ({"num_clip": -1}, "--num_clip"), ({"num_clip": 0}, "--num_clip"),
-    ({"base_seed": -2}, "--base_seed"), ({"mode": "tpp"}, "--mode"), ({"dtype": "int8"}, "--dtype"),
+    ({"base_seed": -2}, "--base_seed"), ({"mode": "tpp"}, "--mode"), ({"dtype": "int8"}, "--dtype"), ({"dtype": "float16"}, "--dtype"),
     ({"device": "gpu0"}, "--device"), ({"ref_rope_offset": "2"}, "--ref_rope_offset"),
     ({"save_file": "out.avi"}, "--save_file"),
 ])

@@ -16,17 +16,16 @@ import json
 import os
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 from liveavatar import __version__
-from liveavatar.checkpoints.layout import LORA_REPO
 from liveavatar.errors import InputError, LiveAvatarError
-from liveavatar.settings import (DEFAULT_CKPT_DIR, DEFAULT_SIZE, MODES, GenerationSettings, parse_bool,
-                                 parse_size, parse_vram_budget)
+from liveavatar.settings import DEFAULT_SIZE, MODES, GenerationSettings, parse_bool, parse_size, parse_vram_budget
 
-DEFAULT_SEED = 420
+# The defaults live in GenerationSettings; the flags show and pass the same values.
+DEFAULTS = {field.name: field.default for field in fields(GenerationSettings)}
 
 
 @dataclass(frozen=True)
@@ -111,49 +110,50 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(inputs, "image", metavar="PATH", help="reference portrait (any format Pillow reads)")
     add_flag(inputs, "audio", metavar="PATH", help="driving speech (any file with an audio track); "
              "a.wav+b.wav joins files unless the whole string is an existing path")
-    add_flag(inputs, "prompt", default="", help="text prompt describing the scene (default: empty)")
+    add_flag(inputs, "prompt", default=DEFAULTS["prompt"], help="text prompt describing the scene (default: empty)")
 
     model = parser.add_argument_group("checkpoints")
-    add_flag(model, "ckpt_dir", default=DEFAULT_CKPT_DIR, metavar="DIR",
-             help=f"the Wan2.2-S2V-14B folder (default: {DEFAULT_CKPT_DIR})")
+    add_flag(model, "ckpt_dir", default=str(DEFAULTS["ckpt_dir"]), metavar="DIR",
+             help="the Wan2.2-S2V-14B folder (default: %(default)s)")
     add_flag(model, "lora_path_dmd", metavar="PATH_OR_ID",
              help="Live-Avatar LoRA: a .safetensors file, a folder holding liveavatar.safetensors, or a Hub id "
-                  "in the local Hugging Face cache (default: Quark-Vision/Live-Avatar, found beside --ckpt_dir "
+                  f"in the local Hugging Face cache (default: {DEFAULTS['lora']}, found beside --ckpt_dir "
                   "or in the cache)")
     add_bool_flag(model, "load_lora", "apply the LoRA (default True; False runs the undistilled base weights)")
     add_flag(model, "task", default="s2v-14B", help="only s2v-14B exists here (accepted for compatibility)")
 
     video = parser.add_argument_group("video")
     add_flag(video, "size", default=DEFAULT_SIZE,
-             help=f"target AREA as W*H (also 704x384, 704×384); the aspect ratio follows the image "
-                  f"(default {DEFAULT_SIZE})")
+             help="target AREA as W*H (also 704x384, 704×384); the aspect ratio follows the image "
+                  "(default %(default)s)")
     add_flag(video, "num_clip", type=int, metavar="N", help="at most N clips (default: as many as the audio needs)")
-    add_flag(video, "infer_frames", type=int, default=48, metavar="N",
-             help="video frames per clip, a multiple of 12 (default 48)")
-    add_flag(video, "sample_steps", type=int, default=4, metavar="N", help="denoising steps (default 4)")
+    add_flag(video, "infer_frames", type=int, default=DEFAULTS["infer_frames"], metavar="N",
+             help="video frames per clip, a multiple of 12 (default %(default)s)")
+    add_flag(video, "sample_steps", type=int, default=DEFAULTS["sample_steps"], metavar="N",
+             help="denoising steps (default %(default)s)")
     add_flag(video, "sample_solver", default="euler", help="only euler (the distilled sampler)")
-    add_flag(video, "base_seed", type=int, default=DEFAULT_SEED, metavar="SEED",
-             help=f"noise seed; clip r uses SEED+r; -1 draws one and prints it (default {DEFAULT_SEED})")
-    add_flag(video, "mode", default="streaming", choices=MODES,
+    add_flag(video, "base_seed", type=int, default=DEFAULTS["base_seed"], metavar="SEED",
+             help="noise seed; clip r uses SEED+r; -1 draws one and prints it (default %(default)s)")
+    add_flag(video, "mode", default=DEFAULTS["mode"], choices=MODES,
              help="streaming: the paper's pipeline (multi-GPU TPP output, on any GPU count); "
-                  "single_gpu: the reference's single-GPU script (default streaming)")
+                  "single_gpu: the reference's single-GPU script (default %(default)s)")
     add_bool_flag(video, "enable_online_decode", "--mode single_gpu only: decode clip 0 at once and refresh "
                   "the sink from it, as the reference's flag")
-    add_flag(video, "ref_rope_offset", default="seeded", metavar="seeded|random|N",
-             help="rolling-sink RoPE offset: seeded from --base_seed (default, reproducible), random "
-                  "(unseeded, as the reference) or a fixed N in 4..30")
+    add_flag(video, "ref_rope_offset", default=DEFAULTS["ref_rope_offset"], metavar="seeded|random|N",
+             help="rolling-sink RoPE offset: seeded from --base_seed (reproducible), random (unseeded, as the "
+                  "reference) or a fixed N in 4..30 (default %(default)s)")
 
     device = parser.add_argument_group("device")
     add_flag(device, "device", help="cuda, cuda:N or cpu (default: chosen by the planner)")
-    add_flag(device, "dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    add_flag(device, "dtype", default=DEFAULTS["dtype"], help="bfloat16 or float32 (default %(default)s)")
     add_flag(device, "vram-budget", metavar="SIZE", help="GPU memory the planner may use, e.g. 40GiB")
     add_bool_flag(device, "fp8", "FP8 linears after the LoRA merge, as the reference's --fp8")
     add_bool_flag(device, "t5_cpu", "run the text encoder on the CPU")
 
     output = parser.add_argument_group("output")
     add_flag(output, "save_file", metavar="PATH", help="output .mp4 path")
-    add_flag(output, "save_dir", default="output", metavar="DIR",
-             help="folder for an automatically named output (default ./output; created if missing)")
+    add_flag(output, "save_dir", default=str(DEFAULTS["save_dir"]), metavar="DIR",
+             help="folder for an automatically named output, created if missing (default ./%(default)s)")
     add_bool_flag(output, "keep-partial", "on failure or Ctrl-C keep the frames written so far as NAME.partial.mp4")
 
     compatibility = parser.add_argument_group(
@@ -182,7 +182,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
     if seed == -1:
         seed = secrets.randbelow(2**31)
         notices.append(f"--base_seed -1: using seed {seed}")
-    lora = args.lora_path_dmd or LORA_REPO
+    lora = args.lora_path_dmd or DEFAULTS["lora"]
     if args.load_lora is False:
         lora = None
         notices.append("--load_lora False: running the base S2V weights without the distilled LoRA "
@@ -190,7 +190,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
     if args.enable_online_decode and args.mode == "streaming":
         notices.append("--enable_online_decode: only used with --mode single_gpu; the streaming pipeline "
                        "always refreshes the sink from the first generated latent")
-    if args.sample_steps != 4 and args.sample_steps >= 1:
+    if args.sample_steps != DEFAULTS["sample_steps"] and args.sample_steps >= 1:
         notices.append(f"--sample_steps {args.sample_steps}: the LoRA is distilled for 4 steps")
     settings = GenerationSettings(
         image=args.image, audio=args.audio, prompt=args.prompt, ckpt_dir=args.ckpt_dir, lora=lora,
@@ -272,8 +272,8 @@ def _configuration_line(report: dict) -> str:
 # ------------------------------------------------------------------------------------------------ doctor
 
 def _add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "ckpt_dir", default=DEFAULT_CKPT_DIR, metavar="DIR", help="the Wan2.2-S2V-14B folder")
-    add_flag(parser, "lora_path_dmd", default=LORA_REPO, metavar="PATH_OR_ID", help="the LoRA")
+    add_flag(parser, "ckpt_dir", default=str(DEFAULTS["ckpt_dir"]), metavar="DIR", help="the Wan2.2-S2V-14B folder")
+    add_flag(parser, "lora_path_dmd", default=DEFAULTS["lora"], metavar="PATH_OR_ID", help="the LoRA")
 
 
 def _run_doctor(args: argparse.Namespace) -> int:

@@ -30,8 +30,8 @@ MIN_AREA = SIZE_GRANULARITY * SIZE_GRANULARITY
 DEFAULT_SIZE = "704*384"
 DEFAULT_CKPT_DIR = f"ckpt/{BASE_DIR_NAME}"
 MODES = ("streaming", "single_gpu")
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-          "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+# The model code runs in bfloat16 (real runs) or float32 (tests, fixtures).
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
 REF_ROPE_OFFSET_RANGE = (4, 30)  # the reference draws relative_dist from randint(4, 30)
 MAX_SEED = 2**63 - 1
 
@@ -151,7 +151,7 @@ class GenerationSettings:
     prompt: str = ""
     ckpt_dir: Path = Path(DEFAULT_CKPT_DIR)
     lora: str | None = LORA_REPO
-    size_area: int = 704 * 384
+    size_area: int = parse_size(DEFAULT_SIZE)
     infer_frames: int = 48
     sample_steps: int = 4
     num_clip: int | None = None
@@ -194,7 +194,7 @@ class GenerationSettings:
         if self.mode not in MODES:
             raise InputError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
         if self.dtype not in DTYPES.values():
-            raise InputError(f"--dtype {self.dtype!r}: expected bfloat16, float16 or float32")
+            raise InputError(f"--dtype {self.dtype!r}: expected bfloat16 or float32")
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise InputError(f"--device {self.device!r}: expected cuda, cuda:N, cpu or mps")
         if self.vram_budget is not None and self.vram_budget <= 0:
