@@ -115,3 +115,16 @@ def convert_to_fp8(module: nn.Module, *, kernel: str, prefix: str = "") -> int:
                 setattr(child, child_name, FP8Linear.from_linear(grandchild, kernel=kernel))
                 converted += 1
     return converted
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token e4m3 codes of x [..., tokens, heads, head_dim] and the fp32 inverse scale per token,
+    with the same formula as `quantize_per_tensor` applied to each token's heads x head_dim values."""
+    amax = x.detach().abs().amax(dim=(-2, -1)).float()
+    scale = (FP8_MAX / amax.clamp(min=1e-12)).clamp(max=FP8_MAX)
+    codes = (x.float() * scale[..., None, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scale.reciprocal()
+
+
+def dequantize_rows(codes: torch.Tensor, inverse_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.float() * inverse_scale[..., None, None]).to(dtype)

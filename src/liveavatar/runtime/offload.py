@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from liveavatar.runtime.fp8 import FP8_DTYPE, FP8_MAX, convert_to_fp8, fp8_kernel_for
+from liveavatar.runtime.fp8 import FP8_DTYPE, convert_to_fp8, dequantize_rows, fp8_kernel_for, quantize_rows
 from liveavatar.runtime.placement import Placement
 
 SLOT_ALIGNMENT = 256
@@ -260,3 +260,400 @@ def place_dit(model: nn.Module, placement: Placement, device: torch.device | str
             if placement.weight_dtype == "fp8":
                 convert_to_fp8(child, kernel=kernel, prefix=name)
     return LayerStreamer(model, streamed, device) if streamed else None
+
+
+# --------------------------------------------------------------------------------------------------
+# KV sets and the cond cache: FP8 storage, host storage
+
+
+def _ring_spans(start: int, count: int, capacity: int) -> list[tuple[int, int, int]]:
+    """(ring position, offset in the block, length) of `count` tokens written from absolute `start`."""
+    position = start % capacity
+    first = min(count, capacity - position)
+    spans = [(position, 0, first)]
+    if count > first:
+        spans.append((0, first, count - first))
+    return spans
+
+
+class _KVBuffer:
+    """K and V [*lead, tokens, heads, head_dim] in the run dtype, or as e4m3 codes with one fp32 inverse
+    scale per token (`fp8`)."""
+
+    def __init__(self, lead: tuple[int, ...], tokens: int, num_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 fp8: bool, device: torch.device | str | None, pin: bool = False):
+        self.dtype, self.fp8 = dtype, fp8
+        shape = (*lead, tokens, num_heads, head_dim)
+        storage = FP8_DTYPE if fp8 else dtype
+
+        def empty(shape_, dtype_):
+            return torch.zeros(shape_, dtype=dtype_, device=device, pin_memory=pin) if pin else \
+                torch.zeros(shape_, dtype=dtype_, device=device)
+
+        self.tensors = [empty(shape, storage), empty(shape, storage)]  # k, v
+        if fp8:
+            self.tensors += [empty((*lead, tokens), torch.float32), empty((*lead, tokens), torch.float32)]
+
+    @property
+    def tokens(self) -> int:
+        return self.tensors[0].shape[-3]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def part(self, index, start: int, end: int) -> list[torch.Tensor]:
+        """Every stored tensor of tokens start:end (at `index` of the lead dims)."""
+        return [t[index][start:end] if index is not None else t[start:end] for t in self.tensors]
+
+    def store(self, index, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [tokens, heads, head_dim] at `position`."""
+        end = position + k.shape[0]
+        if self.fp8:
+            (k_codes, k_scale), (v_codes, v_scale) = quantize_rows(k), quantize_rows(v)
+            values = [k_codes, v_codes, k_scale, v_scale]
+        else:
+            values = [k, v]
+        for destination, value in zip(self.part(index, position, end), values):
+            destination.copy_(value)
+
+    def load(self, index, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `count` tokens as k, v [1, count, heads, head_dim] in the run dtype."""
+        parts = self.part(index, 0, count)
+        if self.fp8:
+            k, v = dequantize_rows(parts[0], parts[2], self.dtype), dequantize_rows(parts[1], parts[3], self.dtype)
+        else:
+            k, v = parts
+        return k.unsqueeze(0), v.unsqueeze(0)
+
+
+class Fp8KVCache:
+    """A `KVCache` on the device whose entries are stored as e4m3 codes with a per-token scale; the
+    window is dequantised to the run dtype for each attention call."""
+
+    def __init__(self, *, num_layers: int, capacity: int, num_heads: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16):
+        if capacity <= 0:
+            raise ValueError(f"KV cache capacity must be positive, got {capacity} tokens")
+        self.buffer = _KVBuffer((num_layers,), capacity, num_heads, head_dim, dtype=dtype, fp8=True, device=device)
+        self.end = 0
+
+    capacity = property(lambda self: self.buffer.tokens)
+    nbytes = property(lambda self: self.buffer.nbytes)
+
+    def reset(self) -> None:
+        self.end = 0
+
+    def reserve(self, start_token: int, tokens: int) -> None:
+        _check_block(tokens, self.capacity, start_token)
+        self.end = max(self.end, start_token + tokens)
+
+    def write(self, layer: int, start_token: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for position, offset, length in _ring_spans(start_token, k.shape[1], self.capacity):
+            self.buffer.store(layer, position, k[0, offset:offset + length], v[0, offset:offset + length])
+
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.buffer.load(layer, min(self.end, self.capacity))
+
+
+def _check_block(tokens: int, capacity: int, start_token: int) -> None:
+    if tokens > capacity:
+        raise ValueError(f"a block of {tokens} tokens does not fit a KV cache of {capacity} tokens; "
+                         f"make the cache at least one block long")
+    if start_token < 0:
+        raise ValueError(f"start token must be >= 0, got {start_token}")
+
+
+class HostKVCache:
+    """A `KVCache` kept in pinned host memory; the attention reads and writes it through the
+    `CacheStreamer`'s GPU slots. Same interface as `KVCache`."""
+
+    def __init__(self, streamer: "CacheStreamer", *, num_layers: int, capacity: int, num_heads: int,
+                 head_dim: int, dtype: torch.dtype, fp8: bool = False):
+        if capacity <= 0:
+            raise ValueError(f"KV cache capacity must be positive, got {capacity} tokens")
+        self.streamer = streamer
+        self.host = _KVBuffer((num_layers,), capacity, num_heads, head_dim, dtype=dtype, fp8=fp8,
+                              device="cpu", pin=streamer.copier.cuda)
+        self.end = 0
+        self.block: tuple[int, int] | None = None  # (start, tokens) of the block in flight
+        self.end_before_block = 0
+        self.block_tokens = 0
+        self.written_back = [None] * num_layers  # per layer: event of the last copy back to the host
+        streamer.register_kv(self)
+
+    capacity = property(lambda self: self.host.tokens)
+    nbytes = property(lambda self: self.host.nbytes)
+
+    def reset(self) -> None:
+        self.end = 0
+        self.end_before_block = 0
+
+    def reserve(self, start_token: int, tokens: int) -> None:
+        _check_block(tokens, self.capacity, start_token)
+        self.end_before_block = self.end
+        self.end = max(self.end, start_token + tokens)
+        self.block, self.block_tokens = (start_token, tokens), tokens
+        self.streamer.begin_forward(self)
+
+    def needed(self) -> tuple[int, tuple]:
+        """(tokens valid on the host, ring spans the coming block overwrites): what a layer's slot must
+        hold before the block writes into it. Before this cache's forward starts, the coming block is
+        predicted to follow the last one."""
+        if self.block is not None:
+            valid, (start, tokens) = self.end_before_block, self.block
+        else:
+            valid, start, tokens = self.end, self.end, self.block_tokens
+        spans = tuple((p, n) for p, _, n in _ring_spans(start, tokens, self.capacity)) if tokens else ()
+        return min(valid, self.capacity), spans
+
+    def write(self, layer: int, start_token: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        slot = self.streamer.kv_slot(self, layer)
+        spans = _ring_spans(start_token, k.shape[1], self.capacity)
+        for position, offset, length in spans:
+            slot.store(None, position, k[0, offset:offset + length], v[0, offset:offset + length])
+        pairs = [(host, device) for position, _, length in spans
+                 for host, device in zip(self.host.part(layer, position, position + length),
+                                         slot.part(None, position, position + length))]
+        self.written_back[layer] = self.streamer.write_back(pairs, from_slot=slot)
+
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.streamer.kv_slot(self, layer).load(None, min(self.end, self.capacity))
+
+
+class HostCondCache:
+    """A `CondCache` kept in pinned host memory: the sink prefill writes each layer's K/V straight back
+    to the host; streaming calls read them through the `CacheStreamer`'s GPU slots."""
+
+    def __init__(self, streamer: "CacheStreamer", *, num_layers: int, capacity: int, num_heads: int,
+                 head_dim: int, dtype: torch.dtype):
+        if capacity <= 0:
+            raise ValueError(f"cond cache capacity must be positive, got {capacity} tokens")
+        self.streamer = streamer
+        self.host = _KVBuffer((num_layers,), capacity, num_heads, head_dim, dtype=dtype, fp8=False,
+                              device="cpu", pin=streamer.copier.cuda)
+        self.length = 0
+        self.positions: torch.Tensor | None = None
+        self.ref_tokens = 0
+        self.latent_hw: tuple[int, int] | None = None
+        self.version = 0  # bumped by every prefill; slots holding an older version are refetched
+        self.written_back = [None] * num_layers
+        streamer.register_cond(self)
+
+    capacity = property(lambda self: self.host.tokens)
+    nbytes = property(lambda self: self.host.nbytes)
+
+    def begin(self, positions: torch.Tensor, ref_tokens: int, latent_hw: tuple[int, int]) -> None:
+        tokens = positions.shape[0]
+        if tokens > self.capacity:
+            raise ValueError(f"{tokens} condition tokens for latent size {latent_hw[0]}x{latent_hw[1]} do not fit "
+                             f"a cond cache of {self.capacity}; create it with "
+                             f"cond_tokens=config.cond_tokens(latent_h, latent_w)")
+        self.length, self.positions, self.ref_tokens, self.latent_hw = tokens, positions, ref_tokens, latent_hw
+        self.version += 1
+        self.streamer.begin_prefill()
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        pairs = list(zip(self.host.part(layer, 0, self.length), (k[0], v[0])))
+        self.written_back[layer] = self.streamer.write_back(pairs)
+
+    def entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.streamer.cond_slot(layer).load(None, self.length)
+
+
+class CacheStreamer:
+    """Two GPU slots through which host-resident KV sets and the cond cache reach the attention.
+
+    A slot belongs to one (KV set, layer) of a forward and holds that layer's KV window (the entries on
+    the host that the coming block does not overwrite) and/or its cond entries. Block pre-hooks mark the
+    slot of the layer that just ran free and fill the other one for the layer after the running one; at
+    the end of a forward, for the first layers of the next KV set (sets are used in the order they were
+    created, as the denoising steps use them). A slot is refilled only after the work that read it and
+    the copy back from it are done; a missing or stale part (after a new sink prefill, or a block that
+    does not follow the previous one) is fetched on demand.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str):
+        self.device = torch.device(device)
+        self.copier = _Copier(self.device)
+        self.num_layers = len(model.blocks)
+        self.kv_caches: list[HostKVCache] = []
+        self.cond: HostCondCache | None = None
+        self.slots_kv: list[_KVBuffer | None] = [None, None]
+        self.slots_cond: list[_KVBuffer | None] = [None, None]
+        self.owner: list[tuple | None] = [None, None]  # (KV set or None, layer)
+        self.kv_key: list[tuple | None] = [None, None]
+        self.cond_key: list[tuple | None] = [None, None]
+        self.ready: list[list] = [[], []]
+        self.free = [None, None]
+        self.back = [None, None]
+        self.current: HostKVCache | None = None
+        self.streaming = False
+        self.active: int | None = None
+        self.fetched_bytes = 0
+        self._hooks = [block.register_forward_pre_hook(self._enter_hook(i)) for i, block in enumerate(model.blocks)]
+        self._hooks.append(model.head.register_forward_pre_hook(self._enter_hook(None)))
+
+    def _enter_hook(self, layer: int | None) -> Callable:
+        def hook(module, args):
+            self.enter(layer)
+        return hook
+
+    # -- registration and forward boundaries
+
+    def register_kv(self, cache: HostKVCache) -> None:
+        if self.kv_caches and (self.kv_caches[0].host.fp8, self.kv_caches[0].host.dtype) != \
+                (cache.host.fp8, cache.host.dtype):
+            raise ValueError("all host KV sets of one streamer must share their storage dtype")
+        self.kv_caches.append(cache)
+        if self.slots_kv[0] is None or self.slots_kv[0].tokens < cache.capacity:
+            k = cache.host.tensors[0]
+            self.slots_kv = [_KVBuffer((), cache.capacity, k.shape[-2], k.shape[-1], dtype=cache.host.dtype,
+                                       fp8=cache.host.fp8, device=self.device) for _ in range(2)]
+            self.kv_key = [None, None]
+
+    def register_cond(self, cond: HostCondCache) -> None:
+        self.cond = cond
+        k = cond.host.tensors[0]
+        self.slots_cond = [_KVBuffer((), cond.capacity, k.shape[-2], k.shape[-1], dtype=cond.host.dtype,
+                                     fp8=False, device=self.device) for _ in range(2)]
+        self.cond_key = [None, None]
+
+    def begin_forward(self, cache: HostKVCache) -> None:
+        if self.current is not None and self.current is not cache:
+            self.current.block = None
+        self.current, self.streaming = cache, True
+
+    def begin_prefill(self) -> None:
+        if self.current is not None:
+            self.current.block = None
+        self.current, self.streaming = None, False
+
+    # -- hooks: which layer runs
+
+    def enter(self, layer: int | None) -> None:
+        if layer == self.active:
+            return
+        previous, self.active = self.active, layer
+        if not self.streaming:
+            return
+        if previous is not None and (self.current, previous) in self.owner:
+            self.free[self.owner.index((self.current, previous))] = self.copier.marker()
+        if layer is None:  # the forward is over: prepare the first two layers of the next one
+            if self.current is not None:
+                self.current.block = None
+            following = self._next_set(self.current)
+            self._assign([(following, 0), (following, min(1, self.num_layers - 1))])
+        else:
+            self._assign([(self.current, layer), self._next_key(self.current, layer)])
+
+    def _next_set(self, cache: HostKVCache | None) -> HostKVCache | None:
+        if cache is None:
+            return None
+        return self.kv_caches[(self.kv_caches.index(cache) + 1) % len(self.kv_caches)]
+
+    def _next_key(self, cache, layer: int) -> tuple:
+        return (cache, layer + 1) if layer + 1 < self.num_layers else (self._next_set(cache), 0)
+
+    # -- slots
+
+    def _assign(self, targets: list[tuple]) -> None:
+        for target in targets:
+            if target in self.owner:
+                continue
+            slot = next(s for s in (0, 1) if self.owner[s] not in targets)
+            self.owner[slot] = target
+            self._fill(slot)
+
+    def _slot(self, cache, layer: int) -> int:
+        target = (cache, layer)
+        if target not in self.owner:  # on demand: everything queued so far may still read either slot
+            prefetched = self._next_key(self.current, layer)
+            slot = self.owner.index(None) if None in self.owner else int(self.owner[0] == prefetched)
+            self.free[slot] = self.copier.marker()
+            self.owner[slot] = target
+        slot = self.owner.index(target)
+        self._fill(slot)
+        for event in self.ready[slot]:
+            self.copier.wait(event)
+        self.ready[slot] = []
+        return slot
+
+    def _fill(self, slot: int) -> None:
+        """Fetch the parts of the slot's (set, layer) it does not hold yet."""
+        cache, layer = self.owner[slot]
+        pairs, after = [], [self.free[slot], self.back[slot]]
+        if cache is not None:
+            needed = cache.needed()
+            if self.kv_key[slot] != (cache, layer, needed):
+                valid, overwritten = needed
+                for start, end in _complement(valid, overwritten):
+                    pairs += zip(self.slots_kv[slot].part(None, start, end), cache.host.part(layer, start, end))
+                after.append(cache.written_back[layer])
+                self.kv_key[slot] = (cache, layer, needed)
+        cond = self.cond
+        if cond is not None and cond.length and self.cond_key[slot] != (layer, cond.version):
+            pairs += zip(self.slots_cond[slot].part(None, 0, cond.length), cond.host.part(layer, 0, cond.length))
+            after.append(cond.written_back[layer])
+            self.cond_key[slot] = (layer, cond.version)
+        if pairs:
+            self.ready[slot].append(self.copier.copy(pairs, after=after))
+            self.fetched_bytes += sum(source.nbytes for _, source in pairs)
+
+    def kv_slot(self, cache: HostKVCache, layer: int) -> _KVBuffer:
+        return self.slots_kv[self._slot(cache, layer)]
+
+    def cond_slot(self, layer: int) -> _KVBuffer:
+        if not self.streaming:  # the first streaming call after a prefill, with the KV sets on the GPU
+            self.streaming = True
+        return self.slots_cond[self._slot(self.current, layer)]
+
+    def write_back(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], from_slot: _KVBuffer | None = None):
+        """Copy (host destination, device source) pairs back once the compute stream has produced them."""
+        event = self.copier.copy(pairs, after=[self.copier.marker()], to_host=True)
+        if from_slot is not None:
+            self.back[self.slots_kv.index(from_slot)] = event
+        return event
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+
+def _complement(valid: int, overwritten: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    """Intervals of [0, valid) outside the (position, length) spans."""
+    intervals, start = [], 0
+    for position, length in sorted(overwritten):
+        if position > start:
+            intervals.append((start, min(position, valid)))
+        start = max(start, position + length)
+    if start < valid:
+        intervals.append((start, valid))
+    return [(a, b) for a, b in intervals if a < b]
+
+
+def install_cache_placement(model: nn.Module, placement: Placement) -> CacheStreamer | None:
+    """Make `model.new_kv_cache` / `model.new_cond_cache` create the caches `placement` asks for (FP8
+    and/or pinned host memory); callers such as the sampling loop's executor keep calling the model's
+    factories. Returns the streamer that serves host caches (None when every cache is on the device)."""
+    c = model.config
+    streamer = CacheStreamer(model, model.device) if "host" in (placement.kv_location, placement.cond_location) \
+        else None
+    dims = dict(num_layers=c.num_layers, num_heads=c.num_heads, head_dim=c.head_dim)
+
+    if placement.kv_location == "host":
+        def new_kv_cache(*, cache_frames: int, frame_tokens: int, device=None, dtype=None):
+            return HostKVCache(streamer, capacity=cache_frames * frame_tokens, dtype=dtype or model.dtype,
+                               fp8=placement.kv_dtype == "fp8", **dims)
+        model.new_kv_cache = new_kv_cache
+    elif placement.kv_dtype == "fp8":
+        def new_kv_cache(*, cache_frames: int, frame_tokens: int, device=None, dtype=None):
+            return Fp8KVCache(capacity=cache_frames * frame_tokens, device=device or model.device,
+                              dtype=dtype or model.dtype, **dims)
+        model.new_kv_cache = new_kv_cache
+    if placement.cond_location == "host":
+        def new_cond_cache(*, cond_tokens: int, device=None, dtype=None):
+            return HostCondCache(streamer, capacity=cond_tokens, dtype=dtype or model.dtype, **dims)
+        model.new_cond_cache = new_cond_cache
+    return streamer
