@@ -1,0 +1,235 @@
+"""The sampling loop: rd policies, bookkeeping of both reference behaviours, and the loop fixtures (kind B).
+
+The bookkeeping tests drive the real loop with a stand-in executor and VAE whose outputs carry the id of
+the latent frame they come from, so every clip/block/frame index the loop computes can be checked.
+"""
+import json
+
+import pytest
+import torch
+
+from liveavatar.runtime.conditioning import (
+    ClipGeometry,
+    WholeFileAudio,
+    clip_noise,
+    encode_reference,
+)
+from liveavatar.runtime.sampler import (
+    BlockLatents,
+    VideoFrames,
+    recorded_ref_rope_shifts,
+    ref_rope_shifts,
+    sample,
+)
+from liveavatar.testing import parity
+
+# ------------------------------------------------------------------------------------------------ rd
+
+
+def test_seeded_single_gpu_draws_match_an_official_run_seeded_the_same(fixtures_dir):
+    manifest = json.loads((fixtures_dir / "B_loop_offline.json").read_text())
+    seed = manifest["generate_kwargs"]["python_random_seed"]
+    draw = ref_rope_shifts("seeded", base_seed=seed, mode="single_gpu", num_steps=4)
+    calls = [(entry["step"]) for entry in manifest["trace"]]
+    assert [draw(step) for step in calls] == manifest["relative_dist_draws"]
+
+
+def test_seeded_streaming_draws_match_tpp_ranks_seeded_base_plus_rank(fixtures_dir):
+    manifest = json.loads((fixtures_dir / "B_loop_tpp.json").read_text())
+    seeds = manifest["python_random_seed_per_rank"]
+    base = seeds["0"]
+    assert all(seeds[str(rank)] == base + rank for rank in range(4))
+    draw = ref_rope_shifts("seeded", base_seed=base, mode="streaming", num_steps=4)
+    per_rank = manifest["relative_dist_draws_per_rank"]
+    calls = len(per_rank["0"])
+    got = {str(step): [] for step in range(4)}
+    for _ in range(calls):  # the loop's order: block by block, steps 0..3 inside a block
+        for step in range(4):
+            got[str(step)].append(draw(step))
+    assert got == per_rank
+
+
+def test_fixed_random_and_bad_policies():
+    fixed = ref_rope_shifts(17, base_seed=0, mode="streaming", num_steps=4)
+    assert {fixed(step) for step in range(4)} == {17}
+    entropy = ref_rope_shifts("random", base_seed=0, mode="single_gpu", num_steps=4)
+    assert all(4 <= entropy(0) <= 30 for _ in range(200))
+    for bad in (3, 31, "sometimes", 2.5, True):
+        with pytest.raises(ValueError, match="ref_rope_offset"):
+            ref_rope_shifts(bad, base_seed=0, mode="streaming", num_steps=4)
+
+
+def test_recorded_draws_replay_in_order_and_per_step():
+    shared = recorded_ref_rope_shifts([5, 6, 7])
+    assert [shared(3), shared(0), shared(1)] == [5, 6, 7]
+    per_step = recorded_ref_rope_shifts([[10, 11], [20, 21]])
+    assert [per_step(1), per_step(0), per_step(0), per_step(1)] == [20, 10, 11, 21]
+
+
+def test_noise_is_a_cpu_generator_seeded_per_clip(fixtures_dir):
+    tensors = parity.Fixture(fixtures_dir / "B_loop_offline.json")
+    kwargs = tensors.manifest["generate_kwargs"]
+    height, width = tensors.manifest["generated_hw"]
+    geometry = ClipGeometry(height, width, kwargs["infer_frames"])
+    for clip in range(tensors.manifest["n_clips"]):
+        noise = clip_noise(kwargs["seed"], clip, geometry, device="cpu", dtype=torch.float32)
+        assert torch.equal(noise, tensors[f"in.noise.clip{clip}"])
+    assert clip_noise(1, 0, geometry, device="cpu", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------- bookkeeping with stand-ins
+
+H, W = 64, 64  # latent 8x8
+
+
+class IdVAE:
+    """Causal stand-in: latent frame k <- pixel frames 4k-3..4k (k=0 <- frame 0); decode gives the first
+    latent 1 frame and every later one 4, each frame carrying the latent's value."""
+
+    def encode(self, video):
+        frames = video.shape[2]
+        latents = 1 + (frames - 1) // 4
+        means = [video[:, :, 0].mean()] + [video[:, :, 4 * k - 3:4 * k + 1].mean() for k in range(1, latents)]
+        return torch.stack(means).view(1, 1, latents, 1, 1).expand(1, 16, latents, H // 8, W // 8).float()
+
+    def decode(self, z):
+        return IdStreamDecoder().decode(z)
+
+    def stream_decoder(self):
+        return IdStreamDecoder()
+
+
+class IdStreamDecoder:
+    def __init__(self):
+        self.started = False
+
+    def decode(self, z):
+        values = z[0, 0, :, 0, 0].float()
+        repeats = torch.full((values.numel(),), 4)
+        if not self.started:
+            repeats[0] = 1
+            self.started = True
+        frames = values.repeat_interleave(repeats)
+        return frames.view(1, 1, -1, 1, 1).expand(1, 3, -1, H, W).clone()
+
+
+class RecordingExecutor:
+    """Denoises block (clip, block) to latents whose frame f holds the id 1000 + 100*clip + 10*block + f."""
+
+    def __init__(self):
+        self.log = []
+
+    def prefill(self, ref_latents, motion_latents):
+        self.log.append(("prefill", ref_latents.clone(), motion_latents.clone()))
+
+    def denoise_block(self, noise, audio, *, clip, block, start_frame):
+        self.log.append(("block", clip, block, start_frame, noise.clone(), audio.clone()))
+        ids = torch.tensor([1000 + 100 * clip + 10 * block + f for f in range(noise.shape[1])], dtype=torch.float32)
+        return ids.view(1, -1, 1, 1).expand_as(noise).clone()
+
+
+def _run(mode, num_clips, *, online=False, infer_frames=48):
+    geometry = ClipGeometry(H, W, infer_frames)
+    reference_pixels = torch.full((1, 3, 1, H, W), 0.25)
+    reference = encode_reference(IdVAE(), reference_pixels, mode)
+    audio = torch.arange(num_clips * infer_frames, dtype=torch.float32).view(1, 1, 1, -1).expand(1, 25, 2, -1)
+    executor = RecordingExecutor()
+    events = []
+    for event in sample(executor, IdVAE(), reference, WholeFileAudio(audio, geometry), geometry,
+                        num_clips=num_clips, mode=mode, online_decode=online,
+                        noise=lambda clip: torch.full((16, geometry.latent_frames, 8, 8), float(clip))):
+        # Record how many blocks had been denoised when each event reached the consumer.
+        events.append((event, sum(1 for entry in executor.log if entry[0] == "block")))
+    return geometry, reference, executor, events
+
+
+def _video(events):
+    frames = [event for event, _ in events if isinstance(event, VideoFrames)]
+    assert [f.start for f in frames] == [sum(g.count for g in frames[:i]) for i in range(len(frames))]
+    return torch.cat([f.frames[0, :, 0, 0] for f in frames])
+
+
+def _block_ids(clip, block, geometry):
+    return [1000 + 100 * clip + 10 * block + f for f in range(3)]
+
+
+@pytest.mark.parametrize("infer_frames", [48, 24])
+def test_blocks_positions_noise_and_audio_slices(infer_frames):
+    geometry, _, executor, _ = _run("streaming", 3, infer_frames=infer_frames)
+    blocks = [entry for entry in executor.log if entry[0] == "block"]
+    assert len(blocks) == 3 * geometry.blocks_per_clip
+    for index, (_, clip, block, start_frame, noise, audio) in enumerate(blocks):
+        assert (clip, block) == divmod(index, geometry.blocks_per_clip)
+        assert start_frame == 3 * index
+        assert noise.shape == (16, 3, 8, 8) and bool((noise == clip).all())
+        first = clip * infer_frames + block * geometry.frames_per_block
+        assert audio[0, 0, 0].tolist() == list(range(first, first + 12))
+
+
+def test_streaming_mode_rolls_the_sink_and_decodes_every_block_at_once():
+    geometry, reference, executor, events = _run("streaming", 3)
+    prefills = [entry for entry in executor.log if entry[0] == "prefill"]
+    assert len(prefills) == 2  # before clip 0 and clip 1 only
+    kinds = [entry[0] for entry in executor.log]
+    assert kinds[:geometry.blocks_per_clip + 2] == ["prefill"] + ["block"] * geometry.blocks_per_clip + ["prefill"]
+    assert torch.equal(prefills[0][1], reference.ref)
+    assert bool((prefills[1][1] == 1000).all()) and prefills[1][1].shape == (1, 16, 1, 8, 8)  # clip 0 frame 0
+    assert torch.equal(prefills[0][2], prefills[1][2])  # motion latents never change
+    assert reference.motion.shape[2] == 19 and reference.history.shape[2] == 73
+    # Every block's frames reach the consumer before the next block is denoised.
+    frame_events = [(event, done) for event, done in events if isinstance(event, VideoFrames)]
+    assert [done for _, done in frame_events] == list(range(1, 3 * geometry.blocks_per_clip + 1))
+    assert [event.count for event, _ in frame_events] == [9] + [12] * (3 * geometry.blocks_per_clip - 1)
+    video = _video(events)
+    assert video.numel() == geometry.video_frames(3) == 3 * 48 - 3
+    expected = [float(i) for c in range(3) for b in range(4) for i in _block_ids(c, b, geometry) for _ in range(4)][3:]
+    assert video.tolist() == expected
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_single_gpu_mode_decodes_each_clip_with_its_history(online):
+    geometry, reference, executor, events = _run("single_gpu", 3, online=online)
+    assert reference.history.shape[2] == 5 * 73 and reference.motion.shape[2] == 92
+    assert reference.dit_motion.shape[2] == 19
+    prefills = [entry for entry in executor.log if entry[0] == "prefill"]
+    assert len(prefills) == (2 if online else 1)
+    if online:
+        # ref <- clip 0's first latent; motion <- the re-encoded history of 320 reference + 45 new frames.
+        assert bool((prefills[1][1] == 1000).all())
+        history = [0.25] * (365 - 45) + [float(i) for b in range(4) for i in _block_ids(0, b, geometry)
+                                          for _ in range(4)][3:]
+        expected_motion = IdVAE().encode(torch.tensor(history).view(1, 1, -1, 1, 1))[:, :, -19:]
+        assert torch.allclose(prefills[1][2], expected_motion)
+    frame_events = [(event, done) for event, done in events if isinstance(event, VideoFrames)]
+    assert [done for _, done in frame_events] == [4, 8, 12]  # once per clip, right after its last block
+    video = _video(events)
+    assert video.numel() == 3 * 48 - 3
+    expected = [float(i) for c in range(3) for b in range(4) for i in _block_ids(c, b, geometry) for _ in range(4)][3:]
+    assert video.tolist() == expected
+
+
+def test_single_clip_never_refreshes_the_sink():
+    _, _, executor, events = _run("streaming", 1)
+    assert sum(1 for entry in executor.log if entry[0] == "prefill") == 1
+    assert _video(events).numel() == 45
+
+
+def test_online_decode_needs_single_gpu_mode():
+    with pytest.raises(ValueError, match="single_gpu"):
+        _run("streaming", 2, online=True)
+    with pytest.raises(ValueError, match="mode"):
+        _run("tpp", 2)
+
+
+def test_block_events_carry_the_clean_latents():
+    _, _, _, events = _run("streaming", 2)
+    blocks = [event for event, _ in events if isinstance(event, BlockLatents)]
+    assert [(b.clip, b.block) for b in blocks] == [(c, b) for c in range(2) for b in range(4)]
+    assert all(b.latents[0, :, 0, 0].tolist() == [1000 + 100 * b.clip + 10 * b.block + f for f in range(3)]
+               for b in blocks)
+
+
+# ------------------------------------------------------------------------------------- loop fixtures
+
+def test_tpp_loop_fixture_passes(fixtures_dir, capsys):
+    assert parity.main([str(fixtures_dir), "--only", "B_loop_tpp"]) == 0, capsys.readouterr().out
