@@ -121,10 +121,10 @@ def test_every_compatibility_flag_is_accepted_with_one_notice(inputs, capsys):
 
 
 def test_online_decode_notice_only_in_streaming_mode(inputs, capsys):
-    _, err = dry_run_json([*inputs, "--enable_online_decode"], capsys)
-    assert "--enable_online_decode" in err
+    report, err = dry_run_json([*inputs, "--enable_online_decode"], capsys)
+    assert "--enable_online_decode" in err and report["enable_online_decode"] is False
     report, err = dry_run_json([*inputs, "--enable_online_decode", "--mode", "single_gpu"], capsys)
-    assert err == "" and report["mode"] == "single_gpu"
+    assert err == "" and report["mode"] == "single_gpu" and report["enable_online_decode"] is True
 
 
 def test_random_seed_is_printed(inputs, capsys):
@@ -168,6 +168,8 @@ def _bad_argument_cases(media_dir, tmp_path):
         "not a bool": (["--fp8", "maybe"], "--fp8"),
         "unknown flag": (["--bogus", "1"], "--bogus"),
         "save file kind": (["--save_file", str(tmp_path / "out" / "x.avi")], "x.avi"),
+        "several actors": (["--audio", f"{media_dir / 'cyclops_baker.wav'}+{media_dir / 'fashion_blogger.wav'}"],
+                           "--audio"),
     }
 
 

@@ -144,8 +144,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                   "reference) or a fixed N in 4..30 (default %(default)s)")
 
     device = parser.add_argument_group("device")
-    add_flag(device, "device", help="cuda, cuda:N or cpu (default: chosen by the planner)")
-    add_flag(device, "dtype", default=DEFAULTS["dtype"], help="bfloat16 or float32 (default %(default)s)")
+    add_flag(device, "device", help="cuda, cuda:N or cpu (default: CUDA when available)")
+    add_flag(device, "dtype", help="bfloat16 or float32 (default: bfloat16 on CUDA, float32 on the CPU)")
     add_flag(device, "vram-budget", metavar="SIZE", help="GPU memory the planner may use, e.g. 40GiB")
     add_bool_flag(device, "fp8", "FP8 linears after the LoRA merge, as the reference's --fp8")
     add_bool_flag(device, "t5_cpu", "run the text encoder on the CPU")
@@ -187,8 +187,10 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         lora = None
         notices.append("--load_lora False: running the base S2V weights without the distilled LoRA "
                        "(the 4-step sampler then gives poor video)")
-    if args.enable_online_decode and args.mode == "streaming":
-        notices.append("--enable_online_decode: only used with --mode single_gpu; the streaming pipeline "
+    online_decode = bool(args.enable_online_decode)
+    if online_decode and args.mode != "single_gpu":
+        online_decode = False
+        notices.append("--enable_online_decode: ignored, it belongs to --mode single_gpu; the streaming pipeline "
                        "always refreshes the sink from the first generated latent")
     if args.sample_steps != DEFAULTS["sample_steps"] and args.sample_steps >= 1:
         notices.append(f"--sample_steps {args.sample_steps}: the LoRA is distilled for 4 steps")
@@ -196,7 +198,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         image=args.image, audio=args.audio, prompt=args.prompt, ckpt_dir=args.ckpt_dir, lora=lora,
         size_area=parse_size(args.size), infer_frames=args.infer_frames, sample_steps=args.sample_steps,
         num_clip=args.num_clip, base_seed=seed, mode=args.mode,
-        enable_online_decode=bool(args.enable_online_decode), ref_rope_offset=args.ref_rope_offset,
+        enable_online_decode=online_decode, ref_rope_offset=args.ref_rope_offset,
         fp8=bool(args.fp8), t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
         save_file=args.save_file, save_dir=args.save_dir, keep_partial=bool(args.keep_partial),
@@ -255,7 +257,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _configuration(settings: GenerationSettings) -> dict:
     layout = settings.checkpoint_layout()
     return {
-        "mode": settings.mode, "sample_steps": settings.sample_steps, "base_seed": settings.base_seed,
+        "mode": settings.mode, "enable_online_decode": settings.enable_online_decode,
+        "sample_steps": settings.sample_steps, "base_seed": settings.base_seed,
         "ref_rope_offset": settings.ref_rope_offset, "dtype": settings.dtype, "device": settings.device,
         "fp8": settings.fp8, "vram_budget": settings.vram_budget, "image": str(settings.image),
         "audio": [str(p) for p in settings.audio], "ckpt_dir": str(layout.ckpt_dir),
@@ -265,7 +268,8 @@ def _configuration(settings: GenerationSettings) -> dict:
 
 def _configuration_line(report: dict) -> str:
     return (f"mode {report['mode']}, {report['sample_steps']} steps, seed {report['base_seed']}, "
-            f"rope offset {report['ref_rope_offset']}, {report['dtype']}, fp8 {'on' if report['fp8'] else 'off'}, "
+            f"rope offset {report['ref_rope_offset']}, {report['dtype'] or 'auto dtype'}, "
+            f"fp8 {'on' if report['fp8'] else 'off'}, "
             f"LoRA {report['lora'] or 'none'} -> {report['output']}")
 
 

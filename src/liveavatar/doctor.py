@@ -43,7 +43,8 @@ def report_lines(ckpt_dir: Path, lora: str | None) -> tuple[list[str], bool]:
     lines.extend(f"  - {problem}" for problem in problems)
     lines.append(f"LoRA: {layout.lora or 'not found'}" + (f" (from {lora})" if lora and str(layout.lora) != lora else ""))
     defaults = {field.name: field.default for field in fields(GenerationSettings)}
-    lines.append(f"generate would use: device {device}, {defaults['dtype']}, --mode {defaults['mode']}, "
+    dtype = defaults["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32")
+    lines.append(f"generate would use: device {device}, {dtype}, --mode {defaults['mode']}, "
                  f"--size {DEFAULT_SIZE} (an area; the aspect ratio follows the image), "
                  f"{defaults['infer_frames']} frames per clip, {defaults['sample_steps']} steps, "
                  f"seed {defaults['base_seed']}, rope offset {defaults['ref_rope_offset']}")

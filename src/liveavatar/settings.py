@@ -11,8 +11,6 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
-
 from liveavatar.checkpoints.layout import BASE_DIR_NAME, LORA_REPO, CheckpointLayout
 from liveavatar.errors import InputError
 
@@ -161,8 +159,8 @@ class GenerationSettings:
     ref_rope_offset: str | int = "seeded"
     fp8: bool = False
     t5_cpu: bool = False
-    device: str | None = None
-    dtype: str = "bfloat16"
+    device: str | None = None  # None: CUDA when available, else the CPU
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
     vram_budget: int | None = None
     save_file: Path | None = None
     save_dir: Path = Path("output")
@@ -177,9 +175,13 @@ class GenerationSettings:
         self._normalise("save_dir", Path(self.save_dir).expanduser().absolute())
         if self.save_file is not None:
             self._normalise("save_file", Path(self.save_file).expanduser().absolute())
-        self._normalise("dtype", DTYPES.get(str(self.dtype).lower(), self.dtype))
+        if self.dtype is not None:
+            self._normalise("dtype", DTYPES.get(str(self.dtype).lower(), self.dtype))
         if not self.audio:
             raise InputError("--audio: no audio file given")
+        if len(self.audio) > 1:
+            raise InputError(f"--audio: {len(self.audio)} files joined with '+' drive several actors, which needs the "
+                             f"reference's SAM2 face routing; this engine takes one audio file")
         if self.size_area < MIN_AREA:
             raise InputError(f"--size: the area {self.size_area} is below 64*64")
         if self.infer_frames <= 0 or self.infer_frames % FRAMES_PER_BLOCK:
@@ -193,7 +195,10 @@ class GenerationSettings:
             raise InputError(f"--base_seed {self.base_seed}: must be -1 (random) or in 0..{MAX_SEED}")
         if self.mode not in MODES:
             raise InputError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        if self.dtype not in DTYPES.values():
+        if self.enable_online_decode and self.mode != "single_gpu":
+            raise InputError("--enable_online_decode: belongs to --mode single_gpu (the streaming mode always "
+                             "refreshes the sink from the first generated latent)")
+        if self.dtype is not None and self.dtype not in DTYPES.values():
             raise InputError(f"--dtype {self.dtype!r}: expected bfloat16 or float32")
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise InputError(f"--device {self.device!r}: expected cuda, cuda:N, cpu or mps")
@@ -243,18 +248,16 @@ class GenerationShape:
 
     @classmethod
     def compute(cls, settings: GenerationSettings, image_size: tuple[int, int],
-                audio_samples_16k: Sequence[int]) -> GenerationShape:
-        """``image_size`` is PIL's (width, height); one sample count per audio file (several files: the
-        shortest decides, as in the reference)."""
+                audio_samples_16k: int) -> GenerationShape:
+        """``image_size`` is PIL's (width, height); ``audio_samples_16k`` the audio's length at 16 kHz."""
         image_w, image_h = image_size
         height, width = size_for_area(image_h, image_w, settings.size_area)
         if height < SIZE_GRANULARITY or width < SIZE_GRANULARITY:
             raise InputError(f"--image {settings.image}: its aspect ratio {image_w}x{image_h} is too extreme for "
                              f"--size area {settings.size_area} (got {width}x{height}); crop it or raise the area")
-        shortest = min(audio_samples_16k)
-        if shortest < WAV2VEC_WINDOW:
+        if audio_samples_16k < WAV2VEC_WINDOW:
             raise InputError(f"--audio: shorter than {WAV2VEC_WINDOW / AUDIO_SAMPLE_RATE * 1000:.0f} ms of sound")
-        audio_clips = audio_clip_count(shortest, settings.infer_frames)
+        audio_clips = audio_clip_count(audio_samples_16k, settings.infer_frames)
         num_clips = audio_clips if settings.num_clip is None else min(settings.num_clip, audio_clips)
         num_frames = settings.infer_frames * num_clips - DROPPED_LEADING_FRAMES
         return cls(
@@ -263,7 +266,7 @@ class GenerationShape:
             tokens_per_frame=(width // (VAE_STRIDE * PATCH)) * (height // (VAE_STRIDE * PATCH)),
             infer_frames=settings.infer_frames, audio_clips=audio_clips, num_clips=num_clips,
             num_frames=num_frames, fps=FPS, duration_s=round(num_frames / FPS, 3),
-            audio_s=round(shortest / AUDIO_SAMPLE_RATE, 3),
+            audio_s=round(audio_samples_16k / AUDIO_SAMPLE_RATE, 3),
         )
 
     def summary(self) -> str:
@@ -284,6 +287,6 @@ def inspect_inputs(settings: GenerationSettings) -> GenerationShape:
     from liveavatar.io.media import load_audio, load_image
 
     image = load_image(settings.image)
-    waveforms = load_audio(settings.audio)
+    (waveform,) = load_audio(settings.audio)
     settings.checkpoint_layout().validate()
-    return GenerationShape.compute(settings, image.size, [len(w) for w in waveforms])
+    return GenerationShape.compute(settings, image.size, len(waveform))
