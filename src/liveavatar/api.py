@@ -141,7 +141,8 @@ class LiveAvatarPipeline:
                infer_frames: int = 48, sample_steps: int = 4, num_clip: int | None = None, base_seed: int = 420,
                mode: str = "streaming", enable_online_decode: bool = False,
                ref_rope_offset: str | int = "seeded") -> Iterator[Frame]:
-        """Yield the video's frames as they are made (48·clips − 3 frames at 25 fps).
+        """Yield the video's frames as they are made (48·clips − 3 frames at 25 fps). The request is checked
+        and the inputs are read at once; the models run as the frames are consumed.
 
         ``image``: a path or a PIL image. ``audio``: a path, or a 16 kHz mono float32 waveform. ``size`` is
         an area (``"704*384"`` or a number); the aspect ratio follows the image. ``mode``: ``streaming``
@@ -151,7 +152,11 @@ class LiveAvatarPipeline:
         run = self._prepare(image, audio, prompt, size=size, infer_frames=infer_frames, sample_steps=sample_steps,
                             num_clip=num_clip, base_seed=base_seed, mode=mode,
                             enable_online_decode=enable_online_decode, ref_rope_offset=ref_rope_offset)
-        for event in run.events:
+        return self._frames(run.events)
+
+    @staticmethod
+    def _frames(events: Iterator) -> Iterator[Frame]:
+        for event in events:
             if isinstance(event, VideoFrames):
                 for offset, pixels in enumerate(pixels_to_uint8(event.frames)):
                     index = event.start + offset

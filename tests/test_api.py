@@ -1,0 +1,139 @@
+"""End to end on tiny checkpoints (`make_tiny_checkpoints`) and the shared media: mp4 output, frame counts
+and sizes, determinism, Ctrl-C, flat memory, and request validation."""
+import av
+import numpy as np
+import pytest
+import torch
+
+from liveavatar.api import LiveAvatarPipeline, generate_from_settings
+from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
+from liveavatar.errors import InputError
+from liveavatar.runtime.progress import host_rss_bytes
+from liveavatar.settings import GenerationSettings
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny, tmp_path_factory):
+    return LiveAvatarPipeline.from_pretrained(tiny.ckpt_dir, lora=tiny.lora, device="cpu", dtype=torch.float32,
+                                              prompt_cache_dir=tmp_path_factory.mktemp("prompts"))
+
+
+def _probe(path):
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        audio = container.streams.audio
+        info = {"codec": video.codec_context.name, "pix_fmt": video.codec_context.pix_fmt,
+                "width": video.codec_context.width, "height": video.codec_context.height,
+                "fps": video.average_rate, "audio": audio[0].codec_context.name if audio else None}
+        info["frames"] = sum(1 for _ in container.decode(video=0))
+    return info
+
+
+def test_generate_writes_h264_25fps_mp4_with_audio(pipe, media_dir, tmp_path):
+    # A portrait image (400x720) gives a portrait video: the aspect ratio follows the image.
+    out = pipe.generate(media_dir / "fashion_blogger.jpg", media_dir / "fashion_blogger.wav", "a blogger",
+                        output=tmp_path / "blogger.mp4", size="128*64", num_clip=2)
+    assert out == tmp_path / "blogger.mp4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blogger.mp4"]
+    assert _probe(out) == {"codec": "h264", "pix_fmt": "yuv420p", "width": 64, "height": 128, "fps": 25,
+                           "audio": "aac", "frames": 2 * 48 - 3}
+
+
+def test_stream_yields_timestamped_frames_and_the_same_seed_gives_the_same_video(pipe, media_dir):
+    image, audio = media_dir / "cyclops_baker.jpg", media_dir / "cyclops_baker.wav"
+
+    def run(seed):
+        return pipe.stream(image, audio, "a baker", size="64*64", num_clip=1, base_seed=seed)
+
+    first, again = list(run(7)), list(run(7))
+    assert len(first) == 48 - 3
+    assert [f.index for f in first] == list(range(45))
+    assert [f.timestamp for f in first] == [i / 25 for i in range(45)]
+    assert all(f.image.dtype == np.uint8 and f.image.shape == (64, 64, 3) for f in first)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(first, again))
+    other = run(8)
+    first_block = [next(other) for _ in range(9)]
+    other.close()
+    assert not all(np.array_equal(a.image, b.image) for a, b in zip(first, first_block))
+
+
+class _InterruptingDecoder:
+    """Wraps the VAE's streaming decoder and raises KeyboardInterrupt (a Ctrl-C) on its n-th call."""
+
+    def __init__(self, decoder, calls):
+        self.decoder, self.calls = decoder, calls
+
+    def decode(self, z):
+        self.calls[0] -= 1
+        if self.calls[0] == 0:
+            raise KeyboardInterrupt
+        return self.decoder.decode(z)
+
+
+@pytest.mark.parametrize("keep_partial", [False, True])
+def test_ctrl_c_leaves_nothing_under_the_final_name(pipe, media_dir, tmp_path, monkeypatch, keep_partial):
+    original = pipe.vae.stream_decoder
+    calls = [4]  # warm-up, block 0, block 1, then Ctrl-C: two blocks (21 frames) are already written
+    monkeypatch.setattr(pipe.vae, "stream_decoder", lambda: _InterruptingDecoder(original(), calls))
+    output = tmp_path / "cut.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        pipe.generate(media_dir / "cyclops_baker.jpg", media_dir / "cyclops_baker.wav", output=output,
+                      size="64*64", num_clip=2, keep_partial=keep_partial)
+    assert not output.exists()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if keep_partial:
+        assert left == ["cut.partial.mp4"]
+        assert _probe(tmp_path / "cut.partial.mp4")["frames"] == 9 + 12
+    else:
+        assert left == []
+
+
+def test_memory_stays_flat_over_clips(pipe, media_dir):
+    """Host RSS after clip 2 vs after clip 8 of one run: nothing may accumulate per clip or block."""
+    rss = {}
+    for frame in pipe.stream(media_dir / "dwarven_blacksmith.jpg", media_dir / "dwarven_blacksmith.wav",
+                             size="64*64", num_clip=8):
+        if (frame.index + 4) % 48 == 0:  # the last frame of a clip (the first clip has 45)
+            rss[(frame.index + 4) // 48] = host_rss_bytes()
+    assert sorted(rss) == list(range(1, 9))
+    growth = max(rss[clip] for clip in range(3, 9)) - rss[2]
+    assert growth < 24 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB from clip 2 to clip 8"
+
+
+def test_generate_from_settings_names_the_file_and_logs_progress(tiny, media_dir, tmp_path, capsys):
+    settings = GenerationSettings(image=media_dir / "dwarven_blacksmith.jpg", audio=media_dir / "dwarven_blacksmith.wav",
+                                  prompt="a dwarf", ckpt_dir=tiny.ckpt_dir, lora=str(tiny.lora), size_area=64 * 64,
+                                  num_clip=1, device="cpu", dtype="float32", save_dir=tmp_path / "out")
+    out = generate_from_settings(settings, progress=True)
+    assert out.parent == tmp_path / "out" and out.name.endswith("_64x64_4step_a_dwarf.mp4")
+    assert _probe(out)["frames"] == 45
+    log = capsys.readouterr().err  # not a terminal: plain log lines, no in-place rewriting
+    assert "first frame after" in log and "clip 1/1 | block 4/4 | 45/45 frames" in log and "\x1b[2K" not in log
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"enable_online_decode": True}, "single_gpu"),
+    ({"num_clip": 0}, "num_clip"),
+    ({"mode": "tpp"}, "mode"),
+    ({"ref_rope_offset": 50}, "ref_rope_offset"),
+    ({"infer_frames": 50}, "infer_frames"),
+    ({"sample_steps": 0}, "sample_steps"),
+    ({"size": "big"}, "--size"),
+])
+def test_bad_requests_fail_before_any_work(pipe, media_dir, change, message):
+    kwargs = {"size": "64*64", **change}
+    with pytest.raises(ValueError, match=message):
+        pipe.stream(media_dir / "cyclops_baker.jpg", media_dir / "cyclops_baker.wav", **kwargs)
+
+
+def test_several_audio_files_are_refused(pipe, media_dir, tmp_path):
+    joined = f"{media_dir / 'cyclops_baker.wav'}+{media_dir / 'fashion_blogger.wav'}"
+    with pytest.raises(InputError, match="one audio file"):
+        pipe.stream(media_dir / "cyclops_baker.jpg", joined, size="64*64")
+    with pytest.raises(InputError, match="path"):
+        pipe.generate(media_dir / "cyclops_baker.jpg", np.zeros(16000, np.float32), output=tmp_path / "x.mp4")
