@@ -264,9 +264,6 @@ class LiveAvatarPipeline:
 
 def generate_from_settings(settings: GenerationSettings, *, progress: bool = True) -> Path:
     """What ``liveavatar generate`` runs once the settings are validated: load, generate, return the mp4 path."""
-    if len(settings.audio) != 1:
-        raise InputError(f"--audio: {len(settings.audio)} files joined with '+' drive several actors, which needs "
-                         f"the reference's SAM2 face routing; this engine takes one audio file")
     picture = load_image(settings.image)
     height, width = size_for_area(picture.height, picture.width, settings.size_area)
     pipe = LiveAvatarPipeline.from_pretrained(settings.ckpt_dir, lora=settings.lora, device=settings.device,

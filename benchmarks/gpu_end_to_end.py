@@ -1,0 +1,175 @@
+"""End to end on a GPU with full-size random weights: 2 clips at 704*384 in bfloat16, VAE and mp4 included.
+
+    python benchmarks/gpu_end_to_end.py                 # prints one JSON object
+    python benchmarks/gpu_end_to_end.py --fp8           # FP8 DiT linears (for cards that cannot hold bf16)
+    python benchmarks/gpu_end_to_end.py --config tiny --device cpu --size 128*64   # smoke test of the script
+
+Builds the 14B DiT (the release's configuration) and the full-width VAE on the meta device and materialises
+them directly on the GPU with random weights (no checkpoint, no host copy), and a random full-size wav2vec2
+(XLSR-53 structure) for the audio features. The text encoder is replaced by a random 4096-wide context (a
+prompt-cache hit in a real run; the 11 GB umT5 is not part of the generation loop). Then it runs the public
+`LiveAvatarPipeline.stream` on a synthetic 720x400 image (-> 704x384, as the reference's example) and
+synthetic audio, writing every frame to an H.264 mp4 with the audio muxed as it arrives.
+
+Reported: time to first frame (from the request), time per block (between the frame bursts of consecutive
+blocks; block 0 of clip 1 includes the sink refresh), video FPS, peak allocated/reserved GPU memory, peak
+host RSS, build time. Resident bf16 at 704*384 needs about 75 GiB (DiT 30.4 GiB + four KV sets 38.7 GiB +
+cond cache, activations, VAE): use an H200, or --fp8 on an 80 GB card.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+GiB = 2**30
+
+
+class RandomTextContext:
+    """Stands in for the prompt-cached umT5: a fixed random context [L, 4096]."""
+
+    def __init__(self, width: int, device, dtype, tokens: int = 32):
+        generator = torch.Generator("cpu").manual_seed(1)
+        self.context = torch.randn(tokens, width, generator=generator).to(device, dtype)
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        return self.context
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
+
+
+def random_wav2vec2(width: int, device, dtype):
+    """XLSR-53's structure (24 stable-layer-norm layers, 50 Hz conv front end) at the given width."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    from liveavatar.models.audio_features import AudioFeatureExtractor
+
+    full = width == 1024
+    config = Wav2Vec2Config(hidden_size=width, num_hidden_layers=24, num_attention_heads=16 if full else 2,
+                            intermediate_size=4 * width, conv_dim=[512 if full else 16] * 7,
+                            conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
+                            feat_extract_norm="layer", do_stable_layer_norm=True,
+                            num_conv_pos_embeddings=128 if full else 16, num_conv_pos_embedding_groups=16 if full else 4,
+                            vocab_size=33)
+    with torch.device(device):
+        model = Wav2Vec2ForCTC(config)
+    model = model.to(dtype).eval().requires_grad_(False)
+    processor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                         do_normalize=True, return_attention_mask=True)
+    return AudioFeatureExtractor(processor, model, device=device, dtype=dtype)
+
+
+def write_audio(path: Path, seconds: float) -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * 16000)) / 16000
+    signal = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes((np.clip(signal, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="704*384")
+    parser.add_argument("--clips", type=int, default=2)
+    parser.add_argument("--fp8", action="store_true", help="FP8 linears in the DiT (after the random init)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--config", choices=["14b", "tiny"], default="14b")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print(json.dumps({"error": "no CUDA GPU here; this script measures the full-size model on a GPU"}))
+        return 2
+
+    from liveavatar.api import LiveAvatarPipeline
+    from liveavatar.io.video_writer import Mp4Writer
+    from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
+    from liveavatar.models.vae import VAEConfig, WanVAE
+    from liveavatar.runtime.bench import random_init_
+    from liveavatar.settings import parse_size, size_for_area
+
+    dtype = torch.bfloat16
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    generator = torch.Generator(device).manual_seed(0)
+    config = TransformerConfig.full_14b() if args.config == "14b" else TransformerConfig.tiny()
+    with torch.device("meta"):
+        transformer = CausalS2VTransformer(config)
+        vae = WanVAE(VAEConfig() if args.config == "14b" else VAEConfig(base_dim=8))
+    random_init_(transformer, device, dtype, generator)
+    random_init_(vae, device, dtype, generator)
+    transformer.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    if args.fp8:
+        from liveavatar.runtime.fp8 import convert_to_fp8, fp8_kernel_for
+
+        convert_to_fp8(transformer, kernel=fp8_kernel_for(device))
+    pipe = LiveAvatarPipeline(transformer, vae, RandomTextContext(config.text_dim, device, dtype),
+                              random_wav2vec2(config.audio_dim, device, dtype), device=device, dtype=dtype)
+    if cuda:
+        torch.cuda.synchronize(device)
+    build_s = time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as work:
+        audio = Path(work) / "speech.wav"
+        write_audio(audio, args.clips * 48 / 25 + 0.5)
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 720, 3), dtype=np.uint8))
+        requested = time.perf_counter()
+        frames = pipe.stream(image, audio, "a person talking", size=args.size, num_clip=args.clips)
+        burst_times, frame_count, first_frame_s = [], 0, None
+        height, width = size_for_area(image.height, image.width, parse_size(args.size))
+        with Mp4Writer(Path(work) / "out.mp4", width=width, height=height, audio_path=audio) as writer:
+            for frame in frames:
+                now = time.perf_counter()
+                if frame.index == 0 or (frame.index >= 9 and (frame.index - 9) % 12 == 0):
+                    burst_times.append(now)
+                    if first_frame_s is None:
+                        first_frame_s = now - requested
+                writer.write(frame.image)
+                frame_count += 1
+        total_s = time.perf_counter() - requested
+        mp4_bytes = (Path(work) / "out.mp4").stat().st_size
+
+    block_s = [b - a for a, b in zip(burst_times, burst_times[1:])]
+    report = {
+        "config": args.config, "size": args.size, "width": width, "height": height, "clips": args.clips,
+        "frames": frame_count, "dtype": "bfloat16", "fp8": args.fp8,
+        "ttff_s": round(first_frame_s, 3),
+        "block_s": [round(s, 3) for s in block_s],
+        "block_s_median": round(statistics.median(block_s), 3) if block_s else None,
+        "video_fps": round(12 / statistics.median(block_s), 2) if block_s else None,
+        "total_s": round(total_s, 2),
+        "build_s": round(build_s, 1),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 2) if cuda else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GiB, 2) if cuda else None,
+        "host_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB, 2),
+        "mp4_bytes": mp4_bytes,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
