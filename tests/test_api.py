@@ -1,5 +1,7 @@
 """End to end on tiny checkpoints (`make_tiny_checkpoints`) and the shared media: mp4 output, frame counts
 and sizes, determinism, Ctrl-C, flat memory, and request validation."""
+import io
+
 import av
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 from liveavatar.api import LiveAvatarPipeline, generate_from_settings
 from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
 from liveavatar.errors import InputError
-from liveavatar.runtime.progress import host_rss_bytes
+from liveavatar.runtime.progress import Progress, host_rss_bytes
 from liveavatar.settings import GenerationSettings
 
 
@@ -137,3 +139,37 @@ def test_several_audio_files_are_refused(pipe, media_dir, tmp_path):
         pipe.stream(media_dir / "cyclops_baker.jpg", joined, size="64*64")
     with pytest.raises(InputError, match="path"):
         pipe.generate(media_dir / "cyclops_baker.jpg", np.zeros(16000, np.float32), output=tmp_path / "x.mp4")
+
+
+def test_long_audio_takes_the_streamed_feature_path(pipe, media_dir, monkeypatch):
+    import liveavatar.api
+
+    monkeypatch.setattr(liveavatar.api, "WHOLE_FILE_AUDIO_LIMIT_S", 1.0)
+    frames = list(pipe.stream(media_dir / "cyclops_baker.jpg", media_dir / "cyclops_baker.wav", size="64*64",
+                              num_clip=1))
+    assert len(frames) == 45 and frames[-1].image.shape == (64, 64, 3)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_rewrites_one_line_on_a_terminal_and_logs_lines_otherwise():
+    terminal, log = _Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        progress = Progress(num_clips=2, blocks_per_clip=2, total_frames=45, stream=stream)
+        progress.start()
+        for clip in range(2):
+            for block in range(2):
+                progress.block_done(clip, block)
+                progress.frames_done(9 if clip == block == 0 else 12)
+        progress.close()
+    assert terminal.getvalue().count("\r\x1b[2K") == 5 and "clip 2/2 | block 2/2 | 45/45 frames" in terminal.getvalue()
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("first frame after") and len(lines) == 3 and "\r" not in log.getvalue()
+    assert lines[1].startswith("clip 1/2 | block 2/2 | 21/45 frames") and "ETA" in lines[1] and "RSS" in lines[1]
+    quiet = _Terminal()
+    silent = Progress(num_clips=1, blocks_per_clip=1, total_frames=3, stream=quiet, enabled=False)
+    silent.start(), silent.block_done(0, 0), silent.frames_done(3), silent.close()
+    assert quiet.getvalue() == ""

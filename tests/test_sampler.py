@@ -5,11 +5,13 @@ the latent frame they come from, so every clip/block/frame index the loop comput
 """
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from liveavatar.runtime.conditioning import (
     ClipGeometry,
+    StreamedAudio,
     WholeFileAudio,
     clip_noise,
     encode_reference,
@@ -233,3 +235,36 @@ def test_block_events_carry_the_clean_latents():
 
 def test_tpp_loop_fixture_passes(fixtures_dir, capsys):
     assert parity.main([str(fixtures_dir), "--only", "B_loop_tpp"]) == 0, capsys.readouterr().out
+
+
+class _ChunkStreamer:
+    """Stands in for StreamingAudioFeatures: one block per 1000 samples pushed, the rest at finish()."""
+
+    def __init__(self):
+        self.samples = 0
+        self.made = 0
+
+    def _blocks(self, upto):
+        blocks = []
+        while self.made < upto:
+            blocks.append(torch.full((1, 25, 2, 12), float(self.made)))
+            self.made += 1
+        return blocks
+
+    def push(self, chunk):
+        self.samples += len(chunk)
+        return self._blocks(self.samples // 1000)
+
+    def finish(self):
+        return self._blocks(self.samples // 1000 + 1)
+
+
+def test_streamed_audio_hands_out_blocks_in_order_and_zeros_past_the_end():
+    geometry = ClipGeometry(64, 64, 48)
+    audio = StreamedAudio(_ChunkStreamer(), np.zeros(4500, np.float32), geometry, feature_shape=(25, 2),
+                          chunk_samples=700)
+    got = [audio.block(clip, block) for clip in range(2) for block in range(4)]
+    assert [g[0, 0, 0, 0].item() for g in got[:5]] == [0, 1, 2, 3, 4]  # 4 pushed + 1 from finish()
+    assert all(g.shape == (1, 25, 2, 12) for g in got) and all(bool((g == 0).all()) for g in got[5:])
+    with pytest.raises(ValueError, match="in order"):
+        audio.block(0, 0)

@@ -1,8 +1,8 @@
 """Progress of a generation: clips and blocks done, frames, video frames per second, ETA, memory.
 
 On a terminal one status line is rewritten in place after every block; otherwise (a log file, a pipe, CI)
-a plain line is printed when the first frame is out and after every clip. ``Progress.disabled()`` prints
-nothing (``--quiet``).
+a plain line is printed when the first frame is out and after every clip. With ``enabled=False`` (``--quiet``)
+nothing is printed.
 """
 from __future__ import annotations
 
@@ -54,10 +54,6 @@ class Progress:
         self.clip = self.block = 0
         self.started: float | None = None
         self.first_frame_s: float | None = None
-
-    @classmethod
-    def disabled(cls) -> "Progress":
-        return cls(num_clips=0, blocks_per_clip=1, total_frames=0, enabled=False)
 
     def start(self) -> None:
         self.started = time.perf_counter()
