@@ -212,6 +212,8 @@ def test_bad_calls_give_clear_errors(tiny):
         tiny.forward_block(inputs["x"][0], 1000.0, inputs["text"], inputs["audio"][0][..., :8], kv, cond, **call)
     with pytest.raises(ValueError, match="prefilled for 8x16"):
         tiny.forward_block(torch.randn(16, 3, 8, 8), 1000.0, inputs["text"], inputs["audio"][0], kv, cond, **call)
+    with pytest.raises(ValueError, match="latent size 8x15 must be even"):
+        tiny.prefill_sink(cond, inputs["text"], inputs["ref"][..., :15], inputs["motion"][..., :15])
     with pytest.raises(ValueError, match="text context must be"):
         tiny.embed_text(torch.randn(5, c.text_dim + 1))
     small_kv = tiny.new_kv_cache(cache_frames=2, frame_tokens=c.frame_tokens(LATENT_H, LATENT_W))

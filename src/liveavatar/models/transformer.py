@@ -421,6 +421,9 @@ class CausalS2VTransformer(nn.Module):
         if ref_latents.ndim != 5 or ref_latents.shape[:3] != (1, c.in_dim, 1):
             raise ValueError(f"ref_latents must be [1, {c.in_dim}, 1, h, w], got {list(ref_latents.shape)}")
         latent_hw = tuple(ref_latents.shape[3:])
+        if latent_hw[0] % 2 or latent_hw[1] % 2:
+            raise ValueError(f"latent size {latent_hw[0]}x{latent_hw[1]} must be even (2x2 patches); "
+                             f"use a video size that is a multiple of 16 pixels")
         if motion_latents.ndim != 5 or motion_latents.shape[:2] != (1, c.in_dim) \
                 or tuple(motion_latents.shape[3:]) != latent_hw:
             raise ValueError(f"motion_latents must be [1, {c.in_dim}, T, {latent_hw[0]}, {latent_hw[1]}], "
