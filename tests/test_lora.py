@@ -101,6 +101,10 @@ def test_foreign_or_mismatched_files_give_clear_errors(base, tmp_path):
         save_file(tensors, path, metadata=metadata)
         return path
 
+    with pytest.raises(CheckpointError, match="is a folder; pass the .safetensors file"):
+        merge_lora(model, base)
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+        merge_lora(model, base / "missing.safetensors")
     dit_shard = next((base / "dit").glob("*-00001-of-*.safetensors"))
     with pytest.raises(CheckpointError, match="no LoRA weights in this file"):
         merge_lora(model, dit_shard)

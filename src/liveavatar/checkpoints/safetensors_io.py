@@ -39,6 +39,8 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
             header = json.loads(handle.read(header_bytes))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder; pass the .safetensors file inside it") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: corrupt safetensors header; re-download the file") from None
     if not isinstance(header, dict):
