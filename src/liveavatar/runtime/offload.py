@@ -155,7 +155,8 @@ class LayerStreamer:
         self.slot_free = [None, None]
         self.active: int | None = None  # block whose code runs now (streamed or not)
         self._last_bound: int | None = None
-        self.copies = 0  # host->GPU unit copies so far (for tests and reports)
+        self.copies = 0  # host->GPU unit copies so far
+        self.on_demand = 0  # of which the compute had to wait for without any overlap
         self._hooks = []
         for index, block in enumerate(model.blocks):
             self._hooks.append(block.register_forward_pre_hook(self._enter_hook(index)))
@@ -209,6 +210,7 @@ class LayerStreamer:
             slot = 1 if self.slot_unit[0] is not None and self.slot_unit[0] == self._last_bound else 0
             self.slot_free[slot] = self.copier.marker()
             self._fetch(layer, slot)
+            self.on_demand += 1
         self.copier.wait(self.slot_ready[slot])
         self.units[layer].bind(self.slots[slot])
         self._last_bound = layer
@@ -491,6 +493,7 @@ class CacheStreamer:
         self.streaming = False
         self.active: int | None = None
         self.fetched_bytes = 0
+        self.on_demand = 0  # fetches issued at the moment of use (no overlap with compute)
         self._hooks = [block.register_forward_pre_hook(self._enter_hook(i)) for i, block in enumerate(model.blocks)]
         self._hooks.append(model.head.register_forward_pre_hook(self._enter_hook(None)))
 
@@ -540,10 +543,13 @@ class CacheStreamer:
         if previous is not None and (self.current, previous) in self.owner:
             self.free[self.owner.index((self.current, previous))] = self.copier.marker()
         if layer is None:  # the forward is over: prepare the first two layers of the next one
-            if self.current is not None:
-                self.current.block = None
             following = self._next_set(self.current)
             self._assign([(following, 0), (following, min(1, self.num_layers - 1))])
+            if self.current is not None:
+                # The next forward announces itself with reserve(); a sink prefill (which never
+                # reserves, and with the cond cache on the GPU is not announced) must not fetch.
+                self.current.block = None
+                self.streaming = False
         else:
             self._assign([(self.current, layer), self._next_key(self.current, layer)])
 
@@ -573,14 +579,15 @@ class CacheStreamer:
             self.free[slot] = self.copier.marker()
             self.owner[slot] = target
         slot = self.owner.index(target)
-        self._fill(slot)
+        if self._fill(slot):
+            self.on_demand += 1
         for event in self.ready[slot]:
             self.copier.wait(event)
         self.ready[slot] = []
         return slot
 
-    def _fill(self, slot: int) -> None:
-        """Fetch the parts of the slot's (set, layer) it does not hold yet."""
+    def _fill(self, slot: int) -> bool:
+        """Fetch the parts of the slot's (set, layer) it does not hold yet; True if anything was fetched."""
         cache, layer = self.owner[slot]
         pairs, after = [], [self.free[slot], self.back[slot]]
         if cache is not None:
@@ -599,6 +606,7 @@ class CacheStreamer:
         if pairs:
             self.ready[slot].append(self.copier.copy(pairs, after=after))
             self.fetched_bytes += sum(source.nbytes for _, source in pairs)
+        return bool(pairs)
 
     def kv_slot(self, cache: HostKVCache, layer: int) -> _KVBuffer:
         return self.slots_kv[self._slot(cache, layer)]

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 WEIGHT_DTYPES = ("bf16", "fp8")
 KV_DTYPES = ("bf16", "fp8")
 LOCATIONS = ("gpu", "host")
-ENCODER_PLACEMENTS = ("gpu_then_free", "cpu")
+TEXT_ENCODER_PLACEMENTS = ("gpu_then_free", "cpu")
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,9 @@ class Placement:
     kv_location: "gpu", or "host" (pinned host memory, each layer's window fetched ahead of use and
         the new block's K/V written back asynchronously).
     cond_location: where the shared sink (cond) cache lives; "host" streams it per layer like the KV.
-    encoders: "gpu_then_free" runs the text/audio encoders on the GPU before the DiT is loaded and
-        frees them; "cpu" runs them on the CPU (for cards that cannot hold the 11.4 GB text encoder).
+    text_encoder: "gpu_then_free" loads the 11.4 GB text encoder onto the GPU to encode the prompt and
+        frees it before denoising (skipped on a prompt-cache hit); "cpu" encodes on the CPU, for cards that
+        cannot hold it next to the DiT.
     """
 
     weight_dtype: str = "bf16"
@@ -35,14 +36,14 @@ class Placement:
     kv_dtype: str = "bf16"
     kv_location: str = "gpu"
     cond_location: str = "gpu"
-    encoders: str = "gpu_then_free"
+    text_encoder: str = "gpu_then_free"
 
     def __post_init__(self):
         _check_choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         _check_choice("kv_dtype", self.kv_dtype, KV_DTYPES)
         _check_choice("kv_location", self.kv_location, LOCATIONS)
         _check_choice("cond_location", self.cond_location, LOCATIONS)
-        _check_choice("encoders", self.encoders, ENCODER_PLACEMENTS)
+        _check_choice("text_encoder", self.text_encoder, TEXT_ENCODER_PLACEMENTS)
         layers = tuple(int(i) for i in self.streamed_layers)
         if len(set(layers)) != len(layers) or any(i < 0 for i in layers):
             raise ValueError(f"streamed_layers must be distinct non-negative block indices, got {layers}")
@@ -56,10 +57,10 @@ class Placement:
         return layer in self.streamed_layers
 
     def describe(self) -> str:
-        """One line for logs: `fp8 weights, 12/40 layers streamed, KV bf16 on host, cond on gpu`."""
+        """One line for logs: `fp8 weights, 12 layers streamed, KV bf16 on host, cond on gpu, ...`."""
         return (f"{self.weight_dtype} weights, {len(self.streamed_layers)} layers streamed, "
                 f"KV {self.kv_dtype} on {self.kv_location}, cond on {self.cond_location}, "
-                f"encoders {self.encoders}")
+                f"text encoder {self.text_encoder}")
 
     def to_json(self) -> dict:
         data = asdict(self)

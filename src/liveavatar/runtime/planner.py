@@ -298,9 +298,11 @@ class Component:
                 "gib": round(self.nbytes / GiB, 3), "phases": list(self.phases)}
 
 
-PHASES = ("setup", "load", "prefill", "denoise", "decode")
-RUN = ("load", "prefill", "denoise", "decode")
-STEADY = ("prefill", "denoise", "decode")
+# The order of a run as the pipeline does it: load the DiT (unit by unit), set up (encode the prompt, the
+# audio and the reference with the DiT already resident), prefill the sink, then denoise and decode blocks.
+PHASES = ("load", "setup", "prefill", "denoise", "decode")
+AFTER_LOAD = PHASES[1:]
+STEADY = PHASES[2:]
 
 
 def forward_activation_bytes(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware, *,
@@ -369,13 +371,13 @@ def memory_components(inv: DiTInventory, work: Workload, placement: Placement, h
     resident_units = [u for i, u in enumerate(inv.layers) if i not in streamed]
     resident = sum(u.nbytes(wdtype, b) for u in resident_units) + inv.globals.nbytes(wdtype, b)
     components.append(Component(f"DiT weights, {len(resident_units)}/{inv.num_layers} layers resident",
-                                "gpu", wdtype, resident, RUN))
+                                "gpu", wdtype, resident, PHASES))
     if streamed:
         streamed_bytes = [inv.layers[i].nbytes(wdtype, b) for i in sorted(streamed)]
         components.append(Component(f"DiT weights, {len(streamed)} layers streamed (pinned)", "host", wdtype,
-                                    sum(streamed_bytes), RUN))
+                                    sum(streamed_bytes), PHASES))
         components.append(Component("layer slots (2 x largest streamed layer)", "gpu", wdtype,
-                                    2 * max(streamed_bytes), RUN))
+                                    2 * max(streamed_bytes), PHASES))
     # The load phase converts/merges one block at a time: one block in the run dtype is transient.
     components.append(Component("load transient (one block in the run dtype)", "gpu", run_dtype,
                                 max(u.nbytes("bf16", b) for u in inv.layers), ("load",)))
@@ -406,7 +408,9 @@ def memory_components(inv: DiTInventory, work: Workload, placement: Placement, h
                                                          cond_tokens=cond), ("prefill",)))
 
     decodes_here = work.vae_on_dit_gpu
-    components.append(Component("VAE weights", "gpu", run_dtype, VAE_PARAMS * b, PHASES))
+    components.append(Component("VAE weights", "gpu", run_dtype, VAE_PARAMS * b, AFTER_LOAD))
+    components.append(Component("audio encoder (wav2vec2, kept on the device)", "gpu", run_dtype,
+                                AUDIO_ENCODER_PARAMS * b, AFTER_LOAD))
     if decodes_here:
         state_phases = STEADY if work.mode == "streaming" else ("decode",)
         components.append(Component("VAE streaming decoder state", "gpu", run_dtype,
@@ -414,7 +418,7 @@ def memory_components(inv: DiTInventory, work: Workload, placement: Placement, h
                                     state_phases))
         components.append(Component("VAE decode transient (one latent frame)", "gpu", "fp32/" + run_dtype,
                                     vae_decode_transient_bytes(work.height, work.width), ("decode",)))
-    encoder_where = "gpu" if placement.encoders == "gpu_then_free" else "host"
+    encoder_where = "gpu" if placement.text_encoder == "gpu_then_free" else "host"
     components.append(Component("text encoder (encode, then free)", encoder_where, run_dtype,
                                 TEXT_ENCODER_PARAMS * b, ("setup",)))
     components.append(Component("VAE encode transient (reference, motion)", "gpu", "fp32/" + run_dtype,
@@ -547,7 +551,7 @@ class Pins:
     kv_location: str | None = None
     cond_location: str | None = None
     streamed_layers: int | None = None
-    encoders: str | None = None
+    text_encoder: str | None = None
 
     def pinned(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -743,7 +747,7 @@ def make_plan(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int
         speed, placement = min(near_best, key=lambda sp: (
             sp[1].kv_location == "host", sp[1].cond_location == "host",
             len(sp[1].streamed_layers), sp[0].block_s))
-        placement = _with_encoders(inv, work, hw, placement, budget_bytes, headroom, host_budget_bytes, pins)
+        placement = _with_text_encoder(inv, work, hw, placement, budget_bytes, headroom, host_budget_bytes, pins)
         components, phases, fits, fits_setup = _evaluate(inv, work, hw, placement, budget_bytes, headroom,
                                                          host_budget_bytes)
         reason = "" if fits_setup else "the set-up (text encoder) does not fit even on the CPU"
@@ -756,7 +760,7 @@ def make_plan(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int
                         streamed_layers=streamed_layer_choice(
                             inv, pins.weight_dtype or "fp8",
                             inv.num_layers if pins.streamed_layers is None else pins.streamed_layers),
-                        encoders=pins.encoders or "cpu")
+                        text_encoder=pins.text_encoder or "cpu")
     components, phases, _, _ = _evaluate(inv, work, hw, leanest, budget_bytes, headroom, host_budget_bytes)
     plan = Plan(work, hw, leanest, False, budget_bytes, budget_source, headroom, components, phases,
                 host_budget_bytes, estimate_speed(inv, work, leanest, hw), baseline)
@@ -775,13 +779,13 @@ def _choices(pinned, options):
     return (pinned,) if pinned is not None else options
 
 
-def _with_encoders(inv, work, hw, placement, budget, headroom, host_budget, pins) -> Placement:
-    if pins.encoders is not None:
-        return replace(placement, encoders=pins.encoders)
-    on_gpu = replace(placement, encoders="gpu_then_free")
+def _with_text_encoder(inv, work, hw, placement, budget, headroom, host_budget, pins) -> Placement:
+    if pins.text_encoder is not None:
+        return replace(placement, text_encoder=pins.text_encoder)
+    on_gpu = replace(placement, text_encoder="gpu_then_free")
     if _evaluate(inv, work, hw, on_gpu, budget, headroom, host_budget)[3]:
         return on_gpu
-    return replace(placement, encoders="cpu")
+    return replace(placement, text_encoder="cpu")
 
 
 def nearest_fitting(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int, *, headroom: int,
@@ -818,3 +822,189 @@ def nearest_fitting(inv: DiTInventory, work: Workload, hw: Hardware, budget_byte
                                f"{plan.placement.describe()})")
             break
     return suggestions
+
+
+# ---------------------------------------------------------------------------------------------------
+# Budgets and entry points
+
+
+def resolve_budget(*, vram_budget: int | None = None, gpu_memory: int | None = None,
+                   hardware: Hardware | None = None, detect: bool = True) -> tuple[int, str]:
+    """GPU bytes the run's allocator may use, and where that number comes from: the smallest of
+    --vram-budget, --gpu-memory minus the CUDA context, and the detected GPU's free memory (or, without a
+    GPU, the preset card's memory minus the context)."""
+    import torch
+
+    limits = []
+    if vram_budget is not None:
+        limits.append((vram_budget, f"--vram-budget {vram_budget / GiB:.2f} GiB"))
+    if gpu_memory is not None:
+        limits.append((gpu_memory - CUDA_CONTEXT_BYTES, f"--gpu-memory {gpu_memory / GiB:.2f} GiB minus "
+                                                        f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB CUDA context"))
+    if detect and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        name = torch.cuda.get_device_name()
+        limits.append((free + torch.cuda.memory_reserved(),
+                       f"free memory of the {name} ({total / GiB:.2f} GiB total)"))
+    elif not limits and hardware is not None and hardware.memory_bytes is not None:
+        limits.append((hardware.memory_bytes - CUDA_CONTEXT_BYTES, f"{hardware.name}: "
+                       f"{hardware.memory_bytes / GiB:.2f} GiB minus {CUDA_CONTEXT_BYTES / GiB:.2f} GiB CUDA context"))
+    if not limits:
+        raise InputError("no CUDA GPU detected: give the card's memory with --gpu-memory 24GiB (or --vram-budget, "
+                         "or --hardware rtx4090)")
+    return min(limits)
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable of this machine (Linux), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def transformer_config_for(ckpt_dir: str | os.PathLike | None, config_name: str | None = None):
+    """The DiT config: `tiny`/`14b` by name, else the checkpoint's config.json, else the 14B release."""
+    from liveavatar.models.transformer import CONFIG_NAME, TransformerConfig
+
+    if config_name == "tiny":
+        return TransformerConfig.tiny()
+    if config_name is None and ckpt_dir is not None and os.path.isfile(os.path.join(ckpt_dir, CONFIG_NAME)):
+        return TransformerConfig.from_dir(ckpt_dir)
+    return TransformerConfig.full_14b()
+
+
+CPU_HARDWARE = Hardware("CPU (no GPU)", 1e12, None, 5e10, float("inf"), float("inf"))
+
+
+def plan_for_settings(settings, gpu_memory_bytes: int | None = None) -> Plan:
+    """The plan `generate` runs under, made before anything is loaded: it reads the image's size and the
+    DiT's config.json only. `settings.vram_budget` caps the GPU budget; `settings.fp8` and
+    `settings.t5_cpu` pin those choices. A CPU run (`--device cpu`, or no GPU) gets a plan with no GPU
+    budget. Call `.check()` on the result to refuse a run that does not fit."""
+    import torch
+
+    from liveavatar.io.media import load_image
+    from liveavatar.settings import size_for_area
+
+    image = load_image(settings.image)
+    height, width = size_for_area(image.height, image.width, settings.size_area)
+    on_cpu = settings.device == "cpu" or (settings.device is None and not torch.cuda.is_available())
+    dtype = settings.dtype or ("float32" if on_cpu else "bfloat16")
+    work = Workload(height, width, settings.infer_frames, settings.sample_steps, 1, settings.mode,
+                    4 if dtype == "float32" else 2)
+    inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
+    pins = Pins(weight_dtype="fp8" if settings.fp8 else None, text_encoder="cpu" if settings.t5_cpu else None)
+    if on_cpu:
+        return make_plan(inventory, work, CPU_HARDWARE, None, budget_source="CPU run (no GPU budget)", pins=pins)
+    hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
+    budget, source = resolve_budget(vram_budget=settings.vram_budget, gpu_memory=gpu_memory_bytes)
+    host = available_host_memory()
+    return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins,
+                     host_budget_bytes=None if host is None else int(0.9 * host))
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """`liveavatar plan` flags (also used by `bench` for its placement)."""
+    from liveavatar.cli import add_flag
+
+    shape = parser.add_argument_group("what to plan")
+    add_flag(shape, "size", default="704*384", help="target AREA as W*H; the aspect ratio follows --image, "
+             "else W*H itself (default 704*384 -> 704x384)")
+    add_flag(shape, "image", metavar="PATH", help="reference image whose aspect ratio the size follows")
+    add_flag(shape, "infer_frames", type=int, default=48, metavar="N", help="video frames per clip (default 48)")
+    add_flag(shape, "sample_steps", type=int, default=4, metavar="N", help="denoising steps (default 4)")
+    add_flag(shape, "num_gpus", type=int, default=1, metavar="N",
+             help="GPUs (N>1: one denoising step per GPU as the reference's TPP; default 1)")
+    add_flag(shape, "mode", default="streaming", choices=("streaming", "single_gpu"), help="pipeline behaviour")
+    add_flag(shape, "dtype", default="bfloat16", choices=("bfloat16", "float32"), help="run dtype")
+    add_flag(shape, "config", choices=("14b", "tiny"), help="DiT size (default: --ckpt_dir's config.json, "
+             "else the 14B release)")
+    add_flag(shape, "ckpt_dir", metavar="DIR", help="checkpoint folder whose config.json to read")
+
+    card = parser.add_argument_group("the GPU")
+    add_flag(card, "gpu-memory", metavar="SIZE", help="the card's memory, e.g. 24GiB (default: detected)")
+    add_flag(card, "vram-budget", metavar="SIZE", help="cap on the memory the run may use, e.g. 22GiB")
+    add_flag(card, "headroom", metavar="SIZE", help="memory kept free for misprediction "
+             f"(default max({DEFAULT_HEADROOM_BYTES / GiB:g} GiB, {DEFAULT_HEADROOM_FRACTION:.0%} of the budget))")
+    add_flag(card, "host-memory", metavar="SIZE", help="host RAM for pinned buffers (default: 90%% of what "
+             "is available when planning for this machine's GPU, else unlimited)")
+    add_flag(card, "hardware", choices=sorted(HARDWARE_PRESETS), help="rates of a card to plan for "
+             "(default: the detected GPU)")
+    add_flag(card, "h2d-gbps", type=float, metavar="GB/S", help="host<->GPU bandwidth (e.g. a measured one)")
+
+    pins = parser.add_argument_group("pin a placement choice (default: the planner chooses)")
+    add_flag(pins, "weights", choices=("bf16", "fp8"), help="DiT weight dtype")
+    add_flag(pins, "kv-dtype", choices=("bf16", "fp8"), help="KV-cache dtype")
+    add_flag(pins, "kv-location", choices=("gpu", "host"), help="where the KV sets live")
+    add_flag(pins, "cond-location", choices=("gpu", "host"), help="where the sink (cond) cache lives")
+    add_flag(pins, "stream-layers", type=int, metavar="N", help="DiT blocks streamed from host memory")
+    add_flag(pins, "text-encoder", choices=("gpu_then_free", "cpu"), help="where the prompt is encoded")
+    add_flag(parser, "json", action="store_true", help="print one JSON object")
+
+
+def _bytes_arg(name: str, text: str | None) -> int | None:
+    from liveavatar.settings import parse_vram_budget
+
+    if text is None:
+        return None
+    try:
+        return parse_vram_budget(text)
+    except InputError:
+        raise InputError(f"--{name} {text!r}: expected an amount such as 24GiB, 22.5GiB or 16000MiB") from None
+
+
+def _dims_from_size(text: str, image: str | None) -> tuple[int, int]:
+    """(height, width): the reference's size search for the area, with the image's aspect ratio or W*H's."""
+    import re
+
+    from liveavatar.settings import parse_size, size_for_area
+
+    area = parse_size(text)
+    if image:
+        from liveavatar.io.media import load_image
+
+        picture = load_image(image)
+        return size_for_area(picture.height, picture.width, area)
+    width, height = (int(n) for n in re.findall(r"\d+", text)[:2])
+    return size_for_area(height, width, area)
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """The plan the `plan` / `bench` flags describe."""
+    height, width = _dims_from_size(args.size, args.image)
+    if args.num_gpus < 1:
+        raise InputError(f"--num_gpus {args.num_gpus}: must be at least 1")
+    work = Workload(height, width, args.infer_frames, args.sample_steps, args.num_gpus, args.mode,
+                    4 if args.dtype == "float32" else 2)
+    inventory = dit_inventory(transformer_config_for(args.ckpt_dir, args.config))
+    hardware = HARDWARE_PRESETS[args.hardware] if args.hardware else detect_hardware()
+    gpu_memory, vram_budget = _bytes_arg("gpu-memory", args.gpu_memory), _bytes_arg("vram-budget", args.vram_budget)
+    budget, source = resolve_budget(vram_budget=vram_budget, gpu_memory=gpu_memory, hardware=hardware,
+                                    detect=args.hardware is None)
+    if hardware is None:
+        hardware = replace(HARDWARE_PRESETS["rtx4090"], name=f"{HARDWARE_PRESETS['rtx4090'].name} rates "
+                           f"(no GPU detected; pick another with --hardware)", memory_bytes=gpu_memory)
+    if args.h2d_gbps:
+        hardware = replace(hardware, h2d_bytes_per_s=args.h2d_gbps * 1e9, d2h_bytes_per_s=args.h2d_gbps * 1e9)
+    host = _bytes_arg("host-memory", args.host_memory)
+    if host is None and args.hardware is None and gpu_memory is None and detect_hardware() is not None:
+        available = available_host_memory()
+        host = None if available is None else int(0.9 * available)
+    if args.stream_layers is not None and not 0 <= args.stream_layers <= inventory.num_layers:
+        raise InputError(f"--stream-layers {args.stream_layers}: the DiT has {inventory.num_layers} blocks")
+    pins = Pins(weight_dtype=args.weights, kv_dtype=args.kv_dtype, kv_location=args.kv_location,
+                cond_location=args.cond_location, streamed_layers=args.stream_layers, text_encoder=args.text_encoder)
+    return make_plan(inventory, work, hardware, budget, budget_source=source,
+                     headroom_bytes=_bytes_arg("headroom", args.headroom), host_budget_bytes=host, pins=pins)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`liveavatar plan`: print the plan (a table, or one JSON object); exit 1 when nothing fits."""
+    plan = plan_from_args(args)
+    print(json.dumps(plan.to_json()) if args.json else plan.table())
+    return 0 if plan.fits else 1

@@ -1,0 +1,263 @@
+"""`liveavatar bench`: the real sampling loop at full size with random weights, timed and measured.
+
+The DiT (the 14B release's configuration, or `--config tiny`) and the VAE are built on the meta device and
+materialised unit by unit directly on the target device in the run dtype, with random weights (no
+checkpoint, never a full host copy); the DiT is placed as the planner decides (or as pinned with the
+`plan` flags): FP8 linears, streamed layers, KV sets and cond cache on the GPU or in pinned host memory.
+Conditioning is synthetic (random text context, audio features, reference and motion latents), and
+`liveavatar.runtime.sampler.sample` runs it: sink prefill, 4-step blocks with one KV set per step, the
+sink refresh before clip 1 and the streaming VAE decode of every block.
+
+Reported: video FPS over the blocks after the warm-up, time to first frame (from the start of the loop:
+prefill, first block, its decode), per-forward time (median over forwards inside a block, so without
+the decode), peak allocated and reserved GPU memory, peak host RSS, and the planner's prediction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import time
+
+from liveavatar.errors import InputError
+from liveavatar.runtime.planner import GiB, add_plan_arguments, plan_from_args
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from liveavatar.cli import add_flag
+
+    add_plan_arguments(parser)
+    bench = parser.add_argument_group("benchmark")
+    add_flag(bench, "blocks", type=int, default=8, metavar="N", help="blocks measured after the warm-up (default 8)")
+    add_flag(bench, "warmup-blocks", type=int, default=2, metavar="N", help="blocks run first, not timed (default 2)")
+    add_flag(bench, "device", help="cuda, cuda:N or cpu (default: CUDA when available)")
+    add_flag(bench, "memory-cap", metavar="SIZE", help="cap this process's GPU memory (set_per_process_memory_"
+             "fraction), e.g. 22GiB; the planner plans for the cap")
+    add_flag(bench, "seed", type=int, default=0, help="seed of the random weights and conditioning")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    report = bench_from_args(args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def bench_from_args(args: argparse.Namespace) -> dict:
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.blocks < 1 or args.warmup_blocks < 0:
+        raise InputError("--blocks must be at least 1 and --warmup-blocks at least 0")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        if args.memory_cap:
+            from liveavatar.runtime.planner import _bytes_arg
+
+            cap = _bytes_arg("memory-cap", args.memory_cap)
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+            if args.vram_budget is None:
+                args.vram_budget = args.memory_cap
+    elif args.memory_cap:
+        raise InputError("--memory-cap needs a CUDA device")
+    plan = plan_from_args(args) if device.type == "cuda" else _cpu_plan(args)
+    if not plan.fits:
+        raise InputError(plan.refusal())
+    return run_benchmark(plan, device=device, blocks=args.blocks, warmup_blocks=args.warmup_blocks,
+                         config_name=args.config, ckpt_dir=args.ckpt_dir, seed=args.seed)
+
+
+def _cpu_plan(args: argparse.Namespace):
+    """On the CPU the placement is what the flags pin (default: everything resident); no GPU budget."""
+    from liveavatar.runtime.planner import CPU_HARDWARE, Pins, Workload, _dims_from_size, dit_inventory, \
+        make_plan, transformer_config_for
+
+    height, width = _dims_from_size(args.size, args.image)
+    work = Workload(height, width, args.infer_frames, args.sample_steps, 1, args.mode,
+                    4 if args.dtype == "float32" else 2)
+    pins = Pins(weight_dtype=args.weights or "bf16", kv_dtype=args.kv_dtype or "bf16",
+                kv_location=args.kv_location or "gpu", cond_location=args.cond_location or "gpu",
+                streamed_layers=args.stream_layers or 0, text_encoder=args.text_encoder)
+    return make_plan(dit_inventory(transformer_config_for(args.ckpt_dir, args.config)), work, CPU_HARDWARE, None,
+                     budget_source="CPU run (no GPU budget)", pins=pins)
+
+
+def random_init_(module, device, dtype, generator) -> None:
+    """Replace every (meta) parameter and buffer of `module` by random values made on `device` in
+    `dtype`: matrices and kernels N(0, 1/fan_in), biases N(0, 0.02²), gains 1, modulations N(0, 1/dim)."""
+    import torch
+    from torch import nn
+
+    for owner in module.modules():
+        for store in (owner._parameters, owner._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is None:
+                    continue
+                shape = tuple(tensor.shape)
+                if name == "bias":
+                    value = torch.randn(shape, device=device, dtype=dtype, generator=generator).mul_(0.02)
+                elif len(shape) <= 1 or name in ("gamma", "weights"):  # gains, VAE norms, audio layer mix
+                    value = torch.ones(shape, device=device, dtype=dtype)
+                else:
+                    fan_in = math.prod(shape[1:]) if "modulation" not in name else shape[-1]
+                    value = torch.randn(shape, device=device, dtype=dtype, generator=generator).mul_(fan_in ** -0.5)
+                store[name] = nn.Parameter(value, requires_grad=False) if store is owner._parameters else value
+
+
+def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name: str | None = None,
+                  ckpt_dir=None, seed: int = 0) -> dict:
+    """Build the random full-size engine under `plan.placement`, run warm-up + measured blocks through the
+    sampling loop, return the measurements (see the module docstring)."""
+    import torch
+
+    from liveavatar.models.transformer import CausalS2VTransformer
+    from liveavatar.models.vae import VAEConfig, WanVAE
+    from liveavatar.runtime.conditioning import ClipGeometry, WholeFileAudio, clip_noise, encode_reference
+    from liveavatar.runtime.offload import install_cache_placement, place_dit
+    from liveavatar.runtime.planner import transformer_config_for
+    from liveavatar.runtime.sampler import SequentialExecutor, VideoFrames, ref_rope_shifts, sample
+    from liveavatar.runtime.schedule import FlowMatchSchedule
+
+    work, placement = plan.workload, plan.placement
+    dtype = torch.float32 if work.run_dtype_bytes == 4 else torch.bfloat16
+    cuda = device.type == "cuda"
+    generator = torch.Generator(device).manual_seed(seed)
+    config = transformer_config_for(ckpt_dir, config_name)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = CausalS2VTransformer(config)
+        vae = WanVAE(VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
+    layer_streamer = place_dit(model, placement, device,
+                               materialize=lambda name, module: random_init_(module, device, dtype, generator))
+    cache_streamer = install_cache_placement(model, placement)
+    random_init_(vae, device, dtype, generator)
+    model.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    build_s = _synchronized(cuda, start)
+
+    geometry = ClipGeometry(work.height, work.width, work.infer_frames)
+    total_blocks = warmup_blocks + blocks
+    num_clips = math.ceil(total_blocks / geometry.blocks_per_clip)
+    g = torch.Generator("cpu").manual_seed(seed)
+    text = model.embed_text(torch.randn(32, config.text_dim, generator=g).to(device, dtype))
+    audio = WholeFileAudio(torch.randn(1, config.audio_layers, config.audio_dim, num_clips * work.infer_frames,
+                                       generator=g).to(dtype), geometry)
+    picture = torch.rand(1, 3, 1, work.height, work.width, generator=g).mul_(2).sub_(1).to(device, dtype)
+    reference = encode_reference(vae, picture, work.mode)
+    schedule = FlowMatchSchedule.create(work.sample_steps)
+    forward_marks: list[tuple[int, object]] = []
+
+    def on_forward(clip, block, step, x, velocity):
+        forward_marks.append((clip * geometry.blocks_per_clip + block, _mark(cuda)))
+
+    executor = SequentialExecutor(model, schedule, text, geometry, on_forward=on_forward,
+                                  ref_rope_shift=ref_rope_shifts("seeded", base_seed=seed, mode=work.mode,
+                                                                 num_steps=work.sample_steps))
+    loop_start = time.perf_counter()
+    frame_marks: list[tuple[float, int, int]] = []  # (time, frames, blocks done) per batch of decoded frames
+    blocks_done = 0
+    events = sample(executor, vae, reference, audio, geometry, num_clips=num_clips,
+                    noise=lambda clip: clip_noise(seed, clip, geometry, device=device, dtype=dtype), mode=work.mode)
+    for event in events:
+        if not isinstance(event, VideoFrames):
+            blocks_done += 1
+            continue
+        event.frames.cpu()  # a consumer needs the frames on the host; this also synchronises
+        frame_marks.append((time.perf_counter(), event.count, blocks_done))
+        if blocks_done >= total_blocks:
+            break
+    events.close()
+    if warmup_blocks == 0:
+        first, measured = (loop_start, 0, 0), frame_marks
+    else:
+        index = next(i for i, mark in enumerate(frame_marks) if mark[2] >= warmup_blocks)
+        first, measured = frame_marks[index], frame_marks[index + 1:]
+    measured_s = frame_marks[-1][0] - first[0]
+    measured_frames = sum(count for _, count, _ in measured)
+    measured_blocks = frame_marks[-1][2] - first[2]
+
+    forward_s = _forward_times(forward_marks, cuda, warmup_blocks)
+    report = {
+        "fps": measured_frames / measured_s,
+        "ttff_s": frame_marks[0][0] - loop_start,
+        "forward_s": statistics.median(forward_s) if forward_s else None,
+        "block_s": measured_s / measured_blocks,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if cuda else None,
+        "host_rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
+        "predicted_peak_gib": plan.predicted_peak_bytes / GiB if plan.budget_bytes is not None else None,
+        "predicted_fps": plan.speed.fps if plan.budget_bytes is not None else None,
+        "build_s": build_s,
+        "measured_blocks": measured_blocks,
+        "warmup_blocks": warmup_blocks,
+        "frames_measured": measured_frames,
+        "loop": "liveavatar.runtime.sampler.sample (real sampling loop, synthetic conditioning)",
+        "placement": placement.to_json(),
+        "streamed_layer_copies": layer_streamer.copies if layer_streamer else 0,
+        "kv_host_fetched_gb": cache_streamer.fetched_bytes / 1e9 if cache_streamer else 0.0,
+        "config": config_name or "14b",
+        "height": work.height, "width": work.width, "infer_frames": work.infer_frames,
+        "sample_steps": work.sample_steps, "mode": work.mode, "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    return report
+
+
+def _mark(cuda: bool):
+    import torch
+
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _forward_times(marks, cuda: bool, warmup_blocks: int) -> list[float]:
+    """Seconds between consecutive forwards of the same block (after the warm-up)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for (block_a, a), (block_b, b) in zip(marks, marks[1:]):
+        if block_a == block_b and block_a >= warmup_blocks:
+            times.append(a.elapsed_time(b) / 1e3 if cuda else b - a)
+    return times
+
+
+def _synchronized(cuda: bool, start: float) -> float:
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def format_report(report: dict) -> str:
+    def gib(value):
+        return "n/a" if value is None else f"{value:.2f} GiB"
+
+    lines = [
+        f"bench: {report['config']} DiT, {report['width']}x{report['height']}, {report['infer_frames']}-frame clips, "
+        f"{report['sample_steps']} steps, {report['dtype']} on {report['device']} (torch {report['torch']})",
+        f"placement: {report['placement']}",
+        f"loop: {report['loop']}",
+        f"video FPS: {report['fps']:.2f} over {report['measured_blocks']} blocks after {report['warmup_blocks']} "
+        f"warm-up blocks ({report['block_s']:.3f} s per block)",
+        f"time to first frame: {report['ttff_s']:.2f} s; per forward: "
+        + ("n/a" if report["forward_s"] is None else f"{report['forward_s']:.4f} s"),
+        f"peak GPU memory: {gib(report['peak_gib'])} allocated, {gib(report['peak_reserved_gib'])} reserved "
+        f"(planner predicted {gib(report['predicted_peak_gib'])})",
+        f"peak host RSS: {report['host_rss_peak_gib']:.2f} GiB; build {report['build_s']:.1f} s",
+    ]
+    return "\n".join(lines)
