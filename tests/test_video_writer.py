@@ -152,3 +152,17 @@ def test_pixels_to_uint8_truncates_like_the_reference():
     frames = pixels_to_uint8(video[None])
     assert frames.shape == (1, 1, 7, 3) and frames.dtype == np.uint8
     assert frames[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255, 100]
+
+
+def test_a_failing_finish_leaves_nothing(tmp_path, monkeypatch):
+    writer = Mp4Writer(tmp_path / "v.mp4", width=WIDTH, height=HEIGHT)
+    writer.write(np.random.default_rng(0).integers(0, 256, (60, HEIGHT, WIDTH, 3), dtype=np.uint8))
+    assert (tmp_path / ".v.partial.mp4").exists()
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "_finish", disk_full)
+    with pytest.raises(OSError):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []

@@ -149,9 +149,13 @@ class Mp4Writer:
         if self._closed:
             return self.path
         if self.frames_written == 0:
-            self.abort()
+            self._discard()
             raise LiveAvatarError(f"{self.path}: no video frames were written")
-        self._finish()
+        try:
+            self._finish()
+        except BaseException:
+            self._discard()
+            raise
         os.replace(self._temporary, self.path)
         return self.path
 
@@ -165,7 +169,11 @@ class Mp4Writer:
                 os.replace(self._temporary, self.partial_path)
                 return self.partial_path
             except Exception:
-                pass
+                pass  # could not finish a valid file: fall through and delete it
+        self._discard()
+        return None
+
+    def _discard(self) -> None:
         self._closed = True
         try:
             self._container.close()
@@ -174,7 +182,6 @@ class Mp4Writer:
         if self._audio is not None:
             self._audio.close()
         self._temporary.unlink(missing_ok=True)
-        return None
 
     def _finish(self) -> None:
         self._container.mux(self._video.encode(None))
