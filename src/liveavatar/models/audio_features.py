@@ -60,10 +60,16 @@ class AudioFeatureExtractor:
             processor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder))
             # Loaded in float32 and then cast, as the reference does (the positional conv's weight norm is
             # recombined from the legacy weight_g/weight_v before the cast).
-            model = Wav2Vec2ForCTC.from_pretrained(str(folder))
-        except (OSError, ValueError, RuntimeError) as error:
-            raise ValueError(f"{folder}: cannot load the wav2vec2 checkpoint ({str(error).splitlines()[0]}); "
+            model, loading = Wav2Vec2ForCTC.from_pretrained(str(folder), output_loading_info=True)
+        except Exception as error:  # transformers/safetensors raise many unrelated types for bad files
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"{folder}: cannot load the wav2vec2 checkpoint ({detail}); "
                              f"the folder is incomplete or corrupt") from None
+        # transformers would silently initialise missing weights at random.
+        missing = sorted(k for k in loading["missing_keys"] if not k.startswith("lm_head."))
+        if missing:
+            raise ValueError(f"{folder}: the wav2vec2 checkpoint lacks {len(missing)} weights (e.g. {missing[0]}); "
+                             f"it is incomplete or not a Wav2Vec2ForCTC checkpoint")
         if model.config.num_hidden_layers != 24:
             raise ValueError(f"{folder}: wav2vec2 has {model.config.num_hidden_layers} layers; the DiT's audio "
                              f"encoder mixes exactly 25 hidden states, i.e. 24 layers")
@@ -238,8 +244,10 @@ class StreamingAudioFeatures:
         if total_frames is not None:
             features[:, torch.from_numpy(indices >= total_frames[1])] = 0
         self._next_block = block + 1
-        # Keep only what the next window can reach back to.
-        keep_from = max(0, self._window_end(self._next_block) - self.context_samples) // hop * hop
+        # Keep only what the next window can reach back to; it ends no earlier than what has been received
+        # (finish() may end it there).
+        next_end = min(self._window_end(self._next_block), self._received)
+        keep_from = max(0, next_end - self.context_samples) // hop * hop
         if keep_from > self._buffer_start:
             self._buffer = self._buffer[keep_from - self._buffer_start:]
             self._buffer_start = keep_from
