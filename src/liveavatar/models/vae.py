@@ -61,7 +61,10 @@ class VAEConfig:
             z_dim = state_dict["conv2.weight"].shape[0]
         except KeyError as missing:
             raise ValueError(f"{source}: not a Wan 2.1 VAE state dict (no {missing.args[0]!r} key)") from None
-        indices = sorted({int(key.split(".")[2]) for key in state_dict if key.startswith("encoder.downsamples.")})
+        if z_dim != len(LATENT_MEAN):
+            raise ValueError(f"{source}: latent width {z_dim}, but the Wan 2.1 latent statistics have {len(LATENT_MEAN)}")
+        indices = sorted({int(key.split(".")[2]) for key in state_dict
+                          if key.startswith("encoder.downsamples.") and key.split(".")[2].isdigit()})
         levels: list[list[int]] = [[]]
         temporal: list[bool] = []
         for index in indices:
