@@ -22,6 +22,8 @@ from typing import Callable
 
 from liveavatar import __version__
 from liveavatar.errors import InputError, LiveAvatarError
+from liveavatar.runtime.bench import add_bench_arguments, run_bench
+from liveavatar.runtime.planner import add_plan_arguments, run_plan
 from liveavatar.settings import DEFAULT_SIZE, MODES, GenerationSettings, parse_bool, parse_size, parse_vram_budget
 
 # The defaults live in GenerationSettings; the flags show and pass the same values.
@@ -330,6 +332,8 @@ COMMANDS: list[Command] = [
             _run_download),
     Command("make-tiny", "write tiny random checkpoints in the release's layout (tests, demos)",
             _add_make_tiny_arguments, _run_make_tiny),
+    Command("plan", "predict the GPU memory of a run and choose the fastest placement that fits", add_plan_arguments, run_plan),
+    Command("bench", "time the engine at full size with random weights (no checkpoint needed)", add_bench_arguments, run_bench),
 ]
 
 

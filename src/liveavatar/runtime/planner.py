@@ -31,7 +31,6 @@ import os
 from dataclasses import asdict, astuple, dataclass, field, replace
 
 from liveavatar.errors import InputError, LiveAvatarError
-from liveavatar.runtime.fp8 import keeps_bf16
 from liveavatar.runtime.placement import Placement, spread_layers
 
 GiB = 1 << 30
@@ -239,6 +238,7 @@ def dit_inventory(config) -> DiTInventory:
     from torch import nn
 
     from liveavatar.models.transformer import CausalS2VTransformer
+    from liveavatar.runtime.fp8 import keeps_bf16
 
     with torch.device("meta"):
         model = CausalS2VTransformer(config)

@@ -1,0 +1,25 @@
+"""`liveavatar bench` on the CPU with the tiny configuration: the real sampling loop, timed."""
+import json
+
+from liveavatar.cli import main
+
+TINY = ["bench", "--config", "tiny", "--size", "64*64", "--dtype", "float32", "--blocks", "1",
+        "--warmup-blocks", "1", "--json"]
+
+
+def test_bench_tiny_json_reports_speed_and_memory(capsys):
+    assert main(TINY + ["--weights", "fp8", "--kv-location", "host", "--stream-layers", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"fps", "ttff_s", "peak_gib", "forward_s", "host_rss_peak_gib", "placement", "loop"} <= set(report)
+    assert report["fps"] > 0 and report["ttff_s"] > 0 and report["forward_s"] > 0
+    assert report["peak_gib"] is None  # no GPU here
+    assert report["measured_blocks"] == 1 and report["frames_measured"] == 12
+    assert report["placement"]["weight_dtype"] == "fp8" and report["placement"]["kv_location"] == "host"
+    assert len(report["placement"]["streamed_layers"]) == 2 and report["streamed_layer_copies"] >= 2
+    assert report["kv_host_fetched_gb"] > 0
+    assert "sampler.sample" in report["loop"]
+
+
+def test_bench_refuses_bad_counts(capsys):
+    assert main(TINY[:-5] + ["--blocks", "0"]) == 2
+    assert "--blocks" in capsys.readouterr().err
