@@ -39,13 +39,16 @@ MiB = 1 << 20
 # ---------------------------------------------------------------------------------------------------
 # Calibration constants (bytes or efficiencies; see the module docstring).
 
-# CALIBRATED: live bytes per (block token × model width) during a block's self-attention, excluding the
-# concatenated keys/values and the cond-key rotation that are counted from their own token counts.
-ATTENTION_BYTES_PER_TOKEN_DIM = 40.0
-# CALIBRATED: live bytes per (cond token × width) while the cond keys are re-roped every streaming call.
-COND_ROPE_BYTES_PER_TOKEN_DIM = 12.0
-# CALIBRATED: live bytes per (block token × width) of the residual stream and norms around the FFN; the
-# FFN hidden itself is counted as 2 tensors of tokens × ffn_dim in the run dtype.
+# Live bytes per (block token x model width) in a bf16 run, counted from TransformerBlock.forward and
+# rope.apply_rotation (CALIBRATED against measured peaks): while k is rotated (the block input, norm1's
+# output, q/k/v, roped q and the fp32 rotation temporaries: 26) and while attending (16, without the
+# concatenated keys/values and the roped cond keys, which are counted from their token counts).
+ROPE_BYTES_PER_TOKEN_DIM = 26.0
+ATTENTION_BYTES_PER_TOKEN_DIM = 16.0
+# Live bytes per (cond token x width) for the roped copy of the cond keys while attending.
+COND_ROPE_BYTES_PER_TOKEN_DIM = 2.0
+# Live bytes per (block token x width) around the FFN (fp32 residual, norm2 output, modulated input, the
+# block input); the FFN hidden itself is counted as 2 tensors of tokens x ffn_dim.
 FFN_BYTES_PER_TOKEN_DIM = 12.0
 # FP8 W8A8 quantises each linear input through an fp32 copy: 4 B + 1 B per input element.
 FP8_INPUT_QUANT_BYTES = 5
@@ -66,14 +69,16 @@ CUDA_CONTEXT_BYTES = 640 * MiB
 ALLOCATOR_FRAGMENTATION = 0.03
 DEFAULT_HEADROOM_BYTES = 1 * GiB
 DEFAULT_HEADROOM_FRACTION = 0.05
-# CALIBRATED: achieved fraction of peak FLOP/s for the DiT's matmuls, attention and the VAE's convs.
-MATMUL_EFFICIENCY = 0.6
-ATTENTION_EFFICIENCY = 0.45
-VAE_EFFICIENCY = 0.35
-# CALIBRATED: bytes of element-wise traffic (norms, modulation, RoPE, residuals) per block token × width
-# per layer, and per forward launch/bookkeeping overhead.
-ELEMENTWISE_BYTES_PER_TOKEN_DIM = 150.0
-FORWARD_OVERHEAD_S = 0.004
+# CALIBRATED: achieved fraction of peak FLOP/s for the DiT's matmuls, attention and the VAE's convs, and
+# the element-wise traffic (norms, modulation, RoPE, residuals, key concatenation: ~410 B counted from the
+# block's code, plus what eager mode adds) per block token x width per layer, and a per-forward overhead.
+# Fitted to the first H100 measurement in benchmarks/RESULTS.md (bf16, all resident, 704*384: 2.00 s per
+# block; the model gives 1.93 s).
+MATMUL_EFFICIENCY = 0.45
+ATTENTION_EFFICIENCY = 0.3
+VAE_EFFICIENCY = 0.15
+ELEMENTWISE_BYTES_PER_TOKEN_DIM = 500.0
+FORWARD_OVERHEAD_S = 0.01
 LATENT_FRAMES_PER_BLOCK = 3
 VIDEO_FRAMES_PER_LATENT = 4
 # Standard --size areas, largest first: the "nearest setting that fits" walks down this list.
@@ -309,17 +314,19 @@ def forward_activation_bytes(inv: DiTInventory, work: Workload, placement: Place
                              tokens: int, keys: int, cond_tokens: int) -> int:
     """Peak live bytes of one DiT forward over `tokens` block tokens attending to `keys` keys.
 
-    Attention phase: the per-token working set (residual stream in fp32, modulated input, q/k/v, their
-    rotation, the output), the concatenated keys and values, the re-roped cond keys and, for an FP8 KV
-    set, its dequantised window. FFN phase: the residual stream plus two hidden tensors of ffn_dim.
+    Attention phase: the larger of the rotation of k and the attention itself (the per-token working set,
+    the concatenated keys and values, the re-roped cond keys and, for an FP8 KV set, its dequantised
+    window). FFN phase: the residual stream plus two hidden tensors of ffn_dim.
     FP8 adds its per-call input copies (W8A8) or a dequantised weight (weight-only).
     """
     dim, b = inv.dim, work.run_dtype_bytes
-    attention = (ATTENTION_BYTES_PER_TOKEN_DIM * tokens * dim + 2 * b * keys * dim
-                 + COND_ROPE_BYTES_PER_TOKEN_DIM * cond_tokens * dim)
+    per_token = tokens * dim * b / 2  # the constants are for a bf16 run
+    attention = max(ROPE_BYTES_PER_TOKEN_DIM * per_token,
+                    ATTENTION_BYTES_PER_TOKEN_DIM * per_token + 2 * b * keys * dim
+                    + COND_ROPE_BYTES_PER_TOKEN_DIM * cond_tokens * dim * b / 2)
     if placement.kv_dtype == "fp8":
         attention += 2 * b * (keys - cond_tokens) * dim
-    ffn = FFN_BYTES_PER_TOKEN_DIM * tokens * dim + 2 * b * tokens * inv.ffn_dim
+    ffn = FFN_BYTES_PER_TOKEN_DIM * per_token + 2 * b * tokens * inv.ffn_dim
     if placement.weight_dtype == "fp8":
         if hw.has_fp8_matmul:
             ffn += FP8_INPUT_QUANT_BYTES * tokens * inv.ffn_dim
