@@ -139,6 +139,8 @@ def test_several_audio_files_are_refused(pipe, media_dir, tmp_path):
         pipe.stream(media_dir / "cyclops_baker.jpg", joined, size="64*64")
     with pytest.raises(InputError, match="path"):
         pipe.generate(media_dir / "cyclops_baker.jpg", np.zeros(16000, np.float32), output=tmp_path / "x.mp4")
+    with pytest.raises(InputError, match="shorter"):
+        pipe.stream(media_dir / "cyclops_baker.jpg", np.zeros(399, np.float32), size="64*64")
 
 
 def test_long_audio_takes_the_streamed_feature_path(pipe, media_dir, monkeypatch):

@@ -43,6 +43,7 @@ from liveavatar.settings import (
     AUDIO_SAMPLE_RATE,
     DEFAULT_SIZE,
     FPS,
+    WAV2VEC_WINDOW,
     GenerationSettings,
     audio_clip_count,
     parse_size,
@@ -227,14 +228,19 @@ class LiveAvatarPipeline:
     @staticmethod
     def _waveform(audio: AudioInput) -> np.ndarray:
         if isinstance(audio, np.ndarray):
-            if audio.ndim != 1 or audio.size == 0:
-                raise InputError(f"audio waveform must be non-empty 16 kHz mono [samples], got shape {audio.shape}")
-            return audio.astype(np.float32, copy=False)
-        waveforms = load_audio(audio)
-        if len(waveforms) != 1:
-            raise InputError(f"--audio {audio}: several files joined with '+' drive several actors, which needs "
-                             f"the reference's SAM2 face routing; this engine takes one audio file")
-        return waveforms[0]
+            if audio.ndim != 1:
+                raise InputError(f"audio waveform must be 16 kHz mono [samples], got shape {audio.shape}")
+            waveform = audio.astype(np.float32, copy=False)
+        else:
+            waveforms = load_audio(audio)
+            if len(waveforms) != 1:
+                raise InputError(f"--audio {audio}: several files joined with '+' drive several actors, which needs "
+                                 f"the reference's SAM2 face routing; this engine takes one audio file")
+            waveform = waveforms[0]
+        if len(waveform) < WAV2VEC_WINDOW:
+            raise InputError(f"--audio: {len(waveform)} samples at 16 kHz is shorter than the "
+                             f"{WAV2VEC_WINDOW / AUDIO_SAMPLE_RATE * 1000:.0f} ms one audio feature needs")
+        return waveform
 
     @torch.no_grad()
     def _events(self, picture: Image.Image, waveform: np.ndarray, prompt: str, geometry: ClipGeometry,
@@ -256,7 +262,7 @@ class LiveAvatarPipeline:
             hidden = self.audio_encoder.hidden_states(waveform)
             features, _ = video_rate_features(hidden, infer_frames=geometry.infer_frames, fps=FPS)
             # Kept on the host in the run dtype (the DiT casts to it anyway); blocks move to the device.
-            return WholeFileAudio(features.to(self.dtype), geometry)
+            return WholeFileAudio(features.to("cpu", self.dtype), geometry)
         streamer = StreamingAudioFeatures(self.audio_encoder, frames_per_block=geometry.frames_per_block, fps=FPS)
         shape = (self.audio_encoder.num_layers + 1, self.audio_encoder.hidden_size)
         return StreamedAudio(streamer, waveform, geometry, feature_shape=shape)
