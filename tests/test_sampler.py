@@ -4,6 +4,7 @@ The bookkeeping tests drive the real loop with a stand-in executor and VAE whose
 the latent frame they come from, so every clip/block/frame index the loop computes can be checked.
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -235,6 +236,14 @@ def test_block_events_carry_the_clean_latents():
 
 def test_tpp_loop_fixture_passes(fixtures_dir, capsys):
     assert parity.main([str(fixtures_dir), "--only", "B_loop_tpp"]) == 0, capsys.readouterr().out
+
+
+# The single-GPU fixtures decode 104 latents and re-encode 365 frames per clip (the reference's own cost):
+# about a CPU minute each, so they run when asked (the parity runner always runs them).
+@pytest.mark.skipif(not os.environ.get("LIVEAVATAR_SLOW_TESTS"), reason="set LIVEAVATAR_SLOW_TESTS=1")
+@pytest.mark.parametrize("name", ["B_loop_offline", "B_loop_online"])
+def test_single_gpu_loop_fixtures_pass(fixtures_dir, capsys, name):
+    assert parity.main([str(fixtures_dir), "--only", name]) == 0, capsys.readouterr().out
 
 
 class _ChunkStreamer:
