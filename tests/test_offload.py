@@ -149,3 +149,17 @@ def test_ring_complement_and_layer_spreading():
     assert spread_layers(40, 40) == tuple(range(40))
     with pytest.raises(ValueError):
         place_dit(CausalS2VTransformer(TransformerConfig.tiny()), Placement(streamed_layers=(3,)), "cpu")
+
+
+def test_load_placed_dit_merges_the_lora_and_places_the_blocks(tmp_path, inputs):
+    from liveavatar.models.transformer import save_tiny_lora
+    from liveavatar.runtime.offload import load_placed_dit
+
+    folder = save_tiny_transformer(tmp_path / "dit", seed=2)
+    lora = save_tiny_lora(tmp_path / "lora.safetensors", TransformerConfig.tiny(), rank=4, alpha=2.0, seed=0)
+    reference = CausalS2VTransformer.from_pretrained(folder, device="cpu", dtype=torch.float32, lora=lora)
+    placement = Placement(streamed_layers=(0, 2), kv_location="host")
+    placed = load_placed_dit(folder, placement, device="cpu", dtype=torch.float32, lora=lora)
+    assert isinstance(placed.new_kv_cache(cache_frames=3, frame_tokens=32), HostKVCache)
+    for got, expected in zip(run(placed, inputs)[0], run(reference, inputs)[0]):
+        assert torch.equal(got, expected)

@@ -164,7 +164,7 @@ class LayerStreamer:
         for layer in self.order:
             for module in unit_modules(model, layer).values():
                 for leaf in module.modules():
-                    if leaf._parameters:
+                    if any(t is not None for t in (*leaf._parameters.values(), *leaf._buffers.values())):
                         self._hooks.append(leaf.register_forward_pre_hook(self._enter_hook(layer)))
 
     @property
@@ -665,3 +665,21 @@ def install_cache_placement(model: nn.Module, placement: Placement) -> CacheStre
             return HostCondCache(streamer, capacity=cond_tokens, dtype=dtype or model.dtype, **dims)
         model.new_cond_cache = new_cond_cache
     return streamer
+
+
+def load_placed_dit(ckpt_dir, placement: Placement, *, device: torch.device | str, dtype: torch.dtype,
+                    lora=None, lora_alpha: float | None = None) -> nn.Module:
+    """Load the DiT from a checkpoint folder as `placement` says, caches included (see `place_dit` and
+    `install_cache_placement`). With every block resident in bf16 the weights stream straight to the
+    device; otherwise they are read and LoRA-merged on the host (one bf16 copy of the DiT in RAM, 32.6 GB
+    at 14B) and then placed unit by unit, so the device never holds more than one block beyond the plan.
+    """
+    from liveavatar.models.transformer import CausalS2VTransformer
+
+    direct = placement.weight_dtype == "bf16" and not placement.streams_layers
+    model = CausalS2VTransformer.from_pretrained(ckpt_dir, device=device if direct else "cpu", dtype=dtype,
+                                                 lora=lora, lora_alpha=lora_alpha)
+    if not direct:
+        place_dit(model, placement, device)
+    install_cache_placement(model, placement)
+    return model
