@@ -10,12 +10,14 @@ every block:
   so they show here and not in tracemalloc);
 * ``rss_peak_mb``: the highest resident set size seen while the block was decoded (sampled every
   2 ms by a background thread);
-* ``py_peak_kb`` / ``py_net_kb``: peak and net change of Python-object allocations during the block
-  (``tracemalloc``; a Python list that grows with the history shows as a positive net change).
+* with ``--trace-python``: ``py_peak_kb`` / ``py_net_kb``, peak and net change of Python-object
+  allocations during the block (``tracemalloc``; a Python list that grows with the history shows as a
+  positive net change). tracemalloc's own bookkeeping then adds a few KB of RSS per block, so the RSS
+  columns are only clean without it.
 
 Memory is flat when none of these grows with the block index. Usage:
 
-    python benchmarks/vae_stream_memory.py --blocks 200 [--latent-size 8x16] [--json out.json]
+    python benchmarks/vae_stream_memory.py --blocks 200 [--latent-size 8x16] [--trace-python] [--json out.json]
 """
 from __future__ import annotations
 
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--base-dim", type=int, default=8, help="width of the random tiny VAE")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 avoids oversubscription slowdowns on a shared machine)")
+    parser.add_argument("--trace-python", action="store_true", help="also trace Python allocations")
     parser.add_argument("--json", type=Path, help="write every block's numbers here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,7 +104,8 @@ def main() -> None:
 
     records = []
     sampler = PeakRss()
-    tracemalloc.start()
+    if args.trace_python:
+        tracemalloc.start()
     start = time.perf_counter()
     for block in range(args.blocks):
         latents = torch.randn(1, z_dim, args.block_frames, height, width)
@@ -114,17 +118,19 @@ def main() -> None:
         py_now, py_peak = tracemalloc.get_traced_memory()
         rss_peak = sampler.take()
         release_freed_memory()
-        records.append({"block": block, "state_bytes": decoder.state_nbytes(),
-                        "rss_after_mb": round(rss_mb(), 2), "rss_peak_mb": round(rss_peak, 2),
-                        "py_peak_kb": round((py_peak - py_before) / 1024, 1),
-                        "py_net_kb": round((py_now - py_before) / 1024, 1)})
+        record = {"block": block, "state_bytes": decoder.state_nbytes(),
+                  "rss_after_mb": round(rss_mb(), 2), "rss_peak_mb": round(rss_peak, 2)}
+        if args.trace_python:
+            record.update(py_peak_kb=round((py_peak - py_before) / 1024, 1),
+                          py_net_kb=round((py_now - py_before) / 1024, 1))
+        records.append(record)
         if (block + 1) % 20 == 0:
             print(f"  {block + 1}/{args.blocks} blocks, rss {records[-1]['rss_after_mb']:.1f} MB", flush=True)
     elapsed = time.perf_counter() - start
     tracemalloc.stop()
     sampler.stop()
 
-    columns = ("state_bytes", "rss_after_mb", "rss_peak_mb", "py_peak_kb", "py_net_kb")
+    columns = [c for c in records[0] if c != "block"]
     print(f"tiny VAE base_dim {args.base_dim}, latent {height}x{width} -> pixels {8 * height}x{8 * width}, "
           f"{args.blocks} blocks of {args.block_frames} latent frames after {args.warmup_frames} warm-up; "
           f"{elapsed / args.blocks * 1000:.0f} ms/block on {torch.get_num_threads()} threads")
