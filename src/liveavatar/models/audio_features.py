@@ -155,43 +155,70 @@ class StreamingAudioFeatures:
     `[1, 25, C, frames_per_block]` float32 for video frames `frames_per_block*b ...`; `finish()` returns the
     rest, up to the block holding the last frame of the audio, with zeros past the end (it does not pad to
     whole clips). A block is computed once the samples for its last 50 Hz frame plus `lookahead_seconds` have
-    arrived, by running wav2vec2 on the last `context_seconds` of audio ending there.
+    arrived, by running wav2vec2 on the last `context_seconds` of audio ending there. Between calls at most
+    `context_seconds` of samples are kept.
 
     Where the features must differ from the whole-file path (`hidden_states` + `video_rate_features`):
-    * wav2vec2's self-attention is global over its input and its positional convolution spans +-64 frames
-      (+-1.28 s): here the input is a window, so frames see no audio after the lookahead and none before the
-      context;
+    * wav2vec2's self-attention is global over its input, and its positional convolution spans +-64 frames
+      (+-1.28 s): here the input is a window, so a frame sees no audio after the lookahead and none before
+      the context;
     * the processor normalises per input: here per window, not over the whole file;
-    * the 50 -> 30 Hz interpolation of the whole file maps 30 Hz frame i to 50 Hz position i*(T50-1)/(T30-1),
-      which depends on the file length; the stream uses the nominal i*50/30 (the positions agree at the start
-      and drift by up to ~0.7 of a 50 Hz frame at the end of a file);
+    * the whole file's 50 -> 30 Hz interpolation puts 30 Hz frame i at 50 Hz position i*(T50-1)/(T30-1),
+      which depends on the file's length. With `total_samples` (audio whose length is known, e.g. a long
+      file fed in pieces) the stream uses exactly those positions; without it (live input) it uses the
+      nominal i*50/30, which agrees at the start and drifts linearly to between 2/3 and 2 frames of 50 Hz
+      (13-40 ms) behind at the end of the file the whole-file path would have seen;
     * interpolation is done in float32 (the whole-file path interpolates in the model dtype).
     Frames with 30 Hz index past the end of the audio are zeros in both.
 
-    Measured on the real speech in shared/media (dwarven_blacksmith 35 s, cyclops_baker 23 s,
-    fashion_blogger 25 s, 24 kHz resampled to 16 kHz) in float32, relative L2 error of the streamed
-    `audio_emb` against the whole-file one over all frames of the audio. The release's wav2vec2 weights are not
-    available offline, so two random-weight models were measured; the numbers bound the effect of the window
-    but are not those of the trained model (whose attention is mostly local):
-    <filled in from the measurement>
+    Measured on the real speech in shared/media (dwarven_blacksmith 17.7 s, cyclops_baker 11.6 s,
+    fashion_blogger 12.8 s; 24 kHz resampled to 16 kHz), float32, pushed in 0.2 s chunks: error of the
+    streamed `audio_emb` against the whole-file one over every frame of the audio, as a fraction of the
+    whole-file features' variation over time, ||stream - whole|| / ||whole - time mean|| (plain relative L2
+    in brackets). The release's wav2vec2 weights are not available offline, so two random-weight models with
+    the XLSR-53 layout were measured: "tiny" (the fixture's: width 32, positional conv 16) and "mid"
+    (width 256, the real positional conv of 128 taps / 16 groups). Random weights give features that change
+    from one 50 Hz frame to the next far more than a trained model's, so the position terms below are an
+    upper bound; the window terms show how context and lookahead trade against each other.
+
+    | model, files | 1 video-frame shift (scale) | nominal positions only | known length, ctx 10 s, lookahead 0 / 0.5 / 1 / 2 s | ctx 5 s, look 1 s | live, ctx 10 s, look 1 s |
+    | tiny, 3 files | 0.87-1.26 [0.21-0.22] | 0.45-0.68 [0.08-0.13] | 0.22-0.47 / 0.20-0.46 / 0.18-0.38 [0.04-0.07] / 0.16-0.30 | 0.22-0.49 | 0.56-0.75 [0.11-0.15] |
+    | mid, cyclops + fashion | 1.19-1.20 [0.77-0.79] | 0.77-0.79 [0.51] | 0.29-0.34 / - / 0.09-0.10 [0.06] / 0.05 | 0.10-0.11 | 0.77-0.79 [0.51] |
+
+    So with the length known, a 1 s lookahead and >= 5 s of context leave about a tenth (mid) to a third
+    (tiny) of the features' variation; per layer the error is smallest at the input (layer 0: 0.02-0.08) and
+    grows with depth. Live input adds the nominal-position term, which a trained model's smoother features
+    shrink; the nominal positions are the physically aligned ones (video frame k at k/25 s), the whole-file
+    path stretches the audio by up to 40 ms at the end.
     """
 
     def __init__(self, extractor: AudioFeatureExtractor, *, frames_per_block: int = 12, fps: int = 25,
-                 video_rate: int = VIDEO_RATE, context_seconds: float = 10.0, lookahead_seconds: float = 1.0):
+                 video_rate: int = VIDEO_RATE, context_seconds: float = 10.0, lookahead_seconds: float = 1.0,
+                 total_samples: int | None = None):
         if frames_per_block < 1 or context_seconds <= lookahead_seconds or lookahead_seconds < 0:
             raise ValueError("need frames_per_block >= 1 and 0 <= lookahead_seconds < context_seconds")
         self.extractor = extractor
         self.frames_per_block = frames_per_block
         self.fps = fps
         self.video_rate = video_rate
+        self.total_samples = total_samples
         hop = extractor.hop
         self.context_samples = int(round(context_seconds * SAMPLE_RATE / hop)) * hop
         self.lookahead_samples = int(round(lookahead_seconds * SAMPLE_RATE))
+        self._position_scale = FEATURE_RATE / video_rate
+        if total_samples is not None:
+            frames_50, frames_30 = self._frame_counts(total_samples)
+            if frames_30 > 1:
+                self._position_scale = (frames_50 - 1) / (frames_30 - 1)
         self._buffer = np.zeros(0, dtype=np.float32)
         self._buffer_start = 0  # absolute index of self._buffer[0]
         self._received = 0
         self._next_block = 0
         self._finished = False
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._buffer.shape[0]
 
     def push(self, chunk: np.ndarray) -> list[torch.Tensor]:
         if self._finished:
@@ -201,34 +228,40 @@ class StreamingAudioFeatures:
         self._received += chunk.shape[0]
         blocks = []
         while (end := self._window_end(self._next_block)) <= self._received:
-            blocks.append(self._compute_block(self._next_block, end, total_frames=None))
+            blocks.append(self._compute_block(self._next_block, end))
+        self._drop_old_samples()
         return blocks
 
     def finish(self) -> list[torch.Tensor]:
         """The remaining blocks; frames whose 30 Hz index is past the end of the audio are zeros."""
+        if self.total_samples is not None and self._received != self.total_samples:
+            raise ValueError(f"the stream was announced as {self.total_samples} samples but {self._received} "
+                             f"were pushed")
         self._finished = True
-        hop, field = self.extractor.hop, self.extractor.receptive_field
-        if self._received < field:
+        if self._received < self.extractor.receptive_field:
             return []
-        total_50 = (self._received - field) // hop + 1
-        total_30 = int(total_50 / float(FEATURE_RATE) * self.video_rate)
+        frames_30 = self._frame_counts(self._received)[1]
         blocks = []
-        while video_frame_indices(self._next_block * self.frames_per_block, 1, fps=self.fps,
-                                  video_rate=self.video_rate)[0] < total_30:
-            blocks.append(self._compute_block(self._next_block, self._received, total_frames=(total_50, total_30)))
+        while self._positions(self._next_block)[0][0] < frames_30:
+            blocks.append(self._compute_block(self._next_block, self._received, frames_30=frames_30))
         return blocks
 
+    def _frame_counts(self, samples: int) -> tuple[int, int]:
+        """(50 Hz wav2vec2 frames, 30 Hz frames) of `samples` samples, as the whole-file path counts them."""
+        frames_50 = (samples - self.extractor.receptive_field) // self.extractor.hop + 1
+        return frames_50, int(frames_50 / float(FEATURE_RATE) * self.video_rate)
+
     def _positions(self, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """30 Hz indices of the block's video frames and their nominal 50 Hz positions."""
+        """30 Hz indices of the block's video frames and their 50 Hz positions."""
         indices = video_frame_indices(block * self.frames_per_block, self.frames_per_block,
                                       fps=self.fps, video_rate=self.video_rate)
-        return indices, indices * (FEATURE_RATE / self.video_rate)
+        return indices, indices * self._position_scale
 
     def _window_end(self, block: int) -> int:
         last_frame = int(math.ceil(self._positions(block)[1][-1]))
         return last_frame * self.extractor.hop + self.extractor.receptive_field + self.lookahead_samples
 
-    def _compute_block(self, block: int, end: int, *, total_frames: tuple[int, int] | None) -> torch.Tensor:
+    def _compute_block(self, block: int, end: int, *, frames_30: int | None = None) -> torch.Tensor:
         hop = self.extractor.hop
         start = max(0, end - self.context_samples) // hop * hop
         window = self._buffer[start - self._buffer_start: end - self._buffer_start]
@@ -236,22 +269,24 @@ class StreamingAudioFeatures:
         first_frame = start // hop
         indices, positions = self._positions(block)
         lower = np.floor(positions).astype(np.int64)
-        weight = torch.tensor(positions - lower, dtype=torch.float32, device=hidden.device)
+        weight = torch.tensor(positions - lower, dtype=torch.float32, device=hidden.device)[None, :, None]
         last = first_frame + hidden.shape[1] - 1
         lower_rows = torch.from_numpy(np.clip(lower, first_frame, last) - first_frame)
         upper_rows = torch.from_numpy(np.clip(lower + 1, first_frame, last) - first_frame)
-        features = hidden[:, lower_rows] * (1 - weight)[None, :, None] + hidden[:, upper_rows] * weight[None, :, None]
-        if total_frames is not None:
-            features[:, torch.from_numpy(indices >= total_frames[1])] = 0
+        features = hidden[:, lower_rows] * (1 - weight) + hidden[:, upper_rows] * weight
+        if frames_30 is not None:
+            features[:, torch.from_numpy(indices >= frames_30)] = 0
         self._next_block = block + 1
-        # Keep only what the next window can reach back to; it ends no earlier than what has been received
-        # (finish() may end it there).
-        next_end = min(self._window_end(self._next_block), self._received)
-        keep_from = max(0, next_end - self.context_samples) // hop * hop
+        return features.permute(0, 2, 1).unsqueeze(0).cpu()
+
+    def _drop_old_samples(self) -> None:
+        """Keep only what the next window can reach back to. That window ends after what has been received
+        (or exactly there, in finish()), so it starts no earlier than `received - context`."""
+        hop = self.extractor.hop
+        keep_from = max(0, self._received - self.context_samples) // hop * hop
         if keep_from > self._buffer_start:
             self._buffer = self._buffer[keep_from - self._buffer_start:]
             self._buffer_start = keep_from
-        return features.permute(0, 2, 1).unsqueeze(0).cpu()
 
 
 def save_tiny_wav2vec2(out_dir: str | os.PathLike, *, seed: int = 0, hidden_size: int = 32) -> Path:
