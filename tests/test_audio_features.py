@@ -3,6 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from liveavatar.errors import CheckpointError, InputError
 from liveavatar.io.media import load_audio
 from liveavatar.models.audio_features import (AudioFeatureExtractor, StreamingAudioFeatures, bucket_video_frames,
                                               resample_to_video_rate, save_tiny_wav2vec2, video_frame_indices,
@@ -83,9 +84,9 @@ def test_real_speech_shapes_and_zeros_past_the_end(extractor, speech):
 
 
 def test_too_short_or_stereo_audio_is_refused(extractor):
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(InputError, match="too short"):
         extractor.hidden_states(np.zeros(300, dtype=np.float32))
-    with pytest.raises(ValueError, match="mono"):
+    with pytest.raises(InputError, match="mono"):
         extractor.hidden_states(np.zeros((2, 16000), dtype=np.float32))
 
 
@@ -184,10 +185,10 @@ def test_bad_wav2vec2_folders_give_one_clear_error(tmp_path):
     weights = folder / "model.safetensors"
     payload = weights.read_bytes()
     weights.write_bytes(payload[: len(payload) // 2])
-    with pytest.raises(ValueError, match="corrupt") as info:
+    with pytest.raises(CheckpointError, match="corrupt") as info:
         AudioFeatureExtractor.from_pretrained(folder)
     assert str(folder) in str(info.value)
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json"):
         AudioFeatureExtractor.from_pretrained(tmp_path / "absent")
 
 
@@ -199,5 +200,5 @@ def test_missing_weights_are_refused_not_randomly_initialised(tmp_path):
     stored = load_file(str(weights))
     save_file({k: v for k, v in stored.items() if "layers.3.attention" not in k}, str(weights),
               metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(CheckpointError, match="lacks"):
         AudioFeatureExtractor.from_pretrained(folder)

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from liveavatar.errors import CheckpointError
 from liveavatar.models import text_encoder as te
 from liveavatar.models.text_encoder import (CHECKPOINT_NAME, TEXT_LEN, TextEncoder, UMT5Encoder, clean_prompt,
                                             save_tiny_text_encoder)
@@ -134,13 +135,13 @@ def _broken_checkpoints(source: Path, folder: Path) -> dict[str, Path]:
 
 def test_bad_checkpoint_files_give_one_clear_error(tiny_ckpt, tmp_path):
     for what, path in _broken_checkpoints(tiny_ckpt / CHECKPOINT_NAME, tmp_path / "bad").items():
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(CheckpointError) as info:
             UMT5Encoder.from_checkpoint(path, dtype=torch.float32)
         message = str(info.value)
         assert str(path) in message and "\n" not in message, (what, message)
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(CheckpointError, match="not found"):
         UMT5Encoder.from_checkpoint(tmp_path / "absent.pth")
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(CheckpointError, match="not found"):
         TextEncoder.from_pretrained(tmp_path)
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from liveavatar.errors import CheckpointError, InputError
+
 SAMPLE_RATE = 16000
 # The reference hard-codes these rates rather than deriving them from the model config.
 FEATURE_RATE = 50
@@ -54,7 +56,7 @@ class AudioFeatureExtractor:
         folder = Path(wav2vec_dir)
         for name in ("config.json", "preprocessor_config.json"):
             if not (folder / name).is_file():
-                raise ValueError(f"{folder}: no {name}; point it at the release's "
+                raise CheckpointError(f"{folder}: no {name}; point it at the release's "
                                  f"wav2vec2-large-xlsr-53-english folder")
         try:
             processor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder))
@@ -63,15 +65,15 @@ class AudioFeatureExtractor:
             model, loading = Wav2Vec2ForCTC.from_pretrained(str(folder), output_loading_info=True)
         except Exception as error:  # transformers/safetensors raise many unrelated types for bad files
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(f"{folder}: cannot load the wav2vec2 checkpoint ({detail}); "
+            raise CheckpointError(f"{folder}: cannot load the wav2vec2 checkpoint ({detail}); "
                              f"the folder is incomplete or corrupt") from None
         # transformers would silently initialise missing weights at random.
         missing = sorted(k for k in loading["missing_keys"] if not k.startswith("lm_head."))
         if missing:
-            raise ValueError(f"{folder}: the wav2vec2 checkpoint lacks {len(missing)} weights (e.g. {missing[0]}); "
-                             f"it is incomplete or not a Wav2Vec2ForCTC checkpoint")
+            raise CheckpointError(f"{folder}: the wav2vec2 checkpoint lacks {len(missing)} weights "
+                                  f"(e.g. {missing[0]}); it is incomplete or not a Wav2Vec2ForCTC checkpoint")
         if model.config.num_hidden_layers != 24:
-            raise ValueError(f"{folder}: wav2vec2 has {model.config.num_hidden_layers} layers; the DiT's audio "
+            raise CheckpointError(f"{folder}: wav2vec2 has {model.config.num_hidden_layers} layers; the DiT's audio "
                              f"encoder mixes exactly 25 hidden states, i.e. 24 layers")
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return cls(processor, model, device=device, dtype=dtype)
@@ -80,9 +82,9 @@ class AudioFeatureExtractor:
         """The processor's output for the whole waveform (zero mean / unit variance when configured)."""
         waveform = np.asarray(waveform_16k, dtype=np.float32)
         if waveform.ndim != 1:
-            raise ValueError(f"waveform must be mono [samples], got shape {waveform.shape}")
+            raise InputError(f"waveform must be mono [samples], got shape {waveform.shape}")
         if waveform.shape[0] < self.receptive_field:
-            raise ValueError(f"audio is too short: {waveform.shape[0]} samples, wav2vec2 needs at least "
+            raise InputError(f"audio is too short: {waveform.shape[0]} samples, wav2vec2 needs at least "
                              f"{self.receptive_field} ({self.receptive_field / SAMPLE_RATE * 1000:.0f} ms at 16 kHz)")
         return self.processor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values[0]
 
@@ -110,7 +112,7 @@ def resample_to_video_rate(hidden: torch.Tensor, *, video_rate: int = VIDEO_RATE
     the input's dtype (bf16 in real runs, as the reference) and returned as float32."""
     length = int(hidden.shape[1] / float(FEATURE_RATE) * video_rate)
     if length < 1:
-        raise ValueError(f"audio is too short: {hidden.shape[1]} wav2vec2 frames give no {video_rate} Hz frame")
+        raise InputError(f"audio is too short: {hidden.shape[1]} wav2vec2 frames give no {video_rate} Hz frame")
     resampled = F.interpolate(hidden.transpose(1, 2), size=length, mode="linear", align_corners=True)
     return resampled.transpose(1, 2).float()
 
@@ -181,11 +183,15 @@ class StreamingAudioFeatures:
     from one 50 Hz frame to the next far more than a trained model's, so the position terms below are an
     upper bound; the window terms show how context and lookahead trade against each other.
 
-    | model, files | 1 video-frame shift (scale) | nominal positions only | known length, ctx 10 s, lookahead 0 / 0.5 / 1 / 2 s | ctx 5 s, look 1 s | live, ctx 10 s, look 1 s |
-    | tiny, 3 files | 0.87-1.26 [0.21-0.22] | 0.45-0.68 [0.08-0.13] | 0.22-0.47 / 0.20-0.46 / 0.18-0.38 [0.04-0.07] / 0.16-0.30 | 0.22-0.49 | 0.56-0.75 [0.11-0.15] |
-    | mid, cyclops + fashion | 1.19-1.20 [0.77-0.79] | 0.77-0.79 [0.51] | 0.29-0.34 / - / 0.09-0.10 [0.06] / 0.05 | 0.10-0.11 | 0.77-0.79 [0.51] |
+    * scale, the whole-file features one 25 fps frame late: tiny 0.87-1.26 [0.21-0.22], mid 1.19-1.20 [0.77-0.79];
+    * nominal positions alone (whole-file states read at i*50/30): tiny 0.45-0.68 [0.08-0.13], mid 0.77-0.79
+      [0.51];
+    * known length, context 10 s, lookahead 0 / 0.5 / 1 / 2 s: tiny 0.22-0.47 / 0.20-0.46 / 0.18-0.38
+      [0.04-0.07] / 0.16-0.30; mid (2 files) 0.29-0.34 / - / 0.09-0.10 [0.06] / 0.05;
+    * known length, context 5 s, lookahead 1 s: tiny 0.22-0.49, mid 0.10-0.11;
+    * live (nominal positions), context 10 s, lookahead 1 s: tiny 0.56-0.75 [0.11-0.15], mid 0.77-0.79 [0.51].
 
-    So with the length known, a 1 s lookahead and >= 5 s of context leave about a tenth (mid) to a third
+    So with the length known, a 1 s lookahead and >= 5 s of context leave 0.09-0.11 (mid) and 0.18-0.49
     (tiny) of the features' variation; per layer the error is smallest at the input (layer 0: 0.02-0.08) and
     grows with depth. Live input adds the nominal-position term, which a trained model's smoother features
     shrink; the nominal positions are the physically aligned ones (video frame k at k/25 s), the whole-file

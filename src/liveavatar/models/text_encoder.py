@@ -29,6 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from liveavatar.errors import CheckpointError
+
 CHECKPOINT_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_SUBDIR = "google/umt5-xxl"
 TEXT_LEN = 512
@@ -71,7 +73,7 @@ class UMT5Config:
             dim_attn = state_dict["blocks.0.attn.q.weight"].shape[0]
             ffn_dim = state_dict["blocks.0.ffn.fc1.weight"].shape[0]
         except (KeyError, ValueError) as error:
-            raise ValueError(f"{source}: not a UMT5 encoder state dict in the Wan layout (no {error}); "
+            raise CheckpointError(f"{source}: not a UMT5 encoder state dict in the Wan layout (no {error}); "
                              f"expected the release's {CHECKPOINT_NAME}") from None
         num_layers = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
         return cls(vocab_size, dim, dim_attn, ffn_dim, num_heads, num_layers, num_buckets)
@@ -121,15 +123,15 @@ def load_t5_state_dict(pth_path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the `.pth` (memory-mapped when it is a zip-format file) and check it is a Wan UMT5 encoder."""
     path = Path(pth_path)
     if not path.is_file():
-        raise ValueError(f"text encoder checkpoint not found: {path} (expected the release's {CHECKPOINT_NAME})")
+        raise CheckpointError(f"text encoder checkpoint not found: {path} (expected the release's {CHECKPOINT_NAME})")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises several unrelated types for truncated/corrupt pickles
-        raise ValueError(f"{path}: cannot be read as a torch state dict ({type(error).__name__}: "
+        raise CheckpointError(f"{path}: cannot be read as a torch state dict ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else 'no detail'}); the file is corrupt "
                          f"or truncated, download {CHECKPOINT_NAME} again") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path}: not a state dict of tensors; expected the release's {CHECKPOINT_NAME}")
+        raise CheckpointError(f"{path}: not a state dict of tensors; expected the release's {CHECKPOINT_NAME}")
     config = UMT5Config.from_state_dict(state_dict, str(path))
     expected = config.expected_shapes()
     missing = sorted(set(expected) - set(state_dict))
@@ -137,11 +139,11 @@ def load_t5_state_dict(pth_path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if missing or unexpected:
         detail = (f"missing {missing[:3]}" if missing else "") + (" " if missing and unexpected else "") + \
                  (f"unexpected {unexpected[:3]}" if unexpected else "")
-        raise ValueError(f"{path}: not a UMT5 encoder in the Wan layout ({detail}); "
+        raise CheckpointError(f"{path}: not a UMT5 encoder in the Wan layout ({detail}); "
                          f"expected the release's {CHECKPOINT_NAME}")
     wrong = [k for k, shape in expected.items() if tuple(state_dict[k].shape) != shape]
     if wrong:
-        raise ValueError(f"{path}: inconsistent tensor shapes ({wrong[0]} is {tuple(state_dict[wrong[0]].shape)}, "
+        raise CheckpointError(f"{path}: inconsistent tensor shapes ({wrong[0]} is {tuple(state_dict[wrong[0]].shape)}, "
                          f"expected {expected[wrong[0]]}); the checkpoint is damaged or from another model")
     return state_dict
 
@@ -211,7 +213,7 @@ class TextEncoder:
         self.tokenizer_dir = Path(tokenizer_dir)
         for path, what in ((self.checkpoint_path, "text encoder checkpoint"), (self.tokenizer_dir, "tokenizer folder")):
             if not path.exists():
-                raise ValueError(f"{what} not found: {path}; point --ckpt_dir at the Wan2.2-S2V-14B folder "
+                raise CheckpointError(f"{what} not found: {path}; point --ckpt_dir at the Wan2.2-S2V-14B folder "
                                  f"(it holds {CHECKPOINT_NAME} and {TOKENIZER_SUBDIR}/)")
         self.device = torch.device(device)
         self.dtype = dtype
@@ -259,7 +261,7 @@ class TextEncoder:
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
             except (OSError, ValueError) as error:
-                raise ValueError(f"{self.tokenizer_dir}: cannot load the umT5 tokenizer ({error}); "
+                raise CheckpointError(f"{self.tokenizer_dir}: cannot load the umT5 tokenizer ({error}); "
                                  f"copy the release's {TOKENIZER_SUBDIR} folder there") from None
         tokens = self._tokenizer([clean_prompt(prompt)], padding="max_length", truncation=True,
                                  max_length=self.text_len, add_special_tokens=True, return_tensors="pt")
@@ -270,7 +272,7 @@ class TextEncoder:
         if self._encoder is None:
             self._encoder = UMT5Encoder.from_checkpoint(self.checkpoint_path, device=self.device, dtype=self.dtype)
         if int(ids.max()) >= self._encoder.config.vocab_size:
-            raise ValueError(f"{self.tokenizer_dir}: tokenizer produced id {int(ids.max())} but "
+            raise CheckpointError(f"{self.tokenizer_dir}: tokenizer produced id {int(ids.max())} but "
                              f"{self.checkpoint_path.name} has only {self._encoder.config.vocab_size} embeddings; "
                              f"the tokenizer folder does not belong to this checkpoint")
         with torch.inference_mode():
