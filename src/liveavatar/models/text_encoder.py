@@ -99,7 +99,6 @@ class UMT5Config:
 def _hf_key(wan_key: str) -> list[str]:
     """Wan T5 key -> transformers UMT5EncoderModel key(s)."""
     if wan_key == "token_embedding.weight":
-        # The encoder stack's embedding is tied to `shared` (same module in transformers 4, tied in 5).
         return ["shared.weight", "encoder.embed_tokens.weight"]
     if wan_key == "norm.weight":
         return ["encoder.final_layer_norm.weight"]
@@ -176,6 +175,9 @@ class UMT5Encoder(torch.nn.Module):
             encoder = cls(UMT5Config.from_state_dict(state_dict))
         mapped = {hf: tensor for key, tensor in state_dict.items() for hf in _hf_key(key)}
         encoder.model.load_state_dict(mapped, strict=True, assign=True)
+        # One embedding module for both names (transformers 5 builds two), so that moving to the GPU does not
+        # copy the 2 GB table twice.
+        encoder.model.shared = encoder.model.encoder.embed_tokens
         return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
