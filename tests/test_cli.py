@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from liveavatar.cli import COMPATIBILITY_FLAGS, build_parser, main
+from liveavatar.cli import COMMANDS, COMPATIBILITY_FLAGS, build_parser, main
 from test_layout import build_checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +47,25 @@ def test_help_lists_commands_and_imports_no_torch():
     assert result.returncode == 0
     for command in ("generate", "doctor", "download", "make-tiny"):
         assert command in result.stdout
+
+
+def test_every_command_has_working_help(capsys):
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            main([command.name, "--help"])
+        assert exit_.value.code == 0, command.name
+        assert command.help.split()[0] in capsys.readouterr().out, command.name
+
+
+def test_crashes_are_one_line_without_debug(monkeypatch, capsys):
+    def broken(parser):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr("liveavatar.cli.COMMANDS", [COMMANDS[0].__class__("broken", "x", broken, lambda a: 0)])
+    code, out, err = run(["broken"], capsys)
+    assert code == 1 and err.startswith("error: unexpected TypeError: a bug") and len(err.splitlines()) == 1
+    with pytest.raises(TypeError):
+        main(["broken", "--debug"])
 
 
 # The launch lines of the reference's scripts (cli.md §1), with the example paths pointing to our media.

@@ -354,12 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.error(f"choose a command: {', '.join(command.name for command in COMMANDS)}")
-    debug = getattr(args, "debug", False) or os.environ.get("LIVEAVATAR_DEBUG", "").lower() in ("1", "true", "yes")
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("LIVEAVATAR_DEBUG", "").lower() in ("1", "true", "yes")
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not hasattr(args, "run"):
+            parser.error(f"choose a command: {', '.join(command.name for command in COMMANDS)}")
         return args.run(args)
     except KeyboardInterrupt:
         if debug:
