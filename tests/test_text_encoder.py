@@ -156,3 +156,13 @@ def test_tiny_checkpoint_layout_and_offline_tokenizer(tiny_ckpt):
     ids = tokenizer(["the man talks"], add_special_tokens=True).input_ids[0]
     assert ids[-1] == te.EOS_ID and tokenizer.pad_token_id == te.PAD_ID
     assert max(ids) < config.vocab_size
+
+
+def test_unwritable_cache_warns_and_still_encodes(tiny_ckpt, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    encoder = _encoder(tiny_ckpt, blocker / "cache")
+    with pytest.warns(UserWarning, match="prompt cache"):
+        context = encoder.encode(PROMPT)
+    assert context.shape[0] == int(encoder.tokenize(PROMPT)[1].sum())
+    assert not list(tmp_path.glob("**/*.tmp"))

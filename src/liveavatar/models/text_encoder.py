@@ -20,6 +20,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ class UMT5Config:
             ffn_dim = state_dict["blocks.0.ffn.fc1.weight"].shape[0]
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{source}: not a UMT5 encoder state dict in the Wan layout (no {error}); "
-                             f"expected the release's {CHECKPOINT_NAME}") from None
+                                  f"expected the release's {CHECKPOINT_NAME}") from None
         num_layers = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
         return cls(vocab_size, dim, dim_attn, ffn_dim, num_heads, num_layers, num_buckets)
 
@@ -127,8 +128,8 @@ def load_t5_state_dict(pth_path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises several unrelated types for truncated/corrupt pickles
         raise CheckpointError(f"{path}: cannot be read as a torch state dict ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'no detail'}); the file is corrupt "
-                         f"or truncated, download {CHECKPOINT_NAME} again") from None
+                              f"{str(error).splitlines()[0] if str(error) else 'no detail'}); the file is corrupt "
+                              f"or truncated, download {CHECKPOINT_NAME} again") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors; expected the release's {CHECKPOINT_NAME}")
     config = UMT5Config.from_state_dict(state_dict, str(path))
@@ -139,11 +140,11 @@ def load_t5_state_dict(pth_path: str | os.PathLike) -> dict[str, torch.Tensor]:
         detail = (f"missing {missing[:3]}" if missing else "") + (" " if missing and unexpected else "") + \
                  (f"unexpected {unexpected[:3]}" if unexpected else "")
         raise CheckpointError(f"{path}: not a UMT5 encoder in the Wan layout ({detail}); "
-                         f"expected the release's {CHECKPOINT_NAME}")
+                              f"expected the release's {CHECKPOINT_NAME}")
     wrong = [k for k, shape in expected.items() if tuple(state_dict[k].shape) != shape]
     if wrong:
         raise CheckpointError(f"{path}: inconsistent tensor shapes ({wrong[0]} is {tuple(state_dict[wrong[0]].shape)}, "
-                         f"expected {expected[wrong[0]]}); the checkpoint is damaged or from another model")
+                              f"expected {expected[wrong[0]]}); the checkpoint is damaged or from another model")
     return state_dict
 
 
@@ -216,7 +217,7 @@ class TextEncoder:
         for path, what in ((self.checkpoint_path, "text encoder checkpoint"), (self.tokenizer_dir, "tokenizer folder")):
             if not path.exists():
                 raise CheckpointError(f"{what} not found: {path}; point --ckpt_dir at the Wan2.2-S2V-14B folder "
-                                 f"(it holds {CHECKPOINT_NAME} and {TOKENIZER_SUBDIR}/)")
+                                      f"(it holds {CHECKPOINT_NAME} and {TOKENIZER_SUBDIR}/)")
         self.device = torch.device(device)
         self.dtype = dtype
         self.text_len = text_len
@@ -264,7 +265,7 @@ class TextEncoder:
                 self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
             except (OSError, ValueError) as error:
                 raise CheckpointError(f"{self.tokenizer_dir}: cannot load the umT5 tokenizer ({error}); "
-                                 f"copy the release's {TOKENIZER_SUBDIR} folder there") from None
+                                      f"copy the release's {TOKENIZER_SUBDIR} folder there") from None
         tokens = self._tokenizer([clean_prompt(prompt)], padding="max_length", truncation=True,
                                  max_length=self.text_len, add_special_tokens=True, return_tensors="pt")
         return tokens.input_ids, tokens.attention_mask
@@ -275,8 +276,8 @@ class TextEncoder:
             self._encoder = UMT5Encoder.from_checkpoint(self.checkpoint_path, device=self.device, dtype=self.dtype)
         if int(ids.max()) >= self._encoder.config.vocab_size:
             raise CheckpointError(f"{self.tokenizer_dir}: tokenizer produced id {int(ids.max())} but "
-                             f"{self.checkpoint_path.name} has only {self._encoder.config.vocab_size} embeddings; "
-                             f"the tokenizer folder does not belong to this checkpoint")
+                                  f"{self.checkpoint_path.name} has only {self._encoder.config.vocab_size} embeddings; "
+                                  f"the tokenizer folder does not belong to this checkpoint")
         with torch.inference_mode():
             context = self._encoder(ids.to(self.device), mask.to(self.device))
         return context[0, : int(mask.sum())].clone()
@@ -290,15 +291,20 @@ class TextEncoder:
             return None
 
     def _write_cache(self, path: Path, context: torch.Tensor, prompt: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        os.close(handle)
+        """Best effort: an unwritable cache costs a re-encode next time, never the current run."""
+        temp_name = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+            os.close(handle)
             save_file({"context": context.detach().to("cpu").contiguous()}, temp_name,
                       metadata={"prompt": clean_prompt(prompt), "checkpoint": str(self.checkpoint_path)})
             os.replace(temp_name, path)
+        except OSError as error:
+            warnings.warn(f"prompt cache {self.cache_dir} not written ({error}); set another cache folder to "
+                          f"skip re-encoding this prompt next time")
         finally:
-            if os.path.exists(temp_name):
+            if temp_name is not None and os.path.exists(temp_name):
                 os.unlink(temp_name)
 
     def unload(self) -> None:
