@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--config", choices=["14b", "tiny"], default="14b")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    from liveavatar.api import resolve_device
+
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA GPU here; this script measures the full-size model on a GPU"}))

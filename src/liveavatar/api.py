@@ -77,12 +77,14 @@ class _Run:
     events: Iterator
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available here; use --device cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The run device, with a CUDA index: torch.cuda's memory and device calls reject a bare "cuda"."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -121,7 +123,7 @@ class LiveAvatarPipeline:
         float32 on CPU. ``fp8`` converts the DiT's linears to FP8 after the LoRA merge (as ``--fp8``)."""
         layout = CheckpointLayout.discover(ckpt_dir, None if lora is None else os.fspath(lora))
         layout.validate()
-        device = _resolve_device(device)
+        device = resolve_device(device)
         dtype = _resolve_dtype(dtype, device)
         transformer = CausalS2VTransformer.from_pretrained(layout.dit_dir, device=device, dtype=dtype,
                                                            lora=layout.lora, lora_alpha=lora_alpha)

@@ -53,7 +53,9 @@ def bench_from_args(args: argparse.Namespace) -> dict:
 
     # Fewer, growable segments: reserved memory stays close to allocated (what a memory cap limits).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from liveavatar.api import resolve_device
+
+    device = resolve_device(args.device)
     if args.blocks < 1 or args.warmup_blocks < 0:
         raise InputError("--blocks must be at least 1 and --warmup-blocks at least 0")
     if device.type == "cuda":
