@@ -57,7 +57,7 @@ class AudioFeatureExtractor:
         for name in ("config.json", "preprocessor_config.json"):
             if not (folder / name).is_file():
                 raise CheckpointError(f"{folder}: no {name}; point it at the release's "
-                                 f"wav2vec2-large-xlsr-53-english folder")
+                                      f"wav2vec2-large-xlsr-53-english folder")
         try:
             processor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder))
             # Loaded in float32 and then cast, as the reference does (the positional conv's weight norm is
@@ -66,15 +66,15 @@ class AudioFeatureExtractor:
         except Exception as error:  # transformers/safetensors raise many unrelated types for bad files
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise CheckpointError(f"{folder}: cannot load the wav2vec2 checkpoint ({detail}); "
-                             f"the folder is incomplete or corrupt") from None
+                                  f"the folder is incomplete or corrupt") from None
         # transformers would silently initialise missing weights at random.
         missing = sorted(k for k in loading["missing_keys"] if not k.startswith("lm_head."))
         if missing:
             raise CheckpointError(f"{folder}: the wav2vec2 checkpoint lacks {len(missing)} weights "
                                   f"(e.g. {missing[0]}); it is incomplete or not a Wav2Vec2ForCTC checkpoint")
         if model.config.num_hidden_layers != 24:
-            raise CheckpointError(f"{folder}: wav2vec2 has {model.config.num_hidden_layers} layers; the DiT's audio "
-                             f"encoder mixes exactly 25 hidden states, i.e. 24 layers")
+            raise CheckpointError(f"{folder}: wav2vec2 has {model.config.num_hidden_layers} layers; the DiT's "
+                                  f"audio encoder mixes exactly 25 hidden states, i.e. 24 layers")
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return cls(processor, model, device=device, dtype=dtype)
 
@@ -137,9 +137,10 @@ def bucket_video_frames(features: torch.Tensor, *, infer_frames: int, fps: int =
     # The reference's own expression (linspace over the clip duration), kept for its exact float rounding.
     times = np.linspace(0, num_frames / int(fps), num_frames, endpoint=False)
     indices = np.clip(np.round(times * int(video_rate)).astype(np.int64), 0, padded_length - 1)
-    valid = torch.from_numpy(indices < length)
+    valid = indices < length
     out = features.new_zeros(num_layers, num_frames, channels)
-    out[:, valid] = features[:, torch.from_numpy(indices[indices < length]).to(features.device)]
+    source = torch.from_numpy(indices[valid]).to(features.device)
+    out[:, torch.from_numpy(valid).to(features.device)] = features[:, source]
     return out.permute(0, 2, 1).unsqueeze(0).contiguous(), num_clips
 
 
@@ -277,11 +278,11 @@ class StreamingAudioFeatures:
         lower = np.floor(positions).astype(np.int64)
         weight = torch.tensor(positions - lower, dtype=torch.float32, device=hidden.device)[None, :, None]
         last = first_frame + hidden.shape[1] - 1
-        lower_rows = torch.from_numpy(np.clip(lower, first_frame, last) - first_frame)
-        upper_rows = torch.from_numpy(np.clip(lower + 1, first_frame, last) - first_frame)
+        lower_rows = torch.from_numpy(np.clip(lower, first_frame, last) - first_frame).to(hidden.device)
+        upper_rows = torch.from_numpy(np.clip(lower + 1, first_frame, last) - first_frame).to(hidden.device)
         features = hidden[:, lower_rows] * (1 - weight) + hidden[:, upper_rows] * weight
         if frames_30 is not None:
-            features[:, torch.from_numpy(indices >= frames_30)] = 0
+            features[:, torch.from_numpy(indices >= frames_30).to(hidden.device)] = 0
         self._next_block = block + 1
         return features.permute(0, 2, 1).unsqueeze(0).cpu()
 
