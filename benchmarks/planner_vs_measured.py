@@ -74,7 +74,7 @@ def main() -> int:
             label, size, aspect, flags = CONFIGS[number - 1]
             image = ["--image", aspect_image(aspect, Path(scratch))] if aspect else []
             # No headroom: the point is the prediction itself, also for placements that fill the card.
-            report = run_bench_json(["--size", size, *image, *flags, "--headroom", "0GiB",
+            report = run_bench_json(["--size", size, *image, *flags, "--headroom", "1MiB",
                                      "--blocks", str(args.blocks), "--warmup-blocks", str(args.warmup_blocks)])
             if out:
                 (out / f"planner_vs_measured_{number}.json").write_text(json.dumps(report, indent=1))
