@@ -20,6 +20,8 @@ def test_bench_tiny_json_reports_speed_and_memory(capsys):
     assert "sampler.sample" in report["loop"]
 
 
-def test_bench_refuses_bad_counts(capsys):
+def test_bench_refuses_bad_counts_and_the_full_model_on_the_cpu(capsys):
     assert main(TINY[:-5] + ["--blocks", "0"]) == 2
     assert "--blocks" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu"]) == 2
+    assert "--config tiny" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_streamed_placements_are_bit_identical_to_the_resident_run(checkpoint, i
         assert torch.equal(got, expected)
     if placement.kv_location == "host":
         assert all(isinstance(kv, HostKVCache) for kv in kv_sets)
-        assert kv_sets[0].host.tensors[0].device.type == "cpu"
+        assert kv_sets[0].host.tensors[0][0].device.type == "cpu"
     if placement.streams_layers:
         assert layers.streamed_layers == placement.streamed_layers
         # Streamed weights point into the unit's host buffer or a slot, never into a private copy.
@@ -163,3 +163,18 @@ def test_load_placed_dit_merges_the_lora_and_places_the_blocks(tmp_path, inputs)
     assert isinstance(placed.new_kv_cache(cache_frames=3, frame_tokens=32), HostKVCache)
     for got, expected in zip(run(placed, inputs)[0], run(reference, inputs)[0]):
         assert torch.equal(got, expected)
+
+
+def test_pinned_arena_carves_aligned_tensors_from_shared_chunks():
+    from liveavatar.runtime.offload import PinnedArena
+
+    arena = PinnedArena(pin=False)
+    a = arena.zeros((3, 5), torch.bfloat16)
+    b = arena.zeros((7,), torch.float32)
+    chunk = a.untyped_storage().data_ptr()
+    assert b.untyped_storage().data_ptr() == chunk  # carved from the same chunk
+    gap = b.data_ptr() - a.data_ptr()
+    assert gap % 256 == 0 and gap >= a.nbytes
+    big = arena.zeros((PinnedArena.CHUNK_BYTES,), torch.uint8)  # no longer fits behind b: a new chunk
+    assert big.untyped_storage().data_ptr() != chunk and big.untyped_storage().nbytes() == PinnedArena.CHUNK_BYTES
+    assert float(a.sum()) == 0 and float(b.sum()) == 0

@@ -70,6 +70,8 @@ def bench_from_args(args: argparse.Namespace) -> dict:
                 args.vram_budget = args.memory_cap
     elif args.memory_cap:
         raise InputError("--memory-cap needs a CUDA device")
+    elif args.config != "tiny":
+        raise InputError("bench: the full-size model needs a CUDA GPU; on the CPU use --config tiny")
     plan = plan_from_args(args) if device.type == "cuda" else _cpu_plan(args)
     if not plan.fits:
         raise InputError(plan.refusal())

@@ -21,6 +21,7 @@ resident run.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -75,9 +76,29 @@ class _Copier:
             torch.cuda.current_stream().wait_event(event)
 
 
-def _host_empty(nbytes_or_shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    shape = (nbytes_or_shape,) if isinstance(nbytes_or_shape, int) else nbytes_or_shape
-    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+class PinnedArena:
+    """Host memory for streamed weights and host caches, pinned when the device is a GPU.
+
+    PyTorch's pinned allocator rounds every allocation up to a power of two (a 5.2 GB KV tensor would take
+    8 GiB), so tensors are carved out of power-of-two chunks of at least 1 GiB instead, losing only the
+    chunks' tails. A chunk is freed with the last tensor carved from it.
+    """
+
+    CHUNK_BYTES = 1 << 30
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.chunk: torch.Tensor | None = None
+        self.used = 0
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = max(1, math.prod(shape) * dtype.itemsize)
+        start = -(-self.used // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+        if self.chunk is None or start + nbytes > self.chunk.numel():
+            size = max(self.CHUNK_BYTES, 1 << (nbytes - 1).bit_length())
+            self.chunk, start = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin), 0
+        self.used = start + nbytes
+        return self.chunk[start:start + nbytes].view(dtype).view(shape).zero_()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,7 +120,7 @@ def unit_modules(model: nn.Module, layer: int) -> dict[str, nn.Module]:
 class _UnitWeights:
     """Every parameter and buffer of one unit packed into one flat (pinned) host byte buffer."""
 
-    def __init__(self, layer: int, modules: dict[str, nn.Module], *, pin: bool):
+    def __init__(self, layer: int, modules: dict[str, nn.Module], *, arena: PinnedArena):
         self.layer = layer
         self.entries = []  # (owner module, attribute, is_parameter, dtype, shape, offset, nbytes)
         offset = 0
@@ -112,7 +133,7 @@ class _UnitWeights:
                     self.entries.append((owner, name, is_parameter, tensor.dtype, tuple(tensor.shape), offset, nbytes))
                     offset += -(-nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
         self.nbytes = offset
-        self.host = _host_empty(offset, torch.uint8, pin)
+        self.host = arena.zeros((offset,), torch.uint8)
         for owner, name, is_parameter, dtype, shape, start, nbytes in self.entries:
             source = (owner._parameters if is_parameter else owner._buffers)[name]
             self._view(self.host, dtype, shape, start, nbytes).copy_(source.detach())
@@ -247,7 +268,7 @@ def place_dit(model: nn.Module, placement: Placement, device: torch.device | str
     for index in placement.streamed_layers:
         if index >= num_layers:
             raise ValueError(f"placement streams block {index} but the DiT has {num_layers} blocks")
-    streamed = []
+    streamed, arena = [], PinnedArena(pin=device.type == "cuda")
     for layer in range(num_layers):
         modules = unit_modules(model, layer)
         for name, module in modules.items():
@@ -255,7 +276,7 @@ def place_dit(model: nn.Module, placement: Placement, device: torch.device | str
             if placement.weight_dtype == "fp8":
                 convert_to_fp8(module, kernel=kernel, prefix=name)
         if placement.is_streamed(layer):
-            streamed.append(_UnitWeights(layer, modules, pin=device.type == "cuda"))
+            streamed.append(_UnitWeights(layer, modules, arena=arena))
     for name, child in model.named_children():
         if name not in ("blocks", "audio_injector"):  # every block and injector belongs to a unit
             materialize(name, child)
@@ -279,33 +300,31 @@ def _ring_spans(start: int, count: int, capacity: int) -> list[tuple[int, int, i
 
 
 class _KVBuffer:
-    """K and V [*lead, tokens, heads, head_dim] in the run dtype, or as e4m3 codes with one fp32 inverse
-    scale per token (`fp8`)."""
+    """K and V [tokens, heads, head_dim] (per layer when `layers` is given) in the run dtype, or as e4m3
+    codes with one fp32 inverse scale per token (`fp8`). On the device the layers are one stacked
+    tensor; in an `arena` (host memory) one tensor per layer, so no single allocation is huge."""
 
-    def __init__(self, lead: tuple[int, ...], tokens: int, num_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 fp8: bool, device: torch.device | str | None, pin: bool = False):
-        self.dtype, self.fp8 = dtype, fp8
-        shape = (*lead, tokens, num_heads, head_dim)
+    def __init__(self, layers: int | None, tokens: int, num_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 fp8: bool, device: torch.device | str | None = None, arena: PinnedArena | None = None):
+        self.dtype, self.fp8, self.tokens = dtype, fp8, tokens
         storage = FP8_DTYPE if fp8 else dtype
 
-        def empty(shape_, dtype_):
-            return torch.zeros(shape_, dtype=dtype_, device=device, pin_memory=pin) if pin else \
-                torch.zeros(shape_, dtype=dtype_, device=device)
+        def zeros(shape, dtype_):
+            if arena is None:
+                return torch.zeros(shape if layers is None else (layers, *shape), dtype=dtype_, device=device)
+            return [arena.zeros(shape, dtype_) for _ in range(layers)]
 
-        self.tensors = [empty(shape, storage), empty(shape, storage)]  # k, v
+        self.tensors = [zeros((tokens, num_heads, head_dim), storage), zeros((tokens, num_heads, head_dim), storage)]
         if fp8:
-            self.tensors += [empty((*lead, tokens), torch.float32), empty((*lead, tokens), torch.float32)]
-
-    @property
-    def tokens(self) -> int:
-        return self.tensors[0].shape[-3]
+            self.tensors += [zeros((tokens,), torch.float32), zeros((tokens,), torch.float32)]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return sum(sum(t.nbytes for t in entry) if isinstance(entry, list) else entry.nbytes
+                   for entry in self.tensors)
 
     def part(self, index, start: int, end: int) -> list[torch.Tensor]:
-        """Every stored tensor of tokens start:end (at `index` of the lead dims)."""
+        """Every stored tensor of tokens start:end (of layer `index`; None for a single-layer buffer)."""
         return [t[index][start:end] if index is not None else t[start:end] for t in self.tensors]
 
     def store(self, index, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -337,7 +356,7 @@ class Fp8KVCache:
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16):
         if capacity <= 0:
             raise ValueError(f"KV cache capacity must be positive, got {capacity} tokens")
-        self.buffer = _KVBuffer((num_layers,), capacity, num_heads, head_dim, dtype=dtype, fp8=True, device=device)
+        self.buffer = _KVBuffer(num_layers, capacity, num_heads, head_dim, dtype=dtype, fp8=True, device=device)
         self.end = 0
 
     capacity = property(lambda self: self.buffer.tokens)
@@ -375,8 +394,8 @@ class HostKVCache:
         if capacity <= 0:
             raise ValueError(f"KV cache capacity must be positive, got {capacity} tokens")
         self.streamer = streamer
-        self.host = _KVBuffer((num_layers,), capacity, num_heads, head_dim, dtype=dtype, fp8=fp8,
-                              device="cpu", pin=streamer.copier.cuda)
+        self.host = _KVBuffer(num_layers, capacity, num_heads, head_dim, dtype=dtype, fp8=fp8,
+                              arena=streamer.arena)
         self.end = 0
         self.block: tuple[int, int] | None = None  # (start, tokens) of the block in flight
         self.end_before_block = 0
@@ -432,8 +451,8 @@ class HostCondCache:
         if capacity <= 0:
             raise ValueError(f"cond cache capacity must be positive, got {capacity} tokens")
         self.streamer = streamer
-        self.host = _KVBuffer((num_layers,), capacity, num_heads, head_dim, dtype=dtype, fp8=False,
-                              device="cpu", pin=streamer.copier.cuda)
+        self.host = _KVBuffer(num_layers, capacity, num_heads, head_dim, dtype=dtype, fp8=False,
+                              arena=streamer.arena)
         self.length = 0
         self.positions: torch.Tensor | None = None
         self.ref_tokens = 0
@@ -478,6 +497,7 @@ class CacheStreamer:
     def __init__(self, model: nn.Module, device: torch.device | str):
         self.device = torch.device(device)
         self.copier = _Copier(self.device)
+        self.arena = PinnedArena(pin=self.copier.cuda)
         self.num_layers = len(model.blocks)
         self.kv_caches: list[HostKVCache] = []
         self.cond: HostCondCache | None = None
@@ -510,15 +530,15 @@ class CacheStreamer:
             raise ValueError("all host KV sets of one streamer must share their storage dtype")
         self.kv_caches.append(cache)
         if self.slots_kv[0] is None or self.slots_kv[0].tokens < cache.capacity:
-            k = cache.host.tensors[0]
-            self.slots_kv = [_KVBuffer((), cache.capacity, k.shape[-2], k.shape[-1], dtype=cache.host.dtype,
+            k = cache.host.tensors[0][0]
+            self.slots_kv = [_KVBuffer(None, cache.capacity, k.shape[-2], k.shape[-1], dtype=cache.host.dtype,
                                        fp8=cache.host.fp8, device=self.device) for _ in range(2)]
             self.kv_key = [None, None]
 
     def register_cond(self, cond: HostCondCache) -> None:
         self.cond = cond
-        k = cond.host.tensors[0]
-        self.slots_cond = [_KVBuffer((), cond.capacity, k.shape[-2], k.shape[-1], dtype=cond.host.dtype,
+        k = cond.host.tensors[0][0]
+        self.slots_cond = [_KVBuffer(None, cond.capacity, k.shape[-2], k.shape[-1], dtype=cond.host.dtype,
                                      fp8=False, device=self.device) for _ in range(2)]
         self.cond_key = [None, None]
 
