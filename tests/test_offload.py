@@ -178,3 +178,17 @@ def test_pinned_arena_carves_aligned_tensors_from_shared_chunks():
     big = arena.zeros((PinnedArena.CHUNK_BYTES,), torch.uint8)  # no longer fits behind b: a new chunk
     assert big.untyped_storage().data_ptr() != chunk and big.untyped_storage().nbytes() == PinnedArena.CHUNK_BYTES
     assert float(a.sum()) == 0 and float(b.sum()) == 0
+
+
+def test_host_kv_sets_of_a_finished_request_are_released(checkpoint, inputs):
+    import gc
+    import weakref
+
+    model, (_, caches) = load(checkpoint, Placement(kv_location="host"))
+    _, first_sets, _ = run(model, inputs)
+    first = [weakref.ref(kv) for kv in first_sets]
+    del first_sets
+    second = run(model, inputs)[1]  # a new request: new KV sets through the same streamer
+    gc.collect()
+    assert all(ref() is None for ref in first)
+    assert caches.kv_caches == second

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -499,7 +500,7 @@ class CacheStreamer:
         self.copier = _Copier(self.device)
         self.arena = PinnedArena(pin=self.copier.cuda)
         self.num_layers = len(model.blocks)
-        self.kv_caches: list[HostKVCache] = []
+        self._kv_caches: list[weakref.ref] = []  # weak: a finished request's sets free their host memory
         self.cond: HostCondCache | None = None
         self.slots_kv: list[_KVBuffer | None] = [None, None]
         self.slots_cond: list[_KVBuffer | None] = [None, None]
@@ -525,10 +526,9 @@ class CacheStreamer:
     # -- registration and forward boundaries
 
     def register_kv(self, cache: HostKVCache) -> None:
-        if self.kv_caches and (self.kv_caches[0].host.fp8, self.kv_caches[0].host.dtype) != \
-                (cache.host.fp8, cache.host.dtype):
+        if any((other.host.fp8, other.host.dtype) != (cache.host.fp8, cache.host.dtype) for other in self.kv_caches):
             raise ValueError("all host KV sets of one streamer must share their storage dtype")
-        self.kv_caches.append(cache)
+        self._kv_caches.append(weakref.ref(cache))
         if self.slots_kv[0] is None or self.slots_kv[0].tokens < cache.capacity:
             k = cache.host.tensors[0][0]
             self.slots_kv = [_KVBuffer(None, cache.capacity, k.shape[-2], k.shape[-1], dtype=cache.host.dtype,
@@ -576,7 +576,14 @@ class CacheStreamer:
     def _next_set(self, cache: HostKVCache | None) -> HostKVCache | None:
         if cache is None:
             return None
-        return self.kv_caches[(self.kv_caches.index(cache) + 1) % len(self.kv_caches)]
+        caches = self.kv_caches
+        return caches[(caches.index(cache) + 1) % len(caches)]
+
+    @property
+    def kv_caches(self) -> list[HostKVCache]:
+        """The live host KV sets in creation order (the order the denoising steps use them)."""
+        self._kv_caches = [ref for ref in self._kv_caches if ref() is not None]
+        return [ref() for ref in self._kv_caches]
 
     def _next_key(self, cache, layer: int) -> tuple:
         return (cache, layer + 1) if layer + 1 < self.num_layers else (self._next_set(cache), 0)
