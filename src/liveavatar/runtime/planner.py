@@ -937,7 +937,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(card, "gpu-memory", metavar="SIZE", help="the card's memory, e.g. 24GiB (default: detected)")
     add_flag(card, "vram-budget", metavar="SIZE", help="cap on the memory the run may use, e.g. 22GiB")
     add_flag(card, "headroom", metavar="SIZE", help="memory kept free for misprediction "
-             f"(default max({DEFAULT_HEADROOM_BYTES / GiB:g} GiB, {DEFAULT_HEADROOM_FRACTION:.0%} of the budget))")
+             f"(default max({DEFAULT_HEADROOM_BYTES / GiB:g} GiB, {DEFAULT_HEADROOM_FRACTION * 100:g}%% of the budget))")
     add_flag(card, "host-memory", metavar="SIZE", help="host RAM for pinned buffers (default: 90%% of what "
              "is available when planning for this machine's GPU, else unlimited)")
     add_flag(card, "hardware", choices=sorted(HARDWARE_PRESETS), help="rates of a card to plan for "
