@@ -2,9 +2,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIVEAVATAR_SHARED", REPO.parent / "shared"))
+
+# Tiny models: every op is so small that thread hand-offs cost more than they save (measured: an end-to-end
+# API test takes 16 s with one thread, 52 s with two on the 2-core CI machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

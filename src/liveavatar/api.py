@@ -13,6 +13,7 @@ a prompt is not in the on-disk prompt cache, and freed right after encoding it.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -36,6 +37,9 @@ from liveavatar.runtime.conditioning import (
     clip_noise,
     encode_reference,
 )
+from liveavatar.runtime.offload import load_placed_dit
+from liveavatar.runtime.placement import Placement
+from liveavatar.runtime.planner import plan_for_settings
 from liveavatar.runtime.progress import Progress
 from liveavatar.runtime.sampler import BlockLatents, SequentialExecutor, VideoFrames, ref_rope_shifts, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
@@ -116,23 +120,26 @@ class LiveAvatarPipeline:
     def from_pretrained(cls, ckpt_dir: str | os.PathLike, *, lora: str | os.PathLike | None = LORA_REPO,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         lora_alpha: float | None = None, fp8: bool = False, t5_cpu: bool = False,
-                        prompt_cache_dir: str | os.PathLike | None = None) -> "LiveAvatarPipeline":
+                        prompt_cache_dir: str | os.PathLike | None = None,
+                        placement: Placement | None = None) -> "LiveAvatarPipeline":
         """Load the release (or ``liveavatar make-tiny`` checkpoints) from ``ckpt_dir`` (the Wan2.2-S2V-14B
         folder). ``lora``: the Live-Avatar LoRA as a file, a folder or a Hub id in the local cache; None runs
         the base weights. ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA and
-        float32 on CPU. ``fp8`` converts the DiT's linears to FP8 after the LoRA merge (as ``--fp8``)."""
+        float32 on CPU. ``fp8`` converts the DiT's linears to FP8 after the LoRA merge (as ``--fp8``).
+        ``placement`` (from the memory planner) decides weight dtype, streamed layers, cache locations and
+        where the text encoder runs; it overrides ``fp8`` and ``t5_cpu``. Default: everything resident."""
         layout = CheckpointLayout.discover(ckpt_dir, None if lora is None else os.fspath(lora))
         layout.validate()
         device = resolve_device(device)
         dtype = _resolve_dtype(dtype, device)
-        transformer = CausalS2VTransformer.from_pretrained(layout.dit_dir, device=device, dtype=dtype,
-                                                           lora=layout.lora, lora_alpha=lora_alpha)
-        if fp8:
-            from liveavatar.runtime.fp8 import convert_to_fp8, fp8_kernel_for
-
-            convert_to_fp8(transformer, kernel=fp8_kernel_for(device))
+        if placement is None:
+            placement = Placement(weight_dtype="fp8" if fp8 else "bf16",
+                                  text_encoder="cpu" if t5_cpu else "gpu_then_free")
+        transformer = load_placed_dit(layout.dit_dir, placement, device=device, dtype=dtype, lora=layout.lora,
+                                      lora_alpha=lora_alpha)
         vae = WanVAE.from_checkpoint(layout.vae, device=device, dtype=dtype)
-        text_encoder = TextEncoder.from_pretrained(layout.ckpt_dir, device="cpu" if t5_cpu else device, dtype=dtype,
+        text_device = "cpu" if placement.text_encoder == "cpu" else device
+        text_encoder = TextEncoder.from_pretrained(layout.ckpt_dir, device=text_device, dtype=dtype,
                                                    cache_dir=prompt_cache_dir)
         audio_encoder = AudioFeatureExtractor.from_pretrained(layout.wav2vec2, device=device, dtype=dtype)
         return cls(transformer, vae, text_encoder, audio_encoder, device=device, dtype=dtype)
@@ -274,8 +281,13 @@ def generate_from_settings(settings: GenerationSettings, *, progress: bool = Tru
     """What ``liveavatar generate`` runs once the settings are validated: load, generate, return the mp4 path."""
     picture = load_image(settings.image)
     height, width = size_for_area(picture.height, picture.width, settings.size_area)
+    # Planned before anything heavy is loaded: a run that cannot fit is refused here, with the numbers.
+    plan = plan_for_settings(settings).check()
+    if progress and resolve_device(settings.device).type == "cuda":
+        print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
+              f"({plan.budget_source})", file=sys.stderr)
     pipe = LiveAvatarPipeline.from_pretrained(settings.ckpt_dir, lora=settings.lora, device=settings.device,
-                                              dtype=settings.dtype, fp8=settings.fp8, t5_cpu=settings.t5_cpu)
+                                              dtype=settings.dtype, placement=plan.placement)
     return pipe.generate(picture, settings.audio[0], settings.prompt, output=settings.output_path(width, height),
                          keep_partial=settings.keep_partial, progress=progress, size=settings.size_area,
                          infer_frames=settings.infer_frames, sample_steps=settings.sample_steps,
