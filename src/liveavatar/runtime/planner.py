@@ -54,6 +54,9 @@ FFN_BYTES_PER_TOKEN_DIM = 12.0
 FP8_INPUT_QUANT_BYTES = 5
 # FP8 weight-only dequantises a weight through fp32 into the run dtype: 4 B + 2 B per weight element.
 FP8_DEQUANT_BYTES = 6
+# Memory traffic per element of an FP8 KV window dequantised for every attention call (codes -> fp32,
+# times the scale, -> bf16: 1 + 4 + 4 + 4 + 4 + 2 bytes).
+FP8_KV_DEQUANT_BYTES = 19
 # CALIBRATED: live bytes per element of one decoded latent frame's full-resolution feature map
 # (base_dim channels × temporal factor frames × H × W) while the VAE decodes it.
 VAE_DECODE_TRANSIENT_BYTES_PER_ELEMENT = 22.0
@@ -69,16 +72,24 @@ CUDA_CONTEXT_BYTES = 640 * MiB
 ALLOCATOR_FRAGMENTATION = 0.03
 DEFAULT_HEADROOM_BYTES = 1 * GiB
 DEFAULT_HEADROOM_FRACTION = 0.05
-# CALIBRATED: achieved fraction of peak FLOP/s for the DiT's matmuls, attention and the VAE's convs, and
-# the element-wise traffic (norms, modulation, RoPE, residuals, key concatenation: ~410 B counted from the
-# block's code, plus what eager mode adds) per block token x width per layer, and a per-forward overhead.
-# Fitted to the first H100 measurement in benchmarks/RESULTS.md (bf16, all resident, 704*384: 2.00 s per
-# block; the model gives 1.93 s).
-MATMUL_EFFICIENCY = 0.45
-ATTENTION_EFFICIENCY = 0.3
-VAE_EFFICIENCY = 0.15
-ELEMENTWISE_BYTES_PER_TOKEN_DIM = 500.0
+# CALIBRATED: achieved fraction of peak FLOP/s of the DiT's bf16 matmuls, its FP8 matmuls (with their
+# fused activation quantiser) and its attention; the element-wise traffic (norms, modulation, RoPE,
+# residuals, key concatenation; ~410 B counted from the block's code, plus what eager mode adds) per block
+# token x width per layer; a per-forward overhead. The VAE decode of a block: conv efficiency plus a fixed
+# per-block cost (it runs frame by frame, many small calls). Fitted to the H100 runs in
+# benchmarks/RESULTS.md (704*384 per forward: bf16 0.362 s, FP8 0.336 s, 512x512 FP8 + FP8 KV 0.390 s;
+# decode 0.32 s per block at 704*384 and 0.14 s at 384*256).
+MATMUL_EFFICIENCY = 0.55
+FP8_MATMUL_EFFICIENCY = 0.35
+ATTENTION_EFFICIENCY = 0.55
+ELEMENTWISE_BYTES_PER_TOKEN_DIM = 600.0
 FORWARD_OVERHEAD_S = 0.01
+VAE_EFFICIENCY = 0.10
+VAE_DECODE_OVERHEAD_S = 0.043
+# CALIBRATED: host time to issue one block's kernels, and the extra per FP8 linear (its quantiser call);
+# a layer takes at least this long however small the block (384*256 runs: 0.168 s per bf16 forward).
+HOST_SECONDS_PER_LAYER = 0.004
+HOST_SECONDS_PER_FP8_LINEAR = 0.0001
 LATENT_FRAMES_PER_BLOCK = 3
 VIDEO_FRAMES_PER_LATENT = 4
 # Standard --size areas, largest first: the "nearest setting that fits" walks down this list.
@@ -456,7 +467,7 @@ def _layer_compute_s(inv: DiTInventory, work: Workload, placement: Placement, hw
     tokens, dim = work.block_tokens, inv.dim
     matmul_flops = 2 * tokens * unit.token_matmul_elements + 2 * inv.text_len * unit.context_matmul_elements
     if placement.weight_dtype == "fp8" and hw.has_fp8_matmul:
-        matmul_s = matmul_flops / (hw.fp8_flops * MATMUL_EFFICIENCY)
+        matmul_s = matmul_flops / (hw.fp8_flops * FP8_MATMUL_EFFICIENCY)
         elementwise = FP8_INPUT_QUANT_BYTES * 2 * tokens * (unit.token_matmul_elements / dim)
     else:
         matmul_s = matmul_flops / (hw.bf16_flops * MATMUL_EFFICIENCY)
@@ -465,8 +476,12 @@ def _layer_compute_s(inv: DiTInventory, work: Workload, placement: Placement, hw
     attention_s = attention_flops / (hw.bf16_flops * ATTENTION_EFFICIENCY)
     elementwise += ELEMENTWISE_BYTES_PER_TOKEN_DIM * tokens * dim + 4 * work.run_dtype_bytes * keys * dim
     if placement.kv_dtype == "fp8":
-        elementwise += 3 * (keys - work.geometry.cond_tokens) * 2 * dim
-    return matmul_s + attention_s + elementwise / hw.hbm_bytes_per_s
+        elementwise += FP8_KV_DEQUANT_BYTES * (keys - work.geometry.cond_tokens) * 2 * dim
+    gpu_s = matmul_s + attention_s + elementwise / hw.hbm_bytes_per_s
+    # Small blocks are bound by the host issuing the layer's ~150 kernels (more for FP8 linears).
+    host_s = HOST_SECONDS_PER_LAYER + (HOST_SECONDS_PER_FP8_LINEAR * unit.fp8_linears
+                                       if placement.weight_dtype == "fp8" else 0.0)
+    return max(gpu_s, host_s)
 
 
 def simulate_forward(compute_s: list[float], fetch: list[list[float]], writeback_s: list[float],
@@ -534,8 +549,8 @@ def estimate_speed(inv: DiTInventory, work: Workload, placement: Placement, hw: 
     writeback_bytes = work.block_tokens * kv_bytes if placement.kv_location == "host" else 0
     writeback = [writeback_bytes / hw.d2h_bytes_per_s] * inv.num_layers
     forward_s = simulate_forward(compute, [weights_fetch, window], writeback)
-    decode_s = (work.video_frames_per_block * work.height * work.width * VAE_DECODE_FLOPS_PER_PIXEL
-                / (hw.bf16_flops * VAE_EFFICIENCY))
+    decode_s = VAE_DECODE_OVERHEAD_S + (work.video_frames_per_block * work.height * work.width
+                                        * VAE_DECODE_FLOPS_PER_PIXEL / (hw.bf16_flops * VAE_EFFICIENCY))
     dit_s = work.kv_sets_per_gpu * forward_s
     block_s = dit_s + decode_s if work.vae_on_dit_gpu and work.num_gpus == 1 else max(dit_s, decode_s)
     h2d = int(sum(inv.layers[i].nbytes(placement.weight_dtype, b) for i in placement.streamed_layers)
