@@ -900,7 +900,8 @@ def transformer_config_for(ckpt_dir: str | os.PathLike | None, config_name: str 
     return TransformerConfig.full_14b()
 
 
-CPU_HARDWARE = Hardware("CPU (no GPU)", 1e12, None, 5e10, float("inf"), float("inf"))
+# A CPU run: nothing crosses a host link (the rates only keep the speed model finite).
+CPU_HARDWARE = Hardware("CPU (no GPU)", 1e12, None, 5e10, 1e15, 1e15)
 
 
 def plan_for_settings(settings, gpu_memory_bytes: int | None = None) -> Plan:
