@@ -4,7 +4,6 @@ The bookkeeping tests drive the real loop with a stand-in executor and VAE whose
 the latent frame they come from, so every clip/block/frame index the loop computes can be checked.
 """
 import json
-import os
 
 import numpy as np
 import pytest
@@ -239,8 +238,7 @@ def test_tpp_loop_fixture_passes(fixtures_dir, capsys):
 
 
 # The single-GPU fixtures decode 104 latents and re-encode 365 frames per clip (the reference's own cost):
-# about a CPU minute each, so they run when asked (the parity runner always runs them).
-@pytest.mark.skipif(not os.environ.get("LIVEAVATAR_SLOW_TESTS"), reason="set LIVEAVATAR_SLOW_TESTS=1")
+# about 75 s each on one CPU thread, the suite's slowest tests, but the loop's parity depends on them.
 @pytest.mark.parametrize("name", ["B_loop_offline", "B_loop_online"])
 def test_single_gpu_loop_fixtures_pass(fixtures_dir, capsys, name):
     assert parity.main([str(fixtures_dir), "--only", name]) == 0, capsys.readouterr().out

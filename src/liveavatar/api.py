@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Iterator, Union
 
 import numpy as np
-import torch
+
+# Growable segments keep reserved GPU memory close to allocated (the planner budgets allocated bytes):
+# without them a run reserved 78.5 GiB for 60.7 GiB allocated. Read when CUDA first allocates.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 from PIL import Image
 
 from liveavatar.checkpoints.layout import LORA_REPO, CheckpointLayout

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import statistics
 import time
@@ -51,9 +50,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def bench_from_args(args: argparse.Namespace) -> dict:
     import torch
 
-    # Fewer, growable segments: reserved memory stays close to allocated (what a memory cap limits).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    from liveavatar.api import resolve_device
+    from liveavatar.api import resolve_device  # also sets the CUDA allocator's growable segments
 
     device = resolve_device(args.device)
     if args.blocks < 1 or args.warmup_blocks < 0:
