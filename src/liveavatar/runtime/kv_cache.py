@@ -98,11 +98,7 @@ class CondCache:
 
     def begin(self, positions: torch.Tensor, ref_tokens: int, latent_hw: tuple[int, int]) -> None:
         """Start a prefill of ``len(positions)`` condition tokens (replacing any earlier one)."""
-        tokens = positions.shape[0]
-        if tokens > self.capacity:
-            raise ValueError(f"{tokens} condition tokens for latent size {latent_hw[0]}x{latent_hw[1]} do not fit "
-                             f"a cond cache of {self.capacity}; create it with "
-                             f"cond_tokens=config.cond_tokens(latent_h, latent_w)")
+        tokens = check_cond_capacity(positions.shape[0], self.capacity, latent_hw)
         self.length = tokens
         self.positions = positions
         self.ref_tokens = ref_tokens
@@ -116,3 +112,11 @@ class CondCache:
     def entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's un-roped keys and values, [1, length, heads, head_dim]."""
         return self.k[layer, :self.length].unsqueeze(0), self.v[layer, :self.length].unsqueeze(0)
+
+
+def check_cond_capacity(tokens: int, capacity: int, latent_hw: tuple[int, int]) -> int:
+    """``tokens`` if a cond cache of ``capacity`` holds them, else the error that says how to size it."""
+    if tokens > capacity:
+        raise ValueError(f"{tokens} condition tokens for latent size {latent_hw[0]}x{latent_hw[1]} do not fit "
+                         f"a cond cache of {capacity}; create it with cond_tokens=config.cond_tokens(latent_h, latent_w)")
+    return tokens

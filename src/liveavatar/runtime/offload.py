@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from liveavatar.runtime.fp8 import FP8_DTYPE, convert_to_fp8, dequantize_rows, fp8_kernel_for, quantize_rows
+from liveavatar.runtime.kv_cache import check_cond_capacity
 from liveavatar.runtime.placement import Placement
 
 SLOT_ALIGNMENT = 256
@@ -466,11 +467,7 @@ class HostCondCache:
     nbytes = property(lambda self: self.host.nbytes)
 
     def begin(self, positions: torch.Tensor, ref_tokens: int, latent_hw: tuple[int, int]) -> None:
-        tokens = positions.shape[0]
-        if tokens > self.capacity:
-            raise ValueError(f"{tokens} condition tokens for latent size {latent_hw[0]}x{latent_hw[1]} do not fit "
-                             f"a cond cache of {self.capacity}; create it with "
-                             f"cond_tokens=config.cond_tokens(latent_h, latent_w)")
+        tokens = check_cond_capacity(positions.shape[0], self.capacity, latent_hw)
         self.length, self.positions, self.ref_tokens, self.latent_hw = tokens, positions, ref_tokens, latent_hw
         self.version += 1
         self.streamer.begin_prefill()
