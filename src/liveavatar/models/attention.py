@@ -34,8 +34,8 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
-class CrossAttention(nn.Module):
-    """Queries from the hidden states, keys/values from a context; q and k RMS-normalised."""
+class AttentionProjections(nn.Module):
+    """The q, k, v, o linears and the RMS norms of q and k, under the release's parameter names."""
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -46,6 +46,10 @@ class CrossAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+
+
+class CrossAttention(AttentionProjections):
+    """Queries from the hidden states, keys/values from a context; q and k RMS-normalised."""
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, Lc, heads, D] of a context [B, Lc, dim] (cacheable while it is unchanged)."""

@@ -38,7 +38,7 @@ from liveavatar.checkpoints.safetensors_io import (
     load_into,
     save_sharded,
 )
-from liveavatar.models.attention import CrossAttention, RMSNorm, attention
+from liveavatar.models.attention import AttentionProjections, CrossAttention, attention
 from liveavatar.models.audio_injection import AudioInjector, CausalAudioEncoder
 from liveavatar.models.rope import (
     apply_rotation,
@@ -187,16 +187,8 @@ def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), layer.weight.float(), layer.bias.float())
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+class SelfAttention(AttentionProjections):
+    """Self-attention of the block tokens (and the sink's condition tokens) over the KV and cond caches."""
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Un-roped q, k and v [1, L, heads, head_dim]."""
