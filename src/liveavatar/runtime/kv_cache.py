@@ -16,21 +16,18 @@ from __future__ import annotations
 import torch
 
 
-def _buffer(num_layers: int, tokens: int, num_heads: int, head_dim: int,
-            device: torch.device | str | None, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(num_layers, tokens, num_heads, head_dim, device=device, dtype=dtype)
+class _LayerKV:
+    """Keys ``k`` and values ``v`` [layers, capacity, heads, head_dim], allocated once for the run."""
 
-
-class KVCache:
-    """Per-layer ring buffer ``k``/``v`` [layers, capacity, heads, head_dim] for one denoising step."""
+    kind = "KV"
 
     def __init__(self, *, num_layers: int, capacity: int, num_heads: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         if capacity <= 0:
-            raise ValueError(f"KV cache capacity must be positive, got {capacity} tokens")
-        self.k = _buffer(num_layers, capacity, num_heads, head_dim, device, dtype)
-        self.v = _buffer(num_layers, capacity, num_heads, head_dim, device, dtype)
-        self.end = 0  # absolute token index just past the furthest token written so far
+            raise ValueError(f"{self.kind} cache capacity must be positive, got {capacity} tokens")
+        shape = (num_layers, capacity, num_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     @property
     def capacity(self) -> int:
@@ -39,6 +36,14 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+class KVCache(_LayerKV):
+    """Per-layer ring buffer ``k``/``v`` [layers, capacity, heads, head_dim] for one denoising step."""
+
+    def __init__(self, **sizes):
+        super().__init__(**sizes)
+        self.end = 0  # absolute token index just past the furthest token written so far
 
     def reset(self) -> None:
         """Forget every block (a new video starts); the memory is reused."""
@@ -71,30 +76,20 @@ class KVCache:
         return self.k[layer, :filled].unsqueeze(0), self.v[layer, :filled].unsqueeze(0)
 
 
-class CondCache:
+class CondCache(_LayerKV):
     """Un-roped condition-token keys ``k`` and values ``v`` [layers, capacity, heads, head_dim], the
     number of valid tokens ``length``, their sink RoPE ``positions`` [length, 3] (frame, row, column),
     how many of them belong to the reference frame (``ref_tokens``, at the front) and the latent size
     (``latent_hw``) they were made for."""
 
-    def __init__(self, *, num_layers: int, capacity: int, num_heads: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        if capacity <= 0:
-            raise ValueError(f"cond cache capacity must be positive, got {capacity} tokens")
-        self.k = _buffer(num_layers, capacity, num_heads, head_dim, device, dtype)
-        self.v = _buffer(num_layers, capacity, num_heads, head_dim, device, dtype)
+    kind = "cond"
+
+    def __init__(self, **sizes):
+        super().__init__(**sizes)
         self.length = 0
         self.positions: torch.Tensor | None = None
         self.ref_tokens = 0
         self.latent_hw: tuple[int, int] | None = None
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
     def begin(self, positions: torch.Tensor, ref_tokens: int, latent_hw: tuple[int, int]) -> None:
         """Start a prefill of ``len(positions)`` condition tokens (replacing any earlier one)."""
