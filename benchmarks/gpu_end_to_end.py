@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
     from liveavatar.models.vae import VAEConfig, WanVAE
     from liveavatar.runtime.bench import random_init_
-    from liveavatar.settings import parse_size, size_for_area
+    from liveavatar.geometry import size_for_area
+    from liveavatar.settings import parse_size
 
     dtype = torch.bfloat16
     if cuda:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from liveavatar.geometry import ClipGeometry
 from liveavatar.runtime.conditioning import (
-    ClipGeometry,
     StreamedAudio,
     WholeFileAudio,
     clip_noise,

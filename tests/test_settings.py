@@ -6,9 +6,9 @@ import pytest
 
 from liveavatar.errors import InputError
 from liveavatar.io.media import load_audio
-from liveavatar.settings import (GenerationSettings, GenerationShape, audio_clip_count, parse_bool,
-                                 parse_ref_rope_offset, parse_size, parse_vram_budget, size_for_area,
-                                 split_audio_spec)
+from liveavatar.geometry import audio_clip_count, size_for_area
+from liveavatar.settings import (GenerationSettings, GenerationShape, parse_bool, parse_ref_rope_offset, parse_size,
+                                 parse_vram_budget, split_audio_spec)
 
 
 @pytest.mark.parametrize("text", ["704*384", "704x384", "704X384", "704×384", "704 * 384", " 384*704 "])

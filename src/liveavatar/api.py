@@ -35,8 +35,8 @@ from liveavatar.models.audio_features import AudioFeatureExtractor, StreamingAud
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.transformer import CausalS2VTransformer
 from liveavatar.models.vae import WanVAE
+from liveavatar.geometry import AUDIO_SAMPLE_RATE, DEFAULT_SIZE, FPS, WAV2VEC_WINDOW, ClipGeometry, audio_clip_count, size_for_area
 from liveavatar.runtime.conditioning import (
-    ClipGeometry,
     StreamedAudio,
     WholeFileAudio,
     clip_noise,
@@ -48,16 +48,7 @@ from liveavatar.runtime.planner import plan_for_settings
 from liveavatar.runtime.progress import Progress
 from liveavatar.runtime.sampler import BlockLatents, SequentialExecutor, VideoFrames, ref_rope_shifts, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
-from liveavatar.settings import (
-    AUDIO_SAMPLE_RATE,
-    DEFAULT_SIZE,
-    FPS,
-    WAV2VEC_WINDOW,
-    GenerationSettings,
-    audio_clip_count,
-    parse_size,
-    size_for_area,
-)
+from liveavatar.settings import GenerationSettings, parse_size
 
 # Audio longer than this gets its wav2vec2 features block by block (bounded memory) instead of in one pass
 # over the whole file as the reference does (whose attention cost grows with the square of the length).

@@ -5,32 +5,31 @@ height/width come from the reference's own search (``size_for_area``), so output
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from liveavatar.checkpoints.layout import BASE_DIR_NAME, LORA_REPO, CheckpointLayout
+from liveavatar.geometry import (
+    AUDIO_SAMPLE_RATE,
+    DEFAULT_SIZE,
+    FPS,
+    FRAMES_PER_BLOCK,
+    MIN_AREA,
+    SIZE_GRANULARITY as MIN_SIDE,
+    MODES,
+    REF_ROPE_OFFSET_RANGE,
+    WAV2VEC_WINDOW,
+    ClipGeometry,
+    audio_clip_count,
+    size_for_area,
+)
 from liveavatar.errors import InputError
 
-FPS = 25
-AUDIO_SAMPLE_RATE = 16_000
-# wav2vec2 frames: 400-sample receptive field, 320-sample hop (50 Hz at 16 kHz); resampled to 30 Hz.
-WAV2VEC_WINDOW, WAV2VEC_HOP, WAV2VEC_RATE, AUDIO_FEATURE_RATE = 400, 320, 50, 30
-FRAMES_PER_BLOCK = 12  # 3 latent frames x 4 (VAE time stride)
-DROPPED_LEADING_FRAMES = 3  # the reference drops the first 3 decoded frames
-SIZE_GRANULARITY = 64
-VAE_STRIDE = 8
-PATCH = 2
-MIN_AREA = SIZE_GRANULARITY * SIZE_GRANULARITY
-
-DEFAULT_SIZE = "704*384"
 DEFAULT_CKPT_DIR = f"ckpt/{BASE_DIR_NAME}"
-MODES = ("streaming", "single_gpu")
 # The model code runs in bfloat16 (real runs) or float32 (tests, fixtures).
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
-REF_ROPE_OFFSET_RANGE = (4, 30)  # the reference draws relative_dist from randint(4, 30)
 MAX_SEED = 2**63 - 1
 
 SIZE_FORMS = "704*384, 704x384, 704X384, 704×384 or '704 * 384'"
@@ -49,46 +48,6 @@ def parse_size(text: str) -> int:
     if area < MIN_AREA:
         raise InputError(f"--size {text!r}: the area must be at least 64*64; accepted forms: {SIZE_FORMS}")
     return area
-
-
-def size_for_area(image_h: int, image_w: int, area: int, divisor: int = SIZE_GRANULARITY) -> tuple[int, int]:
-    """The reference's ``get_size_less_than_area``: the largest (height, width), multiples of 64, with
-    height*width <= area and the image's aspect ratio, found by a 100-step scale scan.
-
-    Kept exactly, quirks included: the lower scan bound solves the quadratic with 2ac instead of 4ac, the
-    candidates are rounded up to 64 whatever ``divisor`` is, and the fallback is the reference's.
-    """
-    if image_h * image_w <= area:
-        min_scale, max_scale = 0.1, 1.0
-    else:
-        d = divisor - 1
-        a = image_h * image_w
-        b = d * (image_h + image_w)
-        c = d**2 - area
-        min_scale = (-b + math.sqrt(b**2 - 2 * a * c)) / (2 * a)
-        max_scale = math.sqrt(area / (image_h * image_w))
-    for i in range(100):
-        scale = max_scale - (max_scale - min_scale) * i / 100
-        height, width = int(image_h * scale), int(image_w * scale)
-        height += (64 - height % 64) % 64
-        width += (64 - width % 64) % 64
-        if height * width <= area:
-            return height, width
-    aspect = image_w / image_h
-    width = int((area * aspect) ** 0.5 // divisor * divisor)
-    height = int((area / aspect) ** 0.5 // divisor * divisor)
-    if width >= image_w or height >= image_h:
-        width = int(image_w // divisor * divisor)
-        height = int(image_h // divisor * divisor)
-    return height, width
-
-
-def audio_clip_count(num_samples_16k: int, infer_frames: int) -> int:
-    """Clips the reference derives from an audio of ``num_samples_16k`` samples at 16 kHz (without wav2vec2):
-    T50 wav2vec2 frames -> int(T50/50*30) frames at 30 Hz -> int(N30 / (infer_frames*1.2)) + 1 clips."""
-    frames_50 = (num_samples_16k - WAV2VEC_WINDOW) // WAV2VEC_HOP + 1
-    frames_30 = int(frames_50 / float(WAV2VEC_RATE) * AUDIO_FEATURE_RATE)
-    return int(frames_30 / (infer_frames * (AUDIO_FEATURE_RATE / FPS))) + 1
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -252,18 +211,19 @@ class GenerationShape:
         """``image_size`` is PIL's (width, height); ``audio_samples_16k`` the audio's length at 16 kHz."""
         image_w, image_h = image_size
         height, width = size_for_area(image_h, image_w, settings.size_area)
-        if height < SIZE_GRANULARITY or width < SIZE_GRANULARITY:
+        if height < MIN_SIDE or width < MIN_SIDE:
             raise InputError(f"--image {settings.image}: its aspect ratio {image_w}x{image_h} is too extreme for "
                              f"--size area {settings.size_area} (got {width}x{height}); crop it or raise the area")
         if audio_samples_16k < WAV2VEC_WINDOW:
             raise InputError(f"--audio: shorter than {WAV2VEC_WINDOW / AUDIO_SAMPLE_RATE * 1000:.0f} ms of sound")
+        geometry = ClipGeometry(height, width, settings.infer_frames)
         audio_clips = audio_clip_count(audio_samples_16k, settings.infer_frames)
         num_clips = audio_clips if settings.num_clip is None else min(settings.num_clip, audio_clips)
-        num_frames = settings.infer_frames * num_clips - DROPPED_LEADING_FRAMES
+        num_frames = geometry.video_frames(num_clips)
         return cls(
             width=width, height=height,
-            latent_width=width // VAE_STRIDE, latent_height=height // VAE_STRIDE,
-            tokens_per_frame=(width // (VAE_STRIDE * PATCH)) * (height // (VAE_STRIDE * PATCH)),
+            latent_width=geometry.latent_width, latent_height=geometry.latent_height,
+            tokens_per_frame=geometry.frame_tokens,
             infer_frames=settings.infer_frames, audio_clips=audio_clips, num_clips=num_clips,
             num_frames=num_frames, fps=FPS, duration_s=round(num_frames / FPS, 3),
             audio_s=round(audio_samples_16k / AUDIO_SAMPLE_RATE, 3),

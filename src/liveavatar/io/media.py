@@ -20,7 +20,8 @@ import soxr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from liveavatar.errors import InputError
-from liveavatar.settings import AUDIO_SAMPLE_RATE, split_audio_spec
+from liveavatar.geometry import AUDIO_SAMPLE_RATE
+from liveavatar.settings import split_audio_spec
 
 if TYPE_CHECKING:
     import torch

@@ -121,7 +121,8 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
 
     from liveavatar.models.transformer import CausalS2VTransformer
     from liveavatar.models.vae import VAEConfig, WanVAE
-    from liveavatar.runtime.conditioning import (ClipGeometry, ReferenceLatents, WholeFileAudio, clip_noise,
+    from liveavatar.geometry import ClipGeometry
+    from liveavatar.runtime.conditioning import (ReferenceLatents, WholeFileAudio, clip_noise,
                                                  motion_history)
     from liveavatar.runtime.offload import install_cache_placement, place_dit
     from liveavatar.runtime.planner import transformer_config_for

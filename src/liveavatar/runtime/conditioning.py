@@ -17,81 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from liveavatar.models.transformer import TransformerConfig
+from liveavatar.geometry import LATENT_CHANNELS, MOTION_FRAMES, MOTION_LATENT_FRAMES, ClipGeometry, check_mode
 
-# Constants of the released model and of both reference pipelines (motion_frames=[73, 19], 3-frame
-# blocks, 4x temporal VAE compression, the first 3 decoded frames dropped).
-MOTION_FRAMES = 73
-MOTION_LATENT_FRAMES = (MOTION_FRAMES + 3) // 4
-LATENT_FRAMES_PER_BLOCK = 3
-LATENT_CHANNELS = 16
-DROPPED_LEADING_FRAMES = 3
 SINGLE_GPU_REFERENCE_REPEATS = 5
-MODES = ("streaming", "single_gpu")
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
-    return mode
-
-
-@dataclass(frozen=True)
-class ClipGeometry:
-    """Sizes of one clip: pixels, latents, tokens and blocks."""
-
-    height: int
-    width: int
-    infer_frames: int
-
-    def __post_init__(self):
-        if self.height % 64 or self.width % 64 or self.height <= 0 or self.width <= 0:
-            raise ValueError(f"video size must be positive multiples of 64 (got {self.width}x{self.height})")
-        if self.infer_frames <= 0 or self.infer_frames % 12:
-            raise ValueError(f"infer_frames must be a positive multiple of 12 (got {self.infer_frames}); "
-                             "other values leave latent frames of every clip undenoised in the reference")
-
-    @property
-    def latent_height(self) -> int:
-        return self.height // 8
-
-    @property
-    def latent_width(self) -> int:
-        return self.width // 8
-
-    @property
-    def frame_tokens(self) -> int:
-        """Tokens per latent frame after the 1x2x2 patch embedding (the reference's frame_seq_length)."""
-        return (self.latent_height // 2) * (self.latent_width // 2)
-
-    @property
-    def cond_tokens(self) -> int:
-        """Sink tokens: the reference frame and the frame-packed motion latents."""
-        return TransformerConfig().cond_tokens(self.latent_height, self.latent_width)
-
-    @property
-    def latent_frames(self) -> int:
-        """Latent frames per clip, computed as the reference does."""
-        return (self.infer_frames + 3 + MOTION_FRAMES) // 4 - MOTION_LATENT_FRAMES
-
-    @property
-    def blocks_per_clip(self) -> int:
-        return self.latent_frames // LATENT_FRAMES_PER_BLOCK
-
-    @property
-    def frames_per_block(self) -> int:
-        """Video frames a block contributes (= the audio frames it is driven by)."""
-        return self.infer_frames // self.blocks_per_clip
-
-    def start_frame(self, clip: int, block: int) -> int:
-        """Absolute latent-frame index of a block (the reference's current_start // frame_seq_length)."""
-        return clip * self.blocks_per_clip * LATENT_FRAMES_PER_BLOCK + block * LATENT_FRAMES_PER_BLOCK
-
-    def video_frames(self, num_clips: int) -> int:
-        return num_clips * self.infer_frames - DROPPED_LEADING_FRAMES
-
-    def block_slice(self, block: int) -> slice:
-        return slice(block * LATENT_FRAMES_PER_BLOCK, (block + 1) * LATENT_FRAMES_PER_BLOCK)
 
 
 class WholeFileAudio:

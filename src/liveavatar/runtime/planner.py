@@ -90,8 +90,6 @@ VAE_DECODE_OVERHEAD_S = 0.043
 # a layer takes at least this long however small the block (384*256 runs: 0.168 s per bf16 forward).
 HOST_SECONDS_PER_LAYER = 0.004
 HOST_SECONDS_PER_FP8_LINEAR = 0.0001
-LATENT_FRAMES_PER_BLOCK = 3
-VIDEO_FRAMES_PER_LATENT = 4
 # Standard --size areas, largest first: the "nearest setting that fits" walks down this list.
 STANDARD_SIZES = ("720*400", "704*384", "688*368", "384*256")
 
@@ -161,17 +159,17 @@ class Workload:
 
     @functools.cached_property
     def geometry(self):
-        from liveavatar.runtime.conditioning import ClipGeometry
+        from liveavatar.geometry import ClipGeometry
 
         return ClipGeometry(self.height, self.width, self.infer_frames)
 
     @property
     def block_tokens(self) -> int:
-        return LATENT_FRAMES_PER_BLOCK * self.geometry.frame_tokens
+        return self.geometry.block_tokens
 
     @property
     def kv_tokens(self) -> int:
-        return self.geometry.latent_frames * self.geometry.frame_tokens
+        return self.geometry.kv_tokens
 
     @property
     def video_frames_per_block(self) -> int:
@@ -814,7 +812,8 @@ def nearest_fitting(inv: DiTInventory, work: Workload, hw: Hardware, budget_byte
                     host_budget_bytes: int | None, pins: Pins) -> list[str]:
     """Closest settings that fit: the planner's own choice instead of the pinned placements, fewer frames
     per clip, or the next smaller standard --size (same aspect ratio)."""
-    from liveavatar.settings import parse_size, size_for_area
+    from liveavatar.geometry import size_for_area
+    from liveavatar.settings import parse_size
 
     def fits(candidate_work: Workload, candidate_pins: Pins) -> Plan | None:
         plan = make_plan(inv, candidate_work, hw, budget_bytes, headroom_bytes=headroom,
@@ -912,7 +911,7 @@ def plan_for_settings(settings, gpu_memory_bytes: int | None = None) -> Plan:
     import torch
 
     from liveavatar.io.media import load_image
-    from liveavatar.settings import size_for_area
+    from liveavatar.geometry import size_for_area
 
     image = load_image(settings.image)
     height, width = size_for_area(image.height, image.width, settings.size_area)
@@ -985,7 +984,8 @@ def _dims_from_size(text: str, image: str | None) -> tuple[int, int]:
     """(height, width): the reference's size search for the area, with the image's aspect ratio or W*H's."""
     import re
 
-    from liveavatar.settings import parse_size, size_for_area
+    from liveavatar.geometry import size_for_area
+    from liveavatar.settings import parse_size
 
     area = parse_size(text)
     if image:

@@ -27,18 +27,18 @@ from typing import Callable, Iterator, Protocol, Sequence, Union
 
 import torch
 
-from liveavatar.runtime.conditioning import (
+from liveavatar.geometry import (
     DROPPED_LEADING_FRAMES,
     MOTION_FRAMES,
     MOTION_LATENT_FRAMES,
+    REF_ROPE_OFFSET_RANGE,
     ClipGeometry,
-    ReferenceLatents,
     check_mode,
 )
+from liveavatar.runtime.conditioning import ReferenceLatents
 from liveavatar.runtime.schedule import FlowMatchSchedule
 
 STREAM_DECODE_WARMUP_LATENTS = 7
-REF_ROPE_SHIFT_RANGE = (4, 30)
 
 RefRopeShift = Callable[[int], int]
 """Gives the reference RoPE shift (the reference's ``relative_dist``) of the next forward of a step."""
@@ -57,7 +57,7 @@ def ref_rope_shifts(policy: Union[str, int], *, base_seed: int, mode: str, num_s
     rank i of the TPP pipeline does, so the draws do not depend on how steps are spread over devices.
     "random" draws from OS entropy, like the (unseeded) reference.
     """
-    low, high = REF_ROPE_SHIFT_RANGE
+    low, high = REF_ROPE_OFFSET_RANGE
     if isinstance(policy, bool) or not isinstance(policy, (int, str)):
         raise ValueError(f"ref_rope_offset must be 'seeded', 'random' or an integer (got {policy!r})")
     if isinstance(policy, int):

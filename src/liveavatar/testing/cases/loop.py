@@ -14,7 +14,8 @@ import torch
 
 from liveavatar.models.transformer import CausalS2VTransformer
 from liveavatar.models.vae import WanVAE
-from liveavatar.runtime.conditioning import ClipGeometry, WholeFileAudio, encode_reference
+from liveavatar.geometry import ClipGeometry
+from liveavatar.runtime.conditioning import WholeFileAudio, encode_reference
 from liveavatar.runtime.sampler import (
     BlockLatents,
     SequentialExecutor,
