@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--config", choices=["14b", "tiny"], default="14b")
     args = parser.parse_args(argv)
-    from liveavatar.api import resolve_device
+    from liveavatar.devices import resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

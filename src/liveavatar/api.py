@@ -20,14 +20,11 @@ from typing import Iterator, Union
 
 import numpy as np
 
-# Growable segments keep reserved GPU memory close to allocated (the planner budgets allocated bytes):
-# without them a run reserved 78.5 GiB for 60.7 GiB allocated. Read when CUDA first allocates.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-import torch  # noqa: E402
+import torch
 from PIL import Image
 
 from liveavatar.checkpoints.layout import LORA_REPO, CheckpointLayout
+from liveavatar.devices import configure_cuda_allocator, resolve_device, resolve_dtype
 from liveavatar.errors import InputError
 from liveavatar.io.media import load_audio, load_image, reference_tensor
 from liveavatar.io.video_writer import Mp4Writer, pixels_to_uint8
@@ -53,7 +50,6 @@ from liveavatar.settings import GenerationSettings, parse_size
 # Audio longer than this gets its wav2vec2 features block by block (bounded memory) instead of in one pass
 # over the whole file as the reference does (whose attention cost grows with the square of the length).
 WHOLE_FILE_AUDIO_LIMIT_S = 300.0
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 AudioInput = Union[str, os.PathLike, np.ndarray]
@@ -75,29 +71,6 @@ class _Run:
     geometry: ClipGeometry
     num_clips: int
     events: Iterator
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The run device, with a CUDA index: torch.cuda's memory and device calls reject a bare "cuda"."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise InputError(f"--dtype {dtype}: expected bfloat16 or float32")
-        dtype = _DTYPES[dtype]
-    if dtype not in (torch.bfloat16, torch.float32):
-        raise InputError(f"--dtype {dtype}: the engine runs in bfloat16 (as the reference) or float32")
-    return dtype
 
 
 class LiveAvatarPipeline:
@@ -127,7 +100,9 @@ class LiveAvatarPipeline:
         layout = CheckpointLayout.discover(ckpt_dir, None if lora is None else os.fspath(lora))
         layout.validate()
         device = resolve_device(device)
-        dtype = _resolve_dtype(dtype, device)
+        dtype = resolve_dtype(dtype, device)
+        if device.type == "cuda":
+            configure_cuda_allocator()
         if placement is None:
             placement = Placement(weight_dtype="fp8" if fp8 else "bf16",
                                   text_encoder="cpu" if t5_cpu else "gpu_then_free")

@@ -25,11 +25,10 @@ from liveavatar.geometry import (
     audio_clip_count,
     size_for_area,
 )
+from liveavatar.devices import DTYPE_NAMES
 from liveavatar.errors import InputError
 
 DEFAULT_CKPT_DIR = f"ckpt/{BASE_DIR_NAME}"
-# The model code runs in bfloat16 (real runs) or float32 (tests, fixtures).
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
 MAX_SEED = 2**63 - 1
 
 SIZE_FORMS = "704*384, 704x384, 704X384, 704×384 or '704 * 384'"
@@ -135,7 +134,7 @@ class GenerationSettings:
         if self.save_file is not None:
             self._normalise("save_file", Path(self.save_file).expanduser().absolute())
         if self.dtype is not None:
-            self._normalise("dtype", DTYPES.get(str(self.dtype).lower(), self.dtype))
+            self._normalise("dtype", DTYPE_NAMES.get(str(self.dtype).lower(), self.dtype))
         if not self.audio:
             raise InputError("--audio: no audio file given")
         if len(self.audio) > 1:
@@ -157,7 +156,7 @@ class GenerationSettings:
         if self.enable_online_decode and self.mode != "single_gpu":
             raise InputError("--enable_online_decode: belongs to --mode single_gpu (the streaming mode always "
                              "refreshes the sink from the first generated latent)")
-        if self.dtype is not None and self.dtype not in DTYPES.values():
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES.values():
             raise InputError(f"--dtype {self.dtype!r}: expected bfloat16 or float32")
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise InputError(f"--device {self.device!r}: expected cuda, cuda:N, cpu or mps")

@@ -50,12 +50,13 @@ def run_bench(args: argparse.Namespace) -> int:
 def bench_from_args(args: argparse.Namespace) -> dict:
     import torch
 
-    from liveavatar.api import resolve_device  # also sets the CUDA allocator's growable segments
+    from liveavatar.devices import configure_cuda_allocator, resolve_device
 
     device = resolve_device(args.device)
     if args.blocks < 1 or args.warmup_blocks < 0:
         raise InputError("--blocks must be at least 1 and --warmup-blocks at least 0")
     if device.type == "cuda":
+        configure_cuda_allocator()
         torch.cuda.set_device(device)
         if args.memory_cap:
             from liveavatar.runtime.planner import _bytes_arg
