@@ -35,7 +35,7 @@ def write_speech(path: Path, seconds: float, source: Path) -> None:
     """``source`` resampled to 16 kHz and tiled to ``seconds``, as 16-bit PCM."""
     from liveavatar.io.media import load_audio
 
-    speech = load_audio(str(source))[0]
+    speech = load_audio(source)
     samples = int(seconds * 16000)
     tiled = np.tile(speech, samples // len(speech) + 1)[:samples]
     with wave.open(str(path), "wb") as out:

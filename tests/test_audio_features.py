@@ -24,7 +24,7 @@ def extractor(fixtures_dir) -> AudioFeatureExtractor:
 @pytest.fixture(scope="module")
 def speech(media_dir) -> np.ndarray:
     """12 s of real speech at 16 kHz (24 kHz float WAV resampled by the media loader)."""
-    return load_audio(str(media_dir / "cyclops_baker.wav"))[0][: 12 * 16000]
+    return load_audio(media_dir / "cyclops_baker.wav")[: 12 * 16000]
 
 
 def test_fixture_d_audio_through_runner(fixtures_dir):

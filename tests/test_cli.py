@@ -141,7 +141,7 @@ def test_every_compatibility_flag_is_accepted_with_one_notice(inputs, capsys):
 
 def test_online_decode_notice_only_in_streaming_mode(inputs, capsys):
     report, err = dry_run_json([*inputs, "--enable_online_decode"], capsys)
-    assert "--enable_online_decode" in err and report["enable_online_decode"] is False
+    assert "notice: enable_online_decode: ignored" in err and report["enable_online_decode"] is False
     report, err = dry_run_json([*inputs, "--enable_online_decode", "--mode", "single_gpu"], capsys)
     assert err == "" and report["mode"] == "single_gpu" and report["enable_online_decode"] is True
 
@@ -213,7 +213,7 @@ def fake_api(monkeypatch):
     """Stands in for liveavatar.api: records the call and writes a file where the real one would."""
     calls = []
 
-    def generate_from_settings(settings, *, progress=True):
+    def generate_from_settings(settings, request=None, *, progress=True):
         calls.append((settings, progress))
         if calls_behaviour:
             raise calls_behaviour[0]

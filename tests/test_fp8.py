@@ -1,10 +1,12 @@
-"""FP8 e4m3 linears (lora_fp8.md §2): the reference's per-tensor scheme, which layers stay in bf16, and the
+"""FP8 e4m3 linears (the reference's fp8_linear.py): the reference's per-tensor scheme, which layers stay in bf16, and the
 two kernels (W8A8 torch._scaled_mm, weight-only)."""
 import pytest
 import torch
 from torch import nn
 
+from liveavatar.geometry import ClipGeometry
 from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
+from liveavatar.runtime.caches import build_caches
 from liveavatar.runtime.fp8 import (
     FP8_DTYPE,
     FP8Linear,
@@ -14,6 +16,7 @@ from liveavatar.runtime.fp8 import (
     quantize_per_tensor,
     quantize_rows,
 )
+from liveavatar.runtime.placement import Placement
 
 KEPT_AT_14B = {"text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
                "time_projection.1", "head.head", "casual_audio_encoder.encoder.final_linear"}
@@ -93,11 +96,12 @@ def test_tiny_dit_with_fp8_weights_tracks_the_bf16_model():
     out = []
     for m in (model, reference):
         g = torch.Generator().manual_seed(2)
-        text = m.embed_text(torch.randn(4, config.text_dim, generator=g))
-        cond = m.new_cond_cache(cond_tokens=config.cond_tokens(h, w))
-        kv = m.new_kv_cache(cache_frames=6, frame_tokens=config.frame_tokens(h, w))
+        text = m.text_kv(torch.randn(4, config.text_dim, generator=g))
+        caches = build_caches(m, Placement(), ClipGeometry(8 * h, 8 * w, 24), range(1), device="cpu",
+                              dtype=torch.float32)
+        kv, cond = caches.kv_sets[0], caches.cond
         m.prefill_sink(cond, text, torch.randn(1, 16, 1, h, w, generator=g), torch.randn(1, 16, 19, h, w, generator=g))
         out.append(m.forward_block(torch.randn(16, 3, h, w, generator=g), 900.0, text,
                                    torch.randn(1, config.audio_layers, config.audio_dim, 12, generator=g), kv, cond,
-                                   start_frame=0, ref_rope_shift=5))
+                                   start_frame=0, ref_rope_offset=5))
     assert ((out[0] - out[1]).norm() / out[1].norm()).item() < 0.1

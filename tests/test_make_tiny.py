@@ -45,7 +45,7 @@ def test_release_loaders_read_it_and_the_widths_agree(tiny, media_dir):
         "A stout, cheerful dwarf")
     assert context.shape[-1] == dit.config.text_dim
     assert dit.embed_text(context.to(torch.float32)).shape[-1] == dit.config.dim
-    (waveform,) = load_audio(str(media_dir / "cyclops_baker.wav"))
+    waveform = load_audio(str(media_dir / "cyclops_baker.wav"))
     hidden = AudioFeatureExtractor.from_pretrained(base / "wav2vec2-large-xlsr-53-english", device="cpu",
                                                    dtype=torch.float32).hidden_states(waveform[:16000])
     assert hidden.shape[0] == dit.config.audio_layers and hidden.shape[-1] == dit.config.audio_dim

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from liveavatar.errors import InputError
 from liveavatar.io.media import decode_audio, fit_image, load_audio, load_image, reference_tensor, resample_to_16k
+from liveavatar.settings import split_audio_spec
 
 
 # ----------------------------------------------------------------------------------------------- image
@@ -114,7 +115,7 @@ def test_bad_images_give_one_line(tmp_path, media_dir, case):
 
 def test_pcm16_wav_matches_fixture_d(fixtures_dir):
     expected = load_file(str(fixtures_dir / "D_encoders.safetensors"))["audio.in.waveform"].numpy()
-    (waveform,) = load_audio(str(fixtures_dir / "D_inputs" / "audio.wav"))
+    waveform = load_audio(str(fixtures_dir / "D_inputs" / "audio.wav"))
     assert waveform.dtype == np.float32 and np.array_equal(waveform, expected)
 
 
@@ -122,7 +123,7 @@ def test_example_audio_is_resampled_to_librosa_length(media_dir):
     # pipeline.md §11: 425,280 samples at 24 kHz -> 283,520 at 16 kHz.
     native, rate = decode_audio(media_dir / "dwarven_blacksmith.wav")
     assert (native.size, rate) == (425_280, 24_000)
-    (waveform,) = load_audio(str(media_dir / "dwarven_blacksmith.wav"))
+    waveform = load_audio(str(media_dir / "dwarven_blacksmith.wav"))
     assert waveform.size == 283_520 and waveform.dtype == np.float32
 
 
@@ -206,7 +207,7 @@ def test_every_format_decodes_to_16k_mono(tmp_path, name):
     signal = _tone(rate, 1.5, channels=2)
     path = tmp_path / name
     AUDIO_FORMATS[name](path, signal, rate)
-    (waveform,) = load_audio(str(path))
+    waveform = load_audio(str(path))
     assert waveform.dtype == np.float32 and waveform.ndim == 1
     assert abs(waveform.size - 24_000) <= 1_200  # 1.5 s at 16 kHz, up to codec padding
     # the mono mix is the average of the channels: compare with the resampled average of the source,
@@ -223,7 +224,7 @@ def test_every_format_decodes_to_16k_mono(tmp_path, name):
 def test_pcm_wav_mono_mix_is_exact(tmp_path):
     signal = _tone(16_000, 0.5, channels=2)
     _write_wav(tmp_path / "stereo.wav", signal, 16_000, 2)
-    (waveform,) = load_audio(tmp_path / "stereo.wav")
+    waveform = load_audio(tmp_path / "stereo.wav")
     pcm = np.round(signal * 32767).astype(np.int16).astype(np.float32) / 32768
     assert np.array_equal(waveform, pcm.mean(axis=0))
 
@@ -232,17 +233,17 @@ def test_plus_joins_files_unless_the_name_exists(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _write_wav(tmp_path / "a.wav", _tone(16_000, 0.5), 16_000, 2)
     _write_wav(tmp_path / "b.wav", _tone(16_000, 0.25), 16_000, 2)
-    first, second = load_audio("a.wav+b.wav")
+    first, second = (load_audio(path) for path in split_audio_spec("a.wav+b.wav"))
     assert (first.size, second.size) == (8000, 4000)
     _write_wav(tmp_path / "a+b.wav", _tone(16_000, 0.75), 16_000, 2)
-    (only,) = load_audio("a+b.wav")
+    (only,) = (load_audio(path) for path in split_audio_spec("a+b.wav"))
     assert only.size == 12_000
 
 
 def test_home_relative_audio_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     _write_wav(tmp_path / "voice.wav", _tone(16_000, 0.5), 16_000, 2)
-    assert load_audio("~/voice.wav")[0].size == 8000
+    assert load_audio("~/voice.wav").size == 8000
 
 
 def _cut(path, fraction):

@@ -5,12 +5,16 @@ have been issued ahead of use."""
 import pytest
 import torch
 
+from liveavatar.geometry import ClipGeometry
 from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig, save_tiny_transformer
-from liveavatar.runtime.offload import Fp8KVCache, HostKVCache, _complement, install_cache_placement, place_dit
+from liveavatar.runtime.caches import HostKVCache, KVCache, build_caches
+from liveavatar.runtime.caches.host import _complement
+from liveavatar.runtime.layer_streaming import place_dit
 from liveavatar.runtime.placement import Placement, spread_layers
 
 LATENT_H, LATENT_W = 8, 16
 CACHE_BLOCKS = 2  # the ring buffer wraps from the third block on
+GEOMETRY = ClipGeometry(8 * LATENT_H, 8 * LATENT_W, 12 * CACHE_BLOCKS)  # a clip of CACHE_BLOCKS blocks
 STEPS = 2
 
 
@@ -32,29 +36,26 @@ def inputs():
     }
 
 
-def load(checkpoint, placement=None):
+def load(checkpoint, placement=Placement()):
+    """The tiny DiT placed as ``placement`` says, its layer streamer and its caches (from the factory)."""
     model = CausalS2VTransformer.from_pretrained(checkpoint, device="cpu", dtype=torch.float32)
-    streamers = (None, None)
-    if placement is not None:
-        streamers = (place_dit(model, placement, "cpu"), install_cache_placement(model, placement))
-    return model, streamers
+    layers = place_dit(model, placement, "cpu") if placement != Placement() else None
+    return model, layers, build_caches(model, placement, GEOMETRY, range(STEPS), device="cpu", dtype=torch.float32)
 
 
-def run(model, inputs, on_forward=None):
+def run(model, inputs, caches, on_forward=None):
     """Prefill, 4 blocks x STEPS steps (one KV set per step, as the sampler), a re-prefill before block 2."""
-    c = model.config
-    text = model.embed_text(inputs["text"])
-    kv_sets = [model.new_kv_cache(cache_frames=3 * CACHE_BLOCKS, frame_tokens=c.frame_tokens(LATENT_H, LATENT_W))
-               for _ in range(STEPS)]
-    cond = model.new_cond_cache(cond_tokens=c.cond_tokens(LATENT_H, LATENT_W))
-    model.prefill_sink(cond, text, inputs["ref"], inputs["motion"])
+    text_kv = model.text_kv(inputs["text"])
+    kv_sets, cond = [caches.kv_sets[step] for step in range(STEPS)], caches.cond
+    model.prefill_sink(cond, text_kv, inputs["ref"], inputs["motion"])
     outputs = []
     for block in range(4):
         if block == 2:
-            model.prefill_sink(cond, text, inputs["ref"] * 0.5, inputs["motion"])
+            model.prefill_sink(cond, text_kv, inputs["ref"] * 0.5, inputs["motion"])
         for step in range(STEPS):
-            outputs.append(model.forward_block(inputs["x"][block], 1000.0 - 300 * step, text, inputs["audio"][block],
-                                               kv_sets[step], cond, start_frame=3 * block, ref_rope_shift=7))
+            outputs.append(model.forward_block(inputs["x"][block], 1000.0 - 300 * step, text_kv,
+                                               inputs["audio"][block], kv_sets[step], cond, start_frame=3 * block,
+                                               ref_rope_offset=7))
             if on_forward is not None:
                 on_forward(block, step)
     return outputs, kv_sets, cond
@@ -62,7 +63,8 @@ def run(model, inputs, on_forward=None):
 
 @pytest.fixture(scope="module")
 def resident(checkpoint, inputs):
-    return run(load(checkpoint)[0], inputs)[0]
+    model, _, caches = load(checkpoint)
+    return run(model, inputs, caches)[0]
 
 
 @pytest.mark.parametrize("placement", [
@@ -73,13 +75,13 @@ def resident(checkpoint, inputs):
     Placement(kv_location="host", cond_location="host", streamed_layers=(0, 2)),
 ], ids=lambda p: p.describe())
 def test_streamed_placements_are_bit_identical_to_the_resident_run(checkpoint, inputs, resident, placement):
-    model, (layers, caches) = load(checkpoint, placement)
-    outputs, kv_sets, cond = run(model, inputs)
+    model, layers, caches = load(checkpoint, placement)
+    outputs, kv_sets, cond = run(model, inputs, caches)
     for got, expected in zip(outputs, resident):
         assert torch.equal(got, expected)
     if placement.kv_location == "host":
         assert all(isinstance(kv, HostKVCache) for kv in kv_sets)
-        assert kv_sets[0].host.tensors[0][0].device.type == "cpu"
+        assert kv_sets[0].storage.tensors[0][0].device.type == "cpu"
     if placement.streams_layers:
         assert layers.streamed_layers == placement.streamed_layers
         # Streamed weights point into the unit's host buffer or a slot, never into a private copy.
@@ -90,9 +92,10 @@ def test_streamed_placements_are_bit_identical_to_the_resident_run(checkpoint, i
 
 def test_copies_are_issued_ahead_of_use_in_steady_state(checkpoint, inputs):
     placement = Placement(kv_location="host", cond_location="host", streamed_layers=(0, 1, 2))
-    model, (layers, caches) = load(checkpoint, placement)
+    model, layers, cache_set = load(checkpoint, placement)
+    caches = cache_set.streamer
     counts = []
-    run(model, inputs, on_forward=lambda block, step: counts.append(
+    run(model, inputs, cache_set, on_forward=lambda block, step: counts.append(
         (block, step, layers.on_demand, layers.copies, caches.on_demand, caches.fetched_bytes)))
     for previous, entry in zip(counts, counts[1:]):
         if entry[0] in (1, 3):  # forwards of blocks that follow a block (not a new sink prefill)
@@ -104,10 +107,11 @@ def test_copies_are_issued_ahead_of_use_in_steady_state(checkpoint, inputs):
 
 
 def test_host_kv_fetches_only_entries_the_block_does_not_overwrite(checkpoint, inputs):
-    model, (_, caches) = load(checkpoint, Placement(kv_location="host"))
-    run(model, inputs)
+    model, _, cache_set = load(checkpoint, Placement(kv_location="host"))
+    run(model, inputs, cache_set)
+    caches = cache_set.streamer
     c = model.config
-    frame_tokens = c.frame_tokens(LATENT_H, LATENT_W)
+    frame_tokens = GEOMETRY.frame_tokens
     per_token_layer = 2 * c.dim * 4  # K and V, float32
     block_tokens, capacity = 3 * frame_tokens, 3 * CACHE_BLOCKS * frame_tokens
 
@@ -121,21 +125,23 @@ def test_host_kv_fetches_only_entries_the_block_does_not_overwrite(checkpoint, i
 
 
 def test_fp8_kv_on_the_host_equals_fp8_kv_on_the_device_and_stays_close(checkpoint, inputs, resident):
-    device_model, _ = load(checkpoint, Placement(kv_dtype="fp8"))
-    on_device, kv_sets, _ = run(device_model, inputs)
-    assert isinstance(kv_sets[0], Fp8KVCache) and kv_sets[0].buffer.tensors[0].dtype == torch.float8_e4m3fn
-    host_model, _ = load(checkpoint, Placement(kv_dtype="fp8", kv_location="host"))
-    on_host = run(host_model, inputs)[0]
+    device_model, _, device_caches = load(checkpoint, Placement(kv_dtype="fp8"))
+    on_device, kv_sets, _ = run(device_model, inputs, device_caches)
+    assert type(kv_sets[0]) is KVCache and kv_sets[0].storage.tensors[0].dtype == torch.float8_e4m3fn
+    host_model, _, host_caches = load(checkpoint, Placement(kv_dtype="fp8", kv_location="host"))
+    on_host = run(host_model, inputs, host_caches)[0]
     for a, b, exact in zip(on_device, on_host, resident):
         assert torch.equal(a, b)
         assert (a - exact).norm() <= 0.05 * exact.norm()
-    float32_bytes = 4 * sum(t.numel() for t in kv_sets[0].buffer.tensors[:2])
+    float32_bytes = 4 * sum(t.numel() for t in kv_sets[0].storage.tensors[:2])
     assert kv_sets[0].nbytes < 0.3 * float32_bytes
 
 
 def test_fp8_weights_streamed_equal_fp8_weights_resident(checkpoint, inputs):
-    resident_fp8 = run(load(checkpoint, Placement(weight_dtype="fp8"))[0], inputs)[0]
-    streamed_fp8 = run(load(checkpoint, Placement(weight_dtype="fp8", streamed_layers=(0, 1, 2)))[0], inputs)[0]
+    model, _, caches = load(checkpoint, Placement(weight_dtype="fp8"))
+    resident_fp8 = run(model, inputs, caches)[0]
+    model, _, caches = load(checkpoint, Placement(weight_dtype="fp8", streamed_layers=(0, 1, 2)))
+    streamed_fp8 = run(model, inputs, caches)[0]
     for a, b in zip(resident_fp8, streamed_fp8):
         assert torch.equal(a, b)
 
@@ -153,20 +159,23 @@ def test_ring_complement_and_layer_spreading():
 
 def test_load_placed_dit_merges_the_lora_and_places_the_blocks(tmp_path, inputs):
     from liveavatar.models.transformer import save_tiny_lora
-    from liveavatar.runtime.offload import load_placed_dit
+    from liveavatar.runtime.loading import load_placed_dit
 
     folder = save_tiny_transformer(tmp_path / "dit", seed=2)
     lora = save_tiny_lora(tmp_path / "lora.safetensors", TransformerConfig.tiny(), rank=4, alpha=2.0, seed=0)
     reference = CausalS2VTransformer.from_pretrained(folder, device="cpu", dtype=torch.float32, lora=lora)
     placement = Placement(streamed_layers=(0, 2), kv_location="host")
-    placed = load_placed_dit(folder, placement, device="cpu", dtype=torch.float32, lora=lora)
-    assert isinstance(placed.new_kv_cache(cache_frames=3, frame_tokens=32), HostKVCache)
-    for got, expected in zip(run(placed, inputs)[0], run(reference, inputs)[0]):
+    placed, layers = load_placed_dit(folder, placement, device="cpu", dtype=torch.float32, lora=lora)
+    assert layers.streamed_layers == (0, 2)
+    placed_caches = build_caches(placed, placement, GEOMETRY, range(STEPS), device="cpu", dtype=torch.float32)
+    assert isinstance(placed_caches.kv_sets[0], HostKVCache)
+    reference_caches = build_caches(reference, Placement(), GEOMETRY, range(STEPS), device="cpu", dtype=torch.float32)
+    for got, expected in zip(run(placed, inputs, placed_caches)[0], run(reference, inputs, reference_caches)[0]):
         assert torch.equal(got, expected)
 
 
 def test_pinned_arena_carves_aligned_tensors_from_shared_chunks():
-    from liveavatar.runtime.offload import PinnedArena
+    from liveavatar.runtime.transfer import PinnedArena
 
     arena = PinnedArena(pin=False)
     a = arena.zeros((3, 5), torch.bfloat16)
@@ -180,15 +189,13 @@ def test_pinned_arena_carves_aligned_tensors_from_shared_chunks():
     assert float(a.sum()) == 0 and float(b.sum()) == 0
 
 
-def test_host_kv_sets_of_a_finished_request_are_released(checkpoint, inputs):
-    import gc
-    import weakref
-
-    model, (_, caches) = load(checkpoint, Placement(kv_location="host"))
-    _, first_sets, _ = run(model, inputs)
-    first = [weakref.ref(kv) for kv in first_sets]
-    del first_sets
-    second = run(model, inputs)[1]  # a new request: new KV sets through the same streamer
-    gc.collect()
-    assert all(ref() is None for ref in first)
-    assert caches.kv_caches == second
+def test_reset_caches_serve_a_second_video_in_the_same_storage(checkpoint, inputs, resident):
+    model, _, caches = load(checkpoint, Placement(kv_location="host", cond_location="host"))
+    run(model, inputs, caches)
+    storage = [caches.kv_sets[step].storage.tensors[0][0].data_ptr() for step in range(STEPS)]
+    caches.reset()
+    outputs, kv_sets, _ = run(model, inputs, caches)  # a second video through the same caches and streamer
+    assert [kv.storage.tensors[0][0].data_ptr() for kv in kv_sets] == storage
+    assert caches.streamer.kv_sets == kv_sets
+    for got, expected in zip(outputs, resident):
+        assert torch.equal(got, expected)

@@ -10,17 +10,20 @@ import pytest
 import torch
 
 from liveavatar.geometry import ClipGeometry
+from liveavatar.request import ONLINE_DECODE_IGNORED, resolve_online_decode
 from liveavatar.runtime.conditioning import (
     StreamedAudio,
     WholeFileAudio,
     clip_noise,
     encode_reference,
+    waveform_chunks,
 )
 from liveavatar.runtime.sampler import (
     BlockLatents,
     VideoFrames,
-    recorded_ref_rope_shifts,
-    ref_rope_shifts,
+    make_decoder,
+    recorded_ref_rope_offsets,
+    ref_rope_offsets,
     sample,
 )
 from liveavatar.testing import parity
@@ -31,7 +34,7 @@ from liveavatar.testing import parity
 def test_seeded_single_gpu_draws_match_an_official_run_seeded_the_same(fixtures_dir):
     manifest = json.loads((fixtures_dir / "B_loop_offline.json").read_text())
     seed = manifest["generate_kwargs"]["python_random_seed"]
-    draw = ref_rope_shifts("seeded", base_seed=seed, mode="single_gpu", num_steps=4)
+    draw = ref_rope_offsets("seeded", base_seed=seed, mode="single_gpu", num_steps=4)
     calls = [(entry["step"]) for entry in manifest["trace"]]
     assert [draw(step) for step in calls] == manifest["relative_dist_draws"]
 
@@ -41,7 +44,7 @@ def test_seeded_streaming_draws_match_tpp_ranks_seeded_base_plus_rank(fixtures_d
     seeds = manifest["python_random_seed_per_rank"]
     base = seeds["0"]
     assert all(seeds[str(rank)] == base + rank for rank in range(4))
-    draw = ref_rope_shifts("seeded", base_seed=base, mode="streaming", num_steps=4)
+    draw = ref_rope_offsets("seeded", base_seed=base, mode="streaming", num_steps=4)
     per_rank = manifest["relative_dist_draws_per_rank"]
     calls = len(per_rank["0"])
     got = {str(step): [] for step in range(4)}
@@ -52,19 +55,19 @@ def test_seeded_streaming_draws_match_tpp_ranks_seeded_base_plus_rank(fixtures_d
 
 
 def test_fixed_random_and_bad_policies():
-    fixed = ref_rope_shifts(17, base_seed=0, mode="streaming", num_steps=4)
+    fixed = ref_rope_offsets(17, base_seed=0, mode="streaming", num_steps=4)
     assert {fixed(step) for step in range(4)} == {17}
-    entropy = ref_rope_shifts("random", base_seed=0, mode="single_gpu", num_steps=4)
+    entropy = ref_rope_offsets("random", base_seed=0, mode="single_gpu", num_steps=4)
     assert all(4 <= entropy(0) <= 30 for _ in range(200))
     for bad in (3, 31, "sometimes", 2.5, True):
         with pytest.raises(ValueError, match="ref_rope_offset"):
-            ref_rope_shifts(bad, base_seed=0, mode="streaming", num_steps=4)
+            ref_rope_offsets(bad, base_seed=0, mode="streaming", num_steps=4)
 
 
 def test_recorded_draws_replay_in_order_and_per_step():
-    shared = recorded_ref_rope_shifts([5, 6, 7])
+    shared = recorded_ref_rope_offsets([5, 6, 7])
     assert [shared(3), shared(0), shared(1)] == [5, 6, 7]
-    per_step = recorded_ref_rope_shifts([[10, 11], [20, 21]])
+    per_step = recorded_ref_rope_offsets([[10, 11], [20, 21]])
     assert [per_step(1), per_step(0), per_step(0), per_step(1)] == [20, 10, 11, 21]
 
 
@@ -116,29 +119,51 @@ class IdStreamDecoder:
 
 
 class RecordingExecutor:
-    """Denoises block (clip, block) to latents whose frame f holds the id 1000 + 100*clip + 10*block + f."""
+    """Denoises block (clip, block) to latents whose frame f holds the id 1000 + 100*clip + 10*block + f;
+    ``depth`` blocks may be in flight (a pipeline's view of submit/collect)."""
 
-    def __init__(self):
+    def __init__(self, depth=1):
+        self.depth = depth
         self.log = []
+        self.pending = []
 
     def prefill(self, ref_latents, motion_latents):
         self.log.append(("prefill", ref_latents.clone(), motion_latents.clone()))
 
-    def denoise_block(self, noise, audio, *, clip, block, start_frame):
-        self.log.append(("block", clip, block, start_frame, noise.clone(), audio.clone()))
-        ids = torch.tensor([1000 + 100 * clip + 10 * block + f for f in range(noise.shape[1])], dtype=torch.float32)
-        return ids.view(1, -1, 1, 1).expand_as(noise).clone()
+    def submit(self, job):
+        assert len(self.pending) < self.depth, "more blocks submitted than the executor's depth"
+        self.log.append(("block", job.clip, job.block, job.start_frame, job.noise.clone(), job.audio.clone()))
+        ids = torch.tensor([1000 + 100 * job.clip + 10 * job.block + f for f in range(job.noise.shape[1])],
+                           dtype=torch.float32)
+        self.pending.append(ids.view(1, -1, 1, 1).expand_as(job.noise).clone())
+
+    def collect(self):
+        return self.pending.pop(0)
 
 
-def _run(mode, num_clips, *, online=False, infer_frames=48):
+class EndingAudio:
+    """Whole-file features that end after ``blocks`` blocks (a live source that stops)."""
+
+    def __init__(self, features, geometry, blocks):
+        self.whole, self.blocks, self.geometry = WholeFileAudio(features, geometry), blocks, geometry
+
+    def block(self, clip, block):
+        if clip * self.geometry.blocks_per_clip + block >= self.blocks:
+            return None
+        return self.whole.block(clip, block)
+
+
+def _run(mode, num_clips, *, online=False, infer_frames=48, depth=1, audio_blocks=None):
     geometry = ClipGeometry(H, W, infer_frames)
     reference_pixels = torch.full((1, 3, 1, H, W), 0.25)
     reference = encode_reference(IdVAE(), reference_pixels, mode)
     audio = torch.arange(num_clips * infer_frames, dtype=torch.float32).view(1, 1, 1, -1).expand(1, 25, 2, -1)
-    executor = RecordingExecutor()
+    executor = RecordingExecutor(depth)
+    features = WholeFileAudio(audio, geometry) if audio_blocks is None else EndingAudio(audio, geometry, audio_blocks)
     events = []
-    for event in sample(executor, IdVAE(), reference, WholeFileAudio(audio, geometry), geometry,
-                        num_clips=num_clips, mode=mode, online_decode=online,
+    for event in sample(executor, make_decoder(mode, IdVAE(), reference, geometry), reference, features, geometry,
+                        total_blocks=None if audio_blocks else num_clips * geometry.blocks_per_clip, mode=mode,
+                        online_decode=online,
                         noise=lambda clip: torch.full((16, geometry.latent_frames, 8, 8), float(clip))):
         # Record how many blocks had been denoised when each event reached the consumer.
         events.append((event, sum(1 for entry in executor.log if entry[0] == "block")))
@@ -216,11 +241,33 @@ def test_single_clip_never_refreshes_the_sink():
     assert _video(events).numel() == 45
 
 
-def test_online_decode_needs_single_gpu_mode():
-    with pytest.raises(ValueError, match="single_gpu"):
-        _run("streaming", 2, online=True)
+def test_online_decode_belongs_to_single_gpu_mode_and_unknown_modes_are_refused():
+    assert resolve_online_decode("streaming", True) == (False, (ONLINE_DECODE_IGNORED,))
+    assert resolve_online_decode("single_gpu", True) == (True, ())
     with pytest.raises(ValueError, match="mode"):
         _run("tpp", 2)
+
+
+@pytest.mark.parametrize("mode", ["streaming", "single_gpu"])
+def test_blocks_in_flight_give_the_same_video_and_sink_refresh(mode):
+    """An executor that holds several blocks before handing them back (a pipeline) changes nothing the
+    consumer sees but when: the same blocks, prefills (with the same latents) and frames."""
+    _, _, one, one_events = _run(mode, 3, online=mode == "single_gpu")
+    _, _, deep, deep_events = _run(mode, 3, online=mode == "single_gpu", depth=3)
+    assert _video(one_events).tolist() == _video(deep_events).tolist()
+    prefills = [[entry[1:] for entry in ex.log if entry[0] == "prefill"] for ex in (one, deep)]
+    assert len(prefills[0]) == len(prefills[1])
+    for a, b in zip(*prefills):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert [e[:4] for e in one.log if e[0] == "block"] == [e[:4] for e in deep.log if e[0] == "block"]
+
+
+def test_streaming_runs_until_the_audio_ends():
+    geometry, _, executor, events = _run("streaming", 3, audio_blocks=6)
+    assert sum(1 for entry in executor.log if entry[0] == "block") == 6
+    assert _video(events).numel() == 6 * 12 - 3
+    with pytest.raises(ValueError, match="whole clips"):
+        _run("single_gpu", 3, audio_blocks=6)
 
 
 def test_block_events_carry_the_clean_latents():
@@ -268,10 +315,14 @@ class _ChunkStreamer:
 
 def test_streamed_audio_hands_out_blocks_in_order_and_zeros_past_the_end():
     geometry = ClipGeometry(64, 64, 48)
-    audio = StreamedAudio(_ChunkStreamer(), np.zeros(4500, np.float32), geometry, feature_shape=(25, 2),
-                          chunk_samples=700)
+    audio = StreamedAudio(_ChunkStreamer(), waveform_chunks(np.zeros(4500, np.float32), 700), geometry,
+                          feature_shape=(25, 2), pad_past_end=True)
     got = [audio.block(clip, block) for clip in range(2) for block in range(4)]
     assert [g[0, 0, 0, 0].item() for g in got[:5]] == [0, 1, 2, 3, 4]  # 4 pushed + 1 from finish()
     assert all(g.shape == (1, 25, 2, 12) for g in got) and all(bool((g == 0).all()) for g in got[5:])
     with pytest.raises(ValueError, match="in order"):
         audio.block(0, 0)
+    live = StreamedAudio(_ChunkStreamer(), waveform_chunks(np.zeros(4500, np.float32), 700), geometry,
+                         feature_shape=(25, 2), pad_past_end=False)
+    assert [live.block(0, block) is None for block in range(4)] + [live.block(1, 0) is None, live.block(1, 1) is None] \
+        == [False] * 5 + [True]  # the run ends with the audio

@@ -6,9 +6,12 @@ import pytest
 
 from liveavatar.errors import InputError
 from liveavatar.io.media import load_audio
+import numpy as np
+from PIL import Image
+
 from liveavatar.geometry import audio_clip_count, size_for_area
-from liveavatar.settings import (GenerationSettings, GenerationShape, parse_bool, parse_ref_rope_offset, parse_size,
-                                 parse_vram_budget, split_audio_spec)
+from liveavatar.request import parse_ref_rope_offset, resolve_request
+from liveavatar.settings import GenerationSettings, parse_bool, parse_size, parse_vram_budget, split_audio_spec
 
 
 @pytest.mark.parametrize("text", ["704*384", "704x384", "704X384", "704×384", "704 * 384", " 384*704 "])
@@ -20,8 +23,9 @@ def test_every_size_spelling_is_the_same_area(text):
 def test_bad_size_names_the_accepted_forms(text):
     with pytest.raises(InputError) as error:
         parse_size(text)
-    message = str(error.value)
+    message = error.value.as_flag()  # the CLI's spelling; str() names the API keyword
     assert message.startswith("--size") and "704x384" in message and "\n" not in message
+    assert str(error.value).startswith("size ")
 
 
 # pipeline.md §2 table and SPEC.md parity checkpoint 1: (size, image w×h) -> W×H.
@@ -77,11 +81,11 @@ def test_size_search_scans_the_2ac_bound_of_the_reference():
 
 
 def test_clip_count_from_sample_count(media_dir):
-    # pipeline.md §11: 283,520 samples at 16 kHz -> T50 885 -> N30 531 -> 10 clips.
+    # The reference's example: 283,520 samples at 16 kHz -> T50 885 -> N30 531 -> 10 clips.
     assert audio_clip_count(283_520, 48) == 10
     # and the other examples' durations: cyclops_baker 11.6 s -> 7, fashion_blogger 12.8 s -> 7
     for name, clips in [("cyclops_baker.wav", 7), ("fashion_blogger.wav", 7), ("dwarven_blacksmith.wav", 10)]:
-        (waveform,) = load_audio(str(media_dir / name))
+        waveform = load_audio(media_dir / name)
         assert audio_clip_count(len(waveform), 48) == clips
 
 
@@ -119,7 +123,7 @@ def test_ref_rope_offset_values():
     assert parse_ref_rope_offset("RANDOM") == "random"
     assert parse_ref_rope_offset("4") == 4 and parse_ref_rope_offset(30) == 30
     for bad in ("3", "31", "abc", "-5"):
-        with pytest.raises(InputError, match="--ref_rope_offset"):
+        with pytest.raises(InputError, match="^ref_rope_offset"):
             parse_ref_rope_offset(bad)
 
 
@@ -156,17 +160,35 @@ def test_settings_paths_expand_home_and_cwd(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, flag", [
-    ({"infer_frames": 50}, "--infer_frames"), ({"infer_frames": 0}, "--infer_frames"),
-    ({"sample_steps": 0}, "--sample_steps"), ({"num_clip": -1}, "--num_clip"), ({"num_clip": 0}, "--num_clip"),
-    ({"base_seed": -2}, "--base_seed"), ({"mode": "tpp"}, "--mode"), ({"dtype": "int8"}, "--dtype"), ({"dtype": "float16"}, "--dtype"),
-    ({"device": "gpu0"}, "--device"), ({"ref_rope_offset": "2"}, "--ref_rope_offset"),
-    ({"save_file": "out.avi"}, "--save_file"), ({"enable_online_decode": True}, "--enable_online_decode"),
-    ({"audio": "a.wav+b.wav"}, "--audio"),
+    ({"dtype": "int8"}, "--dtype"), ({"dtype": "float16"}, "--dtype"), ({"device": "gpu0"}, "--device"),
+    ({"save_file": "out.avi"}, "--save_file"), ({"audio": "a.wav+b.wav"}, "--audio"),
 ])
 def test_settings_reject_nonsense(tmp_path, overrides, flag):
     with pytest.raises(InputError) as error:
         _settings(tmp_path, **overrides)
     assert str(error.value).startswith(flag) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ({"infer_frames": 50}, "infer_frames"), ({"infer_frames": 0}, "infer_frames"),
+    ({"sample_steps": 0}, "sample_steps"), ({"num_clip": -1}, "num_clip"), ({"num_clip": 0}, "num_clip"),
+    ({"base_seed": -2}, "base_seed"), ({"mode": "tpp"}, "mode"), ({"ref_rope_offset": "2"}, "ref_rope_offset"),
+])
+def test_the_request_rejects_nonsense_before_reading_any_input(tmp_path, overrides, name):
+    """The generation arguments are checked once, by the request, before the (here missing) files are read."""
+    with pytest.raises(InputError) as error:
+        _settings(tmp_path, **overrides).request()
+    assert str(error.value).startswith(name) and "\n" not in str(error.value)
+
+
+def test_online_decode_in_streaming_mode_is_ignored_with_one_notice(media_dir, tmp_path):
+    settings = _settings(tmp_path, image=media_dir / "dwarven_blacksmith.jpg",
+                         audio=str(media_dir / "dwarven_blacksmith.wav"), enable_online_decode=True)
+    request = settings.request()
+    assert not request.online_decode and len(request.notices) == 1 and "single_gpu" in request.notices[0]
+    single = _settings(tmp_path, image=media_dir / "dwarven_blacksmith.jpg",
+                       audio=str(media_dir / "dwarven_blacksmith.wav"), enable_online_decode=True, mode="single_gpu")
+    assert single.request().online_decode and not single.request().notices
 
 
 def test_save_dir_that_is_a_file_is_rejected(tmp_path):
@@ -190,18 +212,23 @@ def test_output_path_is_a_file_inside_save_dir(tmp_path):
     assert _settings(tmp_path, save_file="x/y.mp4").output_path(1, 1) == Path.cwd() / "x" / "y.mp4"
 
 
-def test_shape_counts_frames_and_tokens(tmp_path):
-    shape = GenerationShape.compute(_settings(tmp_path), (720, 400), 283_520)
-    assert (shape.width, shape.height, shape.latent_width, shape.latent_height) == (704, 384, 88, 48)
-    assert shape.tokens_per_frame == 1056 and shape.num_clips == 10 and shape.num_frames == 477
-    assert shape.duration_s == pytest.approx(477 / 25) and shape.audio_s == pytest.approx(17.72)
-    limited = GenerationShape.compute(_settings(tmp_path, num_clip=2, infer_frames=24), (400, 720), 283_520)
-    assert (limited.width, limited.height, limited.num_clips, limited.num_frames) == (384, 704, 2, 45)
+def _request(image_size, samples, **kwargs):
+    return resolve_request(Image.new("RGB", image_size), np.zeros(samples, np.float32), **kwargs)
+
+
+def test_shape_counts_frames_and_tokens():
+    shape = _request((720, 400), 283_520).shape_report()
+    assert (shape["width"], shape["height"], shape["latent_width"], shape["latent_height"]) == (704, 384, 88, 48)
+    assert shape["tokens_per_frame"] == 1056 and shape["num_clips"] == 10 and shape["num_frames"] == 477
+    assert shape["duration_s"] == pytest.approx(477 / 25) and shape["audio_s"] == pytest.approx(17.72)
+    limited = _request((400, 720), 283_520, num_clip=2, infer_frames=24)
+    report = limited.shape_report()
+    assert (report["width"], report["height"], report["num_clips"], report["num_frames"]) == (384, 704, 2, 45)
     assert "2 clips of" in limited.summary()
 
 
-def test_shape_rejects_too_short_audio_and_extreme_images(tmp_path):
-    with pytest.raises(InputError, match="--audio"):
-        GenerationShape.compute(_settings(tmp_path), (720, 400), 399)
-    with pytest.raises(InputError, match="--image"):
-        GenerationShape.compute(_settings(tmp_path, size_area=64 * 128), (4000, 10), 16000)
+def test_shape_rejects_too_short_audio_and_extreme_images():
+    with pytest.raises(InputError, match="^audio"):
+        _request((720, 400), 399)
+    with pytest.raises(InputError, match="^image"):
+        _request((4000, 10), 16000, size=64 * 128)

@@ -3,13 +3,15 @@ import math
 import pytest
 import torch
 
+from liveavatar.geometry import FRAMEPACK_BUCKETS, ClipGeometry
 from liveavatar.models.rope import apply_rotation, block_positions, condition_positions, rotation
 from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig, save_tiny_transformer
+from liveavatar.runtime.caches import CondCache, KVCache
 from liveavatar.testing import parity
 
 LATENT_H, LATENT_W = 8, 16
 
-# checkpoints.md §2.2: parameters per top-level group of the 14B release.
+# Parameters per top-level group of the 14B release (counted from its safetensors headers).
 RELEASE_GROUP_PARAMETERS = {
     "patch_embedding": 332_800, "text_embedding": 47_196_160, "time_embedding": 27_535_360,
     "time_projection": 157_317_120, "blocks": 14_055_772_160, "head": 337_984, "cond_encoder": 332_800,
@@ -43,12 +45,25 @@ def tiny(tmp_path_factory):
     return CausalS2VTransformer.from_pretrained(folder, device="cpu", dtype=torch.float32)
 
 
+def cond_tokens(latent_hw) -> int:
+    return condition_positions(*latent_hw, ref_frame=TransformerConfig.REF_FRAME, buckets=FRAMEPACK_BUCKETS).shape[0]
+
+
+def caches(model, *, kv_tokens, latent_hw=(LATENT_H, LATENT_W), cond_capacity=None):
+    """A KV set of ``kv_tokens`` tokens and a cond cache for ``latent_hw`` (or ``cond_capacity``)."""
+    c = model.config
+    dims = dict(num_layers=c.num_layers, num_heads=c.num_heads, head_dim=c.head_dim, device=model.device,
+                dtype=model.dtype)
+    return (KVCache(capacity=kv_tokens, **dims),
+            CondCache(capacity=cond_capacity or cond_tokens(latent_hw), **dims))
+
+
 def make_inputs(model, seed=0, frames=3, latent_hw=(LATENT_H, LATENT_W)):
     c = model.config
     g = torch.Generator().manual_seed(seed)
     h, w = latent_hw
     return {
-        "text": model.embed_text(torch.randn(5, c.text_dim, generator=g)),
+        "text": model.text_kv(torch.randn(5, c.text_dim, generator=g)),
         "ref": torch.randn(1, c.in_dim, 1, h, w, generator=g),
         "motion": torch.randn(1, c.in_dim, 19, h, w, generator=g),
         "x": [torch.randn(c.in_dim, frames, h, w, generator=g) for _ in range(6)],
@@ -59,16 +74,15 @@ def make_inputs(model, seed=0, frames=3, latent_hw=(LATENT_H, LATENT_W)):
 def stream(model, inputs, *, blocks, cache_blocks=4, shifts=None, latent_hw=(LATENT_H, LATENT_W),
            start_block=0, timestep=857.69):
     """Sink + ``blocks`` consecutive block calls on one cache; returns the outputs."""
-    c = model.config
     frames = inputs["x"][0].shape[1]
-    cond = model.new_cond_cache(cond_tokens=c.cond_tokens(*latent_hw))
-    kv = model.new_kv_cache(cache_frames=cache_blocks * frames, frame_tokens=c.frame_tokens(*latent_hw))
+    kv, cond = caches(model, kv_tokens=cache_blocks * frames * (latent_hw[0] // 2) * (latent_hw[1] // 2),
+                      latent_hw=latent_hw)
     model.prefill_sink(cond, inputs["text"], inputs["ref"], inputs["motion"])
     outs = []
     for b in range(blocks):
         shift = 30 if shifts is None else shifts[b]
         outs.append(model.forward_block(inputs["x"][b], timestep, inputs["text"], inputs["audio"][b], kv, cond,
-                                        start_frame=(start_block + b) * frames, ref_rope_shift=shift))
+                                        start_frame=(start_block + b) * frames, ref_rope_offset=shift))
     return outs
 
 
@@ -130,7 +144,7 @@ def test_rotation_preserves_relative_positions():
 
 
 def test_motion_token_positions_follow_the_reference_rule():
-    # dit.md §3.5 example: 24x44 patch grid (latent 48x88).
+    # The reference's 704*384 example: 24x44 patch grid (latent 48x88).
     positions = condition_positions(48, 88, ref_frame=30, buckets=(1, 2, 16))
     s = 24 * 44
     assert positions.shape[0] == 2 * s + 2 * (12 * 22)
@@ -147,14 +161,16 @@ def test_motion_token_positions_follow_the_reference_rule():
 
 
 def test_cond_cache_is_sized_from_the_real_token_count(tiny):
-    c = tiny.config
-    assert c.cond_tokens(48, 88) == 2640  # 704*384 in the reference
-    assert c.cond_tokens(160, 90) == 2 * 3600 + 40 * 22 + 4 * 20 * 11  # 1280*720: beyond the reference's 2800
+    assert cond_tokens((48, 88)) == 2640 == ClipGeometry(384, 704, 48).cond_tokens  # 704*384 in the reference
+    assert cond_tokens((160, 90)) == 2 * 3600 + 40 * 22 + 4 * 20 * 11  # 1280*720: beyond the reference's 2800
+    for height, width in [(64, 64), (128, 256), (704, 384), (1280, 704), (192, 64)]:
+        geometry = ClipGeometry(height, width, 48)
+        assert geometry.cond_tokens == cond_tokens((geometry.latent_height, geometry.latent_width))
     big = (32, 48)
     inputs = make_inputs(tiny, latent_hw=big)
     out = stream(tiny, inputs, blocks=1, latent_hw=big)[0]
     assert out.shape == (16, 3, *big)
-    too_small = tiny.new_cond_cache(cond_tokens=c.cond_tokens(*big) - 1)
+    _, too_small = caches(tiny, kv_tokens=1, cond_capacity=cond_tokens(big) - 1)
     with pytest.raises(ValueError, match="cond_tokens"):
         tiny.prefill_sink(too_small, inputs["text"], inputs["ref"], inputs["motion"])
 
@@ -163,48 +179,30 @@ def test_no_pose_latents_equals_zero_pose_latents(tiny):
     inputs = make_inputs(tiny)
     outs = []
     for cond_states in (None, torch.zeros_like(inputs["x"][0])):
-        c = tiny.config
-        cond = tiny.new_cond_cache(cond_tokens=c.cond_tokens(LATENT_H, LATENT_W))
-        kv = tiny.new_kv_cache(cache_frames=12, frame_tokens=c.frame_tokens(LATENT_H, LATENT_W))
+        kv, cond = caches(tiny, kv_tokens=12 * 32)
         tiny.prefill_sink(cond, inputs["text"], inputs["ref"], inputs["motion"])
         outs.append(tiny.forward_block(inputs["x"][0], 1000.0, inputs["text"], inputs["audio"][0], kv, cond,
-                                       start_frame=0, ref_rope_shift=12, cond_states=cond_states))
+                                       start_frame=0, ref_rope_offset=12, cond_states=cond_states))
     assert torch.equal(outs[0], outs[1])
 
 
 def test_text_keys_and_values_follow_a_changed_text(tiny):
     inputs = make_inputs(tiny)
     baseline = stream(tiny, inputs, blocks=1)[0]
-    other_text = tiny.embed_text(torch.randn(9, tiny.config.text_dim))
+    other_text = tiny.text_kv(torch.randn(9, tiny.config.text_dim))
     changed = stream(tiny, dict(inputs, text=other_text), blocks=1)[0]
     assert (changed - baseline).abs().max() > 1e-4
-    # The same tensor modified in place between calls: the cached K/V must not be reused.
-    c = tiny.config
-    cond = tiny.new_cond_cache(cond_tokens=c.cond_tokens(LATENT_H, LATENT_W))
-    text = inputs["text"].clone()
-    tiny.prefill_sink(cond, text, inputs["ref"], inputs["motion"])
-
-    def call(text_):
-        kv = tiny.new_kv_cache(cache_frames=12, frame_tokens=c.frame_tokens(LATENT_H, LATENT_W))
-        return tiny.forward_block(inputs["x"][0], 857.69, text_, inputs["audio"][0], kv, cond,
-                                  start_frame=0, ref_rope_shift=30)
-    before = call(text)
-    text.copy_(other_text)
-    after = call(text)
-    assert torch.equal(after, call(other_text.clone()))
-    assert (after - before).abs().max() > 1e-4
     # A raw encoder output is embedded on the fly.
-    raw = torch.randn(4, c.text_dim)
-    assert torch.equal(stream(tiny, dict(inputs, text=raw), blocks=1)[0],
-                       stream(tiny, dict(inputs, text=tiny.embed_text(raw)), blocks=1)[0])
+    raw = torch.randn(4, tiny.config.text_dim)
+    assert torch.equal(stream(tiny, dict(inputs, text=tiny.text_kv(raw)), blocks=1)[0],
+                       stream(tiny, dict(inputs, text=tiny.text_kv(tiny.embed_text(raw))), blocks=1)[0])
 
 
 def test_bad_calls_give_clear_errors(tiny):
     inputs = make_inputs(tiny)
     c = tiny.config
-    cond = tiny.new_cond_cache(cond_tokens=c.cond_tokens(LATENT_H, LATENT_W))
-    kv = tiny.new_kv_cache(cache_frames=12, frame_tokens=c.frame_tokens(LATENT_H, LATENT_W))
-    call = dict(start_frame=0, ref_rope_shift=10)
+    kv, cond = caches(tiny, kv_tokens=12 * 32)
+    call = dict(start_frame=0, ref_rope_offset=10)
     with pytest.raises(ValueError, match="prefill_sink"):
         tiny.forward_block(inputs["x"][0], 1000.0, inputs["text"], inputs["audio"][0], kv, cond, **call)
     tiny.prefill_sink(cond, inputs["text"], inputs["ref"], inputs["motion"])
@@ -216,7 +214,7 @@ def test_bad_calls_give_clear_errors(tiny):
         tiny.prefill_sink(cond, inputs["text"], inputs["ref"][..., :15], inputs["motion"][..., :15])
     with pytest.raises(ValueError, match="text context must be"):
         tiny.embed_text(torch.randn(5, c.text_dim + 1))
-    small_kv = tiny.new_kv_cache(cache_frames=2, frame_tokens=c.frame_tokens(LATENT_H, LATENT_W))
+    small_kv, _ = caches(tiny, kv_tokens=2 * 32)
     with pytest.raises(ValueError, match="does not fit a KV cache"):
         tiny.forward_block(inputs["x"][0], 1000.0, inputs["text"], inputs["audio"][0], small_kv, cond, **call)
 

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from liveavatar import __version__
-from liveavatar.errors import InputError, LiveAvatarError
+from liveavatar.errors import ArgumentError, InputError, LiveAvatarError
 from liveavatar.runtime.bench import add_bench_arguments, run_bench
 from liveavatar.runtime.planner import add_plan_arguments, run_plan
-from liveavatar.settings import DEFAULT_SIZE, MODES, GenerationSettings, parse_bool, parse_size, parse_vram_budget
+from liveavatar.geometry import DEFAULT_SIZE, MODES
+from liveavatar.settings import GenerationSettings, parse_bool, parse_size, parse_vram_budget
 
 # The defaults live in GenerationSettings; the flags show and pass the same values.
 DEFAULTS = {field.name: field.default for field in fields(GenerationSettings)}
@@ -189,18 +190,13 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         lora = None
         notices.append("--load_lora False: running the base S2V weights without the distilled LoRA "
                        "(the 4-step sampler then gives poor video)")
-    online_decode = bool(args.enable_online_decode)
-    if online_decode and args.mode != "single_gpu":
-        online_decode = False
-        notices.append("--enable_online_decode: ignored, it belongs to --mode single_gpu; the streaming pipeline "
-                       "always refreshes the sink from the first generated latent")
     if args.sample_steps != DEFAULTS["sample_steps"] and args.sample_steps >= 1:
         notices.append(f"--sample_steps {args.sample_steps}: the LoRA is distilled for 4 steps")
     settings = GenerationSettings(
         image=args.image, audio=args.audio, prompt=args.prompt, ckpt_dir=args.ckpt_dir, lora=lora,
         size_area=parse_size(args.size), infer_frames=args.infer_frames, sample_steps=args.sample_steps,
         num_clip=args.num_clip, base_seed=seed, mode=args.mode,
-        enable_online_decode=online_decode, ref_rope_offset=args.ref_rope_offset,
+        enable_online_decode=bool(args.enable_online_decode), ref_rope_offset=args.ref_rope_offset,
         fp8=bool(args.fp8), t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
         save_file=args.save_file, save_dir=args.save_dir, keep_partial=bool(args.keep_partial),
@@ -230,25 +226,25 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from liveavatar.settings import inspect_inputs
-
     settings, notices = settings_from_args(args)
     _print_notices(notices, args.quiet)
-    shape = inspect_inputs(settings)
-    report = {**shape.as_dict(), **_configuration(settings)}
+    request = settings.request()
+    _print_notices(request.notices, args.quiet)
+    settings.checkpoint_layout.validate()
+    report = {**request.shape_report(), **_configuration(settings, request)}
     if args.dry_run:
-        report["output"] = str(settings.output_path(shape.width, shape.height))
+        report["output"] = str(settings.output_path(request.geometry.width, request.geometry.height))
         if args.json:
             print(json.dumps(report))
         else:
-            print(shape.summary())
+            print(request.summary())
             print(_configuration_line(report))
         return 0
     if not args.json:
-        print(shape.summary(), flush=True)
+        print(request.summary(), flush=True)
     from liveavatar.api import generate_from_settings
 
-    output = generate_from_settings(settings, progress=not (args.quiet or args.json))
+    output = generate_from_settings(settings, request, progress=not (args.quiet or args.json))
     if args.json:
         print(json.dumps({**report, "output": str(output)}))
     else:
@@ -256,12 +252,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configuration(settings: GenerationSettings) -> dict:
-    layout = settings.checkpoint_layout()
+def _configuration(settings: GenerationSettings, request) -> dict:
+    layout = settings.checkpoint_layout
     return {
-        "mode": settings.mode, "enable_online_decode": settings.enable_online_decode,
-        "sample_steps": settings.sample_steps, "base_seed": settings.base_seed,
-        "ref_rope_offset": settings.ref_rope_offset, "dtype": settings.dtype, "device": settings.device,
+        "mode": request.mode, "enable_online_decode": request.online_decode,
+        "sample_steps": request.sample_steps, "base_seed": request.base_seed,
+        "ref_rope_offset": request.ref_rope_offset, "dtype": settings.dtype, "device": settings.device,
         "fp8": settings.fp8, "vram_budget": settings.vram_budget, "image": str(settings.image),
         "audio": [str(p) for p in settings.audio], "ckpt_dir": str(layout.ckpt_dir),
         "lora": str(layout.lora) if layout.lora else None,
@@ -377,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(error: Exception) -> str:
-    text = " ".join(str(error).split())
+    text = " ".join((error.as_flag() if isinstance(error, ArgumentError) else str(error)).split())
     if isinstance(error, (LiveAvatarError, ValueError, OSError)):
         return text or type(error).__name__
     return f"unexpected {type(error).__name__}: {text} (run with --debug for the traceback)"

@@ -16,3 +16,16 @@ class InputError(LiveAvatarError, ValueError):
 
 class CheckpointError(InputError):
     """A checkpoint piece is missing, truncated or does not match what the engine expects."""
+
+
+class ArgumentError(InputError):
+    """A bad value of a named argument. The Python API and the command line share the names (``num_clip``
+    is the keyword and ``--num_clip`` the flag), so one message serves both: `str()` names the keyword,
+    `as_flag()` the flag."""
+
+    def __init__(self, argument: str, detail: str):
+        self.argument, self.detail = argument, detail
+        super().__init__(f"{argument} {detail}")
+
+    def as_flag(self) -> str:
+        return f"--{self.argument} {self.detail}"

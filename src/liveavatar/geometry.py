@@ -33,6 +33,7 @@ DROPPED_LEADING_FRAMES = 3  # the reference drops the first 3 decoded frames of 
 SIZE_GRANULARITY = 64
 MIN_AREA = SIZE_GRANULARITY * SIZE_GRANULARITY
 DEFAULT_SIZE = "704*384"
+SIZE_FORMS = "704*384, 704x384, 704X384, 704×384 or '704 * 384'"
 
 MODES = ("streaming", "single_gpu")
 # The rolling sink's RoPE offset: the reference's ``relative_dist``, drawn with random.randint(4, 30).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -21,7 +21,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from liveavatar.errors import InputError
 from liveavatar.geometry import AUDIO_SAMPLE_RATE
-from liveavatar.settings import split_audio_spec
 
 if TYPE_CHECKING:
     import torch
@@ -88,11 +87,26 @@ def reference_tensor(image: Image.Image, height: int, width: int) -> torch.Tenso
     return (pixels * 2 - 1)[None, :, None]
 
 
-def load_audio(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[np.ndarray]:
-    """16 kHz mono float32 waveforms, one per file. A string is split on '+' (``a.wav+b.wav``) unless the
-    whole string is an existing path; a sequence lists the files."""
-    paths = split_audio_spec(os.fspath(spec)) if isinstance(spec, (str, os.PathLike)) else [Path(p) for p in spec]
-    return [resample_to_16k(*decode_audio(path)) for path in paths]
+def load_audio(path: str | os.PathLike) -> np.ndarray:
+    """The 16 kHz mono float32 waveform of an audio (or video) file."""
+    return resample_to_16k(*decode_audio(path))
+
+
+def waveform_from_array(samples, *, name: str, allow_empty: bool = False) -> np.ndarray:
+    """A waveform given as an array (16 kHz mono) as float32: integer PCM is scaled to [-1, 1) as a decoded
+    file would be; anything but one channel of samples is refused naming ``name``."""
+    array = np.asarray(samples)
+    if array.ndim != 1:
+        raise InputError(f"{name}: expected 16 kHz mono samples [n], got shape {list(array.shape)}")
+    if not allow_empty and array.size == 0:
+        raise InputError(f"{name}: no samples")
+    if array.dtype == np.uint8:
+        return (array.astype(np.float32) - 128.0) / 128.0
+    if array.dtype in _PCM_SCALE:
+        return (array.astype(np.float64) / _PCM_SCALE[array.dtype]).astype(np.float32)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"{name}: expected float or integer PCM samples, got {array.dtype}")
+    return array.astype(np.float32, copy=False)
 
 
 def resample_to_16k(waveform: np.ndarray, sample_rate: int) -> np.ndarray:

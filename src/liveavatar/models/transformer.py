@@ -1,12 +1,16 @@
-"""The causal Wan2.2-S2V-14B DiT (the release's ``CausalWanModel_S2V``) as Live Avatar drives it.
+"""The causal Wan2.2-S2V-14B DiT (the release's ``CausalWanModel_S2V``, the reference's
+``liveavatar/models/wan/causal_model_s2v.py``) as Live Avatar drives it.
 
-Two calls make up a run (see ``dit.md``):
+Two calls make up a run:
 
 * ``prefill_sink``: once per cond cache, at t = 0. Only condition tokens (the reference frame followed by
   the frame-packed motion latents) go through the blocks; their un-roped keys and values are kept.
 * ``forward_block``: every denoising step of every block. Only the block's noisy tokens go through the
-  blocks; they attend to themselves, to earlier blocks of the same step (``KVCache``) and to the condition
-  tokens, whose keys are roped per call with the reference frame at its rolling position.
+  blocks; they attend to themselves, to earlier blocks of the same step (the step's KV set) and to the
+  condition tokens, whose keys are roped per call with the reference frame at its rolling position. It is
+  split into ``prepare_block`` (host side: checks, rotations, cache positions) and ``run_block`` (tensor
+  work only), so a compiler or a CUDA graph can take the second; the caller computes a request's text K/V
+  (``text_kv``), a step's ``time_vectors`` and a block's ``audio_tokens`` once and passes them in.
 
 Precision follows the reference's bf16 run in any run dtype: the residual stream is float32 inside a block
 and the run dtype between blocks; modulation, the timestep MLP and the head's linear are float32; norm1 and
@@ -14,17 +18,16 @@ the head's norm round their output to the run dtype; the cross-attention norm al
 bfloat16 values, and RoPE cos/sin are float16-rounded — also in float32 runs, because the reference
 hard-codes both.
 
-The model draws no random numbers: the reference frame's RoPE shift (``ref_rope_shift``) comes from the
-caller.
+The model draws no random numbers and keeps no request state: the reference frame's RoPE offset
+(``ref_rope_offset``, the reference's ``relative_dist``) comes from the caller.
 """
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +50,7 @@ from liveavatar.models.rope import (
     rotation,
     rotation_dtype,
 )
-from liveavatar.runtime.kv_cache import CondCache, KVCache
+from liveavatar.geometry import FRAMEPACK_BUCKETS
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -88,7 +91,6 @@ class TransformerConfig:
     # Fixed by the reference code, not by config.json.
     PATCH_SIZE: ClassVar[tuple[int, int, int]] = (1, 2, 2)
     REF_FRAME: ClassVar[int] = 30                 # sink RoPE frame of the reference tokens
-    FRAMEPACK_BUCKETS: ClassVar[tuple[int, ...]] = (1, 2, 16)  # motion latents packed 1x, 2x, 4x (newest first)
     AUDIO_HISTORY_FRAMES: ClassVar[int] = 73      # copies of a block's first audio frame prepended to it
     AUDIO_HISTORY_LATENTS: ClassVar[int] = 19     # audio-encoder outputs those copies produce (dropped)
     AUDIO_FRAMES_PER_LATENT: ClassVar[int] = 4
@@ -112,15 +114,6 @@ class TransformerConfig:
         """Numbers the head emits per token (one latent patch of out_dim channels)."""
         pf, ph, pw = self.PATCH_SIZE
         return pf * ph * pw * self.out_dim
-
-    def frame_tokens(self, latent_h: int, latent_w: int) -> int:
-        """Tokens per latent frame (the reference's ``frame_seq_length``)."""
-        return (latent_h // 2) * (latent_w // 2)
-
-    def cond_tokens(self, latent_h: int, latent_w: int) -> int:
-        """Condition (sink) tokens for a latent size: the reference frame plus the packed motion."""
-        return condition_positions(latent_h, latent_w, ref_frame=self.REF_FRAME,
-                                   buckets=self.FRAMEPACK_BUCKETS).shape[0]
 
     @classmethod
     def full_14b(cls) -> "TransformerConfig":
@@ -180,6 +173,54 @@ class TransformerConfig:
             "motion_token_num": 1024, "framepack_drop_mode": "padd",
             **{key: required for key, (_, required) in _REQUIRED_SWITCHES.items()},
         }
+
+
+TextKV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per-layer cross-attention keys and values of a request's text."""
+
+
+class TimeVectors(NamedTuple):
+    """A timestep's embedding [dim] (the head's modulation) and block modulation base [6, dim], float32."""
+
+    embedding: torch.Tensor
+    modulation: torch.Tensor
+
+
+class AudioTokens(NamedTuple):
+    """A block's audio: per-latent-frame tokens [f, num_audio_token+1, dim] and pooled vectors [f, dim]
+    (the reference's audio_emb_local and audio_emb_global)."""
+
+    local: torch.Tensor
+    pooled: torch.Tensor
+
+
+class BlockInputs(NamedTuple):
+    """What `prepare_block` computes on the host side of a forward: the (cos, sin) rotations of the
+    block's tokens and of the condition keys."""
+
+    block_rotation: tuple[torch.Tensor, torch.Tensor]
+    cond_rotation: tuple[torch.Tensor, torch.Tensor]
+
+
+class KVStore(Protocol):
+    """What the model needs of a denoising step's KV set (`liveavatar.runtime.caches`)."""
+
+    def reserve(self, start_token: int, tokens: int) -> None: ...
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class CondStore(Protocol):
+    """What the model needs of the sink's cond cache (`liveavatar.runtime.caches`)."""
+
+    length: int
+    positions: torch.Tensor | None
+    ref_tokens: int
+    latent_hw: tuple[int, int] | None
+
+    def begin(self, positions: torch.Tensor, ref_tokens: int, latent_hw: tuple[int, int]) -> None: ...
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+    def entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -255,7 +296,7 @@ class FramePacker(nn.Module):
 
     def forward(self, motion: torch.Tensor) -> torch.Tensor:
         """motion [1, C, T, h, w] -> tokens [1, M, dim], newest group first."""
-        buckets = TransformerConfig.FRAMEPACK_BUCKETS
+        buckets = FRAMEPACK_BUCKETS
         frames = sum(buckets)
         kept = min(frames, motion.shape[2])
         padded = motion.new_zeros(*motion.shape[:2], frames, *motion.shape[3:])
@@ -286,8 +327,6 @@ class CausalS2VTransformer(nn.Module):
         self.casual_audio_encoder = CausalAudioEncoder(c.audio_dim, c.dim, c.num_audio_token, c.audio_layers)
         self.audio_injector = AudioInjector(c.dim, c.num_heads, len(c.audio_inject_layers), c.eps)
         self._injector_slot = {layer: slot for slot, layer in enumerate(c.audio_inject_layers)}
-        self._text_kv_source: tuple[weakref.ref, int] | None = None
-        self._text_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def dtype(self) -> torch.dtype:
@@ -318,24 +357,7 @@ class CausalS2VTransformer(nn.Module):
         return model.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------------
-    # caches
-
-    def new_kv_cache(self, *, cache_frames: int, frame_tokens: int, device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache for one denoising step holding ``cache_frames`` latent frames (one clip)."""
-        c = self.config
-        return KVCache(num_layers=c.num_layers, capacity=cache_frames * frame_tokens, num_heads=c.num_heads,
-                       head_dim=c.head_dim, device=device or self.device, dtype=dtype or self.dtype)
-
-    def new_cond_cache(self, *, cond_tokens: int, device: torch.device | str | None = None,
-                       dtype: torch.dtype | None = None) -> CondCache:
-        """The condition-token cache shared by all steps (``config.cond_tokens(latent_h, latent_w)``)."""
-        c = self.config
-        return CondCache(num_layers=c.num_layers, capacity=cond_tokens, num_heads=c.num_heads,
-                         head_dim=c.head_dim, device=device or self.device, dtype=dtype or self.dtype)
-
-    # ------------------------------------------------------------------------------------------------
-    # embeddings
+    # per request and per step: computed once by the caller, passed to every forward
 
     @torch.no_grad()
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
@@ -353,24 +375,20 @@ class CausalS2VTransformer(nn.Module):
         padded[0, :context.shape[0]] = context
         return self.text_embedding(padded)
 
-    def _text_kv_for(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer text cross-attention keys/values, cached while the same, unmodified tensor is passed.
+    @torch.no_grad()
+    def text_kv(self, text: torch.Tensor) -> TextKV:
+        """Per-layer text cross-attention keys/values of a request (every forward of it reuses them).
 
         ``text`` is the output of ``embed_text`` [1, text_len, dim] or a raw encoder output [L, text_dim].
         """
-        if self._text_kv_source is not None:
-            source, version = self._text_kv_source
-            if source() is text and text._version == version:
-                return self._text_kv
         context = self.embed_text(text) if text.ndim == 2 else text.to(self.device, self.dtype)
         if tuple(context.shape) != (1, self.config.text_len, self.config.dim):
             raise ValueError(f"text must come from embed_text ([1, {self.config.text_len}, {self.config.dim}]), "
                              f"got {list(context.shape)}")
-        self._text_kv = [block.cross_attn.context_kv(context) for block in self.blocks]
-        self._text_kv_source = (weakref.ref(text), text._version)
-        return self._text_kv
+        return [block.cross_attn.context_kv(context) for block in self.blocks]
 
-    def _time_vectors(self, timestep: float) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def time_vectors(self, timestep: float) -> TimeVectors:
         """Timestep embedding e [dim] (for the head) and block modulation base e0 [6, dim], float32."""
         c = self.config
         # The reference feeds the timestep as a float32 tensor and embeds it in float64.
@@ -381,7 +399,26 @@ class CausalS2VTransformer(nn.Module):
         sinusoid = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
         e = _fp32_linear(self.time_embedding[2], F.silu(_fp32_linear(self.time_embedding[0], sinusoid)))
         e0 = _fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, c.dim))
-        return e[0], e0[0]
+        return TimeVectors(e[0], e0[0])
+
+    @torch.no_grad()
+    def audio_tokens(self, audio: torch.Tensor) -> AudioTokens:
+        """A block's audio [1, 25, audio_dim, 4f] -> per latent frame: local tokens [f, num_audio_token+1,
+        dim] and the global vector [f, dim] (the same for every denoising step of the block).
+
+        The block's audio is prefixed with copies of its own first frame (no history crosses blocks), and
+        the encoder outputs those copies produce are dropped.
+        """
+        c = self.config
+        if audio.ndim != 4 or audio.shape[:3] != (1, c.audio_layers, c.audio_dim) \
+                or audio.shape[3] % c.AUDIO_FRAMES_PER_LATENT:
+            raise ValueError(f"audio must be [1, {c.audio_layers}, {c.audio_dim}, 4*frames], got {list(audio.shape)}")
+        audio = audio.to(self.device, self.dtype)
+        history = audio[..., :1].expand(-1, -1, -1, c.AUDIO_HISTORY_FRAMES)
+        audio_global, audio_local = self.casual_audio_encoder(torch.cat([history, audio], dim=-1))
+        audio_global = audio_global[0, c.AUDIO_HISTORY_LATENTS:, 0].to(self.dtype)
+        audio_local = audio_local[0, c.AUDIO_HISTORY_LATENTS:].to(self.dtype)
+        return AudioTokens(audio_local, audio_global)
 
     def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rotation(positions.to(self.device), self.config.head_dim, rotation_dtype(self.dtype))
@@ -391,18 +428,18 @@ class CausalS2VTransformer(nn.Module):
         return conv(latents.to(self.device, self.dtype)).flatten(2).transpose(1, 2)
 
     def _run_blocks(self, x: torch.Tensor, time_modulation: torch.Tensor, attend: Callable[..., torch.Tensor],
-                    text_kv: list, audio: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                    text_kv: TextKV, audio: AudioTokens | None) -> torch.Tensor:
         for index, block in enumerate(self.blocks):
             x = block(x, time_modulation, partial(attend, index), text_kv[index])
             if audio is not None and index in self._injector_slot:
-                x = self.audio_injector(self._injector_slot[index], x, *audio)
+                x = self.audio_injector(self._injector_slot[index], x, audio.local, audio.pooled)
         return x
 
     # ------------------------------------------------------------------------------------------------
     # the two calls
 
     @torch.no_grad()
-    def prefill_sink(self, cond_cache: CondCache, text: torch.Tensor, ref_latents: torch.Tensor,
+    def prefill_sink(self, cond_cache: CondStore, text_kv: TextKV, ref_latents: torch.Tensor,
                      motion_latents: torch.Tensor) -> None:
         """The t = 0 sink call: run the condition tokens and store their un-roped K and V per layer.
 
@@ -420,14 +457,12 @@ class CausalS2VTransformer(nn.Module):
                 or tuple(motion_latents.shape[3:]) != latent_hw:
             raise ValueError(f"motion_latents must be [1, {c.in_dim}, T, {latent_hw[0]}, {latent_hw[1]}], "
                              f"got {list(motion_latents.shape)}")
-        self._text_kv_source = None  # a new run: never reuse text K/V computed before (weights may differ)
-        text_kv = self._text_kv_for(text)
 
         mask = self.trainable_cond_mask.weight
         ref_tokens = self._patchify(self.patch_embedding, ref_latents)
         motion_tokens = self.frame_packer(motion_latents.to(self.device, self.dtype))
         x = torch.cat([ref_tokens + mask[1], motion_tokens + mask[2]], dim=1)
-        positions = condition_positions(*latent_hw, ref_frame=c.REF_FRAME, buckets=c.FRAMEPACK_BUCKETS)
+        positions = condition_positions(*latent_hw, ref_frame=c.REF_FRAME, buckets=FRAMEPACK_BUCKETS)
         cond_cache.begin(positions.to(self.device), ref_tokens.shape[1], latent_hw)
         rotation_ = self._rotation(positions)
 
@@ -435,22 +470,13 @@ class CausalS2VTransformer(nn.Module):
             cond_cache.write(layer, k, v)
             return attention(apply_rotation(q, *rotation_), apply_rotation(k, *rotation_), v)
 
-        _, zero_modulation = self._time_vectors(0.0)
-        self._run_blocks(x, zero_modulation, attend, text_kv, audio=None)
+        self._run_blocks(x, self.time_vectors(0.0).modulation, attend, text_kv, audio=None)
 
-    @torch.no_grad()
-    def forward_block(self, x: torch.Tensor, timestep: float, text: torch.Tensor, audio: torch.Tensor,
-                      kv_cache: KVCache, cond_cache: CondCache, *, start_frame: int, ref_rope_shift: int,
-                      cond_states: torch.Tensor | None = None) -> torch.Tensor:
-        """Flow-velocity prediction for one block at one denoising step.
-
-        x [16, f, h, w] noisy latents; timestep on the 0..1000 scale; text from ``embed_text``;
-        audio [1, 25, audio_dim, 4f] wav2vec2 features of the block's video frames; kv_cache the cache of
-        this denoising step; start_frame the block's absolute latent-frame index; ref_rope_shift the
-        reference's ``relative_dist`` (the reference frame sits at max(30, start_frame + ref_rope_shift));
-        cond_states [16, f, h, w] pose latents (None = no pose video, i.e. zeros).
-        Returns [16, f, h, w] in the model dtype.
-        """
+    def prepare_block(self, x: torch.Tensor, audio: AudioTokens, kv_cache: KVStore, cond_cache: CondStore, *,
+                      start_frame: int, ref_rope_offset: int) -> BlockInputs:
+        """The host side of a forward: checks, RoPE rotations of the block and of the condition keys (the
+        reference frame sits at frame max(30, start_frame + ref_rope_offset), the reference's
+        relative_dist rule), and the KV ring positions (reserved in ``kv_cache``)."""
         c = self.config
         if x.ndim != 4 or x.shape[0] != c.in_dim:
             raise ValueError(f"x must be [{c.in_dim}, frames, h, w], got {list(x.shape)}")
@@ -460,66 +486,65 @@ class CausalS2VTransformer(nn.Module):
         if cond_cache.latent_hw != (latent_h, latent_w):
             raise ValueError(f"block latents are {latent_h}x{latent_w} but the sink was prefilled for "
                              f"{cond_cache.latent_hw[0]}x{cond_cache.latent_hw[1]}")
-        expected_audio = (1, c.audio_layers, c.audio_dim, c.AUDIO_FRAMES_PER_LATENT * frames)
-        if tuple(audio.shape) != expected_audio:
-            raise ValueError(f"audio must be {list(expected_audio)} for a {frames}-frame block, "
-                             f"got {list(audio.shape)}")
-        if cond_states is not None and cond_states.shape != x.shape:
-            raise ValueError(f"cond_states must have the shape of x {list(x.shape)}, got {list(cond_states.shape)}")
+        if audio.local.shape[0] != frames:
+            raise ValueError(f"audio for {audio.local.shape[0]} latent frames does not drive a {frames}-frame "
+                             f"block (audio must be [1, {c.audio_layers}, {c.audio_dim}, {4 * frames}])")
         if start_frame < 0:
             raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+        rows, cols = latent_h // 2, latent_w // 2
+        cond_positions = cond_cache.positions.clone()
+        cond_positions[:cond_cache.ref_tokens, 0] = c.REF_FRAME + max(0, start_frame - (c.REF_FRAME - ref_rope_offset))
+        kv_cache.reserve(start_frame * rows * cols, frames * rows * cols)
+        return BlockInputs(self._rotation(block_positions(start_frame, frames, rows, cols)),
+                           self._rotation(cond_positions))
 
-        text_kv = self._text_kv_for(text)
-        audio_tokens = self._audio_tokens(audio, frames)
-
+    @torch.no_grad()
+    def run_block(self, x: torch.Tensor, time: TimeVectors, text_kv: TextKV, audio: AudioTokens,
+                  kv_cache: KVStore, cond_cache: CondStore, inputs: BlockInputs,
+                  cond_states: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor work of a forward (`prepare_block` did the rest): noisy latents x [16, f, h, w] ->
+        flow velocity [16, f, h, w] in the model dtype. Shapes are fixed by the clip size and the KV fill;
+        no host-side decision is taken here. cond_states [16, f, h, w] are pose latents (None: zeros)."""
+        c = self.config
+        frames, latent_h, latent_w = x.shape[1:]
         tokens = self._patchify(self.patch_embedding, x[None])
         if cond_states is None:  # the encoder of all-zero pose latents yields exactly its bias
             tokens = tokens + self.cond_encoder.bias
         else:
+            if cond_states.shape != x.shape:
+                raise ValueError(f"cond_states must have the shape of x {list(x.shape)}, got {list(cond_states.shape)}")
             tokens = tokens + self._patchify(self.cond_encoder, cond_states[None])
         tokens = tokens + self.trainable_cond_mask.weight[0]
 
-        rows, cols = latent_h // 2, latent_w // 2
-        frame_tokens = rows * cols
-        start_token = start_frame * frame_tokens
-        block_rotation = self._rotation(block_positions(start_frame, frames, rows, cols))
-        cond_positions = cond_cache.positions.clone()
-        cond_positions[:cond_cache.ref_tokens, 0] = c.REF_FRAME + max(0, start_frame - (c.REF_FRAME - ref_rope_shift))
-        cond_rotation = self._rotation(cond_positions)
-        kv_cache.reserve(start_token, tokens.shape[1])
-
         def attend(layer: int, q, k, v):
-            q = apply_rotation(q, *block_rotation)
-            k = apply_rotation(k, *block_rotation)
-            kv_cache.write(layer, start_token, k, v)
+            q = apply_rotation(q, *inputs.block_rotation)
+            k = apply_rotation(k, *inputs.block_rotation)
+            kv_cache.write(layer, k, v)
             window_k, window_v = kv_cache.window(layer)
             cond_k, cond_v = cond_cache.entries(layer)
-            keys = torch.cat([window_k, apply_rotation(cond_k, *cond_rotation)], dim=1)
+            keys = torch.cat([window_k, apply_rotation(cond_k, *inputs.cond_rotation)], dim=1)
             return attention(q, keys, torch.cat([window_v, cond_v], dim=1))
 
-        e, modulation = self._time_vectors(timestep)
-        hidden = self._run_blocks(tokens, modulation, attend, text_kv, audio=audio_tokens)
-        out = self.head(hidden, e)[0]
+        hidden = self._run_blocks(tokens, time.modulation, attend, text_kv, audio=audio)
+        out = self.head(hidden, time.embedding)[0]
         # Unpatchify: token (t, y, x) holds its (pt, ph, pw, channel) patch values, channel fastest.
         pf, ph, pw = c.PATCH_SIZE
+        rows, cols = latent_h // ph, latent_w // pw
         out = out.view(frames, rows, cols, pf, ph, pw, c.out_dim).permute(6, 0, 3, 1, 4, 2, 5)
         return out.reshape(c.out_dim, frames * pf, rows * ph, cols * pw)
 
-    def _audio_tokens(self, audio: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per latent frame: local audio tokens [f, num_audio_token+1, dim] and the global vector [f, dim].
-
-        The block's audio is prefixed with copies of its own first frame (no history crosses blocks), and
-        the encoder outputs those copies produce are dropped.
-        """
-        c = self.config
-        audio = audio.to(self.device, self.dtype)
-        history = audio[..., :1].expand(-1, -1, -1, c.AUDIO_HISTORY_FRAMES)
-        audio_global, audio_local = self.casual_audio_encoder(torch.cat([history, audio], dim=-1))
-        audio_global = audio_global[0, c.AUDIO_HISTORY_LATENTS:, 0].to(self.dtype)
-        audio_local = audio_local[0, c.AUDIO_HISTORY_LATENTS:].to(self.dtype)
-        if audio_local.shape[0] != frames:
-            raise ValueError(f"audio encoder produced {audio_local.shape[0]} frames for a {frames}-frame block")
-        return audio_local, audio_global
+    @torch.no_grad()
+    def forward_block(self, x: torch.Tensor, timestep: float, text_kv: TextKV, audio: torch.Tensor,
+                      kv_cache: KVStore, cond_cache: CondStore, *, start_frame: int, ref_rope_offset: int,
+                      cond_states: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward from raw inputs (`time_vectors`, `audio_tokens`, `prepare_block`, `run_block`):
+        x [16, f, h, w] noisy latents at ``timestep`` (0..1000), audio [1, 25, audio_dim, 4f] wav2vec2
+        features of the block's video frames, start_frame the block's absolute latent-frame index."""
+        audio_tokens = self.audio_tokens(audio)
+        inputs = self.prepare_block(x, audio_tokens, kv_cache, cond_cache, start_frame=start_frame,
+                                    ref_rope_offset=ref_rope_offset)
+        return self.run_block(x, self.time_vectors(timestep), text_kv, audio_tokens, kv_cache, cond_cache, inputs,
+                              cond_states)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -120,15 +120,18 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     sampling loop, return the measurements (see the module docstring)."""
     import torch
 
+    import numpy as np
+    from PIL import Image
+
+    from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
     from liveavatar.models.transformer import CausalS2VTransformer
     from liveavatar.models.vae import VAEConfig, WanVAE
-    from liveavatar.geometry import ClipGeometry
-    from liveavatar.runtime.conditioning import (ReferenceLatents, WholeFileAudio, clip_noise,
-                                                 motion_history)
-    from liveavatar.runtime.offload import install_cache_placement, place_dit
+    from liveavatar.request import WaveformAudio, resolve_request
+    from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
+    from liveavatar.runtime.engine import Conditioning, Engine
+    from liveavatar.runtime.layer_streaming import place_dit
     from liveavatar.runtime.planner import transformer_config_for
-    from liveavatar.runtime.sampler import SequentialExecutor, VideoFrames, ref_rope_shifts, sample
-    from liveavatar.runtime.schedule import FlowMatchSchedule
+    from liveavatar.runtime.sampler import VideoFrames
 
     work, placement = plan.workload, plan.placement
     dtype = torch.float32 if work.run_dtype_bytes == 4 else torch.bfloat16
@@ -143,17 +146,25 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
         vae = WanVAE(VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
     layer_streamer = place_dit(model, placement, device,
                                materialize=lambda name, module: random_init_(module, device, dtype, generator))
-    cache_streamer = install_cache_placement(model, placement)
     random_init_(vae, device, dtype, generator)
     model.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     build_s = _synchronized(cuda, start)
+    engine = Engine(model, vae, None, None, placement=placement, device=device, dtype=dtype,
+                    layer_streamer=layer_streamer)
 
-    geometry = ClipGeometry(work.height, work.width, work.infer_frames)
+    # A request of the benchmark's size and length; its conditioning is synthetic (the encoders are
+    # set-up cost, not timed here).
     total_blocks = warmup_blocks + blocks
-    num_clips = math.ceil(total_blocks / geometry.blocks_per_clip)
+    clip_seconds = work.infer_frames / FPS
+    num_clips = math.ceil(total_blocks / work.geometry.blocks_per_clip)
+    silence = np.zeros(int((num_clips + 1) * clip_seconds * AUDIO_SAMPLE_RATE), np.float32)
+    request = resolve_request(Image.new("RGB", (work.width, work.height)), WaveformAudio(silence), "",
+                              size=work.width * work.height, infer_frames=work.infer_frames,
+                              sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode)
+    geometry = request.geometry
     g = torch.Generator("cpu").manual_seed(seed)
-    text = model.embed_text(torch.randn(32, config.text_dim, generator=g).to(device, dtype))
+    text_kv = model.text_kv(torch.randn(32, config.text_dim, generator=g).to(device, dtype))
     audio = WholeFileAudio(torch.randn(1, config.audio_layers, config.audio_dim, num_clips * work.infer_frames,
                                        generator=g).to(dtype), geometry)
     # Synthetic sink latents shaped as the mode makes them (the reference encode is set-up, not timed here).
@@ -165,7 +176,6 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
                                  motion=torch.randn(1, 16, motion_latents, geometry.latent_height,
                                                     geometry.latent_width, generator=g).to(device),
                                  history=history)
-    schedule = FlowMatchSchedule.create(work.sample_steps)
     forward_marks: list[tuple[int, object]] = []
     # Peak allocated memory per window between forwards: the first (KV sets, sink prefill, first forward),
     # the other steps (a forward and an Euler update), and step 0 of later blocks (plus the VAE decode
@@ -182,14 +192,10 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
             windows[window] = max(windows[window] or 0, torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
 
-    executor = SequentialExecutor(model, schedule, text, geometry, on_forward=on_forward,
-                                  ref_rope_shift=ref_rope_shifts("seeded", base_seed=seed, mode=work.mode,
-                                                                 num_steps=work.sample_steps))
     loop_start = time.perf_counter()
     frame_marks: list[tuple[float, int, int]] = []  # (time, frames, blocks done) per batch of decoded frames
     blocks_done = 0
-    events = sample(executor, vae, reference, audio, geometry, num_clips=num_clips,
-                    noise=lambda clip: clip_noise(seed, clip, geometry, device=device, dtype=dtype), mode=work.mode)
+    events = engine.run(request, Conditioning(text_kv, reference, audio), on_forward=on_forward)
     for event in events:
         if not isinstance(event, VideoFrames):
             blocks_done += 1
@@ -231,7 +237,7 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
         "loop": "liveavatar.runtime.sampler.sample (real sampling loop, synthetic conditioning)",
         "placement": placement.to_json(),
         "streamed_layer_copies": layer_streamer.copies if layer_streamer else 0,
-        "kv_host_fetched_gb": cache_streamer.fetched_bytes / 1e9 if cache_streamer else 0.0,
+        "kv_host_fetched_gb": streamer.fetched_bytes / 1e9 if (streamer := engine.cache_set.streamer) else 0.0,
         "config": config_name or "14b",
         "height": work.height, "width": work.width, "infer_frames": work.infer_frames,
         "sample_steps": work.sample_steps, "mode": work.mode, "dtype": str(dtype).removeprefix("torch."),

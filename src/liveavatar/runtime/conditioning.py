@@ -1,7 +1,7 @@
 """What the sampling loop is conditioned on: clip geometry, reference and motion latents, audio per block,
 noise per clip.
 
-The two reference behaviours (pipeline.md §4, parallel_and_memory.md §1.4) differ here only in how the
+The two reference behaviours (``causal_s2v_pipeline.py`` and ``causal_s2v_pipeline_tpp.py``) differ here only in how the
 reference image is encoded:
 
 * ``streaming`` (the paper's pipeline, our default): ref latent = VAE(reference as one frame); motion
@@ -13,8 +13,11 @@ reference image is encoded:
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 
 from liveavatar.geometry import LATENT_CHANNELS, MOTION_FRAMES, MOTION_LATENT_FRAMES, ClipGeometry, check_mode
@@ -36,39 +39,58 @@ class WholeFileAudio:
 
 
 class StreamedAudio:
-    """Audio features made block by block from a waveform (`StreamingAudioFeatures`), for audio too long to
-    run wav2vec2 over at once: memory stays bounded however long the audio is. Blocks must be asked for in
-    order; blocks past the end of the audio are zeros, as in the whole-file path."""
+    """Audio features made block by block (`StreamingAudioFeatures`) from samples that arrive in chunks:
+    a long file cut into pieces, or live input. Memory stays bounded however long the audio is. Blocks
+    must be asked for in order.
 
-    def __init__(self, streamer, waveform, geometry: ClipGeometry, *, feature_shape: tuple[int, int],
-                 chunk_samples: int = 16_000):
+    ``next_chunk()`` returns the next samples, an empty array when none are there yet (it may wait), or
+    None once the audio has ended. After the end, blocks are zeros when ``pad_past_end`` (a file whose
+    clip count covers more than its audio, as the whole-file path), else None (the run ends with the audio).
+    """
+
+    def __init__(self, streamer, next_chunk: Callable[[], np.ndarray | None], geometry: ClipGeometry, *,
+                 feature_shape: tuple[int, int], pad_past_end: bool):
         self.streamer = streamer
-        self.waveform = waveform
+        self.next_chunk = next_chunk
         self.geometry = geometry
         self.feature_shape = feature_shape  # (hidden states, channels)
-        self.chunk_samples = chunk_samples
-        self.pushed = 0
-        self.ready: list[torch.Tensor] = []
+        self.pad_past_end = pad_past_end
+        self.ready: deque[torch.Tensor] = deque()
         self.next_block = 0
         self.finished = False
 
-    def block(self, clip: int, block: int) -> torch.Tensor:
+    def block(self, clip: int, block: int) -> torch.Tensor | None:
         index = clip * self.geometry.blocks_per_clip + block
         if index != self.next_block:
             raise ValueError(f"streamed audio blocks must be read in order: asked for {index}, next is {self.next_block}")
         self.next_block += 1
         while not self.ready and not self.finished:
-            if self.pushed < len(self.waveform):
-                chunk = self.waveform[self.pushed:self.pushed + self.chunk_samples]
-                self.pushed += len(chunk)
-                self.ready.extend(self.streamer.push(chunk))
-            else:
+            chunk = self.next_chunk()
+            if chunk is None:
                 self.ready.extend(self.streamer.finish())
                 self.finished = True
+            elif len(chunk):
+                self.ready.extend(self.streamer.push(chunk))
         if self.ready:
-            return self.ready.pop(0)
+            return self.ready.popleft()
+        if not self.pad_past_end:
+            return None
         layers, channels = self.feature_shape
         return torch.zeros(1, layers, channels, self.geometry.frames_per_block)
+
+
+def waveform_chunks(waveform: np.ndarray, chunk_samples: int = 16_000) -> Callable[[], np.ndarray | None]:
+    """``next_chunk`` for `StreamedAudio` over a waveform known in full."""
+    position = 0
+
+    def next_chunk() -> np.ndarray | None:
+        nonlocal position
+        if position >= len(waveform):
+            return None
+        position += chunk_samples
+        return waveform[position - chunk_samples:position]
+
+    return next_chunk
 
 
 def clip_noise(base_seed: int, clip: int, geometry: ClipGeometry, *, device, dtype) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""FP8 (e4m3) linears for the DiT, applied after the LoRA merge (lora_fp8.md §2).
+"""FP8 (e4m3) linears for the DiT, applied after the LoRA merge (the reference's
+``liveavatar/utils/fp8_linear.py``, applied by ``causal_s2v_pipeline.py`` when ``--fp8`` is given).
 
 The reference scheme: every `nn.Linear` of the DiT except the 7 whose names contain one of
 `KEEP_BF16_PATTERNS` becomes an FP8 linear (460 at 14B). Weights are quantised once per tensor:

@@ -18,7 +18,7 @@ TEXT_ENCODER_PLACEMENTS = ("gpu_then_free", "cpu")
 class Placement:
     """What goes where for one run.
 
-    weight_dtype: "bf16", or "fp8" (e4m3 per-tensor linears after the LoRA merge, lora_fp8.md §2).
+    weight_dtype: "bf16", or "fp8" (e4m3 per-tensor linears after the LoRA merge, as the reference's fp8_linear.py).
     streamed_layers: indices of the DiT blocks whose weights live in pinned host memory and are
         copied into one of two GPU slots just before they run (prefetched on a side stream). A block
         that carries an audio injector streams together with its injector. Empty: all resident.

@@ -903,18 +903,14 @@ def transformer_config_for(ckpt_dir: str | os.PathLike | None, config_name: str 
 CPU_HARDWARE = Hardware("CPU (no GPU)", 1e12, None, 5e10, 1e15, 1e15)
 
 
-def plan_for_settings(settings, gpu_memory_bytes: int | None = None) -> Plan:
-    """The plan `generate` runs under, made before anything is loaded: it reads the image's size and the
-    DiT's config.json only. `settings.vram_budget` caps the GPU budget; `settings.fp8` and
+def plan_for_settings(settings, geometry, gpu_memory_bytes: int | None = None) -> Plan:
+    """The plan `generate` runs under, made before anything is loaded, for the request's ``geometry``; it
+    reads the DiT's config.json only. `settings.vram_budget` caps the GPU budget; `settings.fp8` and
     `settings.t5_cpu` pin those choices. A CPU run (`--device cpu`, or no GPU) gets a plan with no GPU
     budget. Call `.check()` on the result to refuse a run that does not fit."""
     import torch
 
-    from liveavatar.io.media import load_image
-    from liveavatar.geometry import size_for_area
-
-    image = load_image(settings.image)
-    height, width = size_for_area(image.height, image.width, settings.size_area)
+    height, width = geometry.height, geometry.width
     on_cpu = settings.device == "cpu" or (settings.device is None and not torch.cuda.is_available())
     dtype = settings.dtype or ("float32" if on_cpu else "bfloat16")
     work = Workload(height, width, settings.infer_frames, settings.sample_steps, 1, settings.mode,

@@ -1,6 +1,6 @@
 """THE sampling loop: clips of blocks, each block denoised in ``num_steps`` Euler steps, decoded as it is done.
 
-One loop serves both reference behaviours (pipeline.md §7-8, parallel_and_memory.md §1.4):
+One loop serves both reference behaviours (``causal_s2v_pipeline_tpp.py`` and ``causal_s2v_pipeline.py``):
 
 * ``mode="streaming"`` (default; the paper / multi-GPU TPP pipeline): the first generated latent frame
   (clip 0, block 0, frame 0) replaces the reference latent and the sink is re-prefilled before clip 1;
@@ -14,14 +14,15 @@ One loop serves both reference behaviours (pipeline.md §7-8, parallel_and_memor
 Either way the first 3 decoded frames are dropped, so N clips give 48·N − 3 frames. Nothing accumulates
 across clips or blocks: the loop yields events and forgets them.
 
-Where the DiT forwards run is an executor's business. `SequentialExecutor` runs all steps of a block one
-after the other on one device (step i uses KV set i; one cond cache shared by all steps). The loop only
-asks it to prefill the sink and to denoise block b of clip r, so a pipeline-parallel executor (step i on
-rank i, "timestep forcing") can replace it without touching the loop.
+Where the DiT forwards run is the executor's business (`liveavatar.runtime.executors`): the loop submits
+blocks and collects clean latents, with up to ``executor.depth`` blocks in flight. The decoder is handed
+in (`make_decoder` builds the one a mode needs), so a decode on another stream or rank plugs in. The loop
+runs for a given number of blocks, or, in streaming mode, until the audio source has no more blocks.
 """
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence, Union
 
@@ -36,20 +37,20 @@ from liveavatar.geometry import (
     check_mode,
 )
 from liveavatar.runtime.conditioning import ReferenceLatents
-from liveavatar.runtime.schedule import FlowMatchSchedule
+from liveavatar.runtime.executors import BlockExecutor, BlockJob
 
 STREAM_DECODE_WARMUP_LATENTS = 7
 
-RefRopeShift = Callable[[int], int]
-"""Gives the reference RoPE shift (the reference's ``relative_dist``) of the next forward of a step."""
+RefRopeOffset = Callable[[int], int]
+"""Gives the reference RoPE offset (the reference's ``relative_dist``) of the next forward of a step."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Reference RoPE shift policies
+# Reference RoPE offset policies
 
 
-def ref_rope_shifts(policy: Union[str, int], *, base_seed: int, mode: str, num_steps: int) -> RefRopeShift:
-    """The rd source for a run: ``"seeded"``, ``"random"`` or a fixed int in 4..30.
+def ref_rope_offsets(policy: Union[str, int], *, base_seed: int, mode: str, num_steps: int) -> RefRopeOffset:
+    """The offset source of a request: ``"seeded"``, ``"random"`` or a fixed int in 4..30.
 
     "seeded" reproduces an official run whose Python ``random`` was seeded: in single_gpu mode one
     generator seeded with ``base_seed`` draws in call order (clip, block, step), as the single process of
@@ -76,65 +77,13 @@ def ref_rope_shifts(policy: Union[str, int], *, base_seed: int, mode: str, num_s
     return lambda step: per_step[step].randint(low, high)
 
 
-def recorded_ref_rope_shifts(draws: Union[Sequence[int], Sequence[Sequence[int]]]) -> RefRopeShift:
-    """Replays recorded rd values: one list in call order, or one list per step (per TPP rank)."""
+def recorded_ref_rope_offsets(draws: Union[Sequence[int], Sequence[Sequence[int]]]) -> RefRopeOffset:
+    """Replays recorded offsets: one list in call order, or one list per step (per TPP rank)."""
     if draws and isinstance(draws[0], Sequence):
         per_step = [iter(list(d)) for d in draws]
         return lambda step: next(per_step[step])
     shared = iter(list(draws))
     return lambda step: next(shared)
-
-
-# --------------------------------------------------------------------------------------------------
-# Executors
-
-
-class BlockExecutor(Protocol):
-    """Runs the DiT for the loop. ``prefill`` (re)fills the sink; ``denoise_block`` returns clean latents."""
-
-    def prefill(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None: ...
-
-    def denoise_block(self, noise: torch.Tensor, audio: torch.Tensor, *, clip: int, block: int,
-                      start_frame: int) -> torch.Tensor: ...
-
-
-ForwardHook = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
-"""Called after every DiT forward with (clip, block, step, input latents, predicted velocity)."""
-
-
-class SequentialExecutor:
-    """All denoising steps of a block in sequence on the model's device.
-
-    Step i attends to KV set i, which only ever holds K/V computed at timestep i (the reference's
-    "timestep forcing"); the cond cache written by the sink prefill is shared by every step.
-    """
-
-    def __init__(self, model, schedule: FlowMatchSchedule, text: torch.Tensor, geometry: ClipGeometry, *,
-                 ref_rope_shift: RefRopeShift, on_forward: ForwardHook | None = None):
-        self.model = model
-        self.geometry = geometry
-        self.schedule = schedule
-        self.text = text
-        self.ref_rope_shift = ref_rope_shift
-        self.on_forward = on_forward
-        self.kv_caches = [model.new_kv_cache(cache_frames=geometry.latent_frames, frame_tokens=geometry.frame_tokens)
-                          for _ in range(schedule.num_steps)]
-        self.cond_cache = model.new_cond_cache(cond_tokens=geometry.cond_tokens)
-
-    def prefill(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None:
-        self.model.prefill_sink(self.cond_cache, self.text, ref_latents, motion_latents)
-
-    def denoise_block(self, noise: torch.Tensor, audio: torch.Tensor, *, clip: int, block: int,
-                      start_frame: int) -> torch.Tensor:
-        x = noise
-        for step in range(self.schedule.num_steps):
-            velocity = self.model.forward_block(
-                x, self.schedule.timestep(step), self.text, audio, self.kv_caches[step], self.cond_cache,
-                start_frame=start_frame, ref_rope_shift=self.ref_rope_shift(step))
-            if self.on_forward is not None:
-                self.on_forward(clip, block, step, x, velocity)
-            x = self.schedule.step(step, x, velocity)
-        return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,45 +185,70 @@ LoopEvent = Union[BlockLatents, VideoFrames]
 
 
 class BlockAudio(Protocol):
-    def block(self, clip: int, block: int) -> torch.Tensor: ...
+    def block(self, clip: int, block: int) -> torch.Tensor | None:
+        """Features [1, 25, C, frames_per_block] of a block (asked for in order); None once the audio
+        source has ended before it."""
 
 
-def sample(executor: BlockExecutor, vae, reference: ReferenceLatents, audio: BlockAudio, geometry: ClipGeometry,
-           *, num_clips: int, noise: Callable[[int], torch.Tensor], mode: str = "streaming",
-           online_decode: bool = False) -> Iterator[LoopEvent]:
-    """Generate ``num_clips`` clips; yields every clean block, then the frames it completes, as they are made.
+Decoder = Union[BlockStreamDecoder, ClipContextDecoder]
 
-    ``noise(r)`` gives clip r's initial noise [16, latent_frames, h, w]; ``audio.block(r, b)`` the block's
-    features [1, 25, C, frames_per_block] (asked for in order); ``reference`` comes from `encode_reference`
-    in the same mode.
+
+def make_decoder(mode: str, vae, reference: ReferenceLatents, geometry: ClipGeometry) -> Decoder:
+    """The decoder a mode needs: one streaming decode of every block, or the per-clip context decode."""
+    if check_mode(mode) == "streaming":
+        return BlockStreamDecoder(vae, reference.motion, geometry)
+    return ClipContextDecoder(vae, reference, geometry)
+
+
+def sample(executor: BlockExecutor, decoder: Decoder, reference: ReferenceLatents, audio: BlockAudio,
+           geometry: ClipGeometry, *, noise: Callable[[int], torch.Tensor], total_blocks: int | None,
+           mode: str = "streaming", online_decode: bool = False) -> Iterator[LoopEvent]:
+    """Generate ``total_blocks`` blocks (whole clips in single_gpu mode), or with None, in streaming mode,
+    until ``audio.block`` says the audio has ended; yields every clean block, then the frames it completes.
+
+    ``noise(r)`` gives clip r's initial noise [16, latent_frames, h, w]; ``reference`` comes from
+    `encode_reference` and ``decoder`` from `make_decoder`, both in the same mode.
     """
     check_mode(mode)
-    if online_decode and mode != "single_gpu":
-        raise ValueError("enable_online_decode belongs to the single-GPU behaviour; use mode='single_gpu' with it")
-
-    if mode == "streaming":
-        decoder = BlockStreamDecoder(vae, reference.motion, geometry)
-    else:
-        decoder = ClipContextDecoder(vae, reference, geometry)
+    if mode == "single_gpu" and (total_blocks is None or total_blocks % geometry.blocks_per_clip):
+        raise ValueError("mode single_gpu decodes whole clips: give total_blocks as a whole number of clips")
     refresh_sink = mode == "streaming" or online_decode
-    motion = reference.dit_motion
-    executor.prefill(reference.ref, motion)
+    executor.prefill(reference.ref, reference.dit_motion)
+    in_flight: deque[tuple[int, int]] = deque()
     first_latent = None
     produced = 0
-    for clip in range(num_clips):
-        if clip == 1 and refresh_sink:
-            if online_decode:
-                motion = decoder.dit_motion
-            executor.prefill(first_latent, motion)
-        clip_noise = noise(clip)
-        for block in range(geometry.blocks_per_clip):
-            latents = executor.denoise_block(
-                clip_noise[:, geometry.block_slice(block)], audio.block(clip, block),
-                clip=clip, block=block, start_frame=geometry.start_frame(clip, block))
-            if first_latent is None:
-                first_latent = latents[:, 0:1].unsqueeze(0)
-            yield BlockLatents(clip, block, latents)
-            frames = decoder.add_block(latents)
-            if frames is not None:
-                yield VideoFrames(produced, frames)
-                produced += frames.shape[1]
+
+    def finish_one() -> Iterator[LoopEvent]:
+        nonlocal first_latent, produced
+        clip, block = in_flight.popleft()
+        latents = executor.collect()
+        if first_latent is None:
+            first_latent = latents[:, 0:1].unsqueeze(0)
+        yield BlockLatents(clip, block, latents)
+        frames = decoder.add_block(latents)
+        if frames is not None:
+            yield VideoFrames(produced, frames)
+            produced += frames.shape[1]
+
+    clip_noise = None
+    index = 0
+    while total_blocks is None or index < total_blocks:
+        clip, block = divmod(index, geometry.blocks_per_clip)
+        features = audio.block(clip, block)
+        if features is None:
+            break
+        if block == 0:
+            if clip == 1 and refresh_sink:
+                # The new sink needs clip 0's first latent (and, with online decode, clip 0 decoded).
+                while in_flight and (online_decode or first_latent is None):
+                    yield from finish_one()
+                executor.prefill(first_latent, decoder.dit_motion if online_decode else reference.dit_motion)
+            clip_noise = noise(clip)
+        executor.submit(BlockJob(clip, block, geometry.start_frame(clip, block),
+                                 clip_noise[:, geometry.block_slice(block)], features))
+        in_flight.append((clip, block))
+        while len(in_flight) >= executor.depth:
+            yield from finish_one()
+        index += 1
+    while in_flight:
+        yield from finish_one()

@@ -9,8 +9,10 @@ from typing import Iterator
 
 import torch
 
+from liveavatar.geometry import FRAMEPACK_BUCKETS
 from liveavatar.models.rope import block_positions, condition_positions, rotation
 from liveavatar.models.transformer import CausalS2VTransformer
+from liveavatar.runtime.caches import CondCache, KVCache
 from liveavatar.testing.parity import Comparison, Fixture
 
 RUN_DTYPE = torch.float32
@@ -35,13 +37,16 @@ class DitRun:
         if cache_tokens % self.frame_tokens:
             raise ValueError(f"KV cache length {cache_tokens} is not a whole number of latent frames")
         latent_h, latent_w = manifest["latent_hw"]
-        self.kv_cache = model.new_kv_cache(cache_frames=cache_tokens // self.frame_tokens,
-                                           frame_tokens=self.frame_tokens)
-        self.cond_cache = model.new_cond_cache(cond_tokens=model.config.cond_tokens(latent_h, latent_w))
+        c = model.config
+        dims = dict(num_layers=c.num_layers, num_heads=c.num_heads, head_dim=c.head_dim, device="cpu", dtype=RUN_DTYPE)
+        self.kv_cache = KVCache(capacity=cache_tokens, **dims)
+        cond_tokens = condition_positions(latent_h, latent_w, ref_frame=c.REF_FRAME, buckets=FRAMEPACK_BUCKETS).shape[0]
+        self.cond_cache = CondCache(capacity=cond_tokens, **dims)
         self.text = model.embed_text(tensors["in.context"])
+        self.text_kv = model.text_kv(self.text)
 
     def sink(self) -> None:
-        self.model.prefill_sink(self.cond_cache, self.text, self.tensors["in.ref_latents"],
+        self.model.prefill_sink(self.cond_cache, self.text_kv, self.tensors["in.ref_latents"],
                                 self.tensors["in.motion_latents"])
 
     def call(self, spec: dict) -> torch.Tensor:
@@ -49,9 +54,9 @@ class DitRun:
         cond_start, cond_end = spec["cond_slice"]
         timestep = self.tensors[spec["t_key"]].reshape(-1)[0].item() if spec.get("t_key") else spec["timestep"]
         return self.model.forward_block(
-            self.tensors[spec["x_key"]], timestep, self.text,
+            self.tensors[spec["x_key"]], timestep, self.text_kv,
             self.tensors["in.audio_emb"][..., audio_start:audio_end], self.kv_cache, self.cond_cache,
-            start_frame=spec["current_start"] // self.frame_tokens, ref_rope_shift=spec["relative_dist"],
+            start_frame=spec["current_start"] // self.frame_tokens, ref_rope_offset=spec["relative_dist"],
             cond_states=self.tensors["in.cond_states"][0, :, cond_start:cond_end])
 
 
@@ -65,7 +70,7 @@ def run(fixture: Fixture) -> Iterator[Comparison]:
     config = model.config
     latent_h, latent_w = manifest["latent_hw"]
     tables = {"sink": condition_positions(latent_h, latent_w, ref_frame=config.REF_FRAME,
-                                          buckets=config.FRAMEPACK_BUCKETS)}
+                                          buckets=FRAMEPACK_BUCKETS)}
     first = manifest["calls"][0]
     tables["call0"] = block_positions(first["current_start"] // replay.frame_tokens,
                                       fixture[first["x_key"]].shape[1], latent_h // 2, latent_w // 2)
@@ -81,20 +86,18 @@ def run(fixture: Fixture) -> Iterator[Comparison]:
     if replay.cond_cache.length != cond_length:
         raise ValueError(f"sink produced {replay.cond_cache.length} condition tokens, the fixture {cond_length}")
     for layer in range(model.config.num_layers):
-        for kind in ("k", "v"):
+        for kind, got in zip(("k", "v"), replay.cond_cache.entries(layer)):
             name = f"sink.cache.layer{layer}.cond_{kind}"
             if name in fixture:
-                got = getattr(replay.cond_cache, kind)[layer, :replay.cond_cache.length]
-                yield fixture.compare(name, got[None], "sink_cond_cache")
+                yield fixture.compare(name, got, "sink_cond_cache")
 
     for spec in manifest["calls"]:
         out = replay.call(spec)
         yield fixture.compare(spec["out_key"], out, "out")
         offset = spec["kv_write_offset"]
         for layer in range(model.config.num_layers):
-            for kind in ("k", "v"):
+            for kind, written in zip(("k", "v"), replay.kv_cache.storage.part(layer, 0, replay.kv_cache.capacity)):
                 name = f"call{spec['call']}.cache.layer{layer}.{kind}_written"
                 if name in fixture:
-                    written = getattr(replay.kv_cache, kind)[layer]
                     length = fixture[name].shape[1]
                     yield fixture.compare(name, written[offset:offset + length][None], "written_kv")

@@ -15,14 +15,11 @@ import torch
 from liveavatar.models.transformer import CausalS2VTransformer
 from liveavatar.models.vae import WanVAE
 from liveavatar.geometry import ClipGeometry
+from liveavatar.runtime.caches import build_caches
 from liveavatar.runtime.conditioning import WholeFileAudio, encode_reference
-from liveavatar.runtime.sampler import (
-    BlockLatents,
-    SequentialExecutor,
-    VideoFrames,
-    recorded_ref_rope_shifts,
-    sample,
-)
+from liveavatar.runtime.executors import SequentialExecutor
+from liveavatar.runtime.placement import Placement
+from liveavatar.runtime.sampler import BlockLatents, VideoFrames, make_decoder, recorded_ref_rope_offsets, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
 from liveavatar.testing.parity import Comparison, Fixture, Tolerance, compare
 
@@ -33,18 +30,19 @@ VAE_WEIGHTS = "weights/vae/Wan2.1_VAE.pth"
 class _RecordingExecutor(SequentialExecutor):
     """Keeps the clip and the (ref, motion) latents of every sink prefill, to check them against ``cond.*``."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, blocks_per_clip: int, **kwargs):
         super().__init__(*args, **kwargs)
+        self.blocks_per_clip = blocks_per_clip
         self.prefills: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.clip = 0
+        self.clip = 0  # the clip of the next block submitted
 
     def prefill(self, ref_latents, motion_latents):
         self.prefills[self.clip] = (ref_latents, motion_latents)
         super().prefill(ref_latents, motion_latents)
 
-    def denoise_block(self, noise, audio, *, clip, block, start_frame):
-        self.clip = clip + 1 if block == self.geometry.blocks_per_clip - 1 else clip
-        return super().denoise_block(noise, audio, clip=clip, block=block, start_frame=start_frame)
+    def submit(self, job):
+        self.clip = job.clip + 1 if job.block == self.blocks_per_clip - 1 else job.clip
+        super().submit(job)
 
 
 def _exact(name: str, got: list, expected: list) -> Comparison:
@@ -74,7 +72,7 @@ def run(fixture: Fixture) -> Iterator[Comparison]:
     geometry = ClipGeometry(height, width, kwargs["infer_frames"])
     yield _exact("geometry (latent hw, frame tokens, latent frames, blocks, kv tokens)",
                  [geometry.latent_height, geometry.latent_width, geometry.frame_tokens, geometry.latent_frames,
-                  geometry.blocks_per_clip, geometry.latent_frames * geometry.frame_tokens],
+                  geometry.blocks_per_clip, geometry.kv_tokens],
                  [*manifest["latent_hw"], manifest["frame_seq_len"], manifest["latent_frames_per_clip"],
                   manifest["blocks_per_clip"], manifest["kv_cache_length_tokens"]])
 
@@ -104,18 +102,20 @@ def run(fixture: Fixture) -> Iterator[Comparison]:
 
     if tpp:
         per_rank = manifest["relative_dist_draws_per_rank"]
-        draws = recorded_ref_rope_shifts([per_rank[str(step)] for step in range(schedule.num_steps)])
+        draws = recorded_ref_rope_offsets([per_rank[str(step)] for step in range(schedule.num_steps)])
     else:
-        draws = recorded_ref_rope_shifts(manifest["relative_dist_draws"])
-    executor = _RecordingExecutor(model, schedule, model.embed_text(fixture["in.context"]), geometry,
-                                  ref_rope_shift=draws, on_forward=record_forward)
+        draws = recorded_ref_rope_offsets(manifest["relative_dist_draws"])
+    caches = build_caches(model, Placement(), geometry, range(schedule.num_steps), device="cpu", dtype=dtype)
+    executor = _RecordingExecutor(model, caches, schedule, model.text_kv(fixture["in.context"]),
+                                  ref_rope_offset=draws, on_forward=record_forward,
+                                  blocks_per_clip=geometry.blocks_per_clip)
 
     clips: dict[int, list[torch.Tensor]] = {}
     frames: list[torch.Tensor] = []
     audio = WholeFileAudio(fixture["in.audio_emb"], geometry)
-    for event in sample(executor, vae, reference, audio, geometry, num_clips=num_clips,
-                        noise=lambda clip: fixture[f"in.noise.clip{clip}"].to(dtype), mode=mode,
-                        online_decode=online):
+    for event in sample(executor, make_decoder(mode, vae, reference, geometry), reference, audio, geometry,
+                        noise=lambda clip: fixture[f"in.noise.clip{clip}"].to(dtype),
+                        total_blocks=num_clips * geometry.blocks_per_clip, mode=mode, online_decode=online):
         if isinstance(event, BlockLatents):
             clips.setdefault(event.clip, []).append(event.latents)
         elif isinstance(event, VideoFrames):

@@ -1,0 +1,157 @@
+"""The Engine: the loaded models, their placement and the caches, and the one place that assembles a run.
+
+``Engine.run(request)`` conditions the request (prompt embedding, reference and motion latents, audio
+features), takes the caches (allocated once per placement and clip size, reset per request), builds the
+executor and the decoder, and yields the sampling loop's events. The Python API, ``bench`` and the server
+all go through it; nothing of a request stays on the models.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from liveavatar.checkpoints.layout import CheckpointLayout
+from liveavatar.geometry import FPS, ClipGeometry
+from liveavatar.io.media import reference_tensor
+from liveavatar.models.audio_features import (
+    AudioFeatureExtractor,
+    StreamingAudioFeatures,
+    video_rate_features,
+)
+from liveavatar.models.text_encoder import TextEncoder
+from liveavatar.models.vae import WanVAE
+from liveavatar.request import LiveAudio, Request
+from liveavatar.runtime.caches import CacheSet, build_caches
+from liveavatar.runtime.conditioning import (
+    ReferenceLatents,
+    StreamedAudio,
+    WholeFileAudio,
+    clip_noise,
+    encode_reference,
+    waveform_chunks,
+)
+from liveavatar.runtime.executors import BlockExecutor, ForwardHook, SequentialExecutor
+from liveavatar.runtime.layer_streaming import LayerStreamer
+from liveavatar.runtime.loading import load_placed_dit
+from liveavatar.runtime.placement import Placement
+from liveavatar.runtime.sampler import BlockAudio, LoopEvent, make_decoder, ref_rope_offsets, sample
+from liveavatar.runtime.schedule import FlowMatchSchedule
+
+# How long one wait for live audio lasts before the loop looks again (it keeps waiting: the session decides
+# when silence is pushed and when the audio ends).
+LIVE_AUDIO_POLL_S = 0.05
+
+
+@dataclass
+class Conditioning:
+    """What a request's loop is conditioned on, on the engine's device: the text's per-layer K/V, the
+    reference and motion latents, and the per-block audio features."""
+
+    text_kv: list
+    reference: ReferenceLatents
+    audio: BlockAudio
+
+
+ExecutorFactory = Callable[..., BlockExecutor]
+
+
+class Engine:
+    """All models of Live Avatar, loaded once and placed as the `Placement` says, serving any number of
+    requests one after the other."""
+
+    def __init__(self, transformer, vae: WanVAE, text_encoder: TextEncoder | None,
+                 audio_encoder: AudioFeatureExtractor | None, *, placement: Placement, device: torch.device,
+                 dtype: torch.dtype, layer_streamer: LayerStreamer | None = None):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.audio_encoder = audio_encoder
+        self.placement = placement
+        self.device = device
+        self.dtype = dtype
+        self.layer_streamer = layer_streamer
+        self._caches: CacheSet | None = None
+
+    @classmethod
+    def from_pretrained(cls, layout: CheckpointLayout, placement: Placement, *, device: torch.device,
+                        dtype: torch.dtype, lora_alpha: float | None = None,
+                        prompt_cache_dir: str | os.PathLike | None = None) -> "Engine":
+        """Load every model of a validated checkpoint layout onto ``device`` as ``placement`` says."""
+        transformer, layer_streamer = load_placed_dit(layout.dit_dir, placement, device=device, dtype=dtype,
+                                                      lora=layout.lora, lora_alpha=lora_alpha)
+        vae = WanVAE.from_checkpoint(layout.vae, device=device, dtype=dtype)
+        text_device = "cpu" if placement.text_encoder == "cpu" else device
+        text_encoder = TextEncoder.from_pretrained(layout.ckpt_dir, device=text_device, dtype=dtype,
+                                                   cache_dir=prompt_cache_dir)
+        audio_encoder = AudioFeatureExtractor.from_pretrained(layout.wav2vec2, device=device, dtype=dtype)
+        return cls(transformer, vae, text_encoder, audio_encoder, placement=placement, device=device, dtype=dtype,
+                   layer_streamer=layer_streamer)
+
+    @property
+    def cache_set(self) -> CacheSet | None:
+        """The caches allocated for the latest request (None before the first)."""
+        return self._caches
+
+    # ----------------------------------------------------------------------------------------------
+
+    def caches(self, geometry: ClipGeometry, steps: Sequence[int]) -> CacheSet:
+        """The caches for a clip size and denoising steps: the ones already allocated when they fit
+        (reset for the new video), else new ones in place of them."""
+        if self._caches is not None and self._caches.serves(geometry, steps):
+            self._caches.reset()
+            return self._caches
+        if self._caches is not None:
+            self._caches.close()
+            self._caches = None  # freed before the new ones are allocated
+        self._caches = build_caches(self.transformer, self.placement, geometry, steps, device=self.device,
+                                    dtype=self.dtype)
+        return self._caches
+
+    @torch.no_grad()
+    def condition(self, request: Request) -> Conditioning:
+        """Encode a request's prompt, reference image and audio (the encoders' work before the loop)."""
+        geometry = request.geometry
+        audio = self._block_audio(request)
+        with self.text_encoder:  # loads the encoder only on a prompt-cache miss, frees it on exit
+            context = self.text_encoder.encode(request.prompt)
+        text_kv = self.transformer.text_kv(context.to(self.device))
+        pixels = reference_tensor(request.image, geometry.height, geometry.width).to(self.device, self.dtype)
+        return Conditioning(text_kv, encode_reference(self.vae, pixels, request.mode), audio)
+
+    @torch.no_grad()
+    def run(self, request: Request, conditioning: Conditioning | None = None, *,
+            executor: ExecutorFactory = SequentialExecutor, on_forward: ForwardHook | None = None
+            ) -> Iterator[LoopEvent]:
+        """The request's loop events (`BlockLatents` per clean block, `VideoFrames` as they are decoded),
+        made as they are consumed; closing the iterator stops the run after the block in progress.
+        ``conditioning`` replaces `condition(request)` (benchmarks feed synthetic conditioning)."""
+        conditioning = conditioning or self.condition(request)
+        geometry, steps = request.geometry, request.sample_steps
+        schedule = FlowMatchSchedule.create(steps)
+        offsets = ref_rope_offsets(request.ref_rope_offset, base_seed=request.base_seed, mode=request.mode,
+                                   num_steps=steps)
+        runner = executor(self.transformer, self.caches(geometry, range(steps)), schedule, conditioning.text_kv,
+                          ref_rope_offset=offsets, on_forward=on_forward)
+        decoder = make_decoder(request.mode, self.vae, conditioning.reference, geometry)
+        yield from sample(runner, decoder, conditioning.reference, conditioning.audio, geometry,
+                          noise=lambda clip: clip_noise(request.base_seed, clip, geometry, device=self.device,
+                                                        dtype=self.dtype),
+                          total_blocks=request.total_blocks, mode=request.mode, online_decode=request.online_decode)
+
+    def _block_audio(self, request: Request) -> BlockAudio:
+        geometry, audio = request.geometry, request.audio
+        if not request.streamed_audio_features:
+            hidden = self.audio_encoder.hidden_states(audio.samples)
+            features, _ = video_rate_features(hidden, infer_frames=geometry.infer_frames, fps=FPS)
+            # Kept on the host in the run dtype (the DiT casts to it anyway); blocks move to the device.
+            return WholeFileAudio(features.to("cpu", self.dtype), geometry)
+        streamer = StreamingAudioFeatures(self.audio_encoder, frames_per_block=geometry.frames_per_block, fps=FPS)
+        shape = (self.audio_encoder.num_layers + 1, self.audio_encoder.hidden_size)
+        if isinstance(audio, LiveAudio):
+            return StreamedAudio(streamer, lambda: audio.take(LIVE_AUDIO_POLL_S), geometry, feature_shape=shape,
+                                 pad_past_end=False)
+        return StreamedAudio(streamer, waveform_chunks(audio.samples), geometry, feature_shape=shape,
+                             pad_past_end=True)
