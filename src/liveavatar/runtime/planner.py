@@ -23,9 +23,7 @@ measurements of ``benchmarks/planner_vs_measured.py``.
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
 import os
 from dataclasses import asdict, astuple, dataclass, field, replace
@@ -674,50 +672,24 @@ class Plan:
             "nearest": self.nearest,
         }
 
-    def table(self) -> str:
-        lines = [f"plan: {self.workload.describe()} on {self.hardware.name}",
-                 f"budget: {_gib(self.budget_bytes)} ({self.budget_source}); headroom kept free: "
-                 f"{_gib(self.headroom_bytes)}",
-                 f"placement: {self.placement.describe()}",
-                 "",
-                 f"  {'component':<52} {'where':<5} {'dtype':<8} {'GiB':>7}  phases"]
-        for c in self.components:
-            lines.append(f"  {c.name:<52} {c.where:<5} {c.dtype:<8} {c.nbytes / GiB:>7.2f}  {_phase_span(c.phases)}")
-        lines.append("")
-        lines.append("  GPU peak per phase (allocated): " +
-                     " | ".join(f"{phase} {n / GiB:.2f}" for phase, n in self.phases.items()) + " GiB")
-        verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines.append(f"  predicted peak: {_gib(self.predicted_peak_bytes)} allocated ({self.peak_phase}), "
-                     f"{_gib(self.predicted_reserved_bytes)} reserved (+{ALLOCATOR_FRAGMENTATION:.0%} "
-                     f"fragmentation) + {_gib(self.headroom_bytes)} headroom vs {_gib(self.budget_bytes)}: {verdict}")
-        host = f"  pinned host memory: {_gib(self.host_pinned_bytes)}"
-        if self.host_budget_bytes is not None:
-            host += f" of {_gib(self.host_budget_bytes)} available"
-        lines.append(host)
-        s = self.speed
-        lines.append(f"  expected speed: {s.forward_s:.3f} s per forward (compute {s.compute_s:.3f} s, "
-                     f"{s.h2d_bytes_per_forward / 1e9:.2f} GB host->GPU per forward), {s.fps:.2f} video FPS; "
-                     f"slowdown {self.slowdown:.2f}x vs everything resident ({self.baseline.fps:.2f} FPS)")
-        if not self.fits:
-            lines.append("")
-            lines.append("refused: " + self.refusal())
-        return "\n".join(lines)
-
 
 class MemoryPlanError(LiveAvatarError):
     """No placement fits the GPU; the message has the numbers and the nearest setting that fits."""
 
 
-def _gib(n: int | None) -> str:
+def format_gib(n: int | None) -> str:
     return "unlimited" if n is None else f"{n / GiB:.2f} GiB"
-
-
-def _phase_span(phases: tuple[str, ...]) -> str:
-    return phases[0] if len(phases) == 1 else f"{phases[0]}..{phases[-1]}"
 
 
 def default_headroom(budget_bytes: int) -> int:
     return max(DEFAULT_HEADROOM_BYTES, int(DEFAULT_HEADROOM_FRACTION * budget_bytes))
+
+
+def default_host_budget() -> int | None:
+    """Pinned host memory a run on this machine's GPU may take: 90% of what is available, or None (unlimited)
+    when that is unknown."""
+    available = available_host_memory()
+    return None if available is None else int(0.9 * available)
 
 
 def _evaluate(inv, work, hw, placement, budget, headroom, host_budget):
@@ -785,10 +757,10 @@ def make_plan(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int
     plan = Plan(work, hw, leanest, False, budget_bytes, budget_source, headroom, components, phases,
                 host_budget_bytes, estimate_speed(inv, work, leanest, hw), baseline)
     needed = max(n for phase, n in phases.items() if phase != "setup") * (1 + ALLOCATOR_FRAGMENTATION) + headroom
-    plan.reason = f"even the leanest placement ({leanest.describe()}) needs {_gib(int(needed))} " \
-                  f"incl. {_gib(headroom)} headroom"
+    plan.reason = f"even the leanest placement ({leanest.describe()}) needs {format_gib(int(needed))} " \
+                  f"incl. {format_gib(headroom)} headroom"
     if host_budget_bytes is not None and plan.host_pinned_bytes > host_budget_bytes:
-        plan.reason += f" and {_gib(plan.host_pinned_bytes)} of pinned host memory (available {_gib(host_budget_bytes)})"
+        plan.reason += f" and {format_gib(plan.host_pinned_bytes)} of pinned host memory (available {format_gib(host_budget_bytes)})"
     if suggest:
         plan.nearest = nearest_fitting(inv, work, hw, budget_bytes, headroom=headroom,
                                        host_budget_bytes=host_budget_bytes, pins=pins)
@@ -806,6 +778,11 @@ def _with_text_encoder(inv, work, hw, placement, budget, headroom, host_budget, 
     if _evaluate(inv, work, hw, on_gpu, budget, headroom, host_budget)[3]:
         return on_gpu
     return replace(placement, text_encoder="cpu")
+
+
+def plan_cpu_run(inv: DiTInventory, work: Workload, pins: Pins) -> Plan:
+    """A CPU run: no GPU budget, so the placement is what `pins` fix and the planner's defaults elsewhere."""
+    return make_plan(inv, work, CPU_HARDWARE, None, budget_source="CPU run (no GPU budget)", pins=pins)
 
 
 def nearest_fitting(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int, *, headroom: int,
@@ -826,11 +803,11 @@ def nearest_fitting(inv: DiTInventory, work: Workload, hw: Hardware, budget_byte
         if plan:
             flags = ", ".join(f"{k}={v}" for k, v in pins.pinned().items())
             suggestions.append(f"drop the pinned {flags} (the planner's choice fits: "
-                               f"{plan.placement.describe()}, {_gib(plan.predicted_peak_bytes)})")
+                               f"{plan.placement.describe()}, {format_gib(plan.predicted_peak_bytes)})")
     for frames in range(work.infer_frames - 12, 0, -12):
         plan = fits(replace(work, infer_frames=frames), pins)
         if plan:
-            suggestions.append(f"--infer_frames {frames} ({_gib(plan.predicted_peak_bytes)}, {plan.placement.describe()})")
+            suggestions.append(f"--infer_frames {frames} ({format_gib(plan.predicted_peak_bytes)}, {plan.placement.describe()})")
             break
     area = work.height * work.width
     for size in STANDARD_SIZES:
@@ -839,7 +816,7 @@ def nearest_fitting(inv: DiTInventory, work: Workload, hw: Hardware, budget_byte
         height, width = size_for_area(work.height, work.width, parse_size(size))
         plan = fits(replace(work, height=height, width=width), pins)
         if plan:
-            suggestions.append(f"--size {size} -> {width}x{height} ({_gib(plan.predicted_peak_bytes)}, "
+            suggestions.append(f"--size {size} -> {width}x{height} ({format_gib(plan.predicted_peak_bytes)}, "
                                f"{plan.placement.describe()})")
             break
     return suggestions
@@ -922,112 +899,8 @@ def plan_for_settings(settings, gpu_memory_bytes: int | None = None) -> Plan:
     inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
     pins = Pins(weight_dtype="fp8" if settings.fp8 else None, text_encoder="cpu" if settings.t5_cpu else None)
     if on_cpu:
-        return make_plan(inventory, work, CPU_HARDWARE, None, budget_source="CPU run (no GPU budget)", pins=pins)
+        return plan_cpu_run(inventory, work, pins)
     hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
     budget, source = resolve_budget(vram_budget=settings.vram_budget, gpu_memory=gpu_memory_bytes)
-    host = available_host_memory()
     return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins,
-                     host_budget_bytes=None if host is None else int(0.9 * host))
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """`liveavatar plan` flags (also used by `bench` for its placement)."""
-    from liveavatar.cli import add_flag
-
-    shape = parser.add_argument_group("what to plan")
-    add_flag(shape, "size", default="704*384", help="target AREA as W*H; the aspect ratio follows --image, "
-             "else W*H itself (default 704*384 -> 704x384)")
-    add_flag(shape, "image", metavar="PATH", help="reference image whose aspect ratio the size follows")
-    add_flag(shape, "infer_frames", type=int, default=48, metavar="N", help="video frames per clip (default 48)")
-    add_flag(shape, "sample_steps", type=int, default=4, metavar="N", help="denoising steps (default 4)")
-    add_flag(shape, "num_gpus", type=int, default=1, metavar="N",
-             help="GPUs (N>1: one denoising step per GPU as the reference's TPP; default 1)")
-    add_flag(shape, "mode", default="streaming", choices=("streaming", "single_gpu"), help="pipeline behaviour")
-    add_flag(shape, "dtype", default="bfloat16", choices=("bfloat16", "float32"), help="run dtype")
-    add_flag(shape, "config", choices=("14b", "tiny"), help="DiT size (default: --ckpt_dir's config.json, "
-             "else the 14B release)")
-    add_flag(shape, "ckpt_dir", metavar="DIR", help="checkpoint folder whose config.json to read")
-
-    card = parser.add_argument_group("the GPU")
-    add_flag(card, "gpu-memory", metavar="SIZE", help="the card's memory, e.g. 24GiB (default: detected)")
-    add_flag(card, "vram-budget", metavar="SIZE", help="cap on the memory the run may use, e.g. 22GiB")
-    add_flag(card, "headroom", metavar="SIZE", help="memory kept free for misprediction "
-             f"(default max({DEFAULT_HEADROOM_BYTES / GiB:g} GiB, {DEFAULT_HEADROOM_FRACTION * 100:g}%% of the budget))")
-    add_flag(card, "host-memory", metavar="SIZE", help="host RAM for pinned buffers (default: 90%% of what "
-             "is available when planning for this machine's GPU, else unlimited)")
-    add_flag(card, "hardware", choices=sorted(HARDWARE_PRESETS), help="rates of a card to plan for "
-             "(default: the detected GPU)")
-    add_flag(card, "h2d-gbps", type=float, metavar="GB/S", help="host<->GPU bandwidth (e.g. a measured one)")
-
-    pins = parser.add_argument_group("pin a placement choice (default: the planner chooses)")
-    add_flag(pins, "weights", choices=("bf16", "fp8"), help="DiT weight dtype")
-    add_flag(pins, "kv-dtype", choices=("bf16", "fp8"), help="KV-cache dtype")
-    add_flag(pins, "kv-location", choices=("gpu", "host"), help="where the KV sets live")
-    add_flag(pins, "cond-location", choices=("gpu", "host"), help="where the sink (cond) cache lives")
-    add_flag(pins, "stream-layers", type=int, metavar="N", help="DiT blocks streamed from host memory")
-    add_flag(pins, "text-encoder", choices=("gpu_then_free", "cpu"), help="where the prompt is encoded")
-    add_flag(parser, "json", action="store_true", help="print one JSON object")
-
-
-def _bytes_arg(name: str, text: str | None) -> int | None:
-    from liveavatar.settings import parse_vram_budget
-
-    if text is None:
-        return None
-    try:
-        return parse_vram_budget(text)
-    except InputError:
-        raise InputError(f"--{name} {text!r}: expected an amount such as 24GiB, 22.5GiB or 16000MiB") from None
-
-
-def _dims_from_size(text: str, image: str | None) -> tuple[int, int]:
-    """(height, width): the reference's size search for the area, with the image's aspect ratio or W*H's."""
-    import re
-
-    from liveavatar.geometry import size_for_area
-    from liveavatar.settings import parse_size
-
-    area = parse_size(text)
-    if image:
-        from liveavatar.io.media import load_image
-
-        picture = load_image(image)
-        return size_for_area(picture.height, picture.width, area)
-    width, height = (int(n) for n in re.findall(r"\d+", text)[:2])
-    return size_for_area(height, width, area)
-
-
-def plan_from_args(args: argparse.Namespace) -> Plan:
-    """The plan the `plan` / `bench` flags describe."""
-    height, width = _dims_from_size(args.size, args.image)
-    if args.num_gpus < 1:
-        raise InputError(f"--num_gpus {args.num_gpus}: must be at least 1")
-    work = Workload(height, width, args.infer_frames, args.sample_steps, args.num_gpus, args.mode,
-                    4 if args.dtype == "float32" else 2)
-    inventory = dit_inventory(transformer_config_for(args.ckpt_dir, args.config))
-    hardware = HARDWARE_PRESETS[args.hardware] if args.hardware else detect_hardware()
-    gpu_memory, vram_budget = _bytes_arg("gpu-memory", args.gpu_memory), _bytes_arg("vram-budget", args.vram_budget)
-    budget, source = resolve_budget(vram_budget=vram_budget, gpu_memory=gpu_memory, hardware=hardware,
-                                    detect=args.hardware is None)
-    if hardware is None:
-        hardware = replace(HARDWARE_PRESETS["rtx4090"], name=f"{HARDWARE_PRESETS['rtx4090'].name} rates "
-                           f"(no GPU detected; pick another with --hardware)", memory_bytes=gpu_memory)
-    if args.h2d_gbps:
-        hardware = replace(hardware, h2d_bytes_per_s=args.h2d_gbps * 1e9, d2h_bytes_per_s=args.h2d_gbps * 1e9)
-    host = _bytes_arg("host-memory", args.host_memory)
-    if host is None and args.hardware is None and gpu_memory is None and detect_hardware() is not None:
-        available = available_host_memory()
-        host = None if available is None else int(0.9 * available)
-    if args.stream_layers is not None and not 0 <= args.stream_layers <= inventory.num_layers:
-        raise InputError(f"--stream-layers {args.stream_layers}: the DiT has {inventory.num_layers} blocks")
-    pins = Pins(weight_dtype=args.weights, kv_dtype=args.kv_dtype, kv_location=args.kv_location,
-                cond_location=args.cond_location, streamed_layers=args.stream_layers, text_encoder=args.text_encoder)
-    return make_plan(inventory, work, hardware, budget, budget_source=source,
-                     headroom_bytes=_bytes_arg("headroom", args.headroom), host_budget_bytes=host, pins=pins)
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    """`liveavatar plan`: print the plan (a table, or one JSON object); exit 1 when nothing fits."""
-    plan = plan_from_args(args)
-    print(json.dumps(plan.to_json()) if args.json else plan.table())
-    return 0 if plan.fits else 1
+                     host_budget_bytes=default_host_budget())
