@@ -41,11 +41,10 @@ from liveavatar.runtime.conditioning import (
 )
 from liveavatar.runtime.offload import load_placed_dit
 from liveavatar.runtime.placement import Placement
-from liveavatar.runtime.planner import plan_for_settings
 from liveavatar.runtime.progress import Progress
 from liveavatar.runtime.sampler import BlockLatents, SequentialExecutor, VideoFrames, ref_rope_shifts, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
-from liveavatar.settings import GenerationSettings, parse_size
+from liveavatar.settings import GenerationSettings, parse_size, plan_for_settings
 
 # Audio longer than this gets its wav2vec2 features block by block (bounded memory) instead of in one pass
 # over the whole file as the reference does (whose attention cost grows with the square of the length).
@@ -253,7 +252,7 @@ def generate_from_settings(settings: GenerationSettings, *, progress: bool = Tru
     picture = load_image(settings.image)
     height, width = size_for_area(picture.height, picture.width, settings.size_area)
     # Planned before anything heavy is loaded: a run that cannot fit is refused here, with the numbers.
-    plan = plan_for_settings(settings).check()
+    plan = plan_for_settings(settings, height, width).check()
     if progress and resolve_device(settings.device).type == "cuda":
         print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
               f"({plan.budget_source})", file=sys.stderr)

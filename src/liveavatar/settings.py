@@ -25,8 +25,10 @@ from liveavatar.geometry import (
     audio_clip_count,
     size_for_area,
 )
-from liveavatar.devices import DTYPE_NAMES
+from liveavatar.devices import DTYPE_NAMES, dtype_bytes
 from liveavatar.errors import InputError
+from liveavatar.runtime.planner import (HARDWARE_PRESETS, Pins, Plan, Workload, default_host_budget, detect_hardware,
+                                        dit_inventory, make_plan, plan_cpu_run, resolve_budget, transformer_config_for)
 
 DEFAULT_CKPT_DIR = f"ckpt/{BASE_DIR_NAME}"
 MAX_SEED = 2**63 - 1
@@ -249,3 +251,23 @@ def inspect_inputs(settings: GenerationSettings) -> GenerationShape:
     (waveform,) = load_audio(settings.audio)
     settings.checkpoint_layout().validate()
     return GenerationShape.compute(settings, image.size, len(waveform))
+
+
+def plan_for_settings(settings: GenerationSettings, height: int, width: int) -> Plan:
+    """The plan ``generate`` runs under, made before anything is loaded (of the checkpoints only the DiT's
+    config.json is read), for the video size already resolved from the image. ``vram_budget`` caps the GPU
+    budget; ``fp8`` and ``t5_cpu`` pin those choices. A CPU run (``--device cpu``, or no GPU) gets a plan
+    with no GPU budget. Call ``.check()`` on the result to refuse a run that does not fit."""
+    import torch
+
+    on_cpu = settings.device == "cpu" or (settings.device is None and not torch.cuda.is_available())
+    dtype = settings.dtype or ("float32" if on_cpu else "bfloat16")
+    work = Workload(height, width, settings.infer_frames, settings.sample_steps, 1, settings.mode, dtype_bytes(dtype))
+    inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
+    pins = Pins(weight_dtype="fp8" if settings.fp8 else None, text_encoder="cpu" if settings.t5_cpu else None)
+    if on_cpu:
+        return plan_cpu_run(inventory, work, pins)
+    hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
+    budget, source = resolve_budget(vram_budget=settings.vram_budget)
+    return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins,
+                     host_budget_bytes=default_host_budget())

@@ -29,6 +29,7 @@ import os
 from dataclasses import asdict, astuple, dataclass, field, replace
 
 from liveavatar.errors import InputError, LiveAvatarError
+from liveavatar.geometry import size_for_area
 from liveavatar.runtime.placement import Placement, spread_layers
 
 GiB = 1 << 30
@@ -88,8 +89,8 @@ VAE_DECODE_OVERHEAD_S = 0.043
 # a layer takes at least this long however small the block (384*256 runs: 0.168 s per bf16 forward).
 HOST_SECONDS_PER_LAYER = 0.004
 HOST_SECONDS_PER_FP8_LINEAR = 0.0001
-# Standard --size areas, largest first: the "nearest setting that fits" walks down this list.
-STANDARD_SIZES = ("720*400", "704*384", "688*368", "384*256")
+# Standard --size areas as (width, height), largest first: the "nearest setting that fits" walks down this list.
+STANDARD_SIZES = ((720, 400), (704, 384), (688, 368), (384, 256))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -789,9 +790,6 @@ def nearest_fitting(inv: DiTInventory, work: Workload, hw: Hardware, budget_byte
                     host_budget_bytes: int | None, pins: Pins) -> list[str]:
     """Closest settings that fit: the planner's own choice instead of the pinned placements, fewer frames
     per clip, or the next smaller standard --size (same aspect ratio)."""
-    from liveavatar.geometry import size_for_area
-    from liveavatar.settings import parse_size
-
     def fits(candidate_work: Workload, candidate_pins: Pins) -> Plan | None:
         plan = make_plan(inv, candidate_work, hw, budget_bytes, headroom_bytes=headroom,
                          host_budget_bytes=host_budget_bytes, pins=candidate_pins, suggest=False)
@@ -810,13 +808,13 @@ def nearest_fitting(inv: DiTInventory, work: Workload, hw: Hardware, budget_byte
             suggestions.append(f"--infer_frames {frames} ({format_gib(plan.predicted_peak_bytes)}, {plan.placement.describe()})")
             break
     area = work.height * work.width
-    for size in STANDARD_SIZES:
-        if parse_size(size) >= area:
+    for size_w, size_h in STANDARD_SIZES:
+        if size_w * size_h >= area:
             continue
-        height, width = size_for_area(work.height, work.width, parse_size(size))
+        height, width = size_for_area(work.height, work.width, size_w * size_h)
         plan = fits(replace(work, height=height, width=width), pins)
         if plan:
-            suggestions.append(f"--size {size} -> {width}x{height} ({format_gib(plan.predicted_peak_bytes)}, "
+            suggestions.append(f"--size {size_w}*{size_h} -> {width}x{height} ({format_gib(plan.predicted_peak_bytes)}, "
                                f"{plan.placement.describe()})")
             break
     return suggestions
@@ -878,29 +876,3 @@ def transformer_config_for(ckpt_dir: str | os.PathLike | None, config_name: str 
 
 # A CPU run: nothing crosses a host link (the rates only keep the speed model finite).
 CPU_HARDWARE = Hardware("CPU (no GPU)", 1e12, None, 5e10, 1e15, 1e15)
-
-
-def plan_for_settings(settings, gpu_memory_bytes: int | None = None) -> Plan:
-    """The plan `generate` runs under, made before anything is loaded: it reads the image's size and the
-    DiT's config.json only. `settings.vram_budget` caps the GPU budget; `settings.fp8` and
-    `settings.t5_cpu` pin those choices. A CPU run (`--device cpu`, or no GPU) gets a plan with no GPU
-    budget. Call `.check()` on the result to refuse a run that does not fit."""
-    import torch
-
-    from liveavatar.io.media import load_image
-    from liveavatar.geometry import size_for_area
-
-    image = load_image(settings.image)
-    height, width = size_for_area(image.height, image.width, settings.size_area)
-    on_cpu = settings.device == "cpu" or (settings.device is None and not torch.cuda.is_available())
-    dtype = settings.dtype or ("float32" if on_cpu else "bfloat16")
-    work = Workload(height, width, settings.infer_frames, settings.sample_steps, 1, settings.mode,
-                    4 if dtype == "float32" else 2)
-    inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
-    pins = Pins(weight_dtype="fp8" if settings.fp8 else None, text_encoder="cpu" if settings.t5_cpu else None)
-    if on_cpu:
-        return plan_cpu_run(inventory, work, pins)
-    hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
-    budget, source = resolve_budget(vram_budget=settings.vram_budget, gpu_memory=gpu_memory_bytes)
-    return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins,
-                     host_budget_bytes=default_host_budget())
