@@ -27,8 +27,9 @@ from liveavatar.geometry import (
 )
 from liveavatar.devices import DTYPE_NAMES, dtype_bytes
 from liveavatar.errors import InputError
-from liveavatar.runtime.planner import (HARDWARE_PRESETS, Pins, Plan, Workload, default_host_budget, detect_hardware,
-                                        dit_inventory, make_plan, plan_cpu_run, resolve_budget, transformer_config_for)
+from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, detect_hardware
+from liveavatar.runtime.planner.memory import Workload, dit_inventory, transformer_config_for
+from liveavatar.runtime.planner.policy import Pins, Plan, default_host_budget, make_plan, plan_cpu_run, resolve_budget
 
 DEFAULT_CKPT_DIR = f"ckpt/{BASE_DIR_NAME}"
 MAX_SEED = 2**63 - 1

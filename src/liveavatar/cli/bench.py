@@ -9,7 +9,7 @@ from liveavatar.cli.flags import add_flag, byte_amount
 from liveavatar.cli.plan import add_plan_arguments, inventory_from_args, plan_from_args, workload_from_args
 from liveavatar.errors import InputError
 from liveavatar.runtime.bench import run_benchmark
-from liveavatar.runtime.planner import Pins, Plan, plan_cpu_run
+from liveavatar.runtime.planner.policy import Pins, Plan, plan_cpu_run
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,23 +14,11 @@ from liveavatar.cli.generate import DEFAULTS
 from liveavatar.devices import dtype_bytes
 from liveavatar.errors import InputError
 from liveavatar.geometry import DEFAULT_SIZE, MODES, size_for_area
-from liveavatar.runtime.planner import (
-    ALLOCATOR_FRAGMENTATION,
-    DEFAULT_HEADROOM_BYTES,
-    DEFAULT_HEADROOM_FRACTION,
-    HARDWARE_PRESETS,
-    GiB,
-    Pins,
-    Plan,
-    Workload,
-    default_host_budget,
-    detect_hardware,
-    dit_inventory,
-    format_gib,
-    make_plan,
-    resolve_budget,
-    transformer_config_for,
-)
+from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB, detect_hardware
+from liveavatar.runtime.planner.memory import (ALLOCATOR_FRAGMENTATION, DiTInventory, Workload, dit_inventory,
+                                               transformer_config_for)
+from liveavatar.runtime.planner.policy import (DEFAULT_HEADROOM_BYTES, DEFAULT_HEADROOM_FRACTION, Pins, Plan,
+                                               default_host_budget, format_gib, make_plan, resolve_budget)
 from liveavatar.settings import parse_size
 
 
@@ -54,8 +42,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     card = parser.add_argument_group("the GPU")
     add_flag(card, "gpu-memory", metavar="SIZE", help="the card's memory, e.g. 24GiB (default: detected)")
     add_flag(card, "vram-budget", metavar="SIZE", help="cap on the memory the run may use, e.g. 22GiB")
-    add_flag(card, "headroom", metavar="SIZE", help="memory kept free for misprediction "
-             f"(default max({DEFAULT_HEADROOM_BYTES / GiB:g} GiB, {DEFAULT_HEADROOM_FRACTION * 100:g}%% of the budget))")
+    add_flag(card, "headroom", metavar="SIZE", help="memory kept free for misprediction (default "
+             f"max({DEFAULT_HEADROOM_BYTES / GiB:g} GiB, {DEFAULT_HEADROOM_FRACTION * 100:g}%% of the budget))")
     add_flag(card, "host-memory", metavar="SIZE", help="host RAM for pinned buffers (default: 90%% of what "
              "is available when planning for this machine's GPU, else unlimited)")
     add_flag(card, "hardware", choices=sorted(HARDWARE_PRESETS), help="rates of a card to plan for "
@@ -110,7 +98,7 @@ def workload_from_args(args: argparse.Namespace, *, num_gpus: int) -> Workload:
     return Workload(height, width, args.infer_frames, args.sample_steps, num_gpus, args.mode, dtype_bytes(args.dtype))
 
 
-def inventory_from_args(args: argparse.Namespace):
+def inventory_from_args(args: argparse.Namespace) -> DiTInventory:
     return dit_inventory(transformer_config_for(args.ckpt_dir, args.config))
 
 
