@@ -10,7 +10,7 @@ from typing import Callable
 
 from liveavatar.cli.flags import add_bool_flag, add_flag, bool_arg
 from liveavatar.errors import InputError
-from liveavatar.geometry import DEFAULT_SIZE, MODES
+from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES
 from liveavatar.settings import GenerationSettings, parse_size, parse_vram_budget
 
 # The defaults live in GenerationSettings; the flags show and pass the same values.
@@ -79,7 +79,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                   "(default %(default)s)")
     add_flag(video, "num_clip", type=int, metavar="N", help="at most N clips (default: as many as the audio needs)")
     add_flag(video, "infer_frames", type=int, default=DEFAULTS["infer_frames"], metavar="N",
-             help="video frames per clip, a multiple of 12 (default %(default)s)")
+             help=f"video frames per clip, a multiple of {FRAMES_PER_BLOCK} (default %(default)s)")
     add_flag(video, "sample_steps", type=int, default=DEFAULTS["sample_steps"], metavar="N",
              help="denoising steps (default %(default)s)")
     add_flag(video, "sample_solver", default="euler", help="only euler (the distilled sampler)")

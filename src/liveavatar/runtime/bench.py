@@ -19,6 +19,7 @@ import resource
 import statistics
 import time
 
+from liveavatar.geometry import LATENT_CHANNELS
 from liveavatar.runtime.planner.hardware import GiB
 
 
@@ -52,7 +53,6 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
 
     from liveavatar.models.transformer import CausalS2VTransformer
     from liveavatar.models.vae import VAEConfig, WanVAE
-    from liveavatar.geometry import ClipGeometry
     from liveavatar.runtime.conditioning import (ReferenceLatents, WholeFileAudio, clip_noise,
                                                  motion_history)
     from liveavatar.runtime.offload import install_cache_placement, place_dit
@@ -79,7 +79,7 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     vae.eval().requires_grad_(False)
     build_s = _synchronized(cuda, start)
 
-    geometry = ClipGeometry(work.height, work.width, work.infer_frames)
+    geometry = work.geometry
     total_blocks = warmup_blocks + blocks
     num_clips = math.ceil(total_blocks / geometry.blocks_per_clip)
     g = torch.Generator("cpu").manual_seed(seed)
@@ -90,9 +90,9 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     picture = torch.rand(1, 3, 1, work.height, work.width, generator=g).mul_(2).sub_(1).to(device, dtype)
     history = motion_history(picture, work.mode)
     motion_latents = (history.shape[2] - 1) // vae.config.temporal_factor + 1
-    reference = ReferenceLatents(ref=torch.randn(1, 16, 1, geometry.latent_height, geometry.latent_width,
+    reference = ReferenceLatents(ref=torch.randn(1, LATENT_CHANNELS, 1, geometry.latent_height, geometry.latent_width,
                                                  generator=g).to(device),
-                                 motion=torch.randn(1, 16, motion_latents, geometry.latent_height,
+                                 motion=torch.randn(1, LATENT_CHANNELS, motion_latents, geometry.latent_height,
                                                     geometry.latent_width, generator=g).to(device),
                                  history=history)
     schedule = FlowMatchSchedule.create(work.sample_steps)
