@@ -21,6 +21,7 @@ import time
 
 from liveavatar.geometry import LATENT_CHANNELS
 from liveavatar.runtime.planner.hardware import GiB
+from liveavatar.runtime.planner.memory import phase_peaks, transformer_config_for
 
 
 def random_init_(module, device, dtype, generator) -> None:
@@ -56,7 +57,6 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     from liveavatar.runtime.conditioning import (ReferenceLatents, WholeFileAudio, clip_noise,
                                                  motion_history)
     from liveavatar.runtime.offload import install_cache_placement, place_dit
-    from liveavatar.runtime.planner.memory import transformer_config_for
     from liveavatar.runtime.sampler import SequentialExecutor, VideoFrames, ref_rope_shifts, sample
     from liveavatar.runtime.schedule import FlowMatchSchedule
 
@@ -175,8 +175,6 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
 def bench_phase_peaks(plan) -> dict[str, int]:
     """The planner's GPU peaks for what the benchmark allocates: every phase but the set-up (encoders),
     without the audio encoder, which the benchmark does not load."""
-    from liveavatar.runtime.planner.memory import phase_peaks
-
     peaks = phase_peaks([c for c in plan.components if not c.name.startswith("audio encoder")])
     return {phase: peak for phase, peak in peaks.items() if phase != "setup"}
 
