@@ -47,7 +47,7 @@ def bandwidth_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> tuple[float, floa
 def plan_json(args: list[str]) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-m", "liveavatar.cli", "plan", *args, "--json"], env=env,
+    result = subprocess.run([sys.executable, "-m", "liveavatar", "plan", *args, "--json"], env=env,
                             capture_output=True, text=True, cwd=REPO)
     if not result.stdout.strip():
         raise RuntimeError(f"plan {' '.join(args)} failed:\n{result.stderr.strip()[-2000:]}")

@@ -45,7 +45,7 @@ def run_bench_json(args: list[str]) -> dict:
     """`liveavatar bench ... --json` in a fresh process (clean CUDA state and peak counters)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-m", "liveavatar.cli", "bench", *args, "--json"], env=env,
+    result = subprocess.run([sys.executable, "-m", "liveavatar", "bench", *args, "--json"], env=env,
                             capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"bench {' '.join(args)} failed:\n{result.stderr.strip()[-2000:]}")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from liveavatar.api import LiveAvatarPipeline, generate_from_settings
+from liveavatar.api import LiveAvatarPipeline
 from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
+from liveavatar.cli.generate import generate_from_settings
 from liveavatar.errors import InputError
 from liveavatar.runtime.progress import Progress, host_rss_bytes
 from liveavatar.settings import GenerationSettings
@@ -140,7 +141,7 @@ def test_generate_from_settings_names_the_file_and_logs_progress(tiny, media_dir
     settings = GenerationSettings(image=media_dir / "dwarven_blacksmith.jpg", audio=media_dir / "dwarven_blacksmith.wav",
                                   prompt="a dwarf", ckpt_dir=tiny.ckpt_dir, lora=str(tiny.lora), size_area=64 * 64,
                                   num_clip=1, device="cpu", dtype="float32", save_dir=tmp_path / "out")
-    out = generate_from_settings(settings, progress=True)
+    out = generate_from_settings(settings, settings.request(), progress=True)
     assert out.parent == tmp_path / "out" and out.name.endswith("_64x64_4step_a_dwarf.mp4")
     assert _probe(out)["frames"] == 45
     log = capsys.readouterr().err  # not a terminal: plain log lines, no in-place rewriting

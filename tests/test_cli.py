@@ -3,12 +3,12 @@ import re
 import shlex
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-from liveavatar.cli import COMMANDS, COMPATIBILITY_FLAGS, build_parser, main
+from liveavatar.cli.generate import COMPATIBILITY_FLAGS
+from liveavatar.cli.main import COMMANDS, build_parser, main
 from test_layout import build_checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def dry_run_json(argv, capsys):
 def test_help_lists_commands_and_imports_no_torch():
     script = "import sys, liveavatar.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).stdout.strip() == "False"
-    result = subprocess.run([sys.executable, "-m", "liveavatar.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "liveavatar", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for command in ("generate", "doctor", "download", "make-tiny"):
         assert command in result.stdout
@@ -61,7 +61,9 @@ def test_crashes_are_one_line_without_debug(monkeypatch, capsys):
     def broken(parser):
         raise TypeError("a bug")
 
-    monkeypatch.setattr("liveavatar.cli.COMMANDS", [COMMANDS[0].__class__("broken", "x", broken, lambda a: 0)])
+    # The module itself: the name liveavatar.cli.main is the function that liveavatar.cli re-exports.
+    monkeypatch.setattr(sys.modules["liveavatar.cli.main"], "COMMANDS",
+                        [COMMANDS[0].__class__("broken", "x", broken, lambda a: 0)])
     code, out, err = run(["broken"], capsys)
     assert code == 1 and err.startswith("error: unexpected TypeError: a bug") and len(err.splitlines()) == 1
     with pytest.raises(TypeError):
@@ -202,7 +204,7 @@ def test_each_bad_input_is_one_line_and_leaves_no_output(inputs, media_dir, tmp_
 
 
 def test_errors_from_a_subprocess_have_no_traceback(inputs, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "liveavatar.cli", "generate", *inputs, "--infer_frames", "50"],
+    result = subprocess.run([sys.executable, "-m", "liveavatar", "generate", *inputs, "--infer_frames", "50"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: --infer_frames 50") and len(result.stderr.splitlines()) == 1
@@ -210,7 +212,7 @@ def test_errors_from_a_subprocess_have_no_traceback(inputs, tmp_path):
 
 @pytest.fixture
 def fake_api(monkeypatch):
-    """Stands in for liveavatar.api: records the call and writes a file where the real one would."""
+    """Stands in for the engine run of `generate`: records the call and writes a file where the real one would."""
     calls = []
 
     def generate_from_settings(settings, request=None, *, progress=True):
@@ -223,9 +225,7 @@ def fake_api(monkeypatch):
         return path
 
     calls_behaviour = []
-    module = types.ModuleType("liveavatar.api")
-    module.generate_from_settings = generate_from_settings
-    monkeypatch.setitem(sys.modules, "liveavatar.api", module)
+    monkeypatch.setattr(sys.modules["liveavatar.cli.generate"], "generate_from_settings", generate_from_settings)
     return calls, calls_behaviour
 
 

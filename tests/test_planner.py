@@ -1,4 +1,4 @@
-"""The memory planner: the reference's canonical numbers (parallel_and_memory.md §5), placement choice,
+"""The memory planner: the reference's canonical numbers (the 14B release at 704x384), placement choice,
 refusal with the numbers and the nearest setting that fits, and the `plan` command."""
 import json
 
@@ -7,18 +7,10 @@ import pytest
 from liveavatar.cli import main
 from liveavatar.models.transformer import TransformerConfig
 from liveavatar.runtime.placement import Placement
-from liveavatar.runtime.planner import (
-    GiB,
-    HARDWARE_PRESETS,
-    MemoryPlanError,
-    Pins,
-    Workload,
-    dit_inventory,
-    make_plan,
-    memory_components,
-    simulate_forward,
-    vae_state_elements,
-)
+from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB
+from liveavatar.runtime.planner.memory import Workload, dit_inventory, memory_components, vae_state_elements
+from liveavatar.runtime.planner.policy import MemoryPlanError, Pins, make_plan
+from liveavatar.runtime.planner.speed import simulate_forward
 
 H100 = HARDWARE_PRESETS["h100"]
 RTX4090 = HARDWARE_PRESETS["rtx4090"]

@@ -13,7 +13,6 @@ a prompt is not in the on-disk prompt cache, and freed right after encoding it.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -30,10 +29,8 @@ from liveavatar.io.video_writer import Mp4Writer, pixels_to_uint8
 from liveavatar.request import LiveAudio, Request, WaveformAudio, resolve_request
 from liveavatar.runtime.engine import Engine
 from liveavatar.runtime.placement import Placement
-from liveavatar.runtime.planner import plan_for_settings
 from liveavatar.runtime.progress import Progress
 from liveavatar.runtime.sampler import BlockLatents, VideoFrames
-from liveavatar.settings import GenerationSettings
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 AudioInput = Union[str, os.PathLike, np.ndarray, LiveAudio]
@@ -170,19 +167,3 @@ class LiveAvatarPipeline:
                 status.close()
         return writer.path
 
-
-def generate_from_settings(settings: GenerationSettings, request: Request | None = None, *,
-                           progress: bool = True) -> Path:
-    """What ``liveavatar generate`` runs once the settings are validated: plan, load, generate, return the
-    mp4 path. ``request``: the settings' request if the caller resolved it already."""
-    request = request or settings.request()
-    geometry = request.geometry
-    # Planned before anything heavy is loaded: a run that cannot fit is refused here, with the numbers.
-    plan = plan_for_settings(settings, geometry).check()
-    if progress and resolve_device(settings.device).type == "cuda":
-        print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
-              f"({plan.budget_source})", file=sys.stderr)
-    pipe = LiveAvatarPipeline.from_layout(settings.checkpoint_layout, device=settings.device, dtype=settings.dtype,
-                                          placement=plan.placement)
-    return pipe.generate(request, output=settings.output_path(geometry.width, geometry.height),
-                         keep_partial=settings.keep_partial, progress=progress)

@@ -1,11 +1,11 @@
-"""`liveavatar bench`: the real sampling loop at full size with random weights, timed and measured.
+"""The engine's benchmark: the real sampling loop at full size with random weights, timed and measured.
 
-The DiT (the 14B release's configuration, or `--config tiny`) and the VAE are built on the meta device and
+The DiT (the 14B release's configuration, or the tiny one) and the VAE are built on the meta device and
 materialised unit by unit directly on the target device in the run dtype, with random weights (no
-checkpoint, never a full host copy); the DiT is placed as the planner decides (or as pinned with the
-`plan` flags): FP8 linears, streamed layers, KV sets and cond cache on the GPU or in pinned host memory.
-Conditioning is synthetic (random text context, audio features, reference and motion latents: the
-encoders are set-up cost and not timed), and `liveavatar.runtime.sampler.sample` runs it: sink prefill, 4-step blocks with one KV set per step, the
+checkpoint, never a full host copy); the DiT is placed as the plan says: FP8 linears, streamed layers,
+KV sets and cond cache on the GPU or in pinned host memory. Conditioning is synthetic (random text
+context, audio features, reference and motion latents: the encoders are set-up cost and not timed), and
+`liveavatar.runtime.sampler.sample` runs it: sink prefill, 4-step blocks with one KV set per step, the
 sink refresh before clip 1 and the streaming VAE decode of every block.
 
 Reported: video FPS over the blocks after the warm-up, time to first frame (from the start of the loop:
@@ -14,82 +14,14 @@ the decode), peak allocated and reserved GPU memory, peak host RSS, and the plan
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import resource
 import statistics
 import time
 
-from liveavatar.errors import InputError
-from liveavatar.runtime.planner import GiB, add_plan_arguments, plan_from_args
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from liveavatar.cli import add_flag
-
-    add_plan_arguments(parser)
-    bench = parser.add_argument_group("benchmark")
-    add_flag(bench, "blocks", type=int, default=8, metavar="N", help="blocks measured after the warm-up (default 8)")
-    add_flag(bench, "warmup-blocks", type=int, default=2, metavar="N", help="blocks run first, not timed (default 2)")
-    add_flag(bench, "device", help="cuda, cuda:N or cpu (default: CUDA when available)")
-    add_flag(bench, "memory-cap", metavar="SIZE", help="cap this process's GPU memory (set_per_process_memory_"
-             "fraction), e.g. 22GiB; the planner plans for the cap")
-    add_flag(bench, "seed", type=int, default=0, help="seed of the random weights and conditioning")
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    report = bench_from_args(args)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(format_report(report))
-    return 0
-
-
-def bench_from_args(args: argparse.Namespace) -> dict:
-    import torch
-
-    from liveavatar.devices import configure_cuda_allocator, resolve_device
-
-    device = resolve_device(args.device)
-    if args.blocks < 1 or args.warmup_blocks < 0:
-        raise InputError("--blocks must be at least 1 and --warmup-blocks at least 0")
-    if device.type == "cuda":
-        configure_cuda_allocator()
-        torch.cuda.set_device(device)
-        if args.memory_cap:
-            from liveavatar.runtime.planner import _bytes_arg
-
-            cap = _bytes_arg("memory-cap", args.memory_cap)
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
-            if args.vram_budget is None:
-                args.vram_budget = args.memory_cap
-    elif args.memory_cap:
-        raise InputError("--memory-cap needs a CUDA device")
-    elif args.config != "tiny":
-        raise InputError("bench: the full-size model needs a CUDA GPU; on the CPU use --config tiny")
-    plan = plan_from_args(args) if device.type == "cuda" else _cpu_plan(args)
-    if not plan.fits:
-        raise InputError(plan.refusal())
-    return run_benchmark(plan, device=device, blocks=args.blocks, warmup_blocks=args.warmup_blocks,
-                         config_name=args.config, ckpt_dir=args.ckpt_dir, seed=args.seed)
-
-
-def _cpu_plan(args: argparse.Namespace):
-    """On the CPU the placement is what the flags pin (default: everything resident); no GPU budget."""
-    from liveavatar.runtime.planner import CPU_HARDWARE, Pins, Workload, _dims_from_size, dit_inventory, \
-        make_plan, transformer_config_for
-
-    height, width = _dims_from_size(args.size, args.image)
-    work = Workload(height, width, args.infer_frames, args.sample_steps, 1, args.mode,
-                    4 if args.dtype == "float32" else 2)
-    pins = Pins(weight_dtype=args.weights or "bf16", kv_dtype=args.kv_dtype or "bf16",
-                kv_location=args.kv_location or "gpu", cond_location=args.cond_location or "gpu",
-                streamed_layers=args.stream_layers or 0, text_encoder=args.text_encoder)
-    return make_plan(dit_inventory(transformer_config_for(args.ckpt_dir, args.config)), work, CPU_HARDWARE, None,
-                     budget_source="CPU run (no GPU budget)", pins=pins)
+from liveavatar.geometry import LATENT_CHANNELS
+from liveavatar.runtime.planner.hardware import GiB
+from liveavatar.runtime.planner.memory import phase_peaks, transformer_config_for
 
 
 def random_init_(module, device, dtype, generator) -> None:
@@ -130,7 +62,6 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
     from liveavatar.runtime.engine import Conditioning, Engine
     from liveavatar.runtime.layer_streaming import place_dit
-    from liveavatar.runtime.planner import transformer_config_for
     from liveavatar.runtime.sampler import VideoFrames
 
     work, placement = plan.workload, plan.placement
@@ -171,9 +102,9 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     picture = torch.rand(1, 3, 1, work.height, work.width, generator=g).mul_(2).sub_(1).to(device, dtype)
     history = motion_history(picture, work.mode)
     motion_latents = (history.shape[2] - 1) // vae.config.temporal_factor + 1
-    reference = ReferenceLatents(ref=torch.randn(1, 16, 1, geometry.latent_height, geometry.latent_width,
+    reference = ReferenceLatents(ref=torch.randn(1, LATENT_CHANNELS, 1, geometry.latent_height, geometry.latent_width,
                                                  generator=g).to(device),
-                                 motion=torch.randn(1, 16, motion_latents, geometry.latent_height,
+                                 motion=torch.randn(1, LATENT_CHANNELS, motion_latents, geometry.latent_height,
                                                     geometry.latent_width, generator=g).to(device),
                                  history=history)
     forward_marks: list[tuple[int, object]] = []
@@ -251,8 +182,6 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
 def bench_phase_peaks(plan) -> dict[str, int]:
     """The planner's GPU peaks for what the benchmark allocates: every phase but the set-up (encoders),
     without the audio encoder, which the benchmark does not load."""
-    from liveavatar.runtime.planner import phase_peaks
-
     peaks = phase_peaks([c for c in plan.components if not c.name.startswith("audio encoder")])
     return {phase: peak for phase, peak in peaks.items() if phase != "setup"}
 
@@ -286,23 +215,3 @@ def _synchronized(cuda: bool, start: float) -> float:
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
-
-
-def format_report(report: dict) -> str:
-    def gib(value):
-        return "n/a" if value is None else f"{value:.2f} GiB"
-
-    lines = [
-        f"bench: {report['config']} DiT, {report['width']}x{report['height']}, {report['infer_frames']}-frame clips, "
-        f"{report['sample_steps']} steps, {report['dtype']} on {report['device']} (torch {report['torch']})",
-        f"placement: {report['placement']}",
-        f"loop: {report['loop']}",
-        f"video FPS: {report['fps']:.2f} over {report['measured_blocks']} blocks after {report['warmup_blocks']} "
-        f"warm-up blocks ({report['block_s']:.3f} s per block)",
-        f"time to first frame: {report['ttff_s']:.2f} s; per forward: "
-        + ("n/a" if report["forward_s"] is None else f"{report['forward_s']:.4f} s"),
-        f"peak GPU memory: {gib(report['peak_gib'])} allocated, {gib(report['peak_reserved_gib'])} reserved "
-        f"(planner predicted {gib(report['predicted_peak_gib'])} allocated)",
-        f"peak host RSS: {report['host_rss_peak_gib']:.2f} GiB; build {report['build_s']:.1f} s",
-    ]
-    return "\n".join(lines)

@@ -18,7 +18,8 @@ TEXT_ENCODER_PLACEMENTS = ("gpu_then_free", "cpu")
 class Placement:
     """What goes where for one run.
 
-    weight_dtype: "bf16", or "fp8" (e4m3 per-tensor linears after the LoRA merge, as the reference's fp8_linear.py).
+    weight_dtype: "bf16", or "fp8" (e4m3 linears with per-tensor scales after the LoRA merge, as
+        ``liveavatar.runtime.fp8`` converts them).
     streamed_layers: indices of the DiT blocks whose weights live in pinned host memory and are
         copied into one of two GPU slots just before they run (prefetched on a side stream). A block
         that carries an audio injector streams together with its injector. Empty: all resident.
@@ -66,10 +67,6 @@ class Placement:
         data = asdict(self)
         data["streamed_layers"] = list(self.streamed_layers)
         return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Placement":
-        return cls(**{**data, "streamed_layers": tuple(data.get("streamed_layers", ()))})
 
 
 def spread_layers(count: int, num_layers: int) -> tuple[int, ...]:

@@ -1,110 +1,65 @@
-"""The ``liveavatar`` command.
-
-Each subcommand is a ``Command``: a function that adds its arguments and a handler that runs it. Handlers
-import heavy modules (torch, the models) themselves, so ``liveavatar --help`` stays fast. A new command
-is one more entry in ``COMMANDS``; commands that take the generation flags (``plan``, ``bench``) reuse
-``add_generation_arguments`` and ``settings_from_args``.
-
-Errors the user can act on (``LiveAvatarError``, ``ValueError``, ``OSError``) print one ``error: ...``
-line and exit 2 (bad input) or 1; anything else prints one line too. ``--debug`` or ``LIVEAVATAR_DEBUG=1``
-shows the traceback instead.
-"""
+"""``liveavatar generate`` and the flags that shape a generation (``plan`` and ``bench`` have their own)."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import sys
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import fields
 from typing import Callable
 
-from liveavatar import __version__
-from liveavatar.errors import ArgumentError, InputError, LiveAvatarError
-from liveavatar.runtime.bench import add_bench_arguments, run_bench
-from liveavatar.runtime.planner import add_plan_arguments, run_plan
-from liveavatar.geometry import DEFAULT_SIZE, MODES
-from liveavatar.settings import GenerationSettings, parse_bool, parse_size, parse_vram_budget
+from pathlib import Path
+
+from liveavatar.cli.flags import add_bool_flag, add_flag, bool_arg
+from liveavatar.devices import dtype_bytes
+from liveavatar.errors import InputError
+from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES
+from liveavatar.request import Request
+from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, detect_hardware
+from liveavatar.runtime.planner.memory import Workload, dit_inventory, transformer_config_for
+from liveavatar.runtime.planner.policy import Pins, Plan, default_host_budget, make_plan, plan_cpu_run, resolve_budget
+from liveavatar.settings import GenerationSettings, parse_size, parse_vram_budget
 
 # The defaults live in GenerationSettings; the flags show and pass the same values.
 DEFAULTS = {field.name: field.default for field in fields(GenerationSettings)}
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, like every other error."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
-
-
-def _bool(text: str) -> bool:
-    try:
-        return parse_bool(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def add_flag(parser, name: str, **kwargs) -> argparse.Action:
-    """Register ``--name`` under both spellings (``--sample_steps`` and ``--sample-steps``)."""
-    spellings = [f"--{name}"]
-    for other in (name.replace("_", "-"), name.replace("-", "_")):
-        if f"--{other}" not in spellings:
-            spellings.append(f"--{other}")
-    return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
-
-
-def add_bool_flag(parser, name: str, help: str) -> argparse.Action:
-    """A boolean flag: alone it means True; it also takes True/False, 1/0, yes/no."""
-    return add_flag(parser, name, type=_bool, nargs="?", const=True, default=None, metavar="BOOL", help=help)
-
 
 # Reference flags that mean nothing for this engine: (type, what happens instead). Accepted so that
 # the reference's command lines run unchanged; each one given prints one notice.
 COMPATIBILITY_FLAGS: dict[str, tuple[Callable, str]] = {
     "frame_num": (int, "unused, as in the reference; frames per clip come from --infer_frames"),
-    "offload_model": (_bool, "placement of the models is decided by the memory planner (see --vram-budget)"),
-    "offload_kv_cache": (_bool, "KV-cache placement is decided by the memory planner (see --vram-budget)"),
+    "offload_model": (bool_arg, "placement of the models is decided by the memory planner (see --vram-budget)"),
+    "offload_kv_cache": (bool_arg, "KV-cache placement is decided by the memory planner (see --vram-budget)"),
     "ulysses_size": (int, "sequence parallelism is not used; ignored"),
-    "t5_fsdp": (_bool, "FSDP is not used; the memory planner places the text encoder"),
-    "dit_fsdp": (_bool, "FSDP is not used; the memory planner places the transformer"),
+    "t5_fsdp": (bool_arg, "FSDP is not used; the memory planner places the text encoder"),
+    "dit_fsdp": (bool_arg, "FSDP is not used; the memory planner places the transformer"),
     "num_gpus_dit": (int, "GPU placement is decided by the planner; --mode streaming gives the multi-GPU "
                           "(TPP) pipeline's output on any number of GPUs"),
-    "enable_vae_parallel": (_bool, "GPU placement is decided by the planner; --mode streaming decodes "
-                                   "block by block as the multi-GPU VAE rank does"),
-    "single_gpu": (_bool, "the pipeline variant is chosen with --mode (default streaming); "
-                          "--mode single_gpu reproduces the single-GPU script"),
-    "convert_model_dtype": (_bool, "weights are always loaded in --dtype (default bfloat16)"),
+    "enable_vae_parallel": (bool_arg, "GPU placement is decided by the planner; --mode streaming decodes "
+                                      "block by block as the multi-GPU VAE rank does"),
+    "single_gpu": (bool_arg, "the pipeline variant is chosen with --mode (default streaming); "
+                             "--mode single_gpu reproduces the single-GPU script"),
+    "convert_model_dtype": (bool_arg, "weights are always loaded in --dtype (default bfloat16)"),
     "sample_shift": (float, "ignored as in the reference: the schedule's shift is fixed at 3"),
     "sample_guide_scale": (float, "the distilled model has no classifier-free guidance; ignored as in the reference"),
     "training_config": (str, "not needed: the LoRA rank is read from the file and alpha is rank/2 "
                              "(64 for the release's rank 128, as in s2v_causal_sft.yaml)"),
     "lora_path": (str, "unused, as in the reference; the LoRA comes from --lora_path_dmd"),
-    "use_prompt_extend": (_bool, "prompt extension is not built in; the prompt is used as given"),
+    "use_prompt_extend": (bool_arg, "prompt extension is not built in; the prompt is used as given"),
     "prompt_extend_method": (str, "prompt extension is not built in; the prompt is used as given"),
     "prompt_extend_model": (str, "prompt extension is not built in; the prompt is used as given"),
     "prompt_extend_target_lang": (str, "prompt extension is not built in; the prompt is used as given"),
-    "enable_tts": (_bool, "text-to-speech is not built in; synthesise the speech first and pass it with --audio"),
+    "enable_tts": (bool_arg, "text-to-speech is not built in; synthesise the speech first and pass it with --audio"),
     "tts_prompt_audio": (str, "text-to-speech is not built in; ignored"),
     "tts_prompt_text": (str, "text-to-speech is not built in; ignored"),
     "tts_text": (str, "text-to-speech is not built in; ignored"),
     "pose_video": (str, "pose conditioning is not supported; the pose latents are zeros, as in the reference "
                         "without --pose_video"),
-    "start_from_ref": (_bool, "ignored, as in the reference's causal pipelines"),
-    "use_dataset": (_bool, "ignored, as in the reference"),
+    "start_from_ref": (bool_arg, "ignored, as in the reference's causal pipelines"),
+    "use_dataset": (bool_arg, "ignored, as in the reference"),
     "dataset_sample_idx": (int, "ignored, as in the reference"),
-    "drop_motion_noisy": (_bool, "ignored, as in the reference"),
-    "using_merged_ckpt": (_bool, "ignored, as in the reference"),
+    "drop_motion_noisy": (bool_arg, "ignored, as in the reference"),
+    "using_merged_ckpt": (bool_arg, "ignored, as in the reference"),
 }
-_BOOL_VALUE_FLAGS = {name for name, (kind, _) in COMPATIBILITY_FLAGS.items() if kind is _bool}
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +86,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                   "(default %(default)s)")
     add_flag(video, "num_clip", type=int, metavar="N", help="at most N clips (default: as many as the audio needs)")
     add_flag(video, "infer_frames", type=int, default=DEFAULTS["infer_frames"], metavar="N",
-             help="video frames per clip, a multiple of 12 (default %(default)s)")
+             help=f"video frames per clip, a multiple of {FRAMES_PER_BLOCK} (default %(default)s)")
     add_flag(video, "sample_steps", type=int, default=DEFAULTS["sample_steps"], metavar="N",
              help="denoising steps (default %(default)s)")
     add_flag(video, "sample_solver", default="euler", help="only euler (the distilled sampler)")
@@ -162,7 +117,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     compatibility = parser.add_argument_group(
         "accepted for compatibility with the reference (each prints a notice saying what happens instead)")
     for name, (kind, meaning) in COMPATIBILITY_FLAGS.items():
-        if name in _BOOL_VALUE_FLAGS:
+        if kind is bool_arg:
             add_flag(compatibility, name, type=kind, nargs="?", const=True, metavar="BOOL", help=meaning)
         else:
             add_flag(compatibility, name, type=kind, metavar="VALUE", help=meaning)
@@ -214,9 +169,7 @@ def _print_notices(notices: list[str], quiet: bool) -> None:
             print(f"notice: {line}", file=sys.stderr)
 
 
-# ---------------------------------------------------------------------------------------------- generate
-
-def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_generation_arguments(parser)
     run = parser.add_argument_group("run")
     add_flag(run, "dry-run", action="store_true",
@@ -225,7 +178,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(run, "quiet", action="store_true", help="no notices or progress, only errors and the result")
 
 
-def _run_generate(args: argparse.Namespace) -> int:
+def run_generate(args: argparse.Namespace) -> int:
     settings, notices = settings_from_args(args)
     _print_notices(notices, args.quiet)
     request = settings.request()
@@ -242,8 +195,6 @@ def _run_generate(args: argparse.Namespace) -> int:
         return 0
     if not args.json:
         print(request.summary(), flush=True)
-    from liveavatar.api import generate_from_settings
-
     output = generate_from_settings(settings, request, progress=not (args.quiet or args.json))
     if args.json:
         print(json.dumps({**report, "output": str(output)}))
@@ -271,113 +222,40 @@ def _configuration_line(report: dict) -> str:
             f"LoRA {report['lora'] or 'none'} -> {report['output']}")
 
 
-# ------------------------------------------------------------------------------------------------ doctor
+def plan_for_settings(settings: GenerationSettings, request: Request) -> Plan:
+    """The plan ``generate`` runs under, made before anything is loaded (of the checkpoints only the DiT's
+    config.json is read), for the request's video size. ``vram_budget`` caps the GPU budget; ``fp8`` and
+    ``t5_cpu`` pin those choices. A CPU run (``--device cpu``, or no GPU) gets a plan with no GPU budget.
+    Call ``.check()`` on the result to refuse a run that does not fit."""
+    import torch
 
-def _add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "ckpt_dir", default=str(DEFAULTS["ckpt_dir"]), metavar="DIR", help="the Wan2.2-S2V-14B folder")
-    add_flag(parser, "lora_path_dmd", default=DEFAULTS["lora"], metavar="PATH_OR_ID", help="the LoRA")
-
-
-def _run_doctor(args: argparse.Namespace) -> int:
-    from liveavatar.doctor import report_lines
-
-    lines, healthy = report_lines(Path(args.ckpt_dir), args.lora_path_dmd)
-    print("\n".join(lines))
-    return 0 if healthy else 1
-
-
-# ---------------------------------------------------------------------------------------------- download
-
-def _add_download_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", nargs="?", default="ckpt", help="target folder (default ./ckpt)")
-    add_flag(parser, "quiet", action="store_true", help="no progress bars")
-
-
-def _run_download(args: argparse.Namespace) -> int:
-    from liveavatar.checkpoints.download import download_checkpoints
-
-    layout = download_checkpoints(args.dir, progress=not args.quiet)
-    print(f"base model: {layout.ckpt_dir}\nLoRA: {layout.lora}")
-    print(f"next: liveavatar generate --ckpt_dir {layout.ckpt_dir} --image IMAGE --audio AUDIO")
-    return 0
+    on_cpu = settings.device == "cpu" or (settings.device is None and not torch.cuda.is_available())
+    dtype = settings.dtype or ("float32" if on_cpu else "bfloat16")
+    geometry = request.geometry
+    work = Workload(geometry.height, geometry.width, geometry.infer_frames, request.sample_steps, 1, request.mode,
+                    dtype_bytes(dtype))
+    inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
+    pins = Pins(weight_dtype="fp8" if settings.fp8 else None, text_encoder="cpu" if settings.t5_cpu else None)
+    if on_cpu:
+        return plan_cpu_run(inventory, work, pins)
+    hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
+    budget, source = resolve_budget(vram_budget=settings.vram_budget)
+    return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins,
+                     host_budget_bytes=default_host_budget())
 
 
-# --------------------------------------------------------------------------------------------- make-tiny
+def generate_from_settings(settings: GenerationSettings, request: Request, *, progress: bool = True) -> Path:
+    """What ``liveavatar generate`` runs once the request is resolved: plan, load, generate, return the mp4
+    path. A run that cannot fit is refused by the plan, with the numbers, before anything heavy loads."""
+    from liveavatar.api import LiveAvatarPipeline
+    from liveavatar.devices import resolve_device
 
-def _add_make_tiny_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="target folder; gets Wan2.2-S2V-14B/ and LiveAvatar/liveavatar.safetensors")
-    add_flag(parser, "seed", type=int, default=0, help="seed of the random weights (default 0)")
-
-
-def _run_make_tiny(args: argparse.Namespace) -> int:
-    from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
-
-    layout = make_tiny_checkpoints(args.dir, seed=args.seed)
-    print(f"base model: {layout.ckpt_dir}\nLoRA: {layout.lora}")
-    print(f"try: liveavatar generate --ckpt_dir {layout.ckpt_dir} --lora_path_dmd {layout.lora} "
-          f"--image IMAGE --audio AUDIO --dtype float32 --dry-run")
-    return 0
-
-
-COMMANDS: list[Command] = [
-    Command("generate", "make a talking-avatar video from an image and speech", _add_generate_arguments,
-            _run_generate),
-    Command("doctor", "report the Python/torch/GPU setup and checkpoint completeness", _add_doctor_arguments,
-            _run_doctor),
-    Command("download", "download the checkpoints from the Hugging Face Hub", _add_download_arguments,
-            _run_download),
-    Command("make-tiny", "write tiny random checkpoints in the release's layout (tests, demos)",
-            _add_make_tiny_arguments, _run_make_tiny),
-    Command("plan", "predict the GPU memory of a run and choose the fastest placement that fits", add_plan_arguments, run_plan),
-    Command("bench", "time the engine at full size with random weights (no checkpoint needed)", add_bench_arguments, run_bench),
-]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show tracebacks (also LIVEAVATAR_DEBUG=1)")
-    parser = _Parser(prog="liveavatar", parents=[debug], allow_abbrev=False,
-                     description="Streaming inference engine for Live Avatar (Wan2.2-S2V-14B + Live-Avatar LoRA).")
-    parser.add_argument("--version", action="version", version=f"liveavatar {__version__}")
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
-    for command in COMMANDS:
-        sub = commands.add_parser(command.name, help=command.help, description=command.help, parents=[debug],
-                                  allow_abbrev=False)
-        command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get("LIVEAVATAR_DEBUG", "").lower() in ("1", "true", "yes")
-    try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if not hasattr(args, "run"):
-            parser.error(f"choose a command: {', '.join(command.name for command in COMMANDS)}")
-        return args.run(args)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if debug:
-            raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        if isinstance(error, LiveAvatarError):
-            return error.exit_code
-        return 2 if isinstance(error, ValueError) else 1
-
-
-def _one_line(error: Exception) -> str:
-    text = " ".join((error.as_flag() if isinstance(error, ArgumentError) else str(error)).split())
-    if isinstance(error, (LiveAvatarError, ValueError, OSError)):
-        return text or type(error).__name__
-    return f"unexpected {type(error).__name__}: {text} (run with --debug for the traceback)"
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    plan = plan_for_settings(settings, request).check()
+    if progress and resolve_device(settings.device).type == "cuda":
+        print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
+              f"({plan.budget_source})", file=sys.stderr)
+    pipe = LiveAvatarPipeline.from_layout(settings.checkpoint_layout, device=settings.device, dtype=settings.dtype,
+                                          placement=plan.placement)
+    geometry = request.geometry
+    return pipe.generate(request, output=settings.output_path(geometry.width, geometry.height),
+                         keep_partial=settings.keep_partial, progress=progress)

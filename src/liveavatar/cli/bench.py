@@ -1,0 +1,89 @@
+"""``liveavatar bench``: the engine timed at full size with random weights (``run_benchmark``), under the
+placement that the ``plan`` flags plan or pin."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from liveavatar.cli.flags import add_flag, byte_amount
+from liveavatar.cli.plan import add_plan_arguments, inventory_from_args, plan_from_args, workload_from_args
+from liveavatar.errors import InputError
+from liveavatar.runtime.bench import run_benchmark
+from liveavatar.runtime.planner.policy import Pins, Plan, plan_cpu_run
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    add_plan_arguments(parser)
+    bench = parser.add_argument_group("benchmark")
+    add_flag(bench, "blocks", type=int, default=8, metavar="N", help="blocks measured after the warm-up (default 8)")
+    add_flag(bench, "warmup-blocks", type=int, default=2, metavar="N", help="blocks run first, not timed (default 2)")
+    add_flag(bench, "device", help="cuda, cuda:N or cpu (default: CUDA when available)")
+    add_flag(bench, "memory-cap", metavar="SIZE", help="cap this process's GPU memory (set_per_process_memory_"
+             "fraction), e.g. 22GiB; the planner plans for the cap")
+    add_flag(bench, "seed", type=int, default=0, help="seed of the random weights and conditioning")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    report = bench_from_args(args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def bench_from_args(args: argparse.Namespace) -> dict:
+    import torch
+
+    from liveavatar.devices import configure_cuda_allocator, resolve_device
+
+    device = resolve_device(args.device)
+    if args.blocks < 1 or args.warmup_blocks < 0:
+        raise InputError("--blocks must be at least 1 and --warmup-blocks at least 0")
+    if device.type == "cuda":
+        configure_cuda_allocator()
+        torch.cuda.set_device(device)
+        if args.memory_cap:
+            cap = byte_amount("memory-cap", args.memory_cap)
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+            if args.vram_budget is None:
+                args.vram_budget = args.memory_cap
+    elif args.memory_cap:
+        raise InputError("--memory-cap needs a CUDA device")
+    elif args.config != "tiny":
+        raise InputError("bench: the full-size model needs a CUDA GPU; on the CPU use --config tiny")
+    plan = plan_from_args(args) if device.type == "cuda" else _cpu_plan(args)
+    if not plan.fits:
+        raise InputError(plan.refusal())
+    return run_benchmark(plan, device=device, blocks=args.blocks, warmup_blocks=args.warmup_blocks,
+                         config_name=args.config, ckpt_dir=args.ckpt_dir, seed=args.seed)
+
+
+def _cpu_plan(args: argparse.Namespace) -> Plan:
+    """On the CPU the placement is what the flags pin (default: everything resident); no GPU budget."""
+    work = workload_from_args(args, num_gpus=1)
+    pins = Pins(weight_dtype=args.weights or "bf16", kv_dtype=args.kv_dtype or "bf16",
+                kv_location=args.kv_location or "gpu", cond_location=args.cond_location or "gpu",
+                streamed_layers=args.stream_layers or 0, text_encoder=args.text_encoder)
+    return plan_cpu_run(inventory_from_args(args), work, pins)
+
+
+def format_report(report: dict) -> str:
+    def gib(value):
+        return "n/a" if value is None else f"{value:.2f} GiB"
+
+    lines = [
+        f"bench: {report['config']} DiT, {report['width']}x{report['height']}, {report['infer_frames']}-frame clips, "
+        f"{report['sample_steps']} steps, {report['dtype']} on {report['device']} (torch {report['torch']})",
+        f"placement: {report['placement']}",
+        f"loop: {report['loop']}",
+        f"video FPS: {report['fps']:.2f} over {report['measured_blocks']} blocks after {report['warmup_blocks']} "
+        f"warm-up blocks ({report['block_s']:.3f} s per block)",
+        f"time to first frame: {report['ttff_s']:.2f} s; per forward: "
+        + ("n/a" if report["forward_s"] is None else f"{report['forward_s']:.4f} s"),
+        f"peak GPU memory: {gib(report['peak_gib'])} allocated, {gib(report['peak_reserved_gib'])} reserved "
+        f"(planner predicted {gib(report['predicted_peak_gib'])} allocated)",
+        f"peak host RSS: {report['host_rss_peak_gib']:.2f} GiB; build {report['build_s']:.1f} s",
+    ]
+    return "\n".join(lines)

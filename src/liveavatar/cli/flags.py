@@ -1,0 +1,46 @@
+"""How every ``liveavatar`` command spells and parses its flags."""
+from __future__ import annotations
+
+import argparse
+
+from liveavatar.errors import InputError
+from liveavatar.settings import parse_bool, parse_vram_budget
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def bool_arg(text: str) -> bool:
+    """argparse type of a boolean flag's value: True/False, 1/0, yes/no."""
+    try:
+        return parse_bool(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def byte_amount(flag: str, text: str | None) -> int | None:
+    """The bytes of an amount flag (``--gpu-memory 24GiB``), or None when it was not given."""
+    if text is None:
+        return None
+    try:
+        return parse_vram_budget(text)
+    except InputError:
+        raise InputError(f"--{flag} {text!r}: expected an amount such as 24GiB, 22.5GiB or 16000MiB") from None
+
+
+def add_flag(parser, name: str, **kwargs) -> argparse.Action:
+    """Register ``--name`` under both spellings (``--sample_steps`` and ``--sample-steps``)."""
+    spellings = [f"--{name}"]
+    for other in (name.replace("_", "-"), name.replace("-", "_")):
+        if f"--{other}" not in spellings:
+            spellings.append(f"--{other}")
+    return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
+
+
+def add_bool_flag(parser, name: str, help: str) -> argparse.Action:
+    """A boolean flag: alone it means True; it also takes True/False, 1/0, yes/no."""
+    return add_flag(parser, name, type=bool_arg, nargs="?", const=True, default=None, metavar="BOOL", help=help)

@@ -1,0 +1,96 @@
+"""The ``liveavatar`` command.
+
+Each subcommand is a ``Command``: a function that adds its arguments and a handler that runs it. Handlers
+import heavy modules (torch, the models) themselves, so ``liveavatar --help`` stays fast. A new command
+is one more entry in ``COMMANDS``.
+
+Errors the user can act on (``LiveAvatarError``, ``ValueError``, ``OSError``) print one ``error: ...``
+line and exit 2 (bad input) or 1; anything else prints one line too. ``--debug`` or ``LIVEAVATAR_DEBUG=1``
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from liveavatar import __version__
+from liveavatar.cli.bench import add_bench_arguments, run_bench
+from liveavatar.cli.flags import OneLineParser
+from liveavatar.cli.generate import add_generate_arguments, run_generate
+from liveavatar.cli.plan import add_plan_arguments, run_plan
+from liveavatar.cli.tools import (add_doctor_arguments, add_download_arguments, add_make_tiny_arguments,
+                                  run_doctor, run_download, run_make_tiny)
+from liveavatar.errors import ArgumentError, LiveAvatarError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = [
+    Command("generate", "make a talking-avatar video from an image and speech", add_generate_arguments,
+            run_generate),
+    Command("doctor", "report the Python/torch/GPU setup and checkpoint completeness", add_doctor_arguments,
+            run_doctor),
+    Command("download", "download the checkpoints from the Hugging Face Hub", add_download_arguments,
+            run_download),
+    Command("make-tiny", "write tiny random checkpoints in the release's layout (tests, demos)",
+            add_make_tiny_arguments, run_make_tiny),
+    Command("plan", "predict the GPU memory of a run and choose the fastest placement that fits", add_plan_arguments,
+            run_plan),
+    Command("bench", "time the engine at full size with random weights (no checkpoint needed)", add_bench_arguments,
+            run_bench),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks (also LIVEAVATAR_DEBUG=1)")
+    parser = OneLineParser(prog="liveavatar", parents=[debug], allow_abbrev=False,
+                     description="Streaming inference engine for Live Avatar (Wan2.2-S2V-14B + Live-Avatar LoRA).")
+    parser.add_argument("--version", action="version", version=f"liveavatar {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=OneLineParser)
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.help, parents=[debug],
+                                  allow_abbrev=False)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("LIVEAVATAR_DEBUG", "").lower() in ("1", "true", "yes")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not hasattr(args, "run"):
+            parser.error(f"choose a command: {', '.join(command.name for command in COMMANDS)}")
+        return args.run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        if isinstance(error, LiveAvatarError):
+            return error.exit_code
+        return 2 if isinstance(error, ValueError) else 1
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join((error.as_flag() if isinstance(error, ArgumentError) else str(error)).split())
+    if isinstance(error, (LiveAvatarError, ValueError, OSError)):
+        return text or type(error).__name__
+    return f"unexpected {type(error).__name__}: {text} (run with --debug for the traceback)"

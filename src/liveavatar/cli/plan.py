@@ -1,0 +1,150 @@
+"""``liveavatar plan``: the memory plan that the flags describe, as a table or one JSON object.
+
+The flags are also ``bench``'s: it runs the placement they plan.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import replace
+
+from liveavatar.cli.flags import add_flag, byte_amount
+from liveavatar.cli.generate import DEFAULTS
+from liveavatar.devices import dtype_bytes
+from liveavatar.errors import InputError
+from liveavatar.geometry import DEFAULT_SIZE, MODES, size_for_area
+from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB, detect_hardware
+from liveavatar.runtime.planner.memory import (ALLOCATOR_FRAGMENTATION, DiTInventory, Workload, dit_inventory,
+                                               transformer_config_for)
+from liveavatar.runtime.planner.policy import (DEFAULT_HEADROOM_BYTES, DEFAULT_HEADROOM_FRACTION, Pins, Plan,
+                                               default_host_budget, format_gib, make_plan, resolve_budget)
+from liveavatar.settings import parse_size
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    shape = parser.add_argument_group("what to plan")
+    add_flag(shape, "size", default=DEFAULT_SIZE, help="target AREA as W*H; the aspect ratio follows --image, "
+             f"else W*H itself (default {DEFAULT_SIZE} -> {DEFAULT_SIZE.replace('*', 'x')})")
+    add_flag(shape, "image", metavar="PATH", help="reference image whose aspect ratio the size follows")
+    add_flag(shape, "infer_frames", type=int, default=DEFAULTS["infer_frames"], metavar="N",
+             help="video frames per clip (default %(default)s)")
+    add_flag(shape, "sample_steps", type=int, default=DEFAULTS["sample_steps"], metavar="N",
+             help="denoising steps (default %(default)s)")
+    add_flag(shape, "num_gpus", type=int, default=1, metavar="N",
+             help="GPUs (N>1: one denoising step per GPU as the reference's TPP; default 1)")
+    add_flag(shape, "mode", default=DEFAULTS["mode"], choices=MODES, help="pipeline behaviour")
+    add_flag(shape, "dtype", default="bfloat16", choices=("bfloat16", "float32"), help="run dtype")
+    add_flag(shape, "config", choices=("14b", "tiny"), help="DiT size (default: --ckpt_dir's config.json, "
+             "else the 14B release)")
+    add_flag(shape, "ckpt_dir", metavar="DIR", help="checkpoint folder whose config.json to read")
+
+    card = parser.add_argument_group("the GPU")
+    add_flag(card, "gpu-memory", metavar="SIZE", help="the card's memory, e.g. 24GiB (default: detected)")
+    add_flag(card, "vram-budget", metavar="SIZE", help="cap on the memory the run may use, e.g. 22GiB")
+    add_flag(card, "headroom", metavar="SIZE", help="memory kept free for misprediction (default "
+             f"max({DEFAULT_HEADROOM_BYTES / GiB:g} GiB, {DEFAULT_HEADROOM_FRACTION * 100:g}%% of the budget))")
+    add_flag(card, "host-memory", metavar="SIZE", help="host RAM for pinned buffers (default: 90%% of what "
+             "is available when planning for this machine's GPU, else unlimited)")
+    add_flag(card, "hardware", choices=sorted(HARDWARE_PRESETS), help="rates of a card to plan for "
+             "(default: the detected GPU)")
+    add_flag(card, "h2d-gbps", type=float, metavar="GB/S", help="host<->GPU bandwidth (e.g. a measured one)")
+
+    pins = parser.add_argument_group("pin a placement choice (default: the planner chooses)")
+    add_flag(pins, "weights", choices=("bf16", "fp8"), help="DiT weight dtype")
+    add_flag(pins, "kv-dtype", choices=("bf16", "fp8"), help="KV-cache dtype")
+    add_flag(pins, "kv-location", choices=("gpu", "host"), help="where the KV sets live")
+    add_flag(pins, "cond-location", choices=("gpu", "host"), help="where the sink (cond) cache lives")
+    add_flag(pins, "stream-layers", type=int, metavar="N", help="DiT blocks streamed from host memory")
+    add_flag(pins, "text-encoder", choices=("gpu_then_free", "cpu"), help="where the prompt is encoded")
+    add_flag(parser, "json", action="store_true", help="print one JSON object")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan (a table, or one JSON object); exit 1 when nothing fits."""
+    plan = plan_from_args(args)
+    print(json.dumps(plan.to_json()) if args.json else plan_table(plan))
+    return 0 if plan.fits else 1
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """The plan the ``plan`` / ``bench`` flags describe, for the card they name or the one detected."""
+    work = workload_from_args(args, num_gpus=args.num_gpus)
+    inventory = inventory_from_args(args)
+    hardware = HARDWARE_PRESETS[args.hardware] if args.hardware else detect_hardware()
+    gpu_memory, vram_budget = byte_amount("gpu-memory", args.gpu_memory), byte_amount("vram-budget", args.vram_budget)
+    budget, source = resolve_budget(vram_budget=vram_budget, gpu_memory=gpu_memory, hardware=hardware,
+                                    detect=args.hardware is None)
+    if hardware is None:
+        hardware = replace(HARDWARE_PRESETS["rtx4090"], name=f"{HARDWARE_PRESETS['rtx4090'].name} rates "
+                           f"(no GPU detected; pick another with --hardware)", memory_bytes=gpu_memory)
+    if args.h2d_gbps:
+        hardware = replace(hardware, h2d_bytes_per_s=args.h2d_gbps * 1e9, d2h_bytes_per_s=args.h2d_gbps * 1e9)
+    host = byte_amount("host-memory", args.host_memory)
+    if host is None and args.hardware is None and gpu_memory is None and detect_hardware() is not None:
+        host = default_host_budget()
+    if args.stream_layers is not None and not 0 <= args.stream_layers <= inventory.num_layers:
+        raise InputError(f"--stream-layers {args.stream_layers}: the DiT has {inventory.num_layers} blocks")
+    pins = Pins(weight_dtype=args.weights, kv_dtype=args.kv_dtype, kv_location=args.kv_location,
+                cond_location=args.cond_location, streamed_layers=args.stream_layers, text_encoder=args.text_encoder)
+    return make_plan(inventory, work, hardware, budget, budget_source=source,
+                     headroom_bytes=byte_amount("headroom", args.headroom), host_budget_bytes=host, pins=pins)
+
+
+def workload_from_args(args: argparse.Namespace, *, num_gpus: int) -> Workload:
+    height, width = _dims_from_size(args.size, args.image)
+    if num_gpus < 1:
+        raise InputError(f"--num_gpus {num_gpus}: must be at least 1")
+    return Workload(height, width, args.infer_frames, args.sample_steps, num_gpus, args.mode, dtype_bytes(args.dtype))
+
+
+def inventory_from_args(args: argparse.Namespace) -> DiTInventory:
+    return dit_inventory(transformer_config_for(args.ckpt_dir, args.config))
+
+
+def _dims_from_size(text: str, image: str | None) -> tuple[int, int]:
+    """(height, width): the reference's size search for the area, with the image's aspect ratio or W*H's."""
+    area = parse_size(text)
+    if image:
+        from liveavatar.io.media import load_image
+
+        picture = load_image(image)
+        return size_for_area(picture.height, picture.width, area)
+    width, height = (int(n) for n in re.findall(r"\d+", text)[:2])
+    return size_for_area(height, width, area)
+
+
+def plan_table(plan: Plan) -> str:
+    """The plan as ``liveavatar plan`` prints it: one line per component, the peaks, the verdict, the speed."""
+    lines = [f"plan: {plan.workload.describe()} on {plan.hardware.name}",
+             f"budget: {format_gib(plan.budget_bytes)} ({plan.budget_source}); headroom kept free: "
+             f"{format_gib(plan.headroom_bytes)}",
+             f"placement: {plan.placement.describe()}",
+             "",
+             f"  {'component':<52} {'where':<5} {'dtype':<8} {'GiB':>7}  phases"]
+    for c in plan.components:
+        lines.append(f"  {c.name:<52} {c.where:<5} {c.dtype:<8} {c.nbytes / GiB:>7.2f}  {_phase_span(c.phases)}")
+    lines.append("")
+    lines.append("  GPU peak per phase (allocated): " +
+                 " | ".join(f"{phase} {n / GiB:.2f}" for phase, n in plan.phases.items()) + " GiB")
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines.append(f"  predicted peak: {format_gib(plan.predicted_peak_bytes)} allocated ({plan.peak_phase}), "
+                 f"{format_gib(plan.predicted_reserved_bytes)} reserved (+{ALLOCATOR_FRAGMENTATION:.0%} "
+                 f"fragmentation) + {format_gib(plan.headroom_bytes)} headroom vs {format_gib(plan.budget_bytes)}: "
+                 f"{verdict}")
+    host = f"  pinned host memory: {format_gib(plan.host_pinned_bytes)}"
+    if plan.host_budget_bytes is not None:
+        host += f" of {format_gib(plan.host_budget_bytes)} available"
+    lines.append(host)
+    s = plan.speed
+    lines.append(f"  expected speed: {s.forward_s:.3f} s per forward (compute {s.compute_s:.3f} s, "
+                 f"{s.h2d_bytes_per_forward / 1e9:.2f} GB host->GPU per forward), {s.fps:.2f} video FPS; "
+                 f"slowdown {plan.slowdown:.2f}x vs everything resident ({plan.baseline.fps:.2f} FPS)")
+    if not plan.fits:
+        lines.append("")
+        lines.append("refused: " + plan.refusal())
+    return "\n".join(lines)
+
+
+def _phase_span(phases: tuple[str, ...]) -> str:
+    return phases[0] if len(phases) == 1 else f"{phases[0]}..{phases[-1]}"

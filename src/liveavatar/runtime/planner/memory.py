@@ -1,0 +1,373 @@
+"""The memory model: the bytes of every piece of a run, where it lives and in which phases.
+
+* DiT weights by dtype, counted from the model itself built on the meta device (so they follow the
+  config exactly): bf16, or FP8 codes for the 460 eligible linears (``liveavatar.runtime.fp8``) + bf16
+  for the rest. Streamed layers live in pinned host memory; the GPU holds two slots of the largest
+  streamed layer.
+* KV sets, one per denoising step on this GPU: (infer_frames/4)·S tokens × 2·dim·layers × dtype bytes
+  (819,200 B per token per set in bf16 at 14B). On the host they need two per-layer window slots on the GPU.
+* The cond (sink) cache, shared by all steps: cond tokens × 2·dim·layers × 2 B (gpu, or host + 2 slots).
+* Per-forward activations, from the shapes of one block forward (see ``forward_activation_bytes``).
+* VAE: weights, the streaming decoder's carried state (walked from the decoder's layers) and the
+  transient of decoding one latent frame.
+* Set-up: the text encoder (11.36 GB bf16) and wav2vec2 run on the GPU and are freed before the DiT is
+  loaded ("gpu_then_free"), or run on the CPU.
+
+Constants marked CALIBRATED are fitted to the measurements of ``benchmarks/planner_vs_measured.py``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import astuple, dataclass
+
+from liveavatar.geometry import ClipGeometry
+from liveavatar.runtime.placement import Placement
+from liveavatar.runtime.planner.hardware import GiB, Hardware
+
+# Live bytes per (block token x model width) in a bf16 run, counted from TransformerBlock.forward and
+# rope.apply_rotation (CALIBRATED against measured peaks): while k is rotated (the block input, norm1's
+# output, q/k/v, roped q and the fp32 rotation temporaries: 26) and while attending (16, without the
+# concatenated keys/values and the roped cond keys, which are counted from their token counts).
+ROPE_BYTES_PER_TOKEN_DIM = 26.0
+ATTENTION_BYTES_PER_TOKEN_DIM = 16.0
+# Live bytes per (cond token x width) for the roped copy of the cond keys while attending.
+COND_ROPE_BYTES_PER_TOKEN_DIM = 2.0
+# Live bytes per (block token x width) around the FFN (fp32 residual, norm2 output, modulated input, the
+# block input); the FFN hidden itself is counted as 2 tensors of tokens x ffn_dim.
+FFN_BYTES_PER_TOKEN_DIM = 12.0
+# FP8 W8A8 quantises each linear input through an fp32 copy: 4 B + 1 B per input element.
+FP8_INPUT_QUANT_BYTES = 5
+# FP8 weight-only dequantises a weight through fp32 into the run dtype: 4 B + 2 B per weight element.
+FP8_DEQUANT_BYTES = 6
+# CALIBRATED: live bytes per element of one decoded latent frame's full-resolution feature map
+# (base_dim channels × temporal factor frames × H × W) while the VAE decodes it.
+VAE_DECODE_TRANSIENT_BYTES_PER_ELEMENT = 22.0
+# Parameters of the pieces that are not the DiT, as released (umT5-XXL encoder, Wan 2.1 VAE, wav2vec2);
+# bytes follow the run dtype.
+VAE_PARAMS = 126_892_531
+TEXT_ENCODER_PARAMS = 5_680_910_336
+AUDIO_ENCODER_PARAMS = 315_472_545
+# CALIBRATED: reserved / allocated - 1 of the caching allocator at the peak.
+ALLOCATOR_FRAGMENTATION = 0.03
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The shape of a run: video size, clip length, steps and GPUs."""
+
+    height: int
+    width: int
+    infer_frames: int = 48
+    sample_steps: int = 4
+    num_gpus: int = 1
+    mode: str = "streaming"
+    run_dtype_bytes: int = 2
+
+    @functools.cached_property
+    def geometry(self) -> ClipGeometry:
+        return ClipGeometry(self.height, self.width, self.infer_frames)
+
+    @property
+    def block_tokens(self) -> int:
+        return self.geometry.block_tokens
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.geometry.kv_tokens
+
+    @property
+    def video_frames_per_block(self) -> int:
+        return self.geometry.frames_per_block
+
+    @property
+    def dit_gpus(self) -> int:
+        """GPUs running DiT steps (one step each, as TPP; a GPU beyond the steps decodes)."""
+        return min(self.num_gpus, self.sample_steps)
+
+    @property
+    def kv_sets_per_gpu(self) -> int:
+        return math.ceil(self.sample_steps / self.dit_gpus)
+
+    @property
+    def vae_on_dit_gpu(self) -> bool:
+        return self.num_gpus <= self.sample_steps
+
+    def describe(self) -> str:
+        g = self.geometry
+        gpus = f", {self.num_gpus} GPUs" if self.num_gpus > 1 else ""
+        return (f"{self.width}x{self.height} ({g.frame_tokens} tokens/frame), {self.infer_frames}-frame clips, "
+                f"{self.sample_steps} steps{gpus}")
+
+
+@dataclass(frozen=True)
+class LayerUnit:
+    """Weights that stream together: one DiT block and the audio injector that follows it, if any."""
+
+    fp8_elements: int = 0  # weight elements of FP8-eligible linears
+    fp8_linears: int = 0
+    other_elements: int = 0  # every other parameter (kept in the run dtype)
+    token_matmul_elements: int = 0  # linear weight elements applied to every block token
+    context_matmul_elements: int = 0  # linear weight elements applied to the text context
+
+    def nbytes(self, weight_dtype: str, run_dtype_bytes: int = 2) -> int:
+        if weight_dtype == "fp8":
+            return self.fp8_elements + 4 * self.fp8_linears + run_dtype_bytes * self.other_elements
+        return run_dtype_bytes * (self.fp8_elements + self.other_elements)
+
+    def __add__(self, other: "LayerUnit") -> "LayerUnit":
+        return LayerUnit(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+@dataclass(frozen=True)
+class DiTInventory:
+    """Parameter counts of the DiT per streaming unit, read from the model built on the meta device."""
+
+    dim: int
+    ffn_dim: int
+    text_len: int
+    layers: tuple[LayerUnit, ...]
+    globals: LayerUnit
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def total(self) -> LayerUnit:
+        total = self.globals
+        for unit in self.layers:
+            total = total + unit
+        return total
+
+    @property
+    def num_params(self) -> int:
+        return self.total.fp8_elements + self.total.other_elements
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V of one token over all layers (819,200 B in bf16 at 14B)."""
+        return 2 * self.dim * self.num_layers * dtype_bytes
+
+
+@functools.lru_cache(maxsize=8)
+def dit_inventory(config) -> DiTInventory:
+    """Counts the DiT's parameters per unit by building it on the meta device (no memory is used)."""
+    import torch
+    from torch import nn
+
+    from liveavatar.models.transformer import CausalS2VTransformer
+    from liveavatar.runtime.fp8 import keeps_bf16
+
+    with torch.device("meta"):
+        model = CausalS2VTransformer(config)
+    layer_of_slot = dict(enumerate(config.audio_inject_layers))
+    counts = [dict.fromkeys(LayerUnit.__dataclass_fields__, 0) for _ in range(config.num_layers + 1)]
+
+    def unit_index(name: str) -> int:
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            return int(parts[1])
+        if parts[0] == "audio_injector" and parts[1] in ("injector", "injector_adain_layers"):
+            return layer_of_slot[int(parts[2])]
+        return config.num_layers  # the globals
+
+    linear_weights = set()
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        linear_weights.add(f"{name}.weight")
+        unit = counts[unit_index(name)]
+        elements = module.weight.numel()
+        if keeps_bf16(name):
+            unit["other_elements"] += elements
+        else:
+            unit["fp8_elements"] += elements
+            unit["fp8_linears"] += 1
+        if name.startswith("blocks.") and name.endswith(("cross_attn.k", "cross_attn.v")):
+            unit["context_matmul_elements"] += elements  # applied to the text_len context rows
+        elif name.startswith("blocks.") or name.startswith("audio_injector.injector.") and \
+                name.endswith((".q", ".o")):
+            unit["token_matmul_elements"] += elements  # applied to every block token
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in linear_weights:
+            counts[unit_index(name)]["other_elements"] += tensor.numel()
+    units = [LayerUnit(**c) for c in counts]
+    return DiTInventory(dim=config.dim, ffn_dim=config.ffn_dim, text_len=config.text_len, layers=tuple(units[:-1]),
+                        globals=units[-1])
+
+
+def transformer_config_for(ckpt_dir: str | os.PathLike | None, config_name: str | None = None):
+    """The DiT config: `tiny`/`14b` by name, else the checkpoint's config.json, else the 14B release."""
+    from liveavatar.models.transformer import CONFIG_NAME, TransformerConfig
+
+    if config_name == "tiny":
+        return TransformerConfig.tiny()
+    if config_name is None and ckpt_dir is not None and os.path.isfile(os.path.join(ckpt_dir, CONFIG_NAME)):
+        return TransformerConfig.from_dir(ckpt_dir)
+    return TransformerConfig.full_14b()
+
+
+@dataclass(frozen=True)
+class Component:
+    """One line of the plan: what, where, in which dtype, how many bytes, during which phases."""
+
+    name: str
+    where: str  # "gpu" | "host"
+    dtype: str
+    nbytes: int
+    phases: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "where": self.where, "dtype": self.dtype, "bytes": self.nbytes,
+                "gib": round(self.nbytes / GiB, 3), "phases": list(self.phases)}
+
+
+# The order of a run as the pipeline does it: load the DiT (unit by unit), set up (encode the prompt, the
+# audio and the reference with the DiT already resident), prefill the sink, then denoise and decode blocks.
+PHASES = ("load", "setup", "prefill", "denoise", "decode")
+AFTER_LOAD = PHASES[1:]
+STEADY = PHASES[2:]
+
+
+def forward_activation_bytes(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware, *,
+                             tokens: int, keys: int, cond_tokens: int) -> int:
+    """Peak live bytes of one DiT forward over `tokens` block tokens attending to `keys` keys.
+
+    Attention phase: the larger of the rotation of k and the attention itself (the per-token working set,
+    the concatenated keys and values, the re-roped cond keys and, for an FP8 KV set, its dequantised
+    window). FFN phase: the residual stream plus two hidden tensors of ffn_dim.
+    FP8 adds its per-call input copies (W8A8) or a dequantised weight (weight-only).
+    """
+    dim, b = inv.dim, work.run_dtype_bytes
+    per_token = tokens * dim * b / 2  # the constants are for a bf16 run
+    attention = max(ROPE_BYTES_PER_TOKEN_DIM * per_token,
+                    ATTENTION_BYTES_PER_TOKEN_DIM * per_token + 2 * b * keys * dim
+                    + COND_ROPE_BYTES_PER_TOKEN_DIM * cond_tokens * dim * b / 2)
+    if placement.kv_dtype == "fp8":
+        attention += 2 * b * (keys - cond_tokens) * dim
+    ffn = FFN_BYTES_PER_TOKEN_DIM * per_token + 2 * b * tokens * inv.ffn_dim
+    if placement.weight_dtype == "fp8":
+        if hw.has_fp8_matmul:
+            ffn += FP8_INPUT_QUANT_BYTES * tokens * inv.ffn_dim
+        else:
+            ffn += FP8_DEQUANT_BYTES * inv.ffn_dim * dim
+    return int(max(attention, ffn))
+
+
+@functools.lru_cache(maxsize=None)
+def vae_state_elements(latent_h: int, latent_w: int) -> int:
+    """Elements the streaming VAE decoder carries between calls: 2 frames of every causal conv's input,
+    walked through the decoder's stages in order (an upsample's time conv runs before it doubles the
+    resolution). 639 M at 704x384."""
+    import torch
+
+    from liveavatar.models.vae import CausalConv3d, Decoder3d, Upsample, VAEConfig
+
+    with torch.device("meta"):
+        decoder = Decoder3d(VAEConfig())
+    pixels = latent_h * latent_w
+    elements = 0
+    for stage in (decoder.conv1, *decoder.middle, *decoder.upsamples, decoder.head):
+        convs = [stage.time_conv] if isinstance(stage, Upsample) and stage.temporal else \
+            [] if isinstance(stage, Upsample) else stage.modules()
+        elements += sum(m.time_padding * m.in_channels * pixels for m in convs
+                        if isinstance(m, CausalConv3d) and m.time_padding > 0)
+        if isinstance(stage, Upsample):
+            pixels *= 4
+    return elements
+
+
+def vae_decode_transient_bytes(height: int, width: int) -> int:
+    from liveavatar.models.vae import VAEConfig
+
+    config = VAEConfig()
+    return int(VAE_DECODE_TRANSIENT_BYTES_PER_ELEMENT * config.base_dim * config.temporal_factor * height * width)
+
+
+def memory_components(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware) -> list[Component]:
+    """Every GPU and pinned-host allocation of a run under `placement`, with the phases it is live in."""
+    b = work.run_dtype_bytes
+    run_dtype = {2: "bf16", 4: "fp32"}.get(b, f"{8 * b}-bit")
+    wdtype = placement.weight_dtype
+    geometry = work.geometry
+    cond = geometry.cond_tokens
+    components: list[Component] = []
+
+    streamed = set(placement.streamed_layers)
+    resident_units = [u for i, u in enumerate(inv.layers) if i not in streamed]
+    resident = sum(u.nbytes(wdtype, b) for u in resident_units) + inv.globals.nbytes(wdtype, b)
+    components.append(Component(f"DiT weights, {len(resident_units)}/{inv.num_layers} layers resident",
+                                "gpu", wdtype, resident, PHASES))
+    if streamed:
+        streamed_bytes = [inv.layers[i].nbytes(wdtype, b) for i in sorted(streamed)]
+        components.append(Component(f"DiT weights, {len(streamed)} layers streamed (pinned)", "host", wdtype,
+                                    sum(streamed_bytes), PHASES))
+        components.append(Component("layer slots (2 x largest streamed layer)", "gpu", wdtype,
+                                    2 * max(streamed_bytes), PHASES))
+    # The load phase converts/merges one block at a time: one block in the run dtype is transient.
+    components.append(Component("load transient (one block in the run dtype)", "gpu", run_dtype,
+                                max(u.nbytes("bf16", b) for u in inv.layers), ("load",)))
+
+    kv_dtype_bytes = 1 if placement.kv_dtype == "fp8" else b
+    per_set = work.kv_tokens * inv.kv_bytes_per_token(kv_dtype_bytes)
+    sets = work.kv_sets_per_gpu
+    components.append(Component(f"KV sets ({sets} x {per_set / GiB:.2f} GiB, {work.kv_tokens} tokens)",
+                                placement.kv_location, placement.kv_dtype, sets * per_set, STEADY))
+    layer_bytes_per_token = 2 * inv.dim * kv_dtype_bytes
+    if placement.kv_location == "host":
+        components.append(Component("KV window slots (2 layers)", "gpu", placement.kv_dtype,
+                                    2 * work.kv_tokens * layer_bytes_per_token, STEADY))
+    cond_bytes = cond * inv.kv_bytes_per_token(b)
+    components.append(Component(f"cond cache ({cond} tokens, shared by the steps)", placement.cond_location,
+                                run_dtype, cond_bytes, STEADY))
+    if placement.cond_location == "host":
+        components.append(Component("cond slots (2 layers)", "gpu", run_dtype, 2 * cond * 2 * inv.dim * b, STEADY))
+
+    components.append(Component("text keys/values (every layer, cached by the DiT)", "gpu", run_dtype,
+                                2 * inv.text_len * inv.dim * inv.num_layers * b, STEADY))
+    keys = work.kv_tokens + cond
+    components.append(Component("forward activations (one block)", "gpu", run_dtype,
+                                forward_activation_bytes(inv, work, placement, hw, tokens=work.block_tokens,
+                                                         keys=keys, cond_tokens=cond), ("denoise",)))
+    components.append(Component("sink prefill activations", "gpu", run_dtype,
+                                forward_activation_bytes(inv, work, placement, hw, tokens=cond, keys=cond,
+                                                         cond_tokens=cond), ("prefill",)))
+
+    decodes_here = work.vae_on_dit_gpu
+    components.append(Component("VAE weights", "gpu", run_dtype, VAE_PARAMS * b, AFTER_LOAD))
+    components.append(Component("audio encoder (wav2vec2, kept on the device)", "gpu", run_dtype,
+                                AUDIO_ENCODER_PARAMS * b, AFTER_LOAD))
+    if decodes_here:
+        state_phases = STEADY if work.mode == "streaming" else ("decode",)
+        components.append(Component("VAE streaming decoder state", "gpu", run_dtype,
+                                    vae_state_elements(geometry.latent_height, geometry.latent_width) * b,
+                                    state_phases))
+        components.append(Component("VAE decode transient (one latent frame)", "gpu", "fp32/" + run_dtype,
+                                    vae_decode_transient_bytes(work.height, work.width), ("decode",)))
+    encoder_where = "gpu" if placement.text_encoder == "gpu_then_free" else "host"
+    components.append(Component("text encoder (encode, then free)", encoder_where, run_dtype,
+                                TEXT_ENCODER_PARAMS * b, ("setup",)))
+    components.append(Component("VAE encode transient (reference, motion)", "gpu", "fp32/" + run_dtype,
+                                vae_decode_transient_bytes(work.height, work.width), ("setup",)))
+    return components
+
+
+def phase_peaks(components: list[Component]) -> dict[str, int]:
+    """GPU bytes live in each phase. Set-up runs its pieces one after the other, so it takes their max."""
+    peaks = {}
+    for phase in PHASES:
+        live = [c for c in components if c.where == "gpu" and phase in c.phases]
+        if phase == "setup":
+            persistent = sum(c.nbytes for c in live if len(c.phases) > 1)
+            transient = max((c.nbytes for c in live if len(c.phases) == 1), default=0)
+            peaks[phase] = persistent + transient
+        else:
+            peaks[phase] = sum(c.nbytes for c in live)
+    return peaks
+
+
+def host_pinned_bytes(components: list[Component]) -> int:
+    """Pinned host memory held while the DiT runs (a text encoder on the CPU is ordinary memory, freed)."""
+    return sum(c.nbytes for c in components if c.where == "host" and c.phases != ("setup",))
+

@@ -1,0 +1,139 @@
+"""The speed model: seconds per forward and video frames per second of a placement.
+
+FLOPs per block (matmul at the FP8 or bf16 rate, attention at the bf16 rate, the element-wise traffic at
+the memory bandwidth) against the bytes each layer needs over the host link, simulated layer by layer with
+two prefetch slots per stream exactly as ``liveavatar.runtime.offload`` orders the copies. Hardware numbers
+are parameters (``Hardware``); constants marked CALIBRATED are fitted to the measurements of
+``benchmarks/planner_vs_measured.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from liveavatar.runtime.placement import Placement
+from liveavatar.runtime.planner.hardware import Hardware
+from liveavatar.runtime.planner.memory import (FP8_DEQUANT_BYTES, FP8_INPUT_QUANT_BYTES, DiTInventory, LayerUnit,
+                                               Workload)
+
+# Memory traffic per element of an FP8 KV window dequantised for every attention call (codes -> fp32,
+# times the scale, -> bf16: 1 + 4 + 4 + 4 + 4 + 2 bytes).
+FP8_KV_DEQUANT_BYTES = 19
+# Conv work of the Wan 2.1 decoder per output pixel (derived from its layer widths, base_dim 96).
+VAE_DECODE_FLOPS_PER_PIXEL = 8.45e6
+# CALIBRATED: achieved fraction of peak FLOP/s of the DiT's bf16 matmuls, its FP8 matmuls (with their
+# fused activation quantiser) and its attention; the element-wise traffic (norms, modulation, RoPE,
+# residuals, key concatenation; ~410 B counted from the block's code, plus what eager mode adds) per block
+# token x width per layer; a per-forward overhead. The VAE decode of a block: conv efficiency plus a fixed
+# per-block cost (it runs frame by frame, many small calls). Fitted to the H100 runs in
+# benchmarks/RESULTS.md (704*384 per forward: bf16 0.362 s, FP8 0.336 s, 512x512 FP8 + FP8 KV 0.390 s;
+# decode 0.32 s per block at 704*384 and 0.14 s at 384*256).
+MATMUL_EFFICIENCY = 0.55
+FP8_MATMUL_EFFICIENCY = 0.35
+ATTENTION_EFFICIENCY = 0.55
+ELEMENTWISE_BYTES_PER_TOKEN_DIM = 600.0
+FORWARD_OVERHEAD_S = 0.01
+VAE_EFFICIENCY = 0.10
+VAE_DECODE_OVERHEAD_S = 0.043
+# CALIBRATED: host time to issue one block's kernels, and the extra per FP8 linear (its quantiser call);
+# a layer takes at least this long however small the block (384*256 runs: 0.168 s per bf16 forward).
+HOST_SECONDS_PER_LAYER = 0.004
+HOST_SECONDS_PER_FP8_LINEAR = 0.0001
+
+
+def _layer_compute_s(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware, unit: LayerUnit,
+                     *, keys: int) -> float:
+    tokens, dim = work.block_tokens, inv.dim
+    matmul_flops = 2 * tokens * unit.token_matmul_elements + 2 * inv.text_len * unit.context_matmul_elements
+    if placement.weight_dtype == "fp8" and hw.has_fp8_matmul:
+        matmul_s = matmul_flops / (hw.fp8_flops * FP8_MATMUL_EFFICIENCY)
+        elementwise = FP8_INPUT_QUANT_BYTES * 2 * tokens * (unit.token_matmul_elements / dim)
+    else:
+        matmul_s = matmul_flops / (hw.bf16_flops * MATMUL_EFFICIENCY)
+        elementwise = (FP8_DEQUANT_BYTES + 5) * unit.fp8_elements if placement.weight_dtype == "fp8" else 0
+    attention_flops = 4 * tokens * keys * dim + 4 * tokens * inv.text_len * dim
+    attention_s = attention_flops / (hw.bf16_flops * ATTENTION_EFFICIENCY)
+    elementwise += ELEMENTWISE_BYTES_PER_TOKEN_DIM * tokens * dim + 4 * work.run_dtype_bytes * keys * dim
+    if placement.kv_dtype == "fp8":
+        elementwise += FP8_KV_DEQUANT_BYTES * (keys - work.geometry.cond_tokens) * 2 * dim
+    gpu_s = matmul_s + attention_s + elementwise / hw.hbm_bytes_per_s
+    # Small blocks are bound by the host issuing the layer's ~150 kernels (more for FP8 linears).
+    host_s = HOST_SECONDS_PER_LAYER + (HOST_SECONDS_PER_FP8_LINEAR * unit.fp8_linears
+                                       if placement.weight_dtype == "fp8" else 0.0)
+    return max(gpu_s, host_s)
+
+
+def simulate_forward(compute_s: list[float], fetch: list[list[float]], writeback_s: list[float],
+                     *, forwards: int = 3) -> float:
+    """Seconds per forward in steady state with prefetching over one host link.
+
+    compute_s[i]: compute time of layer i. fetch[p][i]: seconds the host→device copy of stream p needs
+    before layer i (0 = nothing); each stream has two GPU slots, so its m-th copy reuses the slot of its
+    (m-2)-th copy and starts only once that layer has run and written back. Copies run one at a time on
+    the link in the order layers need them; write-backs (device→host) run on the other direction.
+    """
+    layers = len(compute_s)
+    link_free = d2h_free = 0.0
+    layer_end = 0.0
+    slot_free = [[0.0, 0.0] for _ in fetch]
+    copies = [0 for _ in fetch]
+    forward_start = 0.0
+    for _ in range(forwards):
+        forward_start = layer_end
+        for i in range(layers):
+            ready = 0.0
+            for p, stream in enumerate(fetch):
+                if stream[i] <= 0:
+                    continue
+                slot = copies[p] % 2
+                start = max(link_free, slot_free[p][slot])
+                link_free = start + stream[i]
+                ready = max(ready, link_free)
+                copies[p] += 1
+            start = max(layer_end, ready)
+            layer_end = start + compute_s[i]
+            done = layer_end
+            if writeback_s[i] > 0:
+                d2h_free = max(d2h_free, layer_end) + writeback_s[i]
+                done = d2h_free
+            for p, stream in enumerate(fetch):
+                if stream[i] > 0:
+                    slot_free[p][(copies[p] - 1) % 2] = done
+    return layer_end - forward_start
+
+
+@dataclass(frozen=True)
+class SpeedEstimate:
+    """A placement's steady state: seconds per forward (and its compute alone), host->GPU bytes per forward,
+    seconds per block and video frames per second."""
+
+    forward_s: float
+    compute_s: float
+    h2d_bytes_per_forward: int
+    block_s: float
+    fps: float
+
+
+def estimate_speed(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware) -> SpeedEstimate:
+    """Steady-state time per forward (full KV window) and video frames per second."""
+    geometry = work.geometry
+    cond, keys = geometry.cond_tokens, work.kv_tokens + geometry.cond_tokens
+    compute = [_layer_compute_s(inv, work, placement, hw, unit, keys=keys) for unit in inv.layers]
+    compute[0] += FORWARD_OVERHEAD_S
+    b = work.run_dtype_bytes
+    kv_bytes = 2 * inv.dim * (1 if placement.kv_dtype == "fp8" else b)
+    weights_fetch = [inv.layers[i].nbytes(placement.weight_dtype, b) / hw.h2d_bytes_per_s
+                     if placement.is_streamed(i) else 0.0 for i in range(inv.num_layers)]
+    window_fetch = ((work.kv_tokens - work.block_tokens) * kv_bytes if placement.kv_location == "host" else 0)
+    window_fetch += cond * 2 * inv.dim * b if placement.cond_location == "host" else 0
+    window = [window_fetch / hw.h2d_bytes_per_s] * inv.num_layers
+    writeback_bytes = work.block_tokens * kv_bytes if placement.kv_location == "host" else 0
+    writeback = [writeback_bytes / hw.d2h_bytes_per_s] * inv.num_layers
+    forward_s = simulate_forward(compute, [weights_fetch, window], writeback)
+    decode_s = VAE_DECODE_OVERHEAD_S + (work.video_frames_per_block * work.height * work.width
+                                        * VAE_DECODE_FLOPS_PER_PIXEL / (hw.bf16_flops * VAE_EFFICIENCY))
+    dit_s = work.kv_sets_per_gpu * forward_s
+    block_s = dit_s + decode_s if work.vae_on_dit_gpu and work.num_gpus == 1 else max(dit_s, decode_s)
+    h2d = int(sum(inv.layers[i].nbytes(placement.weight_dtype, b) for i in placement.streamed_layers)
+              + window_fetch * inv.num_layers)
+    return SpeedEstimate(forward_s=forward_s, compute_s=sum(compute), h2d_bytes_per_forward=h2d, block_s=block_s,
+                         fps=work.video_frames_per_block / block_s)
