@@ -24,6 +24,7 @@ from liveavatar import __version__
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.runtime.bench import add_bench_arguments, run_bench
 from liveavatar.runtime.planner import add_plan_arguments, run_plan
+from liveavatar.serve.command import add_serve_arguments, run_serve
 from liveavatar.settings import DEFAULT_SIZE, MODES, GenerationSettings, parse_bool, parse_size, parse_vram_budget
 
 # The defaults live in GenerationSettings; the flags show and pass the same values.
@@ -334,6 +335,7 @@ COMMANDS: list[Command] = [
             _add_make_tiny_arguments, _run_make_tiny),
     Command("plan", "predict the GPU memory of a run and choose the fastest placement that fits", add_plan_arguments, run_plan),
     Command("bench", "time the engine at full size with random weights (no checkpoint needed)", add_bench_arguments, run_bench),
+    Command("serve", "serve a web page, a jobs API and a live WebSocket session on one loaded engine", add_serve_arguments, run_serve),
 ]
 
 
