@@ -5,12 +5,13 @@ Media Source Extensions buffer, and MSE takes ISO BMFF only as an init segment (
 by ``moof``/``mdat`` fragments. The same file is also the download: a fragmented MP4 is a complete MP4
 that every player opens, so each job is encoded once. Checked on Debian's Chromium 156:
 ``MediaSource.isTypeSupported('video/mp4; codecs="avc1.640028, mp4a.40.2"')`` is true and the browser
-test plays such a stream while it is still being written.
+test plays such a stream while it is still being written. (A fragment is complete when the next
+block's keyframe arrives, so a reader sees block k once block k+1 is encoded, and the last at close.)
 
 Encoder settings: a keyframe every block (12 frames) so that every block closes a fragment, and
 ``zerolatency`` so that x264 hands out each frame's packet at once instead of after its 40-frame
-lookahead. The audio is the 16 kHz mono waveform the model heard, as AAC, cut at the video's end; frames
-past the end of the audio are dropped, as ``generate``'s ``-shortest`` mux does.
+lookahead. The audio is 16 kHz mono (what the model hears), AAC, written alongside the frames it
+belongs to. The live client (`liveavatar.serve.client`) writes what it receives with the same class.
 """
 from __future__ import annotations
 
@@ -28,15 +29,14 @@ _AAC_FRAME = 1024
 
 
 class FragmentedMp4Writer:
-    """``write(frames)`` appends uint8 frames [N, H, W, 3]; bytes reach ``path`` fragment by fragment;
-    ``close()`` finishes the file; ``abort()`` deletes it."""
+    """``write(frames, audio)`` appends uint8 frames [N, H, W, 3] and their 16 kHz float32 audio; bytes
+    reach ``path`` fragment by fragment; ``close()`` finishes the file; ``abort()`` deletes it."""
 
-    def __init__(self, path: Path, *, width: int, height: int, waveform: np.ndarray, frames_per_block: int = 12,
-                 crf: int = 18):
+    def __init__(self, path: Path, *, width: int, height: int, frames_per_block: int = 12, crf: int = 18):
         self.path = path
         self.width, self.height = width, height
-        self.waveform = waveform
         self.frames_written = 0
+        self._pending = np.zeros(0, np.float32)  # audio not yet muxed: AAC takes whole 1024-sample frames
         self._audio_done = 0
         self._container = av.open(str(path), "w", format="mp4", options={"movflags": FRAGMENT_FLAGS, "flush_packets": "1"})
         self._video = self._container.add_stream("libx264", rate=FPS)
@@ -50,19 +50,18 @@ class FragmentedMp4Writer:
     def bytes_written(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
 
-    def write(self, frames: np.ndarray) -> None:
+    def write(self, frames: np.ndarray, audio: np.ndarray) -> None:
         for pixels in frames:
-            if self.frames_written * AUDIO_SAMPLE_RATE // FPS >= len(self.waveform):
-                return  # past the end of the audio: the mp4 ends with the shorter stream
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
             frame.pts, frame.time_base = self.frames_written, Fraction(1, FPS)
             self._container.mux(self._video.encode(frame))
             self.frames_written += 1
-        self._mux_audio(self.frames_written * AUDIO_SAMPLE_RATE // FPS, whole_frames_only=True)
+        self._pending = np.concatenate([self._pending, np.asarray(audio, np.float32)])
+        self._mux_audio(whole_frames_only=True)
 
     def close(self) -> None:
         self._container.mux(self._video.encode(None))
-        self._mux_audio(self.frames_written * AUDIO_SAMPLE_RATE // FPS, whole_frames_only=False)
+        self._mux_audio(whole_frames_only=False)
         self._container.mux(self._audio.encode(None))
         self._container.close()
 
@@ -73,15 +72,11 @@ class FragmentedMp4Writer:
             pass  # a half-written container may refuse to finalise; it is deleted anyway
         self.path.unlink(missing_ok=True)
 
-    def _mux_audio(self, until: int, *, whole_frames_only: bool) -> None:
-        until = min(until, len(self.waveform))
-        while self._audio_done < until:
-            count = min(_AAC_FRAME, until - self._audio_done)
-            if whole_frames_only and count < _AAC_FRAME:
-                return
-            samples = self.waveform[self._audio_done:self._audio_done + count]
-            frame = av.AudioFrame.from_ndarray(samples[None].astype(np.float32), format="fltp", layout="mono")
+    def _mux_audio(self, *, whole_frames_only: bool) -> None:
+        while len(self._pending) >= (_AAC_FRAME if whole_frames_only else 1):
+            samples, self._pending = self._pending[:_AAC_FRAME], self._pending[_AAC_FRAME:]
+            frame = av.AudioFrame.from_ndarray(samples[None], format="fltp", layout="mono")
             frame.sample_rate = AUDIO_SAMPLE_RATE
             frame.pts, frame.time_base = self._audio_done, Fraction(1, AUDIO_SAMPLE_RATE)
             self._container.mux(self._audio.encode(frame))
-            self._audio_done += count
+            self._audio_done += len(samples)

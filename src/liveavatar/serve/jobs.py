@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Protocol
 
 from liveavatar.errors import LiveAvatarError
-from liveavatar.geometry import FPS
+from liveavatar.geometry import FPS, audio_video_frames
 from liveavatar.io.media import load_audio
 from liveavatar.serve.backend import Backend, BlockDone, JobSpec
 from liveavatar.serve.fmp4 import FragmentedMp4Writer
+from liveavatar.serve.live_audio import SAMPLES_PER_FRAME
 
 FINISHED = ("done", "failed", "cancelled")
 
@@ -79,7 +80,7 @@ class Job:
             run = backend.job(self.spec)
             self.blocks_total = run.blocks_total
             (waveform,) = load_audio([self.spec.audio])
-            writer = FragmentedMp4Writer(self.video, width=run.width, height=run.height, waveform=waveform)
+            writer = FragmentedMp4Writer(self.video, width=run.width, height=run.height)
             try:
                 for event in run.events:
                     if self._cancel.is_set():
@@ -87,9 +88,7 @@ class Job:
                     if isinstance(event, BlockDone):
                         self.blocks_done = event.blocks_done
                     else:
-                        writer.write(event.frames)
-                        self.frames_done += len(event.frames)
-                        self.stream_bytes = writer.bytes_written
+                        self._write(writer, event.frames, waveform)
             finally:
                 run.events.close()
             if self._cancel.is_set():
@@ -112,6 +111,16 @@ class Job:
             self.finished = time.time()
             for name in ("image", "audio"):
                 (self.folder / name).unlink(missing_ok=True)
+
+    def _write(self, writer: FragmentedMp4Writer, frames, waveform) -> None:
+        """Frames with their audio; frames past the end of the audio are dropped, as ``generate``'s mp4 ends
+        with the shorter stream."""
+        start = self.frames_done
+        frames = frames[:max(0, audio_video_frames(len(waveform)) - start)]
+        if len(frames):
+            writer.write(frames, waveform[start * SAMPLES_PER_FRAME:(start + len(frames)) * SAMPLES_PER_FRAME])
+        self.frames_done += len(frames)
+        self.stream_bytes = writer.bytes_written
 
     def status(self, position: int | None, expires_at: float | None) -> dict:
         eta = None

@@ -57,8 +57,10 @@ class LiveSession:
         run = None
         try:
             geometry = backend.live_geometry(self.spec)
-            self._post({"type": "ready", "width": geometry.width, "height": geometry.height, "fps": FPS,
-                        "sample_rate": AUDIO_SAMPLE_RATE, "frames_per_block": geometry.frames_per_block})
+            # Sent once the prompt, the reference and the sink are done, when the loop first asks for audio.
+            self.audio.on_ready = lambda: self._post({
+                "type": "ready", "width": geometry.width, "height": geometry.height, "fps": FPS,
+                "sample_rate": AUDIO_SAMPLE_RATE, "frames_per_block": geometry.frames_per_block})
             run = backend.live(self.spec, self.audio)
             for event in run.events:
                 if self._stopped:

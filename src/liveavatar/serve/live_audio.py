@@ -63,7 +63,8 @@ class OutputAudio:
 
 class PushedAudio:
     def __init__(self, extractor, geometry: ClipGeometry, *, realtime: bool, lookahead_s: float = 1.0,
-                 max_lead_blocks: float = 2.0, max_queued_s: float = 60.0, clock=time.monotonic):
+                 max_lead_blocks: float = 2.0, max_queued_s: float = 60.0, clock=time.monotonic,
+                 on_ready=lambda: None):
         self.streamer = StreamingAudioFeatures(extractor, frames_per_block=geometry.frames_per_block, fps=FPS,
                                                lookahead_seconds=lookahead_s)
         self.feature_shape = (extractor.num_layers + 1, extractor.hidden_size)
@@ -74,6 +75,7 @@ class PushedAudio:
         # A real-time source needs this long to deliver the first block's audio (its window + lookahead).
         self.first_wait_s = (geometry.frames_per_block / FPS + lookahead_s) + FIRST_BLOCK_GRACE_S
         self.now = clock
+        self.on_ready = on_ready  # called when the loop first asks for audio: the model is ready to listen
         self._lock = threading.Condition()
         self._queue: deque[tuple[np.ndarray, int, float]] = deque()  # (samples, input offset, arrival)
         self._queued = 0
@@ -137,6 +139,7 @@ class PushedAudio:
         """Features [1, 25, C, frames_per_block] of the next block, once its audio is there (or due)."""
         if self.first_call is None:
             self.first_call = self.now()
+            self.on_ready()
         deadline = self._deadline(self.next_block)
         if self.realtime:
             self._wait(until=deadline - self.lead_s, for_audio=False)
