@@ -14,7 +14,9 @@ suspended at a block boundary).
 """
 from __future__ import annotations
 
+import hashlib
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,9 +27,9 @@ import torch
 from PIL import Image
 
 from liveavatar.geometry import ClipGeometry, size_for_area
-from liveavatar.io.media import reference_tensor
+from liveavatar.io.media import load_image, reference_tensor
 from liveavatar.io.video_writer import pixels_to_uint8
-from liveavatar.runtime.conditioning import clip_noise, encode_reference
+from liveavatar.runtime.conditioning import ReferenceLatents, clip_noise, encode_reference
 from liveavatar.runtime.sampler import BlockLatents, SequentialExecutor, ref_rope_shifts, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
 
@@ -81,10 +83,17 @@ class Run:
 
 
 class Backend:
-    """The loaded pipeline; one run at a time (the job queue's worker thread is its only caller)."""
+    """The loaded pipeline; one run at a time (the job queue's worker thread is its only caller).
+
+    Keeps the reference latents of the last few portraits: a server sees the same avatar again and again,
+    and encoding its 73-frame motion history is the largest fixed cost of a request after loading.
+    """
+
+    REFERENCE_CACHE_SIZE = 4
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self._references: OrderedDict[tuple, ReferenceLatents] = OrderedDict()
 
     @classmethod
     def load(cls, *, ckpt_dir: str, lora: str | None, device: str | None, dtype: str | None, fp8: bool,
@@ -111,17 +120,20 @@ class Backend:
                                                   placement=plan.placement, prompt_cache_dir=prompt_cache_dir)
         return cls(pipe)
 
-    # ------------------------------------------------------------------------------------------------ jobs
-
     def job(self, spec: JobSpec) -> Run:
         """The whole-file video of a job, as ``generate`` makes it."""
-        run = self.pipe._prepare(spec.image, spec.audio, spec.prompt, size=spec.size_area, infer_frames=48,
-                                 sample_steps=spec.sample_steps, num_clip=spec.num_clip, base_seed=spec.base_seed,
-                                 mode=spec.mode, enable_online_decode=False, ref_rope_offset="seeded")
-        total = run.num_clips * run.geometry.blocks_per_clip
-        return Run(run.geometry.width, run.geometry.height, total, _events(run.events, total))
-
-    # ------------------------------------------------------------------------------------------------ live
+        # _prepare validates the request exactly as generate does; its loop is not started (closed unused).
+        prepared = self.pipe._prepare(spec.image, spec.audio, spec.prompt, size=spec.size_area, infer_frames=48,
+                                      sample_steps=spec.sample_steps, num_clip=spec.num_clip,
+                                      base_seed=spec.base_seed, mode=spec.mode, enable_online_decode=False,
+                                      ref_rope_offset="seeded")
+        prepared.events.close()
+        geometry = prepared.geometry
+        audio = self.pipe._audio_features(self.pipe._waveform(spec.audio), geometry)
+        total = prepared.num_clips * geometry.blocks_per_clip
+        loop = self._loop(load_image(spec.image), audio, spec.prompt, geometry, prepared.num_clips,
+                          sample_steps=spec.sample_steps, base_seed=spec.base_seed, mode=spec.mode)
+        return Run(geometry.width, geometry.height, total, _events(loop, total))
 
     def live_geometry(self, spec: LiveSpec) -> ClipGeometry:
         height, width = size_for_area(spec.image.height, spec.image.width, spec.size_area)
@@ -133,26 +145,38 @@ class Backend:
     def live(self, spec: LiveSpec, audio) -> Run:
         """An endless run driven by ``audio`` (a `live_audio.PushedAudio`): the streaming mode's loop with
         the pushed-audio features, clip after clip until the caller closes the events."""
+        loop = self._loop(spec.image, audio, spec.prompt, self.live_geometry(spec), sys.maxsize,
+                          sample_steps=spec.sample_steps, base_seed=spec.base_seed, mode="streaming")
         geometry = self.live_geometry(spec)
-        schedule = FlowMatchSchedule.create(spec.sample_steps)
-        rd = ref_rope_shifts("seeded", base_seed=spec.base_seed, mode="streaming", num_steps=spec.sample_steps)
-        events = self._live_events(spec, audio, geometry, schedule, rd)
-        return Run(geometry.width, geometry.height, None, _events(events, None))
+        return Run(geometry.width, geometry.height, None, _events(loop, None))
 
     @torch.no_grad()
-    def _live_events(self, spec: LiveSpec, audio, geometry: ClipGeometry, schedule, rd) -> Iterator:
-        # The body of LiveAvatarPipeline._events with the audio source swapped for the pushed one; the
-        # Engine takes the audio source from the Request instead.
+    def _loop(self, picture: Image.Image, audio, prompt: str, geometry: ClipGeometry, num_clips: int, *,
+              sample_steps: int, base_seed: int, mode: str) -> Iterator:
+        # LiveAvatarPipeline._events with any audio source and the reference cache; the Engine takes the
+        # audio source from the Request and owns the caches.
         pipe = self.pipe
-        with pipe.text_encoder:
-            context = pipe.text_encoder.encode(spec.prompt)
+        schedule = FlowMatchSchedule.create(sample_steps)
+        rd = ref_rope_shifts("seeded", base_seed=base_seed, mode=mode, num_steps=sample_steps)
+        with pipe.text_encoder:  # loads the encoder only on a prompt-cache miss, frees it on exit
+            context = pipe.text_encoder.encode(prompt)
         text = pipe.transformer.embed_text(context.to(pipe.device))
-        reference = encode_reference(pipe.vae, reference_tensor(spec.image, geometry.height, geometry.width)
-                                     .to(pipe.device, pipe.dtype), "streaming")
+        reference = self._reference(picture, geometry, mode)
         executor = SequentialExecutor(pipe.transformer, schedule, text, geometry, ref_rope_shift=rd)
-        yield from sample(executor, pipe.vae, reference, audio, geometry, num_clips=sys.maxsize,
-                          noise=lambda clip: clip_noise(spec.base_seed, clip, geometry, device=pipe.device,
-                                                        dtype=pipe.dtype))
+        yield from sample(executor, pipe.vae, reference, audio, geometry, num_clips=num_clips,
+                          noise=lambda clip: clip_noise(base_seed, clip, geometry, device=pipe.device, dtype=pipe.dtype),
+                          mode=mode)
+
+    def _reference(self, picture: Image.Image, geometry: ClipGeometry, mode: str) -> ReferenceLatents:
+        pixels = reference_tensor(picture, geometry.height, geometry.width)
+        key = (hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), geometry.height, geometry.width, mode)
+        if key in self._references:
+            self._references.move_to_end(key)
+        else:
+            self._references[key] = encode_reference(self.pipe.vae, pixels.to(self.pipe.device, self.pipe.dtype), mode)
+            while len(self._references) > self.REFERENCE_CACHE_SIZE:
+                self._references.popitem(last=False)
+        return self._references[key]
 
 
 def _events(loop: Iterator, total: int | None) -> Iterator[Event]:

@@ -161,7 +161,7 @@ class WorkQueue:
         return folder
 
     def submit(self, job: Job) -> int:
-        """Queue a job; returns its position (0: it runs next). Raises QueueFull over the client's cap."""
+        """Queue a job; returns its position (how many go before it). Raises QueueFull over the client's cap."""
         with self._lock:
             mine = sum(1 for j in self.jobs.values() if j.client == job.client and j.state in ("queued", "running"))
             if mine >= self.max_per_client:
@@ -169,10 +169,11 @@ class WorkQueue:
                                 f"(--max-queued-per-client); wait for one to finish or DELETE one")
             if self._stopping:
                 raise LiveAvatarError("the server is shutting down")
+            job.created = time.time()  # under the lock: submission order is creation order
             self.jobs[job.id] = job
             self._waiting.append(job)
             self._lock.notify_all()
-            return len(self._waiting) - 1
+            return self._ahead(job)
 
     def submit_live(self, session: Work) -> int:
         """Queue a live session ahead of the waiting jobs (behind other sessions)."""
@@ -182,11 +183,15 @@ class WorkQueue:
             index = sum(1 for work in self._waiting if not isinstance(work, Job))
             self._waiting.insert(index, session)
             self._lock.notify_all()
-            return index
+            return self._ahead(session)
 
     def position(self, work: Work) -> int | None:
+        """How many items run before this waiting one (the running one included); None once it started."""
         with self._lock:
-            return self._waiting.index(work) if work in self._waiting else None
+            return self._ahead(work) if work in self._waiting else None
+
+    def _ahead(self, work: Work) -> int:
+        return self._waiting.index(work) + (self.running is not None)
 
     def withdraw(self, work: Work) -> bool:
         """Take a waiting item out of the queue; False when it already started."""

@@ -180,7 +180,7 @@ async def serve_live(websocket: WebSocket, server) -> None:
     session = LiveSession(websocket.client.host if websocket.client else "?", spec, options, audio,
                           asyncio.get_running_loop())
     position = server.queue.submit_live(session)
-    if position or server.queue.running is not None:
+    if position:
         await websocket.send_json({"type": "queued", "position": position})
     receiver = asyncio.create_task(_receive(websocket, audio))
     try:
