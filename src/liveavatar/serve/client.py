@@ -44,22 +44,25 @@ class SessionResult:
         return block["received_at"] - sent[-1] if sent else None
 
 
-def stream_file(url: str, image: Path, audio: Path | np.ndarray, *, output: Path | None = None, token: str | None = None,
-                chunk_s: float = 0.1, pace: float = 1.0, keep_frames: bool = False, interrupt_after_s: float | None = None,
+def stream_file(url: str, image: Path | None, audio: Path | np.ndarray, *, output: Path | None = None, token: str | None = None,
+                chunk_s: float = 0.1, pace: float = 1.0, keep_frames: bool = False, send_end: bool = True,
                 **settings) -> SessionResult:
-    """Run one session. ``pace`` 1 sends the audio in real time, 0 as fast as possible; ``settings`` go into
-    the start message (prompt, size, steps, seed, realtime, idle_limit_s, jpeg_quality)."""
+    """Run one session. ``pace`` 1 sends the audio in real time, 0 as fast as possible; without ``send_end``
+    the session goes on idle after the audio until its idle limit; ``settings`` go into the start message
+    (prompt, size, steps, seed, realtime, idle_limit_s, jpeg_quality)."""
     from websockets.sync.client import connect
 
     waveform = audio if isinstance(audio, np.ndarray) else load_audio([audio])[0]
-    start = {"type": "start", "image": base64.b64encode(Path(image).read_bytes()).decode(), **settings}
+    start = {"type": "start", **settings}
+    if image is not None:  # None: the settings carry an image_id from POST /v1/images
+        start["image"] = base64.b64encode(Path(image).read_bytes()).decode()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     result = SessionResult()
     writer = None
     with connect(url, additional_headers=headers, max_size=2**26) as ws:
         ws.send(json.dumps(start))
         # The audio starts when the server is ready to listen, as a live source would.
-        sender = threading.Thread(target=_send_audio, args=(ws, waveform, chunk_s, pace, result, interrupt_after_s),
+        sender = threading.Thread(target=_send_audio, args=(ws, waveform, chunk_s, pace, result, send_end),
                                   daemon=True)
         try:
             for message in ws:
@@ -93,7 +96,7 @@ def stream_file(url: str, image: Path, audio: Path | np.ndarray, *, output: Path
 
 
 def _send_audio(ws, waveform: np.ndarray, chunk_s: float, pace: float, result: SessionResult,
-                interrupt_after_s: float | None) -> None:
+                send_end: bool) -> None:
     """Chunks of ``chunk_s`` seconds, each sent when a real-time source would have it (scaled by ``pace``)."""
     from websockets.exceptions import ConnectionClosed
 
@@ -101,14 +104,12 @@ def _send_audio(ws, waveform: np.ndarray, chunk_s: float, pace: float, result: S
     began = time.monotonic()
     try:
         for offset in range(0, len(waveform), chunk):
-            if interrupt_after_s is not None and offset >= interrupt_after_s * AUDIO_SAMPLE_RATE:
-                ws.send(json.dumps({"type": "interrupt"}))
-                break
             due = began + pace * (offset + chunk) / AUDIO_SAMPLE_RATE
             time.sleep(max(0.0, due - time.monotonic()))
             result.chunk_sent_at.append((offset, time.monotonic()))
             ws.send(to_pcm16(waveform[offset:offset + chunk]))
-        ws.send(json.dumps({"type": "end"}))
+        if send_end:
+            ws.send(json.dumps({"type": "end"}))
     except ConnectionClosed:
         pass
 

@@ -21,7 +21,7 @@ from liveavatar.errors import InputError
 from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
 from liveavatar.serve.backend import Backend, Frames, LiveSpec
 from liveavatar.serve.jobs import error_line
-from liveavatar.serve.live_audio import PushedAudio, SessionClosed
+from liveavatar.serve.live_audio import PLAYOUT_DELAY_S, PushedAudio, SessionClosed
 from liveavatar.serve.protocol import CONTROL_TYPES, START_FIELDS, from_pcm16, pack_block, to_pcm16
 from liveavatar.serve.uploads import generation_settings, read_image
 
@@ -60,7 +60,8 @@ class LiveSession:
             # Sent once the prompt, the reference and the sink are done, when the loop first asks for audio.
             self.audio.on_ready = lambda: self._post({
                 "type": "ready", "width": geometry.width, "height": geometry.height, "fps": FPS,
-                "sample_rate": AUDIO_SAMPLE_RATE, "frames_per_block": geometry.frames_per_block})
+                "sample_rate": AUDIO_SAMPLE_RATE, "frames_per_block": geometry.frames_per_block,
+                "playout_delay_s": PLAYOUT_DELAY_S})
             run = backend.live(self.spec, self.audio)
             for event in run.events:
                 if self._stopped:

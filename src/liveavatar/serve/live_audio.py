@@ -12,7 +12,7 @@ mode; output frame i plays at clock time i/25 s, as in ``generate``'s mp4. Sampl
 pieces only when the next block needs them, so queued audio stays droppable until the last moment.
 
 Real-time mode paces the loop to the client's playback, which starts when the first block is sent:
-block b plays at ``start + (12b - 3) / 25`` s. Its computation starts no earlier than
+block b plays at ``start + PLAYOUT_DELAY_S + (12b - 3) / 25`` s. Its computation starts no earlier than
 ``max_lead_blocks`` blocks before that (the avatar never runs far ahead of the audio, so a barge-in is
 heard at once), and if its audio has not arrived by the time it must start to be ready in time, the
 missing samples become silence: the avatar keeps moving, idle, instead of freezing. Without real-time
@@ -35,6 +35,9 @@ SAMPLES_PER_FRAME = AUDIO_SAMPLE_RATE // FPS
 PIECE = AUDIO_SAMPLE_RATE // 100  # fed to the feature streamer at a time: a block pops at most 10 ms late
 SAFETY_S = 0.05  # margin kept between a block being sent and its playback time
 FIRST_BLOCK_GRACE_S = 0.5  # how much longer than a real-time source needs the first block waits for audio
+# Clients start playing this long after the first block arrives (announced in 'ready'): the jitter
+# buffer that lets a block whose audio came just in time still be made before it plays.
+PLAYOUT_DELAY_S = 0.3
 
 
 class SessionClosed(Exception):
@@ -208,7 +211,7 @@ class PushedAudio:
         """When block ``index`` must start computing to be sent before it plays."""
         if self.playback_start is None:
             return self.first_call + self.first_wait_s
-        plays_at = self.playback_start + max(0, index * self.frames_per_block - DROPPED_LEADING_FRAMES) / FPS
+        plays_at = self.playback_start + PLAYOUT_DELAY_S + max(0, index * self.frames_per_block - DROPPED_LEADING_FRAMES) / FPS
         return plays_at - self.block_compute_s - SAFETY_S
 
     def _wait(self, *, until: float | None, for_audio: bool) -> None:

@@ -29,7 +29,7 @@ CONTROL_TYPES = ("end", "interrupt")
 
 
 def to_pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
 def from_pcm16(data: bytes) -> np.ndarray:
