@@ -63,7 +63,7 @@ def test_a_signal_stops_the_server_cleanly_mid_job(tiny, media_dir, short_wav, t
         files = {"image": ("p.jpg", (media_dir / "cyclops_baker.jpg").read_bytes()),
                  "audio": ("s.wav", (media_dir / "cyclops_baker.wav").read_bytes())}
         job = httpx.post(url + "/v1/videos", files=files, data={"steps": "1"}).json()  # 7 clips: still running
-        while httpx.get(f"{url}/v1/videos/{job['id']}").json()["progress"]["blocks_done"] < 1:
+        while httpx.get(f"{url}/v1/videos/{job['id']}").json()["progress"]["frames_done"] < 1:
             time.sleep(0.05)
         (work,) = list(tmp_path.glob("liveavatar-serve-*"))
         assert list(work.rglob("video.mp4"))  # the partial video exists

@@ -139,7 +139,6 @@ def test_bad_start_messages_are_refused_with_one_line_and_the_server_keeps_servi
     with connect(server.ws_url) as ws:
         ws.send(json.dumps(start))
         assert json.loads(ws.recv()) == {"type": "error", "message": message}
-        ws.recv_messages.close  # noqa: B018 - the server closes next
         with pytest.raises(Exception):
             ws.recv()
         assert ws.close_code == 4400
