@@ -43,8 +43,8 @@ class ServerState:
     max_per_client: int
     live_idle_limit_s: float
     token: str | None = None
-    queue: WorkQueue = None
-    images: "ImageStore" = None
+    queue: WorkQueue = field(init=False)
+    images: "ImageStore" = field(init=False)
 
     def __post_init__(self):
         self.queue = WorkQueue(self.backend, self.root, retention_s=self.retention_s,
