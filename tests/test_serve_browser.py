@@ -58,3 +58,24 @@ def test_the_page_plays_the_video_before_the_job_is_done(browser_page, backend, 
         assert page.is_visible("#download")
         page.screenshot(path=str(tmp_path / "done.png"))
     assert (tmp_path / "playing.png").stat().st_size > 0
+
+
+def test_the_live_page_streams_a_file_in_and_shows_the_avatar_with_its_latency(browser_page, backend, tiny, media_dir,
+                                                                               short_wav, tmp_path):
+    page = browser_page
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    with LocalServer(backend, ckpt_dir=tiny.ckpt_dir) as server:
+        page.goto(server.url + "/live")
+        page.set_input_files("#image", str(media_dir / "cyclops_baker.jpg"))
+        page.select_option("#source", "file")
+        page.set_input_files("#audio", str(short_wav))
+        page.fill("#size", "64*64")
+        page.fill("#steps", "1")
+        page.click("#start")
+        page.wait_for_function("document.getElementById('status').textContent.includes('latency: audio in')",
+                               timeout=120_000)
+        assert "ms (median" in page.text_content("#status")
+        page.wait_for_function("!document.getElementById('start').disabled", timeout=120_000)  # 'done' came
+        page.screenshot(path=str(tmp_path / "live.png"))
+    assert errors == []
