@@ -204,3 +204,46 @@ def test_progress_rewrites_one_line_on_a_terminal_and_logs_lines_otherwise():
     silent = Progress(num_clips=1, blocks_per_clip=1, total_frames=3, stream=quiet, enabled=False)
     silent.start(), silent.block_done(0, 0), silent.frames_done(3), silent.close()
     assert quiet.getvalue() == ""
+
+
+def test_one_generate_decodes_the_image_and_the_audio_exactly_once(tiny, media_dir, tmp_path, monkeypatch):
+    """The CLI's whole path (settings, dry checks, plan, load, generate): each input is read once, by the
+    request; the mp4 writer opens the audio file again only to mux its original track."""
+    import liveavatar.io.media as media
+    from liveavatar.cli.main import main
+
+    calls = {"image": 0, "audio": 0}
+    real_image, real_audio = media.load_image, media.decode_audio
+
+    def count(kind, function):
+        def counted(*args, **kwargs):
+            calls[kind] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(media, "load_image", count("image", real_image))
+    monkeypatch.setattr(media, "decode_audio", count("audio", real_audio))
+    import liveavatar.request as request_module
+    monkeypatch.setattr(request_module, "load_image", media.load_image)
+    assert main(["generate", "--image", str(media_dir / "cyclops_baker.jpg"),
+                 "--audio", str(media_dir / "cyclops_baker.wav"), "--ckpt_dir", str(tiny.ckpt_dir),
+                 "--lora_path_dmd", str(tiny.lora), "--size", "64*64", "--num_clip", "1", "--device", "cpu",
+                 "--dtype", "float32", "--save_file", str(tmp_path / "once.mp4"), "--quiet"]) == 0
+    assert calls == {"image": 1, "audio": 1}
+    assert _probe(tmp_path / "once.mp4")["frames"] == 45
+
+
+def test_two_requests_reuse_the_same_cache_storage(pipe, media_dir):
+    """Caches are allocated once per placement and clip size and reset per request: the second request
+    allocates no KV set or cond cache of its own, and gives the same video for the same seed."""
+    image, audio = media_dir / "cyclops_baker.jpg", media_dir / "cyclops_baker.wav"
+    first = [f.image for f in pipe.stream(image, audio, size="64*64", num_clip=1, base_seed=3)]
+    caches = pipe.engine.cache_set
+    storage = {step: kv.storage.tensors[0].data_ptr() for step, kv in caches.kv_sets.items()}
+    cond = caches.cond.storage.tensors[0].data_ptr()
+    second = [f.image for f in pipe.stream(image, audio, size="64*64", num_clip=1, base_seed=3)]
+    assert pipe.engine.cache_set is caches and caches.cond.storage.tensors[0].data_ptr() == cond
+    assert {step: kv.storage.tensors[0].data_ptr() for step, kv in caches.kv_sets.items()} == storage
+    assert all(np.array_equal(a, b) for a, b in zip(first, second)) and len(first) == len(second) == 45
+    other_size = list(pipe.stream(image, audio, size="128*64", num_clip=1))  # another clip size: new caches
+    assert len(other_size) == 45 and pipe.engine.cache_set is not caches

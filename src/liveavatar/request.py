@@ -2,8 +2,9 @@
 seed, the mode and the RoPE-offset policy. The CLI, the Python API and the server build one with
 `resolve_request`; every later stage reads it and nothing re-derives or re-validates it.
 
-Audio sources: `WaveformAudio` (a whole file or array, decoded once) or `LiveAudio` (samples pushed as
-they arrive; the run lasts until the source ends).
+Audio sources: `WaveformAudio` (a whole file or array, decoded once), or a live source (samples pushed as
+they arrive; the run lasts until the source ends): `LiveAudio`, or any `LiveSource` such as the server's
+paced session audio, which computes its own features.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Protocol, Union, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -46,12 +47,21 @@ ImageInput = Union[str, os.PathLike, Image.Image]
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class WaveformAudio:
     """Audio known in full: 16 kHz mono float32 ``samples`` and the file they came from (muxed into an mp4)."""
 
     samples: np.ndarray
     path: Path | None = None
+
+
+@runtime_checkable
+class LiveSource(Protocol):
+    """Audio that arrives while the video is made. ``block_features`` gives the loop's per-block features
+    (an object with ``block(clip, block) -> features | None``, None once the audio has ended), computed
+    with the engine's wav2vec2 ``extractor``."""
+
+    def block_features(self, extractor, geometry: ClipGeometry): ...
 
 
 class LiveAudio:
@@ -105,12 +115,13 @@ class LiveAudio:
             return samples
 
 
-AudioSource = Union[WaveformAudio, LiveAudio]
+AudioSource = Union[WaveformAudio, LiveAudio, LiveSource]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Request:
-    """One video to make. ``num_clips`` None: as long as the (live) audio lasts."""
+    """One video to make. ``num_clips`` None: as long as the (live) audio lasts. Requests compare by
+    identity (they hold decoded pixels and samples)."""
 
     image: Image.Image
     audio: AudioSource
@@ -233,7 +244,7 @@ def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: 
                          f"{area} (got {width}x{height}); crop it or raise the area")
     geometry = ClipGeometry(height, width, infer_frames)
 
-    if isinstance(audio, LiveAudio):
+    if isinstance(audio, (LiveAudio, LiveSource)):
         if mode != "streaming":
             raise InputError("live audio runs in mode streaming (single_gpu decodes whole clips, which needs "
                              "the audio's length up front)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from liveavatar.cli.flags import add_bool_flag, add_flag, bool_arg
 from liveavatar.devices import dtype_bytes
 from liveavatar.errors import InputError
-from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES
+from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES, ClipGeometry
 from liveavatar.request import Request
 from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, detect_hardware
 from liveavatar.runtime.planner.memory import Workload, dit_inventory, transformer_config_for
@@ -222,24 +222,23 @@ def _configuration_line(report: dict) -> str:
             f"LoRA {report['lora'] or 'none'} -> {report['output']}")
 
 
-def plan_for_settings(settings: GenerationSettings, request: Request) -> Plan:
-    """The plan ``generate`` runs under, made before anything is loaded (of the checkpoints only the DiT's
-    config.json is read), for the request's video size. ``vram_budget`` caps the GPU budget; ``fp8`` and
+def plan_for(*, ckpt_dir: Path, device: str | None, dtype: str | None, fp8: bool, t5_cpu: bool,
+             vram_budget: int | None, geometry: ClipGeometry, sample_steps: int, mode: str) -> Plan:
+    """The plan a run of ``geometry`` and ``sample_steps`` gets, made before anything is loaded (of the
+    checkpoints only the DiT's config.json is read). ``vram_budget`` caps the GPU budget; ``fp8`` and
     ``t5_cpu`` pin those choices. A CPU run (``--device cpu``, or no GPU) gets a plan with no GPU budget.
     Call ``.check()`` on the result to refuse a run that does not fit."""
     import torch
 
-    on_cpu = settings.device == "cpu" or (settings.device is None and not torch.cuda.is_available())
-    dtype = settings.dtype or ("float32" if on_cpu else "bfloat16")
-    geometry = request.geometry
-    work = Workload(geometry.height, geometry.width, geometry.infer_frames, request.sample_steps, 1, request.mode,
-                    dtype_bytes(dtype))
-    inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
-    pins = Pins(weight_dtype="fp8" if settings.fp8 else None, text_encoder="cpu" if settings.t5_cpu else None)
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    work = Workload(geometry.height, geometry.width, geometry.infer_frames, sample_steps, 1, mode,
+                    dtype_bytes(dtype or ("float32" if on_cpu else "bfloat16")))
+    inventory = dit_inventory(transformer_config_for(ckpt_dir))
+    pins = Pins(weight_dtype="fp8" if fp8 else None, text_encoder="cpu" if t5_cpu else None)
     if on_cpu:
         return plan_cpu_run(inventory, work, pins)
     hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
-    budget, source = resolve_budget(vram_budget=settings.vram_budget)
+    budget, source = resolve_budget(vram_budget=vram_budget)
     return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins,
                      host_budget_bytes=default_host_budget())
 
@@ -250,7 +249,9 @@ def generate_from_settings(settings: GenerationSettings, request: Request, *, pr
     from liveavatar.api import LiveAvatarPipeline
     from liveavatar.devices import resolve_device
 
-    plan = plan_for_settings(settings, request).check()
+    plan = plan_for(ckpt_dir=settings.ckpt_dir, device=settings.device, dtype=settings.dtype, fp8=settings.fp8,
+                    t5_cpu=settings.t5_cpu, vram_budget=settings.vram_budget, geometry=request.geometry,
+                    sample_steps=request.sample_steps, mode=request.mode).check()
     if progress and resolve_device(settings.device).type == "cuda":
         print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
               f"({plan.budget_source})", file=sys.stderr)
