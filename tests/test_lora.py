@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from liveavatar.checkpoints.lora import lora_target_modules, merge_lora
-from liveavatar.checkpoints.safetensors_io import CheckpointError
+from liveavatar.errors import CheckpointError
 from liveavatar.models.transformer import (
     CausalS2VTransformer,
     TransformerConfig,

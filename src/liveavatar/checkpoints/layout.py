@@ -117,7 +117,7 @@ class CheckpointLayout:
         for check in checks:
             try:
                 check()
-            except ValueError as error:  # CheckpointError here and from safetensors_io
+            except CheckpointError as error:
                 problems.append(str(error))
         return problems
 

@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from liveavatar.checkpoints.safetensors_io import CheckpointError, read_header
+from liveavatar.checkpoints.safetensors_io import read_header
+from liveavatar.errors import CheckpointError
 
 LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 LORA_KEY_FORMAT = "{module}.lora_{which}.default.weight"

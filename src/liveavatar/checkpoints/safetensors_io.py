@@ -16,11 +16,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from liveavatar.errors import CheckpointError
+
 _MAX_HEADER_BYTES = 100_000_000
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupt, or does not match the model."""
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
