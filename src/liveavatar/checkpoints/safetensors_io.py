@@ -94,8 +94,10 @@ def checkpoint_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
-    """Strict check of a checkpoint's keys and shapes against a model's."""
+def check_keys(expected: dict[str, tuple[int, ...]], files: dict[str, Path], source: str) -> None:
+    """Strict check of a checkpoint's keys and shapes (from the headers of ``files``, key -> file) against
+    a model's; a wrong shape is reported with the file that holds it."""
+    found = checkpoint_shapes(files)
     missing = [key for key in expected if key not in found]
     unexpected = [key for key in found if key not in expected]
     if missing or unexpected:
@@ -108,8 +110,8 @@ def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int,
                               f"is this the right checkpoint folder?")
     for key, shape in expected.items():
         if tuple(found[key]) != tuple(shape):
-            raise CheckpointError(f"{source}: tensor {key!r} has shape {list(found[key])}, the model expects "
-                                  f"{list(shape)}; the checkpoint is for another model size")
+            raise CheckpointError(f"{files[key]}: tensor {key!r} has shape {list(found[key])}, the model expects "
+                                  f"{list(shape)}; these weights are for another model size than the config in {source}")
 
 
 def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -129,7 +131,7 @@ def load_into(module: nn.Module, files: dict[str, Path], *, device: torch.device
     "meta" only the keys and shapes are checked.
     """
     expected = {key: tuple(value.shape) for key, value in module.state_dict(keep_vars=True).items()}
-    check_keys(expected, checkpoint_shapes(files), source)
+    check_keys(expected, files, source)
     device = torch.device(device)
     if device.type == "meta":
         module.to(device=device, dtype=dtype)
