@@ -5,7 +5,8 @@ reference); the LoRA is a ``.safetensors`` file, a folder holding ``liveavatar.s
 ``liveavatar download`` layout, or a Hugging Face cache folder such as the reference's ``ckpt/LiveAvatar``),
 or a Hub repo id found in the local Hugging Face cache; nothing here touches the network.
 Truncated files are found from their headers: a safetensors header states where its data ends, and a
-``torch.save`` zip keeps its directory at the very end of the file.
+``torch.save`` zip keeps its directory at the very end of the file. A Git LFS pointer left in place of a
+file (a repository cloned without git-lfs) is named as such wherever a file does not parse.
 """
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ WAV2VEC2_CONFIGS = ("config.json", "preprocessor_config.json")
 WAV2VEC2_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def check_not_lfs_pointer(path: Path) -> None:
+    """Raise CheckpointError if ``path`` is a Git LFS pointer: the ~130-byte text that a clone without
+    git-lfs leaves in place of every large file of a Hub repository."""
+    with open(path, "rb") as file:
+        if file.read(len(_LFS_POINTER)) == _LFS_POINTER:
+            raise CheckpointError(f"{path}: a Git LFS pointer, not the file itself (the repository was cloned "
+                                  f"without git-lfs); run `git lfs pull` in it, or fetch it with `liveavatar download`")
 
 
 def check_torch_file(path: Path) -> None:
@@ -39,6 +50,7 @@ def check_torch_file(path: Path) -> None:
             return
     except zipfile.BadZipFile:
         pass
+    check_not_lfs_pointer(path)
     with open(path, "rb") as file:
         magic = file.read(4)
     if magic.startswith(b"PK"):
@@ -141,6 +153,9 @@ class CheckpointLayout:
         if not any((self.tokenizer / name).is_file() for name in TOKENIZER_FILES):
             raise CheckpointError(f"{self.tokenizer}: missing the umt5-xxl tokenizer (expected "
                                   f"{' or '.join(TOKENIZER_FILES)} in it)")
+        # the tokenizer library reads every file of the folder, and its errors for a pointer say nothing
+        for path in sorted(p for p in self.tokenizer.rglob("*") if p.is_file()):
+            check_not_lfs_pointer(path)
 
     def _check_vae(self) -> None:
         _require_file(self.vae, "the Wan 2.1 VAE weights")
@@ -188,6 +203,7 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
+        check_not_lfs_pointer(path)
         raise CheckpointError(f"{path}: not valid JSON ({what}); download it again") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object ({what})")

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from liveavatar.checkpoints.layout import check_not_lfs_pointer
 from liveavatar.errors import CheckpointError
 
 _MAX_HEADER_BYTES = 100_000_000
@@ -33,6 +34,7 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
             prefix = handle.read(8)
             header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
             if header_bytes < 0 or header_bytes > min(size - 8, _MAX_HEADER_BYTES):
+                check_not_lfs_pointer(path)
                 raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes); re-download it")
             header = json.loads(handle.read(header_bytes))
     except FileNotFoundError:
@@ -71,6 +73,7 @@ def checkpoint_files(path: Path, stem: str = "diffusion_pytorch_model") -> dict[
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError):
+                check_not_lfs_pointer(index)
                 raise CheckpointError(f"{index}: not a safetensors index (no 'weight_map'); re-download it") from None
             shards = {name: path / name for name in dict.fromkeys(weight_map.values())}
             for shard in shards.values():
