@@ -45,7 +45,8 @@ def build_checkpoint_dir(root: Path) -> Path:
 
 
 @pytest.fixture
-def base(tmp_path):
+def base(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a Hub id is also looked up in ./ckpt/LiveAvatar: keep the caller's out
     return build_checkpoint_dir(tmp_path)
 
 
@@ -165,6 +166,25 @@ def test_hub_id_resolves_through_the_local_caches(base, tmp_path, monkeypatch):
     # a folder that is such a cache
     assert resolve_lora(str(base.parent / "LiveAvatar"), base) == in_ckpt_cache
     CheckpointLayout.discover(base).validate()
+
+
+def test_hub_id_is_also_found_where_the_reference_puts_it_after_the_folder_beside_the_base(base, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    beside = base.parent / "LiveAvatar" / "liveavatar.safetensors"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    # the reference's hf_hub_download(cache_dir="ckpt/LiveAvatar"), relative to the working folder
+    in_reference_cache = _hf_cache_entry(work / "ckpt" / "LiveAvatar", "Quark-Vision/Live-Avatar", beside)
+    assert resolve_lora("Quark-Vision/Live-Avatar", base) == beside  # the folder beside --ckpt_dir comes first
+    beside.unlink()
+    assert resolve_lora("Quark-Vision/Live-Avatar", base) == in_reference_cache
+    CheckpointLayout.discover(base).validate()
+    # the same folder holding the file itself (huggingface-cli download --local-dir ./ckpt/LiveAvatar)
+    flat = work / "ckpt" / "LiveAvatar" / "liveavatar.safetensors"
+    shutil.copy(in_reference_cache, flat)
+    assert resolve_lora("Quark-Vision/Live-Avatar", base) == flat
 
 
 def test_torch_file_check_accepts_real_torch_files(tmp_path):
