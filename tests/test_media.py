@@ -28,7 +28,7 @@ def test_reference_tensor_matches_fixture_b(fixtures_dir, mode):
 
 
 def test_landscape_example_gets_6_and_7_black_columns(media_dir):
-    # pipeline.md §3: 720x400 -> resized 691x384 -> 6 black columns left, 7 right at 704x384.
+    # As the reference preprocesses it: 720x400 -> resized 691x384 -> 6 black columns left, 7 right at 704x384.
     pixels = fit_image(load_image(media_dir / "dwarven_blacksmith.jpg"), 384, 704)
     assert pixels.shape == (384, 704, 3) and pixels.dtype == np.uint8
     column_max = pixels.max(axis=(0, 2))
@@ -120,7 +120,7 @@ def test_pcm16_wav_matches_fixture_d(fixtures_dir):
 
 
 def test_example_audio_is_resampled_to_librosa_length(media_dir):
-    # pipeline.md §11: 425,280 samples at 24 kHz -> 283,520 at 16 kHz.
+    # librosa.load(sr=16000) of the example: 425,280 samples at 24 kHz -> 283,520 at 16 kHz.
     native, rate = decode_audio(media_dir / "dwarven_blacksmith.wav")
     assert (native.size, rate) == (425_280, 24_000)
     (waveform,) = load_audio(str(media_dir / "dwarven_blacksmith.wav"))
