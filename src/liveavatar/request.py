@@ -79,7 +79,7 @@ class LiveAudio:
         self.dropped_samples = 0
 
     def push(self, samples) -> None:
-        chunk = waveform_from_array(samples, name="audio chunk", allow_empty=True)
+        chunk = waveform_from_array(samples, name="audio chunk")
         with self._changed:
             if self._ended:
                 raise InputError("audio chunk: the live audio has already ended")
@@ -265,7 +265,7 @@ def _waveform_audio(audio) -> WaveformAudio:
     if isinstance(audio, WaveformAudio):
         return audio
     if isinstance(audio, np.ndarray):
-        return WaveformAudio(waveform_from_array(audio, name="audio"))
+        return WaveformAudio(waveform_from_array(audio))
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio).expanduser().absolute()
         return WaveformAudio(load_audio(path), path)
