@@ -108,8 +108,9 @@ def test_bad_images_give_one_line(tmp_path, media_dir, case):
     path = make(tmp_path, media_dir)
     with pytest.raises(InputError) as error:
         load_image(path)
-    message = str(error.value)
+    message = error.value.as_flag()  # the command line's spelling; str() names the API argument
     assert message.startswith(f"--image {path}") and words in message and "\n" not in message
+    assert str(error.value).startswith(f"image {path}")
 
 
 # ----------------------------------------------------------------------------------------------- audio
@@ -324,8 +325,9 @@ def test_bad_audio_gives_one_line(tmp_path, case):
     path = make(tmp_path)
     with pytest.raises(InputError) as error:
         load_audio(str(path))
-    message = str(error.value)
+    message = error.value.as_flag()  # the command line's spelling; str() names the API argument
     assert message.startswith(f"--audio {path}") and words in message and "\n" not in message
+    assert str(error.value).startswith(f"audio {path}")
 
 
 def test_an_api_waveform_is_scaled_and_checked_like_a_file(tmp_path):

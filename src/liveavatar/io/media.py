@@ -20,7 +20,7 @@ import numpy as np
 import soxr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from liveavatar.errors import InputError
+from liveavatar.errors import ArgumentError, InputError
 from liveavatar.geometry import AUDIO_SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -31,29 +31,29 @@ if TYPE_CHECKING:
 _DURATION_SLACK_S, _DURATION_SLACK_FRACTION = 0.1, 0.02
 
 
-def _check_file(path: Path, flag: str, kind: str) -> None:
+def _check_file(path: Path, argument: str, kind: str) -> None:
     if not path.exists():
-        raise InputError(f"{flag} {path}: file not found")
+        raise ArgumentError(argument, f"{path}: file not found")
     if path.is_dir():
-        raise InputError(f"{flag} {path}: is a folder, expected {kind} file")
+        raise ArgumentError(argument, f"{path}: is a folder, expected {kind} file")
     if path.stat().st_size == 0:
-        raise InputError(f"{flag} {path}: the file is empty (0 bytes)")
+        raise ArgumentError(argument, f"{path}: the file is empty (0 bytes)")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image: EXIF orientation applied, converted to RGB as the reference does."""
     path = Path(path).expanduser()
-    _check_file(path, "--image", "an image")
+    _check_file(path, "image", "an image")
     try:
         with Image.open(path) as image:
             image.load()
             return ImageOps.exif_transpose(image).convert("RGB")
     except UnidentifiedImageError:
-        raise InputError(f"--image {path}: not an image file Pillow can read") from None
+        raise ArgumentError("image", f"{path}: not an image file Pillow can read") from None
     except Image.DecompressionBombError as error:
-        raise InputError(f"--image {path}: too large to decode safely ({error})") from None
+        raise ArgumentError("image", f"{path}: too large to decode safely ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise InputError(f"--image {path}: cannot be decoded, the file may be truncated or corrupt ({error})") from None
+        raise ArgumentError("image", f"{path}: cannot be decoded, the file may be truncated or corrupt ({error})") from None
 
 
 def fit_image(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -101,7 +101,7 @@ def waveform_from_array(audio, name: str = "audio") -> np.ndarray:
     if array.dtype.kind not in "iuf":
         raise InputError(f"{name}: {array.dtype} is not audio samples; pass float in [-1, 1] or integer PCM")
     waveform = _samples_to_float32(array)
-    _require_finite(waveform, AUDIO_SAMPLE_RATE, name)
+    _require_finite(waveform, AUDIO_SAMPLE_RATE, name, "")
     return waveform
 
 
@@ -118,35 +118,35 @@ def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Decode the first audio track of any file PyAV opens -> (mono float32 waveform, sample rate).
     Channels are averaged (librosa's to_mono); integer PCM is scaled to [-1, 1) like libsndfile."""
     path = Path(path).expanduser()
-    _check_file(path, "--audio", "an audio")
+    _check_file(path, "audio", "an audio")
     try:
         container = av.open(str(path))
     except (av.FFmpegError, EOFError) as error:
-        raise InputError(f"--audio {path}: not an audio or video file that can be decoded ({_reason(error)})") from None
+        raise ArgumentError("audio", f"{path}: not an audio or video file that can be decoded ({_reason(error)})") from None
     with container:
         if not container.streams.audio:
-            raise InputError(f"--audio {path}: has no audio track")
+            raise ArgumentError("audio", f"{path}: has no audio track")
         _check_wav_data_chunk(path)
         stream = container.streams.audio[0]
         chunks, sample_rate = [], stream.sample_rate
         try:
             for frame in container.decode(stream):
                 if frame.sample_rate != sample_rate:
-                    raise InputError(f"--audio {path}: the sample rate changes inside the file "
+                    raise ArgumentError("audio", f"{path}: the sample rate changes inside the file "
                                      f"({sample_rate} -> {frame.sample_rate} Hz); convert it to one rate first")
                 chunks.append(_frame_to_mono(frame))
         except (av.FFmpegError, EOFError) as error:
-            raise InputError(f"--audio {path}: cannot be decoded, the file may be truncated or corrupt "
+            raise ArgumentError("audio", f"{path}: cannot be decoded, the file may be truncated or corrupt "
                              f"({_reason(error)})") from None
         waveform = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
         if waveform.size == 0:
-            raise InputError(f"--audio {path}: contains no audio samples")
-        _require_finite(waveform, sample_rate, f"--audio {path}")
+            raise ArgumentError("audio", f"{path}: contains no audio samples")
+        _require_finite(waveform, sample_rate, "audio", str(path))
         if stream.duration is not None and stream.time_base is not None:
             declared = float(stream.duration * stream.time_base)
             decoded = waveform.size / sample_rate
             if decoded < declared - max(_DURATION_SLACK_S, _DURATION_SLACK_FRACTION * declared):
-                raise InputError(f"--audio {path}: truncated, the header says {declared:.2f} s but only "
+                raise ArgumentError("audio", f"{path}: truncated, the header says {declared:.2f} s but only "
                                  f"{decoded:.2f} s can be decoded")
     return waveform, sample_rate
 
@@ -171,12 +171,12 @@ def _samples_to_float32(data: np.ndarray) -> np.ndarray:
     return ((data.astype(np.float64) - offset) / half).astype(np.float32)
 
 
-def _require_finite(waveform: np.ndarray, sample_rate: int, what: str) -> None:
+def _require_finite(waveform: np.ndarray, sample_rate: int, argument: str, subject: str) -> None:
     bad = ~np.isfinite(waveform)
     if bad.any():
         first = int(np.argmax(bad)) / sample_rate
-        raise InputError(f"{what}: {int(bad.sum())} of {waveform.size} samples are NaN or infinite (the first "
-                         f"at {first:.2f} s); the audio is corrupt, export it again")
+        raise ArgumentError(argument, f"{subject}: {int(bad.sum())} of {waveform.size} samples are NaN or infinite "
+                                      f"(the first at {first:.2f} s); the audio is corrupt, export it again")
 
 
 def _check_wav_data_chunk(path: Path) -> None:
@@ -196,7 +196,7 @@ def _check_wav_data_chunk(path: Path) -> None:
                 available = file_size - file.tell()
                 # 0 and 0xFFFFFFFF are the "size unknown" markers of streamed WAVs.
                 if chunk_size not in (0, 0xFFFFFFFF) and chunk_size > available:
-                    raise InputError(f"--audio {path}: truncated, the WAV header announces {chunk_size} bytes of "
+                    raise ArgumentError("audio", f"{path}: truncated, the WAV header announces {chunk_size} bytes of "
                                      f"audio but the file holds {available}")
                 return
             file.seek(chunk_size + (chunk_size & 1), os.SEEK_CUR)
