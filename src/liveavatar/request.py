@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -216,6 +217,7 @@ def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: 
     follows the image. ``streamed_audio_features``: compute wav2vec2 features block by block as a live
     session does (always so for live audio and for audio longer than 300 s).
     """
+    notices: tuple[str, ...] = ()
     area = parse_size(size) if isinstance(size, str) else size
     if isinstance(area, bool) or not isinstance(area, int) or area < MIN_AREA:
         raise ArgumentError("size", f"{size!r}: expected an area of at least 64*64, e.g. '704*384' or 270336")
@@ -226,11 +228,15 @@ def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: 
         raise ArgumentError("sample_steps", f"{sample_steps}: must be at least 1 (the LoRA is distilled for 4)")
     if num_clip is not None and (not isinstance(num_clip, int) or num_clip < 1):
         raise ArgumentError("num_clip", f"{num_clip}: must be at least 1 (leave it out for the whole audio)")
-    if isinstance(base_seed, bool) or not isinstance(base_seed, int) or not 0 <= base_seed <= MAX_SEED:
-        raise ArgumentError("base_seed", f"{base_seed!r}: must be an integer in 0..{MAX_SEED}")
+    if isinstance(base_seed, bool) or not isinstance(base_seed, int) or not -1 <= base_seed <= MAX_SEED:
+        raise ArgumentError("base_seed", f"{base_seed!r}: must be -1 (draw one) or an integer in 0..{MAX_SEED}")
+    if base_seed == -1:
+        base_seed = secrets.randbelow(2**31)
+        notices += (f"base_seed -1: using seed {base_seed}",)
     if mode not in MODES:
         raise ArgumentError("mode", f"{mode!r}: expected one of {', '.join(MODES)}")
-    online_decode, notices = resolve_online_decode(mode, enable_online_decode)
+    online_decode, online_notices = resolve_online_decode(mode, enable_online_decode)
+    notices += online_notices
     offset = parse_ref_rope_offset(ref_rope_offset)
     if prompt is None:
         prompt = ""
@@ -243,6 +249,9 @@ def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: 
         raise InputError(f"image: its aspect ratio {picture.width}x{picture.height} is too extreme for size area "
                          f"{area} (got {width}x{height}); crop it or raise the area")
     geometry = ClipGeometry(height, width, infer_frames)
+    if area > picture.width * picture.height:
+        notices += (f"size {size}: larger than the image ({picture.width}x{picture.height}), which is not upscaled; "
+                    f"the video is {width}x{height}",)
 
     if isinstance(audio, (LiveAudio, LiveSource)):
         if mode != "streaming":

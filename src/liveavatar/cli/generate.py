@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
 from dataclasses import fields
 from typing import Callable
@@ -136,10 +135,6 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         raise InputError("--image: required (the reference portrait)")
     if not args.audio:
         raise InputError("--audio: required (the driving speech)")
-    seed = args.base_seed
-    if seed == -1:
-        seed = secrets.randbelow(2**31)
-        notices.append(f"--base_seed -1: using seed {seed}")
     lora = args.lora_path_dmd or DEFAULTS["lora"]
     if args.load_lora is False:
         lora = None
@@ -150,7 +145,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
     settings = GenerationSettings(
         image=args.image, audio=args.audio, prompt=args.prompt, ckpt_dir=args.ckpt_dir, lora=lora,
         size_area=parse_size(args.size), infer_frames=args.infer_frames, sample_steps=args.sample_steps,
-        num_clip=args.num_clip, base_seed=seed, mode=args.mode,
+        num_clip=args.num_clip, base_seed=args.base_seed, mode=args.mode,
         enable_online_decode=bool(args.enable_online_decode), ref_rope_offset=args.ref_rope_offset,
         fp8=bool(args.fp8), t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
