@@ -9,6 +9,7 @@ from pathlib import Path
 
 from liveavatar import __version__
 from liveavatar.checkpoints.layout import CheckpointLayout
+from liveavatar.errors import CheckpointError
 from liveavatar.serve import ui_extra_status
 from liveavatar.settings import DEFAULT_SIZE, GenerationSettings
 
@@ -19,6 +20,8 @@ GiB = 1024**3
 def report_lines(ckpt_dir: Path, lora: str | None) -> tuple[list[str], bool]:
     """Human-readable report lines and whether generate can run (checkpoints complete)."""
     import torch
+
+    from liveavatar.models.checkpoint_check import check_transformer_checkpoint
 
     lines = [f"liveavatar {__version__}",
              f"python {platform.python_version()} ({sys.executable})",
@@ -40,6 +43,11 @@ def report_lines(ckpt_dir: Path, lora: str | None) -> tuple[list[str], bool]:
 
     layout = CheckpointLayout.discover(ckpt_dir, lora)
     problems = layout.problems()
+    if not problems:
+        try:
+            check_transformer_checkpoint(layout.dit_dir, layout.lora)
+        except CheckpointError as error:
+            problems = [str(error)]
     lines.append(f"checkpoints: {layout.ckpt_dir}: " + ("complete" if not problems else f"{len(problems)} problem(s)"))
     lines.extend(f"  - {problem}" for problem in problems)
     lines.append(ui_extra_status()[1])

@@ -24,6 +24,7 @@ from liveavatar.errors import ArgumentError, InputError
 from liveavatar.geometry import (
     AUDIO_SAMPLE_RATE,
     DEFAULT_SIZE,
+    DROPPED_LEADING_FRAMES,
     FPS,
     MIN_AREA,
     MODES,
@@ -33,6 +34,7 @@ from liveavatar.geometry import (
     ClipGeometry,
     SIZE_FORMS,
     audio_clip_count,
+    audio_video_frames,
     size_for_area,
 )
 from liveavatar.io.media import load_audio, load_image, waveform_from_array
@@ -139,12 +141,31 @@ class Request:
     notices: tuple[str, ...] = field(default=())
 
     @property
-    def total_blocks(self) -> int | None:
-        return None if self.num_clips is None else self.num_clips * self.geometry.blocks_per_clip
+    def num_frames(self) -> int | None:
+        """Frames the video holds: its clips' frames, cut where the audio ends (as the reference's
+        ``-shortest`` mux cuts its mp4)."""
+        if self.num_clips is None:
+            return None
+        frames = self.geometry.video_frames(self.num_clips)
+        if isinstance(self.audio, WaveformAudio):
+            frames = min(frames, audio_video_frames(len(self.audio.samples)))
+        return frames
 
     @property
-    def num_frames(self) -> int | None:
-        return None if self.num_clips is None else self.geometry.video_frames(self.num_clips)
+    def total_blocks(self) -> int | None:
+        """Blocks to generate: those the video's frames need (none past the audio's end is made, since it
+        would be cut away), in whole clips in single_gpu mode (which decodes clip by clip)."""
+        if self.num_clips is None:
+            return None
+        blocks, per_clip = self.geometry.blocks_for_frames(self.num_frames), self.geometry.blocks_per_clip
+        return -(-blocks // per_clip) * per_clip if self.mode == "single_gpu" else blocks
+
+    @property
+    def generated_frames(self) -> int | None:
+        """Frames the generated blocks decode to (at least ``num_frames``)."""
+        if self.num_clips is None:
+            return None
+        return self.total_blocks * self.geometry.frames_per_block - DROPPED_LEADING_FRAMES
 
     @property
     def audio_seconds(self) -> float | None:
@@ -161,8 +182,12 @@ class Request:
         clips = f"{self.num_clips} clip{'s' if self.num_clips != 1 else ''}"
         if self.num_clips < self.audio_clips:
             clips += f" of {self.audio_clips}"
-        return (f"{head}, {clips} x {g.infer_frames} frames -> {self.num_frames} frames = "
+        line = (f"{head}, {clips} x {g.infer_frames} frames -> {self.num_frames} frames = "
                 f"{self.num_frames / FPS:g} s at {FPS} fps (audio {round(self.audio_seconds, 3):g} s)")
+        if self.generated_frames != self.num_frames:
+            line += (f"; {self.total_blocks} blocks make {self.generated_frames} frames, cut to the audio's "
+                     f"{self.num_frames}")
+        return line
 
     def shape_report(self) -> dict:
         """What ``--dry-run --json`` reports about the video's shape."""
@@ -170,7 +195,8 @@ class Request:
         return {
             "width": g.width, "height": g.height, "latent_width": g.latent_width, "latent_height": g.latent_height,
             "tokens_per_frame": g.frame_tokens, "infer_frames": g.infer_frames, "audio_clips": self.audio_clips,
-            "num_clips": self.num_clips, "num_frames": self.num_frames, "fps": FPS,
+            "num_clips": self.num_clips, "num_frames": self.num_frames, "total_blocks": self.total_blocks,
+            "generated_frames": self.generated_frames, "fps": FPS,
             "duration_s": None if self.num_frames is None else round(self.num_frames / FPS, 3),
             "audio_s": None if self.audio_seconds is None else round(self.audio_seconds, 3),
         }

@@ -114,6 +114,13 @@ class CheckpointLayout:
             wav2vec2=ckpt_dir / WAV2VEC2_DIR, lora=resolve_lora(lora, ckpt_dir) if lora else None, lora_spec=lora,
         )
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weight files a load reads (the DiT's shards, the LoRA, the VAE, wav2vec2); the text
+        encoder is read later, and only when a prompt is not in the prompt cache."""
+        files = [*self.ckpt_dir.glob("diffusion_pytorch_model*.safetensors"), self.vae,
+                 *self.wav2vec2.glob("*.safetensors"), *([self.lora] if self.lora else [])]
+        return sum(path.stat().st_size for path in files if path.is_file())
+
     def validate(self) -> None:
         """Raise CheckpointError naming the first missing, truncated or mismatched piece."""
         problems = self.problems()
@@ -123,6 +130,9 @@ class CheckpointLayout:
 
     def problems(self) -> list[str]:
         """One line per bad piece, in loading order; empty when everything is in place."""
+        if self.ckpt_dir.is_file():
+            return [f"--ckpt_dir {self.ckpt_dir}: is a file; pass the folder that holds it (the {BASE_DIR_NAME} "
+                    f"folder with config.json and the shards)"]
         if not self.ckpt_dir.is_dir():
             return [f"--ckpt_dir {self.ckpt_dir}: not found; fetch the weights with `liveavatar download ckpt` "
                     f"and pass --ckpt_dir ckpt/{BASE_DIR_NAME}"]

@@ -83,7 +83,8 @@ def run_serve(args: argparse.Namespace) -> int:
                          "--live-idle-limit > 0")
     # Placed for the largest request the server accepts (its landscape size at --max-steps).
     largest = ClipGeometry(*size_for_area(9, 16, limits.max_area), 48)
-    plan = plan_for(ckpt_dir=Path(args.ckpt_dir), device=args.device, dtype=args.dtype, fp8=bool(args.fp8),
+    plan = plan_for(ckpt_dir=Path(args.ckpt_dir), device=args.device, dtype=args.dtype,
+                    weights={None: "auto", True: "fp8", False: "bf16"}[args.fp8],
                     t5_cpu=bool(args.t5_cpu), vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget else None,
                     geometry=largest, sample_steps=limits.max_steps, mode="streaming").check()
     if plan.budget_bytes is not None:

@@ -33,10 +33,10 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     """Refuse, before any work, an output that cannot be written: not an .mp4 name, a folder, an existing
     file (unless ``overwrite``), or a folder that cannot be created or written to. Creates nothing."""
     path = Path(path).expanduser()
-    if path.suffix.lower() != ".mp4":
-        raise InputError(f"{path}: the output is an mp4; give a name ending in .mp4")
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give a file name ending in .mp4")
+    if path.suffix.lower() != ".mp4":
+        raise InputError(f"{path}: the output is an mp4; give a name ending in .mp4")
     if path.exists() and not overwrite:
         raise InputError(f"{path}: already exists; choose another name, or pass --overwrite "
                          f"(overwrite=True in Python) to replace it")

@@ -56,6 +56,7 @@ class Conditioning:
     text_kv: list
     reference: ReferenceLatents
     audio: BlockAudio
+    notices: tuple[str, ...] = ()
 
 
 ExecutorFactory = Callable[..., BlockExecutor]
@@ -121,8 +122,12 @@ class Engine:
         audio = self._block_audio(request)
         with self.text_encoder:  # loads the encoder only on a prompt-cache miss, frees it on exit
             context = self.text_encoder.encode(request.prompt)
+        text_len = self.transformer.config.text_len
+        # The tokenizer cuts at text_len tokens (EOS included): a full context means the prompt was cut.
+        notices = (f"prompt: {len(request.prompt)} characters fill the text encoder's {text_len} tokens; the rest "
+                   f"is cut, as in the reference",) if context.shape[0] >= text_len else ()
         text_kv = self.transformer.text_kv(context.to(self.device))
-        return Conditioning(text_kv, self._reference(request), audio)
+        return Conditioning(text_kv, self._reference(request), audio, notices)
 
     def _reference(self, request: Request) -> ReferenceLatents:
         """The reference and motion latents of a request's portrait, from the last few encoded: a server sees
