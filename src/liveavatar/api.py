@@ -25,7 +25,7 @@ from liveavatar.checkpoints.layout import LORA_REPO, CheckpointLayout
 from liveavatar.devices import configure_cuda_allocator, resolve_device, resolve_dtype
 from liveavatar.errors import InputError
 from liveavatar.geometry import DEFAULT_SIZE, FPS
-from liveavatar.io.video_writer import Mp4Writer, pixels_to_uint8
+from liveavatar.io.video_writer import BackgroundWriter, Mp4Writer
 from liveavatar.request import LiveAudio, Request, WaveformAudio, resolve_request
 from liveavatar.runtime.engine import Engine
 from liveavatar.runtime.placement import Placement
@@ -65,22 +65,24 @@ class LiveAvatarPipeline:
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         lora_alpha: float | None = None, fp8: bool = False, t5_cpu: bool = False,
                         prompt_cache_dir: str | os.PathLike | None = None,
-                        placement: Placement | None = None) -> "LiveAvatarPipeline":
+                        placement: Placement | None = None, compile: bool | None = None) -> "LiveAvatarPipeline":
         """Load the release (or ``liveavatar make-tiny`` checkpoints) from ``ckpt_dir`` (the Wan2.2-S2V-14B
         folder). ``lora``: the Live-Avatar LoRA as a file, a folder or a Hub id in the local cache; None runs
         the base weights. ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA and
         float32 on CPU. ``fp8`` converts the DiT's linears to FP8 after the LoRA merge (as ``--fp8``).
         ``placement`` (from the memory planner) decides weight dtype, streamed layers, cache locations and
-        where the text encoder runs; it overrides ``fp8`` and ``t5_cpu``. Default: everything resident."""
+        where the text encoder runs; it overrides ``fp8`` and ``t5_cpu``. Default: everything resident.
+        ``compile``: the DiT's compiled fast path (None: on for CUDA GPUs unless ``LIVEAVATAR_COMPILE=0``;
+        the first request compiles, artefacts are cached on disk, see `liveavatar.runtime.compile`)."""
         layout = CheckpointLayout.discover(ckpt_dir, None if lora is None else os.fspath(lora))
         layout.validate()
         return cls.from_layout(layout, device=device, dtype=dtype, lora_alpha=lora_alpha, fp8=fp8, t5_cpu=t5_cpu,
-                               prompt_cache_dir=prompt_cache_dir, placement=placement)
+                               prompt_cache_dir=prompt_cache_dir, placement=placement, compile=compile)
 
     @classmethod
     def from_layout(cls, layout: CheckpointLayout, *, device=None, dtype=None, lora_alpha: float | None = None,
                     fp8: bool = False, t5_cpu: bool = False, prompt_cache_dir=None,
-                    placement: Placement | None = None) -> "LiveAvatarPipeline":
+                    placement: Placement | None = None, compile: bool | None = None) -> "LiveAvatarPipeline":
         """As `from_pretrained`, for a checkpoint layout already discovered and validated."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -90,7 +92,7 @@ class LiveAvatarPipeline:
             placement = Placement(weight_dtype="fp8" if fp8 else "bf16",
                                   text_encoder="cpu" if t5_cpu else "gpu_then_free")
         return cls(Engine.from_pretrained(layout, placement, device=device, dtype=dtype, lora_alpha=lora_alpha,
-                                          prompt_cache_dir=prompt_cache_dir))
+                                          prompt_cache_dir=prompt_cache_dir, compile=compile))
 
     # ----------------------------------------------------------------------------------------------
     # requests
@@ -121,7 +123,7 @@ class LiveAvatarPipeline:
         try:
             for event in events:
                 if isinstance(event, VideoFrames):
-                    for offset, pixels in enumerate(pixels_to_uint8(event.frames)):
+                    for offset, pixels in enumerate(event.uint8()):
                         index = event.start + offset
                         yield Frame(pixels, index, index / FPS)
         finally:
@@ -152,15 +154,23 @@ class LiveAvatarPipeline:
         status = Progress(num_clips=request.num_clips, blocks_per_clip=geometry.blocks_per_clip,
                           total_frames=request.num_frames, fps=FPS, device=self.device, enabled=progress)
         events = self.engine.run(request)
-        with Mp4Writer(output, width=geometry.width, height=geometry.height, fps=FPS,
-                       audio_path=request.audio.path, keep_partial=keep_partial) as writer:
+        # Encoding runs on its own thread, overlapped with the denoising of the next blocks.
+        with BackgroundWriter(Mp4Writer(output, width=geometry.width, height=geometry.height, fps=FPS,
+                                        audio_path=request.audio.path, keep_partial=keep_partial)) as writer:
             status.start()
+            compiling = self.engine.fast_path.compile and self.engine.requests_run == 0
+            if compiling:
+                status.note(f"compiling the DiT for the first block (cached in {self.engine.compile_cache} for "
+                            f"the next runs; --no-compile skips it)")
             try:
                 for event in events:
                     if isinstance(event, BlockLatents):
+                        if compiling:
+                            status.note(f"first block done after {status.elapsed():.1f} s (compiled)")
+                            compiling = False
                         status.block_done(event.clip, event.block)
                     else:
-                        writer.write(pixels_to_uint8(event.frames))
+                        writer.write(event.uint8())
                         status.frames_done(event.count)
             finally:
                 events.close()

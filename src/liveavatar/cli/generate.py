@@ -10,7 +10,7 @@ from typing import Callable
 
 from pathlib import Path
 
-from liveavatar.cli.flags import add_bool_flag, add_flag, bool_arg
+from liveavatar.cli.flags import add_bool_flag, add_flag, add_no_compile_flag, bool_arg
 from liveavatar.devices import dtype_bytes
 from liveavatar.errors import InputError
 from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES
@@ -107,6 +107,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(device, "vram-budget", metavar="SIZE", help="GPU memory the planner may use, e.g. 40GiB")
     add_bool_flag(device, "fp8", "FP8 linears after the LoRA merge, as the reference's --fp8")
     add_bool_flag(device, "t5_cpu", "run the text encoder on the CPU")
+    add_no_compile_flag(device)
 
     output = parser.add_argument_group("output")
     add_flag(output, "save_file", metavar="PATH", help="output .mp4 path")
@@ -154,7 +155,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         enable_online_decode=bool(args.enable_online_decode), ref_rope_offset=args.ref_rope_offset,
         fp8=bool(args.fp8), t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
-        save_file=args.save_file, save_dir=args.save_dir, keep_partial=bool(args.keep_partial),
+        compile=not args.no_compile, save_file=args.save_file, save_dir=args.save_dir, keep_partial=bool(args.keep_partial),
     )
     return settings, notices
 
@@ -209,7 +210,8 @@ def _configuration(settings: GenerationSettings, request) -> dict:
         "mode": request.mode, "enable_online_decode": request.online_decode,
         "sample_steps": request.sample_steps, "base_seed": request.base_seed,
         "ref_rope_offset": request.ref_rope_offset, "dtype": settings.dtype, "device": settings.device,
-        "fp8": settings.fp8, "vram_budget": settings.vram_budget, "image": str(settings.image),
+        "fp8": settings.fp8, "vram_budget": settings.vram_budget, "compile": settings.compile,
+        "image": str(settings.image),
         "audio": [str(p) for p in settings.audio], "ckpt_dir": str(layout.ckpt_dir),
         "lora": str(layout.lora) if layout.lora else None,
     }
@@ -255,7 +257,7 @@ def generate_from_settings(settings: GenerationSettings, request: Request, *, pr
         print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
               f"({plan.budget_source})", file=sys.stderr)
     pipe = LiveAvatarPipeline.from_layout(settings.checkpoint_layout, device=settings.device, dtype=settings.dtype,
-                                          placement=plan.placement)
+                                          placement=plan.placement, compile=None if settings.compile else False)
     geometry = request.geometry
     return pipe.generate(request, output=settings.output_path(geometry.width, geometry.height),
                          keep_partial=settings.keep_partial, progress=progress)

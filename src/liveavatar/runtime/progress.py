@@ -58,6 +58,11 @@ class Progress:
     def start(self) -> None:
         self.started = time.perf_counter()
 
+    def note(self, text: str) -> None:
+        """A line of its own (e.g. that the first block compiles), above the status line."""
+        if self.enabled:
+            self._write(("\r\x1b[2K" if self.interactive else "") + text + "\n")
+
     def block_done(self, clip: int, block: int) -> None:
         self.clip, self.block = clip, block
         if self.interactive:
