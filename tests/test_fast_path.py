@@ -65,11 +65,11 @@ def _requests(model, placement, *, requests=2, blocks=6, graphs=None, after_bloc
     return outputs
 
 
-def test_inductor_regions_match_eager_and_compile_only_in_the_first_block(folder):
+def test_inductor_regions_match_eager_and_compile_only_in_the_first_block(folder, tmp_path):
     """Compiled with Inductor (C++ on the CPU): the same video as eager within float32 rounding, and after
     the first request's first block nothing compiles again: not while the KV window fills, at the ring
     wrap, at the sink refresh or in the second request."""
-    configure_compiler()
+    configure_compiler(tmp_path)
     model = _model(folder)
     eager = _requests(model, Placement())
     fallback = compile_regions(model)

@@ -101,7 +101,7 @@ def format_report(report: dict) -> str:
                  f"{report['first_request_compile_s']:.1f} s, first frame after {report['first_request_ttff_s']:.2f} s; "
                  f"last request: " if report["requests"] > 1 else "")
         lines.append(f"compiler: {first}{report['compiles']} graphs compiled in {report['compile_s']:.1f} s, "
-                     f"{report['compiles_after_warmup']} after the warm-up blocks, {report['graph_breaks']} graph "
+                     f"{report['compiles_after_first_block']} after the first block, {report['graph_breaks']} graph "
                      f"breaks" + (f"; fell back to eager: {report['compile_fallback']}"
                                   if report["compile_fallback"] else ""))
     if report["cuda_graphs"] is not None:

@@ -80,7 +80,20 @@ class _AudioTrack:
             self._container.close()
 
 
-class Mp4Writer:
+class _ClosedOnExit:
+    """``with``: leaving the block normally calls ``close()``, leaving it with an exception ``abort()``."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Mp4Writer(_ClosedOnExit):
     """``with Mp4Writer(path, width=W, height=H, audio_path=wav) as out: out.write(frames)``.
 
     ``write`` takes uint8 frames [N, H, W, 3] (or one [H, W, 3]); leaving the block normally calls
@@ -123,15 +136,6 @@ class Mp4Writer:
     def partial_path(self) -> Path:
         """Where ``keep_partial`` leaves the frames written so far after a failure."""
         return self.path.with_name(f"{self.path.stem}.partial.mp4")
-
-    def __enter__(self) -> Mp4Writer:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def write(self, frames) -> None:
         if self._closed:
@@ -225,7 +229,7 @@ class Mp4Writer:
             self._audio_encoded += frame.samples
 
 
-class BackgroundWriter:
+class BackgroundWriter(_ClosedOnExit):
     """A writer's ``write`` on its own thread, so that encoding overlaps the generation.
 
     ``write`` queues (waiting while ``depth`` batches are queued); an encoding error comes out of the
@@ -243,15 +247,6 @@ class BackgroundWriter:
     @property
     def path(self) -> Path:
         return self.writer.path
-
-    def __enter__(self) -> BackgroundWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def _work(self) -> None:
         while (frames := self._queue.get()) is not None:

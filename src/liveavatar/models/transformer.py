@@ -12,6 +12,12 @@ Two calls make up a run:
   work only), so a compiler or a CUDA graph can take the second; the caller computes a request's text K/V
   (``text_kv``), a step's ``time_vectors`` and a block's ``audio_tokens`` once and passes them in.
 
+The tensor work itself is `liveavatar.models.regions` (a model's ``regions``: eager, or compiled by
+`liveavatar.runtime.compile`); what stays here is the glue between regions (cache writes and reads, the
+attention over the KV window and the condition tokens), whose shapes follow the KV window's fill. RoPE
+rotations come from per-axis tables (`GridRotation`): the block's and the reference frame's grids per
+call, the motion tokens' once per sink prefill.
+
 Precision follows the reference's bf16 run in any run dtype: the residual stream is float32 inside a block
 and the run dtype between blocks; modulation, the timestep MLP and the head's linear are float32; norm1 and
 the head's norm round their output to the run dtype; the cross-attention norm always sees (and returns)
@@ -221,9 +227,6 @@ class CondStore(Protocol):
 def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A linear layer evaluated in float32 whatever its stored dtype (the reference's float32 autocast)."""
     return F.linear(x.float(), layer.weight.float(), layer.bias.float())
-
-
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class TransformerBlock(nn.Module):

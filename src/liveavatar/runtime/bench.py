@@ -232,7 +232,7 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
             torch.cuda.reset_peak_memory_stats(device)
 
     at_start = counters() if counters else None
-    at_warm = None
+    at_first = None
     # Frames out once the warm-up blocks are decoded, and once every block is (the first block's first
     # frames are dropped; an overlapped decoder hands a block's frames out one block later).
     warm_frames = max(0, warmup_blocks * geometry.frames_per_block - DROPPED_LEADING_FRAMES)
@@ -249,8 +249,7 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
                 latents.append(event.latents)
             if first_block_s is None:
                 first_block_s = _synchronized(cuda, loop_start)
-            if len(block_marks) == max(1, warmup_blocks) and counters:
-                at_warm = counters()
+                at_first = counters() if counters else None
             if not decode and len(block_marks) >= total_blocks:
                 break
             continue
@@ -286,7 +285,7 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
         "latents": latents,
         "windows": windows,
         "compiles": None if at_end is None else at_end["compiles"] - at_start["compiles"],
-        "compiles_after_warmup": None if at_end is None else at_end["compiles"] - (at_warm or at_start)["compiles"],
+        "compiles_after_first_block": None if at_end is None else at_end["compiles"] - at_first["compiles"],
         "compile_s": None if at_end is None else round(at_end["compile_s"] - at_start["compile_s"], 2),
         "graph_breaks": None if at_end is None else at_end["graph_breaks"] - at_start["graph_breaks"],
         "compile_reasons": None if at_end is None else at_end["last_reasons"],

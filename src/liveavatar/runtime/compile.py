@@ -111,8 +111,15 @@ def configure_compiler(cache_dir: str | os.PathLike | None = None) -> Path:
     # does not survive a reboot); Triton's cache sits inside Inductor's.
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(inductor_default())) or cache_dir:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    import torch._dynamo.config as dynamo
+
     inductor.fx_graph_cache = True
-    inductor.emulate_precision_casts = True  # keep the reference's explicit bf16 roundings
+    if hasattr(inductor, "emulate_precision_casts"):
+        inductor.emulate_precision_casts = True  # keep the reference's explicit bf16 roundings
+    # A region has two shapes per clip size and weight type (block, sink): several sizes in one process
+    # must not reach dynamo's default limit of 8, past which it silently runs the region eagerly.
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 

@@ -67,8 +67,8 @@ class Engine:
 
     The fast path (`liveavatar.runtime.compile`): ``fast_path`` (default: `resolve_fast_path`) compiles the
     DiT's regions once here; with everything resident the forwards replay CUDA graphs kept across requests;
-    on CUDA, streaming mode decodes each block on a second stream while the next one denoises
-    (``overlap_decode``)."""
+    on CUDA with a resident placement, streaming mode decodes each block on a second stream while the
+    next one denoises (``overlap_decode``)."""
 
     def __init__(self, transformer, vae: WanVAE, text_encoder: TextEncoder | None,
                  audio_encoder: AudioFeatureExtractor | None, *, placement: Placement, device: torch.device,
@@ -92,7 +92,10 @@ class Engine:
             transformer.regions = EAGER
         self.graphs: ForwardGraphs | None = None
         self.requests_run = 0
-        self.overlap_decode = device.type == "cuda" if overlap_decode is None else overlap_decode
+        # The overlapped decode holds its activations next to the DiT's: default for resident placements
+        # only (the large-memory case; the planner budgets the decode after the forward).
+        self.overlap_decode = (device.type == "cuda" and placement.resident) if overlap_decode is None \
+            else overlap_decode
 
     @classmethod
     def from_pretrained(cls, layout: CheckpointLayout, placement: Placement, *, device: torch.device,

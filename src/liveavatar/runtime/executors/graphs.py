@@ -33,11 +33,12 @@ def graphs_allowed(placement, layer_streamer, caches) -> bool:
 
 
 def cuda_capture(pool) -> Capture:
-    """Capture on a side stream into ``pool``. ``thread_local`` lets other threads (a decoder stream) keep
-    working during the capture; the capture itself executes nothing."""
+    """Capture on one side stream (so cuBLAS keeps one workspace for all graphs) into ``pool``.
+    ``thread_local`` confines the capture's restrictions to this thread; the capture executes nothing."""
+    stream = torch.cuda.Stream()
+
     def capture(run):
         graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
