@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     config = TransformerConfig.full_14b() if args.config == "14b" else TransformerConfig.tiny()
     placement = Placement(weight_dtype="fp8" if args.fp8 else "bf16")
-    transformer, vae, _, _ = build_random_models(placement, config=config, device=device, dtype=dtype,
-                                                 vae_config=VAEConfig() if args.config == "14b" else VAEConfig(base_dim=8))
+    vae_config = VAEConfig() if args.config == "14b" else VAEConfig(base_dim=8)
+    transformer, vae, _, _ = build_random_models(placement, config=config, vae_config=vae_config, device=device,
+                                                 dtype=dtype)
     engine = Engine(transformer, vae, RandomTextContext(config.text_dim, device, dtype),
                     random_wav2vec2(config.audio_dim, device, dtype), placement=placement, device=device, dtype=dtype,
                     fast_path=resolve_fast_path(device, compile=False if args.no_compile else None))

@@ -25,6 +25,7 @@ are skipped and listed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -63,6 +64,19 @@ class Run:
             return True
         self.data["skipped"].append(f"{what} (needs ~{needs_s:.0f} s, {self.budget_s - elapsed():.0f} s left)")
         return False
+
+    @contextlib.contextmanager
+    def attempt(self, what: str):
+        """A measurement whose failure is recorded and does not stop the others."""
+        try:
+            yield
+        except Exception as error:
+            self.errors(f"{what}: {type(error).__name__}: {error}")
+            free_memory()
+
+    def errors(self, text: str) -> None:
+        self.data["errors"].append(text)
+        print(f"error: {text}", file=sys.stderr, flush=True)
 
     def save(self) -> None:
         self.data["meta"]["elapsed_s"] = round(elapsed(), 1)
@@ -180,17 +194,23 @@ def measure_path(run: Run, row: dict, path: str, *, model, vae, synthetic, place
             if not run.fits(f"{row['name']} {path} {name}", 3 * args.est_block_s * synthetic.total_blocks):
                 continue
             engine.overlap_decode = overlapped
-            entry[name] = summarise(measure_request(engine, synthetic.request,
-                                                    synthetic.conditioning(model, device, dtype), **common))
+            with run.attempt(f"{row['name']} {path} {name}"):
+                entry[name] = summarise(measure_request(engine, synthetic.request,
+                                                        synthetic.conditioning(model, device, dtype), **common))
             run.save()
     if path == "graphs" and cuda and args.profile and run.fits(f"{row['name']} profile", 30):
-        summary, table = profile_block(engine, synthetic, model, device, dtype, args.warmup_blocks)
-        row["profile"] = summary
-        (run.out / f"profile_{row['weights']}_{row['size'].replace('*', 'x')}_{row['steps']}.txt").write_text(table)
+        with run.attempt(f"{row['name']} profile"):
+            summary, table = profile_block(engine, synthetic, model, device, dtype, args.warmup_blocks)
+            row["profile"] = summary
+            name = f"profile_{row['weights']}_{row['size'].replace('*', 'x')}_{row['steps']}.txt"
+            (run.out / name).write_text(table)
     entry.update(engine_report(engine))
     entry["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GiB, 2) if cuda else None
     if reference_latents is not None:
         entry["vs_eager"] = rel_diffs(reference_latents, latents)
+    print(f"[{elapsed():.0f} s] {row['name']} {path}: DiT {entry['dit']['block_s']:.3f} s/block, first block "
+          f"{entry['dit_first_request']['first_block_s']:.1f} s, compile {entry['dit_first_request']['compile_s']} s, "
+          f"peak {entry['peak_allocated_gib']} GiB", flush=True)
     del engine
     free_memory()
     run.save()
@@ -224,7 +244,7 @@ def measure_row(run: Run, weights: str, size: str, steps: int, paths: list[str],
                                          placement=placement, device=device, dtype=dtype, args=args,
                                          reference_latents=latents.get("eager") if path != "eager" else None)
         except Exception as error:  # keep measuring the other paths; the error is part of the result
-            run.data["errors"].append(f"{row['name']} {path}: {type(error).__name__}: {error}")
+            run.errors(f"{row['name']} {path}: {type(error).__name__}: {error}")
             free_memory()
     if "graphs" in latents and "compiled" in latents:  # the same kernels, replayed: expected identical
         row["graphs_vs_compiled"] = rel_diffs(latents["compiled"], latents["graphs"])
@@ -271,9 +291,9 @@ def build(args, device, weights: str):
 
     tiny = args.config == "tiny"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, vae, _, _ = build_random_models(Placement(), config=TransformerConfig.tiny() if tiny else TransformerConfig(),
-                                           vae_config=VAEConfig(base_dim=8) if tiny else VAEConfig(),
-                                           device=device, dtype=dtype)
+    config = TransformerConfig.tiny() if tiny else TransformerConfig()
+    model, vae, _, _ = build_random_models(Placement(), config=config, device=device, dtype=dtype,
+                                           vae_config=VAEConfig(base_dim=8) if tiny else VAEConfig())
     if weights == "fp8":
         convert_to_fp8(model, kernel=fp8_kernel_for(device))
     return model, vae, dtype, Placement(weight_dtype=weights)
@@ -301,7 +321,8 @@ def subprocess_json(command: list[str], timeout_s: float) -> dict:
         return {"error": f"timed out after {timeout_s:.0f} s", "command": " ".join(command)}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
-        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-3:]}", "command": " ".join(command)}
+        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-3:]}",
+                "command": " ".join(command)}
     return {**json.loads(lines[-1]), "command": " ".join(command)}
 
 

@@ -56,8 +56,9 @@ def _requests(model, placement, *, requests=2, blocks=6, graphs=None, after_bloc
             clip, block = divmod(index, GEOMETRY.blocks_per_clip)
             if index == GEOMETRY.blocks_per_clip:
                 executor.prefill(ref * 0.5, motion)
-            executor.submit(BlockJob(clip, block, GEOMETRY.start_frame(clip, block), torch.randn(16, 3, h, w, generator=g),
-                                     torch.randn(1, c.audio_layers, c.audio_dim, 12, generator=g)))
+            noise = torch.randn(16, 3, h, w, generator=g)
+            audio = torch.randn(1, c.audio_layers, c.audio_dim, 12, generator=g)
+            executor.submit(BlockJob(clip, block, GEOMETRY.start_frame(clip, block), noise, audio))
             outputs.append(executor.collect())
             if after_block is not None:
                 after_block()

@@ -98,8 +98,8 @@ def format_report(report: dict) -> str:
     ]
     if report["compiles"] is not None:
         first = (f"first request: {report['first_request_compiles']} graphs compiled in "
-                 f"{report['first_request_compile_s']:.1f} s, first frame after {report['first_request_ttff_s']:.2f} s; "
-                 f"last request: " if report["requests"] > 1 else "")
+                 f"{report['first_request_compile_s']:.1f} s, first frame after "
+                 f"{report['first_request_ttff_s']:.2f} s; last request: " if report["requests"] > 1 else "")
         lines.append(f"compiler: {first}{report['compiles']} graphs compiled in {report['compile_s']:.1f} s, "
                      f"{report['compiles_after_first_block']} after the first block, {report['graph_breaks']} graph "
                      f"breaks" + (f"; fell back to eager: {report['compile_fallback']}"

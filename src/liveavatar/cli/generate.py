@@ -155,7 +155,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         enable_online_decode=bool(args.enable_online_decode), ref_rope_offset=args.ref_rope_offset,
         fp8=bool(args.fp8), t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
-        compile=not args.no_compile, save_file=args.save_file, save_dir=args.save_dir, keep_partial=bool(args.keep_partial),
+        compile=not args.no_compile, save_file=args.save_file, save_dir=args.save_dir,
+        keep_partial=bool(args.keep_partial),
     )
     return settings, notices
 

@@ -106,11 +106,14 @@ def configure_compiler(cache_dir: str | os.PathLike | None = None) -> Path:
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     # A folder the user exported for Inductor wins (importing Inductor fills in its /tmp default, which
     # does not survive a reboot); Triton's cache sits inside Inductor's.
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(inductor_default())) or cache_dir:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        except OSError as error:
+            warnings.warn(f"compile cache {folder}: {error}; using {inductor_default()} (set {CACHE_ENV})")
     import torch._dynamo.config as dynamo
 
     inductor.fx_graph_cache = True
@@ -120,7 +123,7 @@ def configure_compiler(cache_dir: str | os.PathLike | None = None) -> Path:
     # must not reach dynamo's default limit of 8, past which it silently runs the region eagerly.
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or inductor_default())
 
 
 class _Fallback:

@@ -74,12 +74,12 @@ class ForwardGraphs:
     def forward(self, x: torch.Tensor, time: TimeVectors, text_kv, audio, kv, cond, inputs: BlockInputs
                 ) -> torch.Tensor:
         key = self.key(x, kv, cond)
-        entry = self.graphs.get(key)
-        if entry is None and (self.failed is not None or key not in self.seen):
+        if key not in self.graphs and (self.failed is not None or key not in self.seen):
             self.seen.add(key)
             self.direct += 1
             return self.model.run_block(x, time, text_kv, audio, kv, cond, inputs)
         static = self._load(x, time, text_kv, audio, inputs)
+        entry = self.graphs.get(key)  # after the load, which drops graphs of buffers it had to replace
         if entry is None:
             entry = self._record(key, static, kv, cond)
             if entry is None:
@@ -106,7 +106,7 @@ class ForwardGraphs:
     def _put(self, name: str, value: torch.Tensor) -> torch.Tensor:
         buffer = self.static.get(name)
         if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-            # A new shape: graphs recorded with the old buffer have other keys (other x or cond shapes).
+            self.graphs.clear()  # they read the buffer this one replaces
             buffer = self.static[name] = torch.empty_like(value)
         return buffer.copy_(value)
 
@@ -114,6 +114,7 @@ class ForwardGraphs:
         """Copy a forward's inputs into the static buffers; returns run_block's leading arguments."""
         if text_kv is not self._text_source:
             if self.static_text is None or [k.shape for k, _ in self.static_text] != [k.shape for k, _ in text_kv]:
+                self.graphs.clear()
                 self.static_text = [(torch.empty_like(k), torch.empty_like(v)) for k, v in text_kv]
             for (k, v), (static_k, static_v) in zip(text_kv, self.static_text):
                 static_k.copy_(k)
