@@ -150,16 +150,23 @@ class _Fallback:
         return region
 
 
+_compiled: dict[str, tuple] = {}  # per backend: (regions, fallback), shared by every model of the process
+
+
 def compile_regions(model: "torch.nn.Module", *, backend: str = "inductor") -> _Fallback:
     """Run ``model``'s regions through ``torch.compile`` (static shapes, whole regions as one graph); the
-    returned object's ``error`` says whether they fell back to eager."""
-    import torch
+    returned object's ``error`` says whether they fell back to eager. Every model (every engine) of a
+    process shares one set of compiled regions, so nothing compiles twice."""
+    if backend not in _compiled:
+        import torch
 
-    from liveavatar.models.regions import EAGER
+        from liveavatar.models.regions import EAGER
 
-    fallback = _Fallback()
-    model.regions = EAGER.map(lambda name, function: fallback.wrap(
-        name, function, torch.compile(function, backend=backend, dynamic=False, fullgraph=True)))
+        fallback = _Fallback()
+        regions = EAGER.map(lambda name, function: fallback.wrap(
+            name, function, torch.compile(function, backend=backend, dynamic=False, fullgraph=True)))
+        _compiled[backend] = (regions, fallback)
+    model.regions, fallback = _compiled[backend]
     return fallback
 
 
