@@ -90,6 +90,7 @@ class GenerationSettings:
     device: str | None = None  # None: CUDA when available, else the CPU
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
     vram_budget: int | None = None
+    compile: bool = True  # the DiT's compiled fast path where the device has a compiler (--no-compile: False)
     save_file: Path | None = None
     save_dir: Path = Path("output")
     keep_partial: bool = False
