@@ -47,12 +47,14 @@ LIVE_AUDIO_POLL_S = 0.05
 
 @dataclass
 class Conditioning:
-    """What a request's loop is conditioned on, on the engine's device: the text's per-layer K/V, the
-    reference and motion latents, and the per-block audio features."""
+    """What a request's loop is conditioned on, on the engine's device: the text's per-layer K/V (None
+    without a DiT here), the reference and motion latents, the per-block audio features, and the prompt
+    embedding (the ranks of a pipeline derive their own text K/V from it)."""
 
-    text_kv: list
+    text_kv: list | None
     reference: ReferenceLatents
     audio: BlockAudio
+    text: torch.Tensor | None = None
 
 
 ExecutorFactory = Callable[..., BlockExecutor]
@@ -60,11 +62,13 @@ ExecutorFactory = Callable[..., BlockExecutor]
 
 class Engine:
     """All models of Live Avatar, loaded once and placed as the `Placement` says, serving any number of
-    requests one after the other."""
+    requests one after the other. On several GPUs this is the output rank's engine: ``pipeline`` (see
+    `liveavatar.runtime.executors.pipeline`) runs the denoising steps on the other ranks, and
+    ``transformer`` is None when this rank runs none of them."""
 
     def __init__(self, transformer, vae: WanVAE, text_encoder: TextEncoder | None,
                  audio_encoder: AudioFeatureExtractor | None, *, placement: Placement, device: torch.device,
-                 dtype: torch.dtype, layer_streamer: LayerStreamer | None = None):
+                 dtype: torch.dtype, layer_streamer: LayerStreamer | None = None, pipeline=None):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -73,22 +77,26 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.layer_streamer = layer_streamer
+        self.pipeline = pipeline
         self._caches: CacheSet | None = None
 
     @classmethod
     def from_pretrained(cls, layout: CheckpointLayout, placement: Placement, *, device: torch.device,
                         dtype: torch.dtype, lora_alpha: float | None = None,
-                        prompt_cache_dir: str | os.PathLike | None = None) -> "Engine":
-        """Load every model of a validated checkpoint layout onto ``device`` as ``placement`` says."""
-        transformer, layer_streamer = load_placed_dit(layout.dit_dir, placement, device=device, dtype=dtype,
-                                                      lora=layout.lora, lora_alpha=lora_alpha)
+                        prompt_cache_dir: str | os.PathLike | None = None, pipeline=None) -> "Engine":
+        """Load every model of a validated checkpoint layout onto ``device`` as ``placement`` says (the DiT
+        only if this rank of a ``pipeline`` runs steps)."""
+        transformer, layer_streamer = None, None
+        if pipeline is None or pipeline.layout.output_denoises:
+            transformer, layer_streamer = load_placed_dit(layout.dit_dir, placement, device=device, dtype=dtype,
+                                                          lora=layout.lora, lora_alpha=lora_alpha)
         vae = WanVAE.from_checkpoint(layout.vae, device=device, dtype=dtype)
         text_device = "cpu" if placement.text_encoder == "cpu" else device
         text_encoder = TextEncoder.from_pretrained(layout.ckpt_dir, device=text_device, dtype=dtype,
                                                    cache_dir=prompt_cache_dir)
         audio_encoder = AudioFeatureExtractor.from_pretrained(layout.wav2vec2, device=device, dtype=dtype)
         return cls(transformer, vae, text_encoder, audio_encoder, placement=placement, device=device, dtype=dtype,
-                   layer_streamer=layer_streamer)
+                   layer_streamer=layer_streamer, pipeline=pipeline)
 
     @property
     def cache_set(self) -> CacheSet | None:
@@ -117,24 +125,32 @@ class Engine:
         audio = self._block_audio(request)
         with self.text_encoder:  # loads the encoder only on a prompt-cache miss, frees it on exit
             context = self.text_encoder.encode(request.prompt)
-        text_kv = self.transformer.text_kv(context.to(self.device))
+        text = context.to(self.device)
+        text_kv = None if self.transformer is None else self.transformer.text_kv(text)
         pixels = reference_tensor(request.image, geometry.height, geometry.width).to(self.device, self.dtype)
-        return Conditioning(text_kv, encode_reference(self.vae, pixels, request.mode), audio)
+        return Conditioning(text_kv, encode_reference(self.vae, pixels, request.mode), audio, text)
 
     @torch.no_grad()
     def run(self, request: Request, conditioning: Conditioning | None = None, *,
-            executor: ExecutorFactory = SequentialExecutor, on_forward: ForwardHook | None = None
+            executor: ExecutorFactory | None = None, on_forward: ForwardHook | None = None
             ) -> Iterator[LoopEvent]:
         """The request's loop events (`BlockLatents` per clean block, `VideoFrames` as they are decoded),
         made as they are consumed; closing the iterator stops the run after the block in progress.
-        ``conditioning`` replaces `condition(request)` (benchmarks feed synthetic conditioning)."""
+        ``conditioning`` replaces `condition(request)` (benchmarks feed synthetic conditioning).
+        ``executor``: default the pipeline's (on several GPUs) or `SequentialExecutor`; a factory with
+        ``local_steps(num_steps)`` gets caches for those steps only (None for none)."""
         conditioning = conditioning or self.condition(request)
         geometry, steps = request.geometry, request.sample_steps
+        if executor is None:
+            executor = SequentialExecutor if self.pipeline is None else \
+                self.pipeline.executor(geometry, conditioning.text)
         schedule = FlowMatchSchedule.create(steps)
         offsets = ref_rope_offsets(request.ref_rope_offset, base_seed=request.base_seed, mode=request.mode,
                                    num_steps=steps)
-        runner = executor(self.transformer, self.caches(geometry, range(steps)), schedule, conditioning.text_kv,
-                          ref_rope_offset=offsets, on_forward=on_forward)
+        local_steps = executor.local_steps(steps) if hasattr(executor, "local_steps") else range(steps)
+        caches = self.caches(geometry, local_steps) if local_steps else None
+        runner = executor(self.transformer, caches, schedule, conditioning.text_kv, ref_rope_offset=offsets,
+                          on_forward=on_forward)
         decoder = make_decoder(request.mode, self.vae, conditioning.reference, geometry)
         yield from sample(runner, decoder, conditioning.reference, conditioning.audio, geometry,
                           noise=lambda clip: clip_noise(request.base_seed, clip, geometry, device=self.device,
