@@ -126,16 +126,17 @@ class LiveAvatarPipeline:
             raise
         return cls(engine)
 
-    def close(self) -> None:
-        """Stop the other ranks of a multi-GPU pipeline (nothing to do on one device)."""
+    def close(self, failure: BaseException | None = None) -> None:
+        """Stop the other ranks of a multi-GPU pipeline (nothing to do on one device); after ``failure`` at
+        once, without letting the blocks in flight finish."""
         if self.engine.pipeline is not None:
-            self.engine.pipeline.close()
+            self.engine.pipeline.close(failure)
 
     def __enter__(self) -> "LiveAvatarPipeline":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(error)
 
     # ----------------------------------------------------------------------------------------------
     # requests

@@ -99,8 +99,14 @@ class PipelineGroup:
         self._root_store = store
         self.store = dist.PrefixStore("liveavatar/", store)
         self.parent_pid = parent_pid  # a spawned rank leaves when the process that spawned it is gone
-        self.role = ""  # what this rank does, for failure messages ("steps 0-1")
+        self.role = ""
         self._next_check = 0.0
+
+    def set_role(self, role: str) -> None:
+        """What this rank does now ("steps 0-1"), for the failure messages of any rank."""
+        if role != self.role:
+            self.role = role
+            self.store.set(f"role/{self.rank}", role.encode())
 
     def join(self, comm_timeout: timedelta = COMM_TIMEOUT) -> "PipelineGroup":
         """Wait (watching for failures) until every rank has arrived, then form the gloo group; a rank that
@@ -109,8 +115,11 @@ class PipelineGroup:
         self.store.set(f"joined/{self.rank}", b"1")
         keys = [f"joined/{rank}" for rank in range(self.world_size)]
         self.poll(lambda: self.store.check(keys))
-        dist.init_process_group("gloo", store=dist.PrefixStore("gloo/", self._root_store), rank=self.rank,
-                                world_size=self.world_size, timeout=comm_timeout)
+        try:
+            dist.init_process_group("gloo", store=dist.PrefixStore("gloo/", self._root_store), rank=self.rank,
+                                    world_size=self.world_size, timeout=comm_timeout)
+        except RuntimeError as error:  # a rank died while the group formed
+            raise self.lost(None, error) from None
         return self
 
     def link_to(self, dst: int) -> "Sender":
@@ -121,21 +130,23 @@ class PipelineGroup:
 
     # ----------------------------------------------------------------------------------------------
 
-    def fail(self, cause: str, rank: int | None = None, role: str | None = None) -> str:
-        """Record the run's failure (the first recorded one stays) and return the recorded line."""
+    def fail(self, cause: str, rank: int | None = None) -> str:
+        """Record the run's failure as ``rank R (role) cause`` (the first recorded one stays) and return the
+        recorded line."""
         rank = self.rank if rank is None else rank
-        role = self.role if role is None else role
-        line = f"rank {rank}{f' ({role})' if role else ''} {cause}"
         try:
+            role = self.role if rank == self.rank else \
+                self.store.get(f"role/{rank}").decode() if self.store.check([f"role/{rank}"]) else ""
+            line = f"rank {rank}{f' ({role})' if role else ''} {cause}"
             return self.store.compare_set(_FAILURE_KEY, "", line).decode()
         except Exception:  # the store is gone too: this line is all there is
-            return line
+            return f"rank {rank} {cause}"
 
     def failure(self) -> str | None:
         try:
             return self.store.get(_FAILURE_KEY).decode() if self.store.check([_FAILURE_KEY]) else None
         except Exception as error:
-            return f"the run's store is gone ({_one_line(error)}): the rank hosting it stopped"
+            return f"the run's store is gone ({one_line(error)}): the rank hosting it stopped"
 
     def check(self) -> None:
         """Raises `PipelineFailure` once any rank recorded a failure or the spawning process is gone."""
@@ -159,15 +170,19 @@ class PipelineGroup:
             except PipelineFailure:
                 raise
             except Exception as error:  # the store's connection broke
-                raise PipelineFailure(self.failure() or f"the run's store is gone ({_one_line(error)})") from None
+                raise PipelineFailure(self.failure() or f"the run's store is gone ({one_line(error)})") from None
             self.check()
             time.sleep(delay)
             delay = min(2 * delay, POLL_MAX_SLEEP_S)
 
-    def lost(self, peer: int, error: Exception) -> PipelineFailure:
-        """The failure to raise when a transfer with ``peer`` broke: the recorded cause, if any."""
-        time.sleep(FAILURE_CHECK_S)  # the failing rank records its cause before its connections close
-        return PipelineFailure(self.failure() or self.fail(f"lost its link to rank {peer}: {_one_line(error)}"))
+    def lost(self, peer: int | None, error: Exception) -> PipelineFailure:
+        """The failure to raise when a transfer with ``peer`` (None: the group as it formed) broke: the
+        recorded cause, if any arrives within a second."""
+        deadline = time.monotonic() + 1.0  # a failing rank, or the spawner's watcher, records the cause
+        while self.failure() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        link = "the other ranks" if peer is None else f"rank {peer}"
+        return PipelineFailure(self.failure() or self.fail(f"lost its link to {link}: {one_line(error)}"))
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -186,7 +201,10 @@ class Sender:
     def send(self, header: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
         specs, payload = pack_tensors(tensors or {})
         key = f"{self.prefix}{self.sent}"
-        work = dist.isend(payload, self.dst) if payload is not None else None
+        try:
+            work = dist.isend(payload, self.dst) if payload is not None else None
+        except RuntimeError as error:
+            raise self.group.lost(self.dst, error) from None
         self.group.store.set(key, pickle.dumps({**header, "tensors": specs}))
         self.unread.append((key, work, payload))
         self.sent += 1
@@ -242,7 +260,8 @@ class Receiver:
         return header, unpack_tensors(specs, buffer, device)
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An exception as ``Type: message`` on one line."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
@@ -263,7 +282,7 @@ def run_rank(group: PipelineGroup, target: Callable[..., None], *args,
     except PipelineFailure:
         return 1
     except BaseException as error:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
-        group.fail(f"failed: {_one_line(error)}")
+        group.fail(f"failed: {one_line(error)}")
         if os.environ.get("LIVEAVATAR_DEBUG"):
             raise
         return 1
@@ -316,7 +335,7 @@ class LocalRanks:
                 process = running.pop(rank)
                 process.join()
                 if not self.closing:
-                    self.group.fail(_exit_cause(process.exitcode), rank=rank, role="")
+                    self.group.fail(_exit_cause(process.exitcode), rank=rank)
                     self._stop(running.values())
 
     def _stop(self, processes) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from liveavatar.geometry import ClipGeometry
 from liveavatar.runtime.caches import CacheSet
-from liveavatar.runtime.distributed import PipelineGroup
+from liveavatar.runtime.distributed import PipelineFailure, PipelineGroup, one_line
 from liveavatar.runtime.executors.base import BlockJob, ForwardHook
 from liveavatar.runtime.executors.sequential import SequentialExecutor
 from liveavatar.runtime.pipeline_layout import PipelineLayout, steps_phrase
@@ -69,7 +69,6 @@ class Pipeline:
         self.from_last = group.link_from(layout.output_rank - 1)
         self.requests = 0
         self.closed = False
-        group.role = "decode + output"
 
     def executor(self, geometry: ClipGeometry, text: torch.Tensor) -> "PipelineExecutorFactory":
         """The executor factory of one request (for ``Engine.run``): ``text`` is its prompt embedding."""
@@ -78,27 +77,33 @@ class Pipeline:
     def begin(self, geometry: ClipGeometry, schedule: FlowMatchSchedule, text: torch.Tensor, *,
               trace: bool) -> int:
         self.requests += 1
+        self.group.set_role(self.layout.roles(schedule.num_steps)[self.layout.output_rank])
         self.to_first.send({"kind": BEGIN, "request": self.requests, "trace": trace,
                             "geometry": (geometry.height, geometry.width, geometry.infer_frames),
                             "steps": self.layout.steps(schedule.num_steps), **_schedule_fields(schedule)},
                            {"text": text})
         return self.requests
 
-    def close(self) -> None:
-        """Stop the other ranks: a stop message through the pipeline (after what is still in flight), then
-        the spawned processes are joined (and ended if they do not leave)."""
+    def close(self, failure: BaseException | None = None) -> None:
+        """Stop the other ranks. Normally a stop message goes through the pipeline (after whatever is still
+        in flight) and the spawned processes are joined; after ``failure`` (an error or Ctrl-C here) it is
+        recorded for every rank to see and spawned processes are ended at once."""
         if self.closed:
             return
         self.closed = True
         try:
-            if self.group.failure() is None:
+            if failure is not None:
+                if not isinstance(failure, PipelineFailure):
+                    self.group.fail("stopped: interrupted" if isinstance(failure, KeyboardInterrupt) else
+                                    f"failed: {one_line(failure)}")
+            elif self.group.failure() is None:
                 self.to_first.send({"kind": STOP})
                 while self.from_last.recv(self.device)[0]["kind"] != STOP:
                     pass
                 self.to_first.flush()
         finally:
             if self.ranks is not None:
-                self.ranks.close()
+                self.ranks.close(graceful=failure is None)
             else:
                 self.group.close()
 
@@ -182,7 +187,7 @@ def serve_stage(group: PipelineGroup, model, caches_for: Callable[[ClipGeometry,
         kind = header["kind"]
         if kind == BEGIN:
             steps = header["steps"][group.rank]
-            group.role = steps_phrase(steps) if steps else "idle"
+            group.set_role(steps_phrase(steps) if steps else "idle")
             stage = None
             if steps:
                 caches = caches_for(ClipGeometry(*header["geometry"]), steps)
