@@ -151,10 +151,11 @@ def _torchrun_rank(settings: GenerationSettings, request: Request, *, progress: 
 
     rank, world_size, local_rank = torchrun_world()
     output = rank == world_size - 1
-    signal.signal(signal.SIGTERM, _interrupt)  # torchrun stops ranks with SIGTERM: clean up like Ctrl-C
-    if not output:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # leave quietly; the output rank reports
     group = torchrun_group()
+    if output:  # torchrun stops every rank with SIGTERM once one has failed: clean up and say why
+        signal.signal(signal.SIGTERM, lambda signum, frame: _stopped_by_torchrun(group))
+    else:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # leave quietly; the output rank reports
     try:
         on_cpu = settings.device == "cpu"
         device = torchrun_device(local_rank, cpu=on_cpu)
@@ -208,8 +209,11 @@ def _print_plan(plan, enabled: bool) -> None:
               f"rank, {plan.fps:.1f} FPS expected", file=sys.stderr)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _stopped_by_torchrun(group):
+    from liveavatar.runtime.distributed import PipelineFailure
+
+    raise PipelineFailure(group.failure() or "stopped by torchrun (SIGTERM): a rank exited, torchrun's report "
+                                             "names it")
 
 
 def check_launch(settings: GenerationSettings) -> None:

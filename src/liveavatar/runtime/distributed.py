@@ -7,7 +7,7 @@ a block hop is ~1 MB, about a millisecond). A sender posts its ``isend`` and the
 a receiver polls the store for the next header and only then posts its ``recv``, so a transfer always
 starts with both ends posted, and nothing ever waits inside the communicator for work to arrive.
 
-Timeouts, deliberately. ``COMM_TIMEOUT`` bounds one transfer whose both ends are posted (seconds at
+Timeouts, deliberately. `comm_timeout()` bounds one transfer whose both ends are posted (seconds at
 most; minutes means a peer is broken). Waiting for work has no timeout: an idle server polls the store
 (microseconds per poll, backing off to 5 ms) and never trips a communicator timeout, which is what
 killed the reference's idle Gradio server. Failures are noticed by that polling instead: a rank that
@@ -36,7 +36,8 @@ import torch.distributed as dist
 
 from liveavatar.errors import InputError, LiveAvatarError
 
-COMM_TIMEOUT = timedelta(minutes=5)
+# The bound on one transfer whose both ends are posted (LIVEAVATAR_COMM_TIMEOUT_S overrides it).
+COMM_TIMEOUT_S = 300.0
 # How long ranks wait for each other to join at start (loading happens after joining).
 JOIN_TIMEOUT = timedelta(minutes=10)
 FAILURE_CHECK_S = 0.25
@@ -62,6 +63,11 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return _aligned(torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size())
+
+
+def comm_timeout() -> timedelta:
+    """The communicator's timeout: ``LIVEAVATAR_COMM_TIMEOUT_S`` seconds, default 300."""
+    return timedelta(seconds=float(os.environ.get("LIVEAVATAR_COMM_TIMEOUT_S", COMM_TIMEOUT_S)))
 
 
 def _aligned(n: int) -> int:
@@ -101,6 +107,8 @@ class PipelineGroup:
         self.parent_pid = parent_pid  # a spawned rank leaves when the process that spawned it is gone
         self.role = ""
         self._next_check = 0.0
+        # Its own gloo group, not torch.distributed's default one: a process may hold several pipelines.
+        self.gloo: dist.ProcessGroupGloo | None = None
 
     def set_role(self, role: str) -> None:
         """What this rank does now ("steps 0-1"), for the failure messages of any rank."""
@@ -108,7 +116,7 @@ class PipelineGroup:
             self.role = role
             self.store.set(f"role/{self.rank}", role.encode())
 
-    def join(self, comm_timeout: timedelta = COMM_TIMEOUT) -> "PipelineGroup":
+    def join(self, timeout: timedelta | None = None) -> "PipelineGroup":
         """Wait (watching for failures) until every rank has arrived, then form the gloo group; a rank that
         dies while starting up stops the others here instead of leaving them in the communicator's
         rendezvous."""
@@ -116,8 +124,8 @@ class PipelineGroup:
         keys = [f"joined/{rank}" for rank in range(self.world_size)]
         self.poll(lambda: self.store.check(keys))
         try:
-            dist.init_process_group("gloo", store=dist.PrefixStore("gloo/", self._root_store), rank=self.rank,
-                                    world_size=self.world_size, timeout=comm_timeout)
+            self.gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", self._root_store), self.rank, self.world_size,
+                                              timeout or comm_timeout())
         except RuntimeError as error:  # a rank died while the group formed
             raise self.lost(None, error) from None
         return self
@@ -185,8 +193,7 @@ class PipelineGroup:
         return PipelineFailure(self.failure() or self.fail(f"lost its link to {link}: {one_line(error)}"))
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.gloo = None  # its connections close with it
 
 
 class Sender:
@@ -202,7 +209,7 @@ class Sender:
         specs, payload = pack_tensors(tensors or {})
         key = f"{self.prefix}{self.sent}"
         try:
-            work = dist.isend(payload, self.dst) if payload is not None else None
+            work = self.group.gloo.send([payload], self.dst, 0) if payload is not None else None
         except RuntimeError as error:
             raise self.group.lost(self.dst, error) from None
         self.group.store.set(key, pickle.dumps({**header, "tensors": specs}))
@@ -252,7 +259,7 @@ class Receiver:
         if specs:
             buffer = torch.empty(sum(spec.nbytes for spec in specs), dtype=torch.uint8)
             try:
-                dist.recv(buffer, self.src)
+                self.group.gloo.recv([buffer], self.src, 0).wait()
             except RuntimeError as error:
                 raise self.group.lost(self.src, error) from None
         store.delete_key(key)  # tells the sender its buffer is free
@@ -270,13 +277,12 @@ def one_line(error: BaseException) -> str:
 # Running a rank
 
 
-def run_rank(group: PipelineGroup, target: Callable[..., None], *args,
-             comm_timeout: timedelta = COMM_TIMEOUT) -> int:
+def run_rank(group: PipelineGroup, target: Callable[..., None], *args, timeout: timedelta | None = None) -> int:
     """Join the group and run a worker rank's ``target(group, *args)``; an exception becomes the run's
     recorded failure (one line, the traceback only with LIVEAVATAR_DEBUG=1) and exit status 1. A failure
     recorded by another rank ends this one quietly."""
     try:
-        group.join(comm_timeout)
+        group.join(timeout)
         target(group, *args)
         return 0
     except PipelineFailure:
@@ -290,12 +296,12 @@ def run_rank(group: PipelineGroup, target: Callable[..., None], *args,
         group.close()
 
 
-def _spawned_rank(rank: int, world_size: int, port: int, parent_pid: int, comm_timeout: timedelta,
+def _spawned_rank(rank: int, world_size: int, port: int, parent_pid: int, timeout: timedelta,
                   target: Callable[..., None], args: tuple) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal group; the parent decides
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=JOIN_TIMEOUT)
     group = PipelineGroup(store, rank, world_size, parent_pid=parent_pid)
-    sys.exit(run_rank(group, target, *args, comm_timeout=comm_timeout))
+    sys.exit(run_rank(group, target, *args, timeout=timeout))
 
 
 class LocalRanks:
@@ -304,16 +310,17 @@ class LocalRanks:
     and its signal or exit status) and stops the other ranks; `close` stops them all."""
 
     def __init__(self, world_size: int, own_rank: int, target: Callable[..., None], rank_args: dict[int, tuple],
-                 *, comm_timeout: timedelta = COMM_TIMEOUT):
+                 *, timeout: timedelta | None = None):
         self.server = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                                     timeout=JOIN_TIMEOUT)
+        timeout = timeout or comm_timeout()
         context = multiprocessing.get_context("spawn")
         self.processes: dict[int, multiprocessing.Process] = {}
         for rank in range(world_size):
             if rank != own_rank:
                 self.processes[rank] = context.Process(
                     target=_spawned_rank, daemon=True, name=f"liveavatar-rank{rank}",
-                    args=(rank, world_size, self.server.port, os.getpid(), comm_timeout, target, rank_args[rank]))
+                    args=(rank, world_size, self.server.port, os.getpid(), timeout, target, rank_args[rank]))
         self.closing = False
         self.group = PipelineGroup(self.server, own_rank, world_size)
         for process in self.processes.values():
@@ -321,7 +328,7 @@ class LocalRanks:
         self._watcher = threading.Thread(target=self._watch, name="liveavatar-rank-watcher", daemon=True)
         self._watcher.start()
         try:
-            self.group.join(comm_timeout)
+            self.group.join(timeout)
         except BaseException:
             self.close(graceful=False)
             raise
@@ -410,7 +417,8 @@ def gpu_devices(gpus: Sequence[int] | None, num_gpus: int | None) -> list[torch.
         have = f"GPUs 0-{available - 1}" if available else "no CUDA GPU"
         raise InputError(f"{flag} {','.join(map(str, gpus))}: GPU {missing[0]} does not exist (this machine has "
                          f"{have})")
-    check_same_kind([torch.cuda.get_device_name(gpu) for gpu in gpus], gpus, flag=flag)
+    check_same_kind([torch.cuda.get_device_name(gpu) for gpu in gpus], gpus,
+                    flag=f"--gpus {','.join(map(str, gpus))}" if flag == "--gpus" else f"--num_gpus {len(gpus)}")
     return [torch.device("cuda", gpu) for gpu in gpus]
 
 

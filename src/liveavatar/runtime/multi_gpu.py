@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from liveavatar.devices import configure_cuda_allocator, resolve_dtype
-from liveavatar.runtime.distributed import COMM_TIMEOUT, LocalRanks, PipelineGroup, run_rank
+from liveavatar.runtime.distributed import LocalRanks, PipelineGroup, run_rank
 from liveavatar.runtime.engine import Engine
 from liveavatar.runtime.executors.pipeline import Pipeline, serve_stage
 from liveavatar.runtime.loading import load_placed_dit
@@ -54,11 +54,12 @@ def run_stage(group: PipelineGroup, spec: StageSpec) -> None:
 
 
 def spawn_pipeline(specs: Sequence[StageSpec], output_device: torch.device, *, sample_steps: int = 4,
-                   comm_timeout: timedelta = COMM_TIMEOUT) -> Pipeline:
+                   timeout: timedelta | None = None) -> Pipeline:
     """Spawn ranks 0..N-2 (``specs``, one per worker rank) for an output rank in this process. The output
-    rank holds a DiT and runs the last steps when the ranks are not more than ``sample_steps``."""
+    rank holds a DiT and runs the last steps when the ranks are not more than ``sample_steps``.
+    ``timeout``: the communicator's (default `comm_timeout()`)."""
     world_size = len(specs) + 1
     layout = PipelineLayout.for_steps(world_size, sample_steps)
     ranks = LocalRanks(world_size, layout.output_rank, run_stage, {rank: (spec,) for rank, spec in enumerate(specs)},
-                       comm_timeout=comm_timeout)
+                       timeout=timeout)
     return Pipeline(ranks.group, layout, output_device, ranks=ranks)
