@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from liveavatar.api import LiveAvatarPipeline
-from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
 from liveavatar.cli import main
 from liveavatar.runtime.pipeline_layout import PipelineLayout
 from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB
@@ -30,31 +29,21 @@ RANKS = [2, 3, 4, 5] if SLOW else [2, 5]
 COMM_TIMEOUT_S = "5"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    return tmp_path_factory.mktemp("prompts")
-
-
 def _frames(pipe, media_dir, steps, **kwargs):
     return [frame.image for frame in pipe.stream(media_dir / "cyclops_baker.jpg", media_dir / "cyclops_baker.wav",
                                                  "a baker", size="64*64", num_clip=2, sample_steps=steps, **kwargs)]
 
 
 @pytest.fixture(scope="module")
-def one_device(tiny, prompts, media_dir):
+def one_device(tiny, prompt_cache, media_dir):
     """The frames of one device, per step count."""
     pipe = LiveAvatarPipeline.from_pretrained(tiny.ckpt_dir, lora=tiny.lora, device="cpu", dtype=torch.float32,
-                                              prompt_cache_dir=prompts)
+                                              prompt_cache_dir=prompt_cache)
     return {steps: _frames(pipe, media_dir, steps) for steps in (3, 4)}
 
 
 @pytest.fixture(scope="module")
-def pipelines(tiny, prompts):
+def pipelines(tiny, prompt_cache):
     """Pipelines of N CPU ranks laid out for 4 steps, made when first asked for, stopped at the end."""
     made = {}
     previous = os.environ.get("LIVEAVATAR_COMM_TIMEOUT_S")
@@ -64,7 +53,7 @@ def pipelines(tiny, prompts):
         if ranks not in made:
             made[ranks] = LiveAvatarPipeline.from_pretrained(tiny.ckpt_dir, lora=tiny.lora, dtype=torch.float32,
                                                              devices=["cpu"] * ranks, sample_steps=4,
-                                                             prompt_cache_dir=prompts)
+                                                             prompt_cache_dir=prompt_cache)
         return made[ranks]
 
     yield get
@@ -109,9 +98,9 @@ def test_an_idle_pipeline_longer_than_the_communicator_timeout_still_runs(pipeli
 
 @pytest.mark.skipif(not SLOW, reason="single_gpu mode through the pipeline: LIVEAVATAR_SLOW_TESTS=1")
 @pytest.mark.parametrize("online", [False, True])
-def test_single_gpu_mode_runs_through_the_pipeline_too(online, pipelines, tiny, prompts, media_dir):
+def test_single_gpu_mode_runs_through_the_pipeline_too(online, pipelines, tiny, prompt_cache, media_dir):
     pipe = LiveAvatarPipeline.from_pretrained(tiny.ckpt_dir, lora=tiny.lora, device="cpu", dtype=torch.float32,
-                                              prompt_cache_dir=prompts)
+                                              prompt_cache_dir=prompt_cache)
     kwargs = dict(mode="single_gpu", enable_online_decode=online)
     assert _same(_frames(pipelines(3), media_dir, 4, **kwargs), _frames(pipe, media_dir, 4, **kwargs))
 
@@ -151,8 +140,9 @@ def test_layout_maps_steps_to_ranks():
 def _plan(num_gpus, budget_gib=None, host_gib=None):
     inventory = dit_inventory(transformer_config_for(None))
     budget = None if budget_gib is None else budget_gib * GiB
+    host = None if host_gib is None else host_gib * GiB
     return plan_pipeline(inventory, Workload(384, 704, 48, 4, num_gpus), HARDWARE_PRESETS["h100"], budget,
-                         budget_source=f"{budget_gib} GiB", host_budget_bytes=None if host_gib is None else host_gib * GiB)
+                         budget_source=f"{budget_gib} GiB", host_budget_bytes=host)
 
 
 def test_each_rank_is_planned_with_what_it_holds():

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from liveavatar.api import LiveAvatarPipeline
-from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
 from liveavatar.cli import main
 from liveavatar.errors import InputError
 from liveavatar.runtime.distributed import LocalRanks, PipelineFailure, check_same_kind, gpu_devices, torchrun_device
@@ -28,16 +27,6 @@ from pipeline_helpers import stage_failing_at
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STOP_WITHIN_S = 30
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    return tmp_path_factory.mktemp("prompts")
 
 
 def _stream(pipe, media_dir, clips=3):
@@ -57,10 +46,10 @@ def _all_stopped(ranks: LocalRanks, within: float) -> bool:
 # ---------------------------------------------------------------------------------------------- API
 
 
-def test_a_rank_that_raises_stops_every_rank_with_its_cause(tiny, prompts, media_dir):
+def test_a_rank_that_raises_stops_every_rank_with_its_cause(tiny, prompt_cache, media_dir):
     spec = StageSpec(str(tiny.dit_dir), Placement(), "cpu", "float32", lora=str(tiny.lora), threads=1)
     ranks = LocalRanks(3, 2, stage_failing_at, {0: (spec, None), 1: (spec, 3)})
-    pipe = LiveAvatarPipeline.from_layout(tiny, dtype=torch.float32, prompt_cache_dir=prompts,
+    pipe = LiveAvatarPipeline.from_layout(tiny, dtype=torch.float32, prompt_cache_dir=prompt_cache,
                                           pipeline=Pipeline(ranks.group, PipelineLayout.for_steps(3, 4),
                                                             torch.device("cpu"), ranks=ranks))
     with pytest.raises(PipelineFailure, match=r"^rank 1 \(step 2\) failed: RuntimeError: injected failure$"):
@@ -159,12 +148,18 @@ def _wait_empty(run: _Run, within: float) -> bool:
     return True
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
-def test_ctrl_c_stops_every_rank_and_leaves_no_file(tiny, media_dir, tmp_path):
-    out_dir = tmp_path / "out"
+def _started(tiny, media_dir, out_dir: Path) -> _Run:
+    """A 3-rank ``generate`` that has made its first frame."""
     out_dir.mkdir()
     run = _Run(_generate_args(tiny, media_dir, out_dir / "video.mp4", 3, "--num_gpus", "3"))
     run.wait_for("first frame")
+    return run
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
+def test_ctrl_c_stops_every_rank_and_leaves_no_file(tiny, media_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    run = _started(tiny, media_dir, out_dir)
     os.killpg(run.process.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
     code, lines = run.finish(STOP_WITHIN_S)
     assert code == 130 and lines[-1] == "error: interrupted" and not any("Traceback" in line for line in lines)
@@ -174,9 +169,7 @@ def test_ctrl_c_stops_every_rank_and_leaves_no_file(tiny, media_dir, tmp_path):
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
 def test_a_killed_rank_ends_the_run_with_one_line_naming_it(tiny, media_dir, tmp_path):
     out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    run = _Run(_generate_args(tiny, media_dir, out_dir / "video.mp4", 3, "--num_gpus", "3"))
-    run.wait_for("first frame")
+    run = _started(tiny, media_dir, out_dir)
     victim = max(run.ranks())
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()

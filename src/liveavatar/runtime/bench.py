@@ -46,22 +46,40 @@ def random_init_(module, device, dtype, generator) -> None:
                 store[name] = nn.Parameter(value, requires_grad=False) if store is owner._parameters else value
 
 
+def random_dit(config, placement, device, dtype, generator):
+    """The DiT of ``config`` with random weights, materialised unit by unit on ``device`` as ``placement``
+    says (no host copy), and its layer streamer."""
+    import torch
+
+    from liveavatar.models.transformer import CausalS2VTransformer
+    from liveavatar.runtime.layer_streaming import place_dit
+
+    with torch.device("meta"):
+        model = CausalS2VTransformer(config)
+    streamer = place_dit(model, placement, device,
+                         materialize=lambda name, module: random_init_(module, device, dtype, generator))
+    return model.eval().requires_grad_(False), streamer
+
+
+def random_vae(config_name: str | None, device, dtype, generator):
+    """The Wan 2.1 VAE (narrow for the tiny config) with random weights on ``device``."""
+    import torch
+
+    from liveavatar.models.vae import VAEConfig, WanVAE
+
+    with torch.device("meta"):
+        vae = WanVAE(VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
+    random_init_(vae, device, dtype, generator)
+    return vae.eval().requires_grad_(False)
+
+
 def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name: str | None = None,
                   ckpt_dir=None, seed: int = 0) -> dict:
     """Build the random full-size engine under `plan.placement`, run warm-up + measured blocks through the
     sampling loop, return the measurements (see the module docstring)."""
     import torch
 
-    import numpy as np
-    from PIL import Image
-
-    from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
-    from liveavatar.models.transformer import CausalS2VTransformer
-    from liveavatar.models.vae import VAEConfig, WanVAE
-    from liveavatar.request import WaveformAudio, resolve_request
-    from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
-    from liveavatar.runtime.engine import Conditioning, Engine
-    from liveavatar.runtime.layer_streaming import place_dit
+    from liveavatar.runtime.engine import Engine
     from liveavatar.runtime.sampler import VideoFrames
 
     work, placement = plan.workload, plan.placement
@@ -72,41 +90,15 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    with torch.device("meta"):
-        model = CausalS2VTransformer(config)
-        vae = WanVAE(VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
-    layer_streamer = place_dit(model, placement, device,
-                               materialize=lambda name, module: random_init_(module, device, dtype, generator))
-    random_init_(vae, device, dtype, generator)
-    model.eval().requires_grad_(False)
-    vae.eval().requires_grad_(False)
+    model, layer_streamer = random_dit(config, placement, device, dtype, generator)
+    vae = random_vae(config_name, device, dtype, generator)
     build_s = _synchronized(cuda, start)
     engine = Engine(model, vae, None, None, placement=placement, device=device, dtype=dtype,
                     layer_streamer=layer_streamer)
 
-    # A request of the benchmark's size and length; its conditioning is synthetic (the encoders are
-    # set-up cost, not timed here).
     total_blocks = warmup_blocks + blocks
-    clip_seconds = work.infer_frames / FPS
-    num_clips = math.ceil(total_blocks / work.geometry.blocks_per_clip)
-    silence = np.zeros(int((num_clips + 1) * clip_seconds * AUDIO_SAMPLE_RATE), np.float32)
-    request = resolve_request(Image.new("RGB", (work.width, work.height)), WaveformAudio(silence), "",
-                              size=work.width * work.height, infer_frames=work.infer_frames,
-                              sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode)
+    request, conditioning = synthetic_request(work, config, vae, total_blocks, device=device, dtype=dtype, seed=seed)
     geometry = request.geometry
-    g = torch.Generator("cpu").manual_seed(seed)
-    text_kv = model.text_kv(torch.randn(32, config.text_dim, generator=g).to(device, dtype))
-    audio = WholeFileAudio(torch.randn(1, config.audio_layers, config.audio_dim, num_clips * work.infer_frames,
-                                       generator=g).to(dtype), geometry)
-    # Synthetic sink latents shaped as the mode makes them (the reference encode is set-up, not timed here).
-    picture = torch.rand(1, 3, 1, work.height, work.width, generator=g).mul_(2).sub_(1).to(device, dtype)
-    history = motion_history(picture, work.mode)
-    motion_latents = (history.shape[2] - 1) // vae.config.temporal_factor + 1
-    reference = ReferenceLatents(ref=torch.randn(1, LATENT_CHANNELS, 1, geometry.latent_height, geometry.latent_width,
-                                                 generator=g).to(device),
-                                 motion=torch.randn(1, LATENT_CHANNELS, motion_latents, geometry.latent_height,
-                                                    geometry.latent_width, generator=g).to(device),
-                                 history=history)
     forward_marks: list[tuple[int, object]] = []
     # Peak allocated memory per window between forwards: the first (KV sets, sink prefill, first forward),
     # the other steps (a forward and an Euler update), and step 0 of later blocks (plus the VAE decode
@@ -126,7 +118,8 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     loop_start = time.perf_counter()
     frame_marks: list[tuple[float, int, int]] = []  # (time, frames, blocks done) per batch of decoded frames
     blocks_done = 0
-    events = engine.run(request, Conditioning(text_kv, reference, audio), on_forward=on_forward)
+    conditioning.text_kv = model.text_kv(conditioning.text)
+    events = engine.run(request, conditioning, on_forward=on_forward)
     for event in events:
         if not isinstance(event, VideoFrames):
             blocks_done += 1
@@ -177,6 +170,41 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
         "cuda": torch.version.cuda,
     }
     return report
+
+
+def synthetic_request(work, config, vae, blocks: int, *, device, dtype, seed: int):
+    """A request of the benchmark's size, long enough for ``blocks`` blocks, and its synthetic conditioning
+    (a random prompt embedding, audio features and sink latents shaped as the mode makes them: the
+    encoders are set-up cost, not timed); ``text_kv`` is left for the caller's DiT to fill in."""
+    import torch
+
+    import numpy as np
+    from PIL import Image
+
+    from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
+    from liveavatar.request import WaveformAudio, resolve_request
+    from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
+    from liveavatar.runtime.engine import Conditioning
+
+    num_clips = math.ceil(blocks / work.geometry.blocks_per_clip)
+    silence = np.zeros(int((num_clips + 1) * work.infer_frames / FPS * AUDIO_SAMPLE_RATE), np.float32)
+    request = resolve_request(Image.new("RGB", (work.width, work.height)), WaveformAudio(silence), "",
+                              size=work.width * work.height, infer_frames=work.infer_frames,
+                              sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode)
+    geometry = request.geometry
+    g = torch.Generator("cpu").manual_seed(seed)
+    text = torch.randn(32, config.text_dim, generator=g).to(device, dtype)
+    audio = WholeFileAudio(torch.randn(1, config.audio_layers, config.audio_dim, num_clips * work.infer_frames,
+                                       generator=g).to(dtype), geometry)
+    picture = torch.rand(1, 3, 1, work.height, work.width, generator=g).mul_(2).sub_(1).to(device, dtype)
+    history = motion_history(picture, work.mode)
+    motion_latents = (history.shape[2] - 1) // vae.config.temporal_factor + 1
+    reference = ReferenceLatents(ref=torch.randn(1, LATENT_CHANNELS, 1, geometry.latent_height, geometry.latent_width,
+                                                 generator=g).to(device),
+                                 motion=torch.randn(1, LATENT_CHANNELS, motion_latents, geometry.latent_height,
+                                                    geometry.latent_width, generator=g).to(device),
+                                 history=history)
+    return request, Conditioning(None, reference, audio, text)
 
 
 def bench_phase_peaks(plan) -> dict[str, int]:

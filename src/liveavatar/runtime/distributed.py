@@ -130,11 +130,12 @@ class PipelineGroup:
             raise self.lost(None, error) from None
         return self
 
-    def link_to(self, dst: int) -> "Sender":
-        return Sender(self, dst)
+    def link_to(self, dst: int, tag: int = 0) -> "Sender":
+        """Messages to ``dst``; links with different tags are independent (a benchmark's own traffic)."""
+        return Sender(self, dst, tag)
 
-    def link_from(self, src: int) -> "Receiver":
-        return Receiver(self, src)
+    def link_from(self, src: int, tag: int = 0) -> "Receiver":
+        return Receiver(self, src, tag)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -199,9 +200,9 @@ class PipelineGroup:
 class Sender:
     """Messages from this rank to ``dst``, in order."""
 
-    def __init__(self, group: PipelineGroup, dst: int):
-        self.group, self.dst = group, dst
-        self.prefix = f"{group.rank}>{dst}:"
+    def __init__(self, group: PipelineGroup, dst: int, tag: int = 0):
+        self.group, self.dst, self.tag = group, dst, tag
+        self.prefix = f"{tag}/{group.rank}>{dst}:"
         self.sent = 0
         self.unread: deque[tuple[str, object, torch.Tensor | None]] = deque()
 
@@ -209,7 +210,7 @@ class Sender:
         specs, payload = pack_tensors(tensors or {})
         key = f"{self.prefix}{self.sent}"
         try:
-            work = self.group.gloo.send([payload], self.dst, 0) if payload is not None else None
+            work = self.group.gloo.send([payload], self.dst, self.tag) if payload is not None else None
         except RuntimeError as error:
             raise self.group.lost(self.dst, error) from None
         self.group.store.set(key, pickle.dumps({**header, "tensors": specs}))
@@ -244,9 +245,9 @@ class Sender:
 class Receiver:
     """Messages from ``src`` to this rank, in order."""
 
-    def __init__(self, group: PipelineGroup, src: int):
-        self.group, self.src = group, src
-        self.prefix = f"{src}>{group.rank}:"
+    def __init__(self, group: PipelineGroup, src: int, tag: int = 0):
+        self.group, self.src, self.tag = group, src, tag
+        self.prefix = f"{tag}/{src}>{group.rank}:"
         self.received = 0
 
     def recv(self, device) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -259,7 +260,7 @@ class Receiver:
         if specs:
             buffer = torch.empty(sum(spec.nbytes for spec in specs), dtype=torch.uint8)
             try:
-                self.group.gloo.recv([buffer], self.src, 0).wait()
+                self.group.gloo.recv([buffer], self.src, self.tag).wait()
             except RuntimeError as error:
                 raise self.group.lost(self.src, error) from None
         store.delete_key(key)  # tells the sender its buffer is free

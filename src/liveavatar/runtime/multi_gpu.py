@@ -34,9 +34,15 @@ class StageSpec:
     lora_alpha: float | None = None
     threads: int | None = None
 
+    def load(self, device: torch.device, dtype: torch.dtype):
+        """The placed DiT and its layer streamer (None when no layer streams)."""
+        return load_placed_dit(self.dit_dir, self.placement, device=device, dtype=dtype, lora=self.lora,
+                               lora_alpha=self.lora_alpha)
+
 
 def run_stage(group: PipelineGroup, spec: StageSpec) -> None:
-    """A worker rank: load the DiT, then serve this rank's steps until the output rank stops the run."""
+    """A worker rank: load the DiT (``spec.load``; a benchmark's spec may make random weights instead),
+    then serve this rank's steps until the output rank stops the run."""
     device = torch.device(spec.device)
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
@@ -45,8 +51,7 @@ def run_stage(group: PipelineGroup, spec: StageSpec) -> None:
         torch.cuda.set_device(device)
     dtype = resolve_dtype(spec.dtype, device)
     with torch.no_grad():
-        model, streamer = load_placed_dit(spec.dit_dir, spec.placement, device=device, dtype=dtype, lora=spec.lora,
-                                          lora_alpha=spec.lora_alpha)
+        model, streamer = spec.load(device, dtype)
         # An engine of this rank's DiT only: it owns the caches (reused between requests) and the streamer.
         engine = Engine(model, None, None, None, placement=spec.placement, device=device, dtype=dtype,
                         layer_streamer=streamer)
