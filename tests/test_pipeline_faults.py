@@ -3,7 +3,6 @@ and ``torchrun -m liveavatar generate`` write the single-device file; a rank tha
 brings every rank down within seconds with one line naming the rank and the cause; Ctrl-C stops every
 rank and leaves no file; bad launches give one clear error before anything loads."""
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -76,9 +75,12 @@ def _env(**extra) -> dict:
             "OMP_NUM_THREADS": "1", **extra}
 
 
-def test_both_launch_forms_write_the_single_device_file(tiny, media_dir, tmp_path):
+def test_both_launch_forms_write_the_single_device_file(tiny, prompt_cache, media_dir, tmp_path):
+    one = LiveAvatarPipeline.from_pretrained(tiny.ckpt_dir, lora=tiny.lora, device="cpu", dtype=torch.float32,
+                                             prompt_cache_dir=prompt_cache)
+    one_file = one.generate(media_dir / "cyclops_baker.jpg", media_dir / "cyclops_baker.wav", "", size="64*64",
+                            num_clip=1, output=tmp_path / "one.mp4")
     runs = {
-        "one": [sys.executable, "-m", "liveavatar"],
         "spawned": [sys.executable, "-m", "liveavatar"],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                      "-m", "liveavatar"],
@@ -92,7 +94,7 @@ def test_both_launch_forms_write_the_single_device_file(tiny, media_dir, tmp_pat
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.count(f"saved {out}") == 1, result.stdout  # only the output rank reports
         files[name] = out.read_bytes()
-    assert files["spawned"] == files["one"] and files["torchrun"] == files["one"]
+    assert files["spawned"] == one_file.read_bytes() and files["torchrun"] == one_file.read_bytes()
 
 
 class _Run:
@@ -149,9 +151,9 @@ def _wait_empty(run: _Run, within: float) -> bool:
 
 
 def _started(tiny, media_dir, out_dir: Path) -> _Run:
-    """A 3-rank ``generate`` that has made its first frame."""
+    """A 2-rank ``generate`` that has made its first frame."""
     out_dir.mkdir()
-    run = _Run(_generate_args(tiny, media_dir, out_dir / "video.mp4", 3, "--num_gpus", "3"))
+    run = _Run(_generate_args(tiny, media_dir, out_dir / "video.mp4", 3, "--num_gpus", "2"))
     run.wait_for("first frame")
     return run
 
@@ -176,7 +178,7 @@ def test_a_killed_rank_ends_the_run_with_one_line_naming_it(tiny, media_dir, tmp
     code, lines = run.finish(STOP_WITHIN_S)
     assert code == 1 and time.monotonic() - killed < STOP_WITHIN_S
     errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and re.fullmatch(r"error: rank [01] \(step.*\) died: killed by SIGKILL", errors[0])
+    assert errors == ["error: rank 0 (steps 0-1) died: killed by SIGKILL"]
     assert _wait_empty(run, 10) and list(out_dir.iterdir()) == []
 
 

@@ -170,7 +170,8 @@ def _torchrun_rank(settings: GenerationSettings, request: Request, *, progress: 
         spec = StageSpec(str(settings.checkpoint_layout.dit_dir), plan.ranks[rank].placement, str(device),
                          settings.dtype or ("float32" if on_cpu else "bfloat16"),
                          lora=None if settings.checkpoint_layout.lora is None else str(settings.checkpoint_layout.lora))
-        run_rank(group, run_stage, spec)
+        if run_rank(group, run_stage, spec):
+            raise PipelineFailure(group.failure() or f"rank {rank} failed")  # not printed: the output rank reports
         return None
     try:
         group.join()

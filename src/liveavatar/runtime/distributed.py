@@ -11,7 +11,7 @@ Timeouts, deliberately. `comm_timeout()` bounds one transfer whose both ends are
 most; minutes means a peer is broken). Waiting for work has no timeout: an idle server polls the store
 (microseconds per poll, backing off to 5 ms) and never trips a communicator timeout, which is what
 killed the reference's idle Gradio server. Failures are noticed by that polling instead: a rank that
-raises records ``rank R (...): Error: message`` under the store's failure key before it exits; the process
+raises records ``rank R (its role) failed: Error: message`` under the store's failure key before it exits; the process
 that spawned the ranks records the exit of one that died (signal or exit code) and stops the others;
 under torchrun the agent stops the others. Every poll reads the failure key (every 0.25 s), so all
 ranks leave within a second or so with the first recorded cause.
@@ -61,17 +61,18 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @property
+    def size(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+    @property
     def nbytes(self) -> int:
-        return _aligned(torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size())
+        """Its bytes in a message buffer: padded so that the next tensor's view is aligned."""
+        return -(-self.size // _ALIGN) * _ALIGN
 
 
 def comm_timeout() -> timedelta:
     """The communicator's timeout: ``LIVEAVATAR_COMM_TIMEOUT_S`` seconds, default 300."""
     return timedelta(seconds=float(os.environ.get("LIVEAVATAR_COMM_TIMEOUT_S", COMM_TIMEOUT_S)))
-
-
-def _aligned(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
 
 
 def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], torch.Tensor | None]:
@@ -89,9 +90,7 @@ def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], to
 def unpack_tensors(specs: list[TensorSpec], buffer: torch.Tensor | None, device) -> dict[str, torch.Tensor]:
     tensors, offset = {}, 0
     for spec in specs:
-        count = torch.Size(spec.shape).numel()
-        size = count * torch.empty((), dtype=spec.dtype).element_size()
-        tensors[spec.name] = buffer[offset:offset + size].view(spec.dtype).reshape(spec.shape).to(device)
+        tensors[spec.name] = buffer[offset:offset + spec.size].view(spec.dtype).reshape(spec.shape).to(device)
         offset += spec.nbytes
     return tensors
 
@@ -374,14 +373,6 @@ def _exit_cause(exitcode: int | None) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # torchrun and devices
-
-
-def torchrun_rank() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when this process was started by torchrun (or another launcher that
-    sets the env:// variables), else None."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def torchrun_group() -> PipelineGroup:
