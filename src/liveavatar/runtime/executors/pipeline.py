@@ -76,6 +76,12 @@ class Pipeline:
 
     def begin(self, geometry: ClipGeometry, schedule: FlowMatchSchedule, text: torch.Tensor, *,
               trace: bool) -> int:
+        """Start a request on every rank; a pipeline that was stopped or has failed refuses it."""
+        if self.closed:
+            raise PipelineFailure("the pipeline's ranks were stopped (close()); start a new pipeline")
+        failure = self.group.failure()
+        if failure is not None:
+            raise PipelineFailure(failure)
         self.requests += 1
         self.group.set_role(self.layout.roles(schedule.num_steps)[self.layout.output_rank])
         self.to_first.send({"kind": BEGIN, "request": self.requests, "trace": trace,
