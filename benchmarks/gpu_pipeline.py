@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from liveavatar.devices import configure_cuda_allocator
 from liveavatar.geometry import size_for_area
 from liveavatar.io.video_writer import pixels_to_uint8
 from liveavatar.runtime.bench import bench_phase_peaks, random_dit, random_vae, synthetic_request
@@ -248,6 +249,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here: use --config tiny --device cpu")
+    configure_cuda_allocator()  # before any allocation, here and (inherited) in the spawned ranks
     counts = [int(n) for n in args.ranks.split(",")]
     if device.type == "cuda" and max(counts) > torch.cuda.device_count():
         parser.error(f"--ranks {max(counts)}: this machine has {torch.cuda.device_count()} GPUs")

@@ -120,9 +120,9 @@ class LiveAvatarPipeline:
         try:
             engine = Engine.from_pretrained(layout, placements[-1], device=device, dtype=dtype, lora_alpha=lora_alpha,
                                             prompt_cache_dir=prompt_cache_dir, pipeline=pipeline)
-        except BaseException:
+        except BaseException as error:
             if pipeline is not None:
-                pipeline.close()
+                pipeline.close(error)
             raise
         return cls(engine)
 
