@@ -230,7 +230,7 @@ def measure_row(run: Run, weights: str, size: str, steps: int, paths: list[str],
 
     work = workload(size, steps, dtype)
     placement = Placement(weight_dtype=weights)
-    synthetic = synthetic_request(model, vae, work, device=device, dtype=dtype,
+    synthetic = synthetic_request(model.config, vae, work, device=device, dtype=dtype,
                                   total_blocks=args.warmup_blocks + args.blocks)
     row = {"name": f"{weights} {size} {steps} steps", "weights": weights, "size": size, "steps": steps,
            "paths": {}, "_private": {}}
@@ -260,7 +260,7 @@ def warm_start(args, device) -> dict:
     from liveavatar.runtime.engine import Engine
 
     model, vae, dtype, placement = build(args, device, args.weights)
-    synthetic = synthetic_request(model, vae, workload(args.size, 4, dtype), device=device, dtype=dtype,
+    synthetic = synthetic_request(model.config, vae, workload(args.size, 4, dtype), device=device, dtype=dtype,
                                   total_blocks=2)
     start = time.perf_counter()
     engine = Engine(model, vae, None, None, placement=placement, device=device, dtype=dtype,

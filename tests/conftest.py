@@ -30,3 +30,16 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def media_dir() -> Path:
     return _existing(MEDIA)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """`make_tiny_checkpoints` once per session (its layout); a module may make its own."""
+    from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
+
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def prompt_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("prompt_cache")

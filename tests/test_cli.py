@@ -84,8 +84,10 @@ MULTI_GPU = ("--ulysses_size 1 --task s2v-14B --size 720*400 --base_seed 420 --t
              "--enable_vae_parallel --ckpt_dir {ckpt}/ --fp8")
 
 
-@pytest.mark.parametrize("recipe, ignored", [(SINGLE_GPU, 7), (MULTI_GPU, 7)], ids=["single_gpu", "multi_gpu"])
-def test_reference_recipes_parse(recipe, ignored, media_dir, ckpt, capsys):
+# The reference's multi-GPU flags (--num_gpus_dit, --enable_vae_parallel, --ulysses_size) give one notice together.
+@pytest.mark.parametrize("recipe, ignored, ranks", [(SINGLE_GPU, 6, 1), (MULTI_GPU, 5, 5)],
+                         ids=["single_gpu", "multi_gpu"])
+def test_reference_recipes_parse(recipe, ignored, ranks, media_dir, ckpt, capsys):
     argv = shlex.split(recipe.format(prompt=shlex.quote("A stout, cheerful dwarf"), ckpt=ckpt,
                                      image=media_dir / "dwarven_blacksmith.jpg", audio=media_dir / "dwarven_blacksmith.wav"))
     report, err = dry_run_json(argv, capsys)
@@ -98,6 +100,10 @@ def test_reference_recipes_parse(recipe, ignored, media_dir, ckpt, capsys):
     assert report["weights"] == "fp8" and report["lora"].endswith("LiveAvatar/liveavatar.safetensors")
     notices = [line for line in err.splitlines() if line.startswith("notice: ")]
     assert len(notices) == ignored == len(err.splitlines())
+    assert report["num_gpus"] == ranks
+    if ranks > 1:  # the reference's layout: steps 0-3 on ranks 0-3, decode and output on rank 4
+        assert report["ranks"] == ["step 0", "step 1", "step 2", "step 3", "decode + output"]
+        assert "notice: --num_gpus_dit 4 --enable_vae_parallel --ulysses_size 1: runs as --num_gpus 5" in err
 
 
 @pytest.mark.parametrize("size", ["704*384", "704x384", "704X384", "704×384", "704 * 384"])
@@ -151,8 +157,12 @@ def test_every_compatibility_flag_is_accepted_with_one_notice(inputs, capsys):
         argv += [f"--{name}"] + ({int: ["1"], float: ["0.5"], str: ["x"]}.get(kind, []))
     report, err = dry_run_json([*inputs, *argv], capsys)
     lines = err.splitlines()
-    assert len(lines) == len(COMPATIBILITY_FLAGS) and all(line.startswith("notice: --") for line in lines)
-    assert report["width"] == 704
+    # the reference's three multi-GPU flags share one notice (what they come to in the pipeline)
+    multi_gpu = [line for line in lines if line.startswith("notice: --num_gpus_dit 1 --enable_vae_parallel "
+                                                             "--ulysses_size 1:")]
+    assert len(multi_gpu) == 1 and len(lines) == len(COMPATIBILITY_FLAGS) - 2
+    assert all(line.startswith("notice: --") for line in lines)
+    assert report["width"] == 704 and report["num_gpus"] == 2  # --num_gpus_dit 1 + the decode GPU
 
 
 def test_online_decode_notice_only_in_streaming_mode(inputs, capsys):

@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -66,7 +66,9 @@ class LiveAvatarPipeline:
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         lora_alpha: float | None = None, fp8: bool = False, t5_cpu: bool = False,
                         prompt_cache_dir: str | os.PathLike | None = None,
-                        placement: Placement | None = None, compile: bool | None = None) -> "LiveAvatarPipeline":
+                        placement: Placement | Sequence[Placement] | None = None,
+                        devices: Sequence[str | torch.device] | None = None,
+                        sample_steps: int = 4, compile: bool | None = None) -> "LiveAvatarPipeline":
         """Load the release (or ``liveavatar make-tiny`` checkpoints) from ``ckpt_dir`` (the Wan2.2-S2V-14B
         folder). ``lora``: the Live-Avatar LoRA as a file, a folder or a Hub id in the local cache; None runs
         the base weights. ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA and
@@ -74,26 +76,70 @@ class LiveAvatarPipeline:
         ``placement`` (from the memory planner) decides weight dtype, streamed layers, cache locations and
         where the text encoder runs; it overrides ``fp8`` and ``t5_cpu``. Default: everything resident.
         ``compile``: the DiT's compiled fast path (None: on for CUDA GPUs unless ``LIVEAVATAR_COMPILE=0``;
-        the first request compiles, artefacts are cached on disk, see `liveavatar.runtime.compile`)."""
+        the first request compiles, artefacts are cached on disk, see `liveavatar.runtime.compile`).
+
+        ``devices`` (two or more, e.g. ``["cuda:0", "cuda:1", "cuda:2", "cuda:3"]``) runs the timestep
+        pipeline over one process per device, spawned here; this process is the last rank (decode and
+        output) and ``device`` is ignored. ``placement`` may then be one per device; ``sample_steps`` is the
+        step count the ranks are laid out for (any count runs). `close()` stops the ranks."""
         layout = CheckpointLayout.discover(ckpt_dir, None if lora is None else os.fspath(lora))
         layout.validate()
         return cls.from_layout(layout, device=device, dtype=dtype, lora_alpha=lora_alpha, fp8=fp8, t5_cpu=t5_cpu,
-                               prompt_cache_dir=prompt_cache_dir, placement=placement, compile=compile)
+                               prompt_cache_dir=prompt_cache_dir, placement=placement, devices=devices,
+                               sample_steps=sample_steps, compile=compile)
 
     @classmethod
     def from_layout(cls, layout: CheckpointLayout, *, device=None, dtype=None, lora_alpha: float | None = None,
                     fp8: bool = False, t5_cpu: bool = False, prompt_cache_dir=None,
-                    placement: Placement | None = None, compile: bool | None = None) -> "LiveAvatarPipeline":
-        """As `from_pretrained`, for a checkpoint layout already discovered and validated."""
-        device = resolve_device(device)
+                    placement: Placement | Sequence[Placement] | None = None,
+                    devices: Sequence[str | torch.device] | None = None, sample_steps: int = 4,
+                    pipeline=None, compile: bool | None = None) -> "LiveAvatarPipeline":
+        """As `from_pretrained`, for a checkpoint layout already discovered and validated. ``pipeline``:
+        the output rank's `Pipeline` of ranks started elsewhere (torchrun) instead of ``devices``."""
+        if devices is not None and len(devices) == 1:
+            device, devices = devices[0], None
+        ranks = [resolve_device(d) for d in devices] if devices is not None else None
+        device = ranks[-1] if ranks else pipeline.device if pipeline is not None else resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if device.type == "cuda":
             configure_cuda_allocator()
+        count = len(ranks) if ranks else pipeline.layout.world_size if pipeline is not None else 1
         if placement is None:
             placement = Placement(weight_dtype="fp8" if fp8 else "bf16",
                                   text_encoder="cpu" if t5_cpu else "gpu_then_free")
-        return cls(Engine.from_pretrained(layout, placement, device=device, dtype=dtype, lora_alpha=lora_alpha,
-                                          prompt_cache_dir=prompt_cache_dir, compile=compile))
+        placements = [placement] * count if isinstance(placement, Placement) else list(placement)
+        if len(placements) != count:
+            raise ValueError(f"placement: {len(placements)} given for {count} ranks")
+        if ranks:
+            from liveavatar.runtime.multi_gpu import StageSpec, spawn_pipeline
+
+            threads = torch.get_num_threads() if device.type == "cpu" else None
+            pipeline = spawn_pipeline(
+                [StageSpec(str(layout.dit_dir), rank_placement, str(rank_device), str(dtype).removeprefix("torch."),
+                           lora=None if layout.lora is None else str(layout.lora), lora_alpha=lora_alpha,
+                           threads=threads, compile=compile)
+                 for rank_device, rank_placement in zip(ranks[:-1], placements)],
+                device, sample_steps=sample_steps)
+        try:
+            engine = Engine.from_pretrained(layout, placements[-1], device=device, dtype=dtype, lora_alpha=lora_alpha,
+                                            prompt_cache_dir=prompt_cache_dir, pipeline=pipeline, compile=compile)
+        except BaseException as error:
+            if pipeline is not None:
+                pipeline.close(error)
+            raise
+        return cls(engine)
+
+    def close(self, failure: BaseException | None = None) -> None:
+        """Stop the other ranks of a multi-GPU pipeline (nothing to do on one device); after ``failure`` at
+        once, without letting the blocks in flight finish."""
+        if self.engine.pipeline is not None:
+            self.engine.pipeline.close(failure)
+
+    def __enter__(self) -> "LiveAvatarPipeline":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(error)
 
     # ----------------------------------------------------------------------------------------------
     # requests

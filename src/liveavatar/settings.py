@@ -89,6 +89,8 @@ class GenerationSettings:
     t5_cpu: bool = False
     device: str | None = None  # None: CUDA when available, else the CPU
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
+    num_gpus: int | None = None  # ranks of the timestep pipeline spawned here (None: one device, or --gpus)
+    gpus: tuple[int, ...] | None = None  # the CUDA GPUs of those ranks (None: the first num_gpus)
     vram_budget: int | None = None
     compile: bool = True  # the DiT's compiled fast path where the device has a compiler (--no-compile: False)
     save_file: Path | None = None
@@ -121,6 +123,18 @@ class GenerationSettings:
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise InputError(f"--device {self.device!r}: expected cuda, cuda:N or cpu (other backends, e.g. Apple's "
                              f"mps, are not supported)")
+        if self.num_gpus is not None and self.num_gpus < 1:
+            raise InputError(f"--num_gpus {self.num_gpus}: must be at least 1")
+        if self.gpus is not None:
+            if self.num_gpus is not None and self.num_gpus != len(self.gpus):
+                raise InputError(f"--num_gpus {self.num_gpus} --gpus {','.join(map(str, self.gpus))}: they disagree; "
+                                 f"give one of them")
+            if self.device == "cpu":
+                raise InputError("--gpus names CUDA GPUs; with --device cpu give the number of processes with "
+                                 "--num_gpus")
+        if self.ranks > 1 and self.device not in (None, "cpu", "cuda"):
+            raise InputError(f"--device {self.device} with {self.ranks} ranks: choose the GPUs with --gpus (--device "
+                             f"takes only cuda or cpu then)")
         if self.vram_budget is not None and self.vram_budget <= 0:
             raise InputError("--vram-budget: must be positive")
         if self.save_file is not None:
@@ -134,6 +148,11 @@ class GenerationSettings:
 
     def _normalise(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
+
+    @property
+    def ranks(self) -> int:
+        """Processes of the run: 1, or the ranks of a timestep pipeline spawned here."""
+        return len(self.gpus) if self.gpus is not None else self.num_gpus or 1
 
     def output_path(self, width: int, height: int, *, now: datetime | None = None) -> Path:
         """``--save_file`` verbatim, else ``<save_dir>/<YYYYmmdd_HHMMSS>_<W>x<H>_<steps>step[_<prompt>].mp4``,

@@ -47,6 +47,9 @@ def bench_from_args(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     if args.blocks < 1 or args.warmup_blocks < 0 or args.requests < 1:
         raise InputError("--blocks and --requests must be at least 1 and --warmup-blocks at least 0")
+    if args.num_gpus != 1:
+        raise InputError(f"--num_gpus {args.num_gpus}: bench times one GPU; the multi-GPU pipeline is timed by "
+                         f"benchmarks/gpu_pipeline.py")
     if device.type == "cuda":
         configure_cuda_allocator()
         torch.cuda.set_device(device)

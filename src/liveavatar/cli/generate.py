@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from liveavatar.cli.flags import add_bool_flag, add_flag, add_no_compile_flag, bool_arg
+from liveavatar.cli.launch import (REFERENCE_MULTI_GPU_FLAGS, check_launch, generate_on_ranks, idle_rank_notices,
+                                   is_quiet_rank, layout_report, rank_count, reference_gpus)
 from liveavatar.devices import dtype_bytes
 from liveavatar.errors import InputError
 from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES, ClipGeometry
@@ -32,13 +34,13 @@ COMPATIBILITY_FLAGS: dict[str, tuple[Callable, str]] = {
     "frame_num": (int, "unused, as in the reference; frames per clip come from --infer_frames"),
     "offload_model": (bool_arg, "placement of the models is decided by the memory planner (see --vram-budget)"),
     "offload_kv_cache": (bool_arg, "KV-cache placement is decided by the memory planner (see --vram-budget)"),
-    "ulysses_size": (int, "sequence parallelism is not used; ignored"),
+    "ulysses_size": (int, "sequence parallelism is not used; the multi-GPU pipeline is timestep-parallel"),
     "t5_fsdp": (bool_arg, "FSDP is not used; the memory planner places the text encoder"),
     "dit_fsdp": (bool_arg, "FSDP is not used; the memory planner places the transformer"),
-    "num_gpus_dit": (int, "GPU placement is decided by the planner; --mode streaming gives the multi-GPU "
-                          "(TPP) pipeline's output on any number of GPUs"),
-    "enable_vae_parallel": (bool_arg, "GPU placement is decided by the planner; --mode streaming decodes "
-                                      "block by block as the multi-GPU VAE rank does"),
+    "num_gpus_dit": (int, "DiT GPUs of the reference's pipeline: runs as --num_gpus N (N+1 with "
+                          "--enable_vae_parallel); under torchrun the launched ranks decide"),
+    "enable_vae_parallel": (bool_arg, "the reference's decode GPU: the last rank of the pipeline decodes "
+                                      "(see --num_gpus_dit)"),
     "single_gpu": (bool_arg, "the pipeline variant is chosen with --mode (default streaming); "
                              "--mode single_gpu reproduces the single-GPU script"),
     "convert_model_dtype": (bool_arg, "weights are always loaded in --dtype (default bfloat16)"),
@@ -108,6 +110,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
     device = parser.add_argument_group("device")
     add_flag(device, "device", help="cuda, cuda:N or cpu (default: CUDA when available)")
+    add_flag(device, "num_gpus", type=int, metavar="N",
+             help="run the timestep pipeline on N GPUs, spawned here: each runs a share of the denoising steps "
+                  "and the last one decodes and writes (with --device cpu: N processes); default 1")
+    add_flag(device, "gpus", type=_gpu_list, metavar="0,1,2,3",
+             help="the GPUs of the pipeline (default: the first --num_gpus); under torchrun give neither")
     add_flag(device, "dtype", help="bfloat16 or float32 (default: bfloat16 on CUDA, float32 on the CPU)")
     add_flag(device, "vram-budget", metavar="SIZE", help="GPU memory the planner may use, e.g. 40GiB")
     add_flag(device, "weights", choices=WEIGHT_CHOICES, help="DiT weights: auto (default: the planner's choice, "
@@ -133,10 +140,24 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
             add_flag(compatibility, name, type=kind, metavar="VALUE", help=meaning)
 
 
+def _gpu_list(text: str) -> tuple[int, ...]:
+    try:
+        gpus = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected GPU indices such as 0,1,2,3") from None
+    if not gpus or min(gpus) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected GPU indices such as 0,1,2,3")
+    return gpus
+
+
 def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, list[str]]:
     """Validated settings plus the notice lines the user should see (ignored flags, drawn seed, ...)."""
     notices = [f"{_given(name, getattr(args, name))}: {meaning}"
-               for name, (_, meaning) in COMPATIBILITY_FLAGS.items() if getattr(args, name) is not None]
+               for name, (_, meaning) in COMPATIBILITY_FLAGS.items()
+               if getattr(args, name) is not None and name not in REFERENCE_MULTI_GPU_FLAGS]
+    reference_ranks, multi_gpu_notice = reference_gpus(args)
+    if multi_gpu_notice:
+        notices.append(multi_gpu_notice)
     if args.task != "s2v-14B":
         raise InputError(f"--task {args.task}: only s2v-14B (speech-to-video) exists in this engine")
     if args.sample_solver != "euler":
@@ -165,6 +186,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         num_clip=args.num_clip, base_seed=args.base_seed, mode=args.mode,
         enable_online_decode=bool(args.enable_online_decode), ref_rope_offset=args.ref_rope_offset,
         weights=weights, lora_alpha=args.lora_alpha, t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
+        num_gpus=args.num_gpus if args.num_gpus is not None else reference_ranks, gpus=args.gpus,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
         compile=not args.no_compile, save_file=args.save_file, save_dir=args.save_dir,
         keep_partial=bool(args.keep_partial), overwrite=bool(args.overwrite),
@@ -192,26 +214,34 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    quiet = args.quiet or is_quiet_rank()
     settings, notices = settings_from_args(args)
-    _print_notices(notices, args.quiet)
+    check_launch(settings)
+    _print_notices(notices, quiet)
     request = settings.request()
-    _print_notices(list(request.notices), args.quiet)
+    _print_notices(list(request.notices), quiet)
+    _print_notices(idle_rank_notices(settings, request), quiet)
     output = check_output_path(settings.output_path(request.geometry.width, request.geometry.height),
                                overwrite=settings.overwrite)
     checked = check_checkpoints(settings)
     if checked.lora is not None and checked.lora.notice:
-        _print_notices([checked.lora.notice], args.quiet)
-    report = {**request.shape_report(), **_configuration(settings, request), "output": str(output)}
+        _print_notices([checked.lora.notice], quiet)
+    report = {**request.shape_report(), **_configuration(settings, request), **layout_report(settings, request),
+              "output": str(output)}
     if args.dry_run:
+        if is_quiet_rank():
+            return 0
         if args.json:
             print(json.dumps(report))
         else:
             print(request.summary())
             print(_configuration_line(report))
         return 0
-    if not args.json:
+    if not args.json and not is_quiet_rank():
         print(request.summary(), flush=True)
-    output = generate_from_settings(settings, request, output, progress=not (args.quiet or args.json))
+    output = generate_from_settings(settings, request, output, progress=not (quiet or args.json))
+    if output is None:  # a torchrun rank that served its steps; the output rank reports
+        return 0
     if args.json:
         print(json.dumps({**report, "output": str(output)}))
     else:
@@ -272,13 +302,17 @@ def plan_for(*, ckpt_dir: Path, device: str | None, dtype: str | None, weights: 
 
 
 def generate_from_settings(settings: GenerationSettings, request: Request, output: Path, *,
-                           progress: bool = True) -> Path:
+                           progress: bool = True) -> Path | None:
     """What ``liveavatar generate`` runs once the request is resolved and the inputs checked: plan, load,
     generate into ``output``, return its path. A run that cannot fit is refused by the plan, with the
-    numbers, before anything heavy loads. ``progress`` shows the phases and the generation's progress."""
+    numbers, before anything heavy loads. ``progress`` shows the phases and the generation's progress. On
+    several ranks (``--num_gpus``, ``--gpus`` or torchrun) see `liveavatar.cli.launch`; a rank other than
+    the output rank returns None."""
     from liveavatar.api import LiveAvatarPipeline
     from liveavatar.runtime.progress import Progress
 
+    if rank_count(settings) > 1:
+        return generate_on_ranks(settings, request, output, progress=progress)
     status = Progress(total_blocks=request.total_blocks, blocks_per_clip=request.geometry.blocks_per_clip,
                       total_frames=request.num_frames, enabled=progress)
     status.phase("planning the memory")

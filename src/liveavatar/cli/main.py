@@ -5,7 +5,8 @@ import heavy modules (torch, the models) themselves, so ``liveavatar --help`` st
 is one more entry in ``COMMANDS``.
 
 Errors the user can act on (``LiveAvatarError``, ``ValueError``, ``OSError``) print one ``error: ...``
-line and exit 2 (bad input) or 1; anything else prints one line too. ``--debug`` or ``LIVEAVATAR_DEBUG=1``
+line and exit 2 (bad input) or 1; anything else prints one line too (under torchrun only the output rank
+prints). ``--debug`` or ``LIVEAVATAR_DEBUG=1``
 shows the traceback instead.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from liveavatar import __version__
 from liveavatar.cli.bench import add_bench_arguments, run_bench
 from liveavatar.cli.flags import OneLineParser
 from liveavatar.cli.generate import add_generate_arguments, run_generate
+from liveavatar.cli.launch import is_quiet_rank
 from liveavatar.cli.plan import add_plan_arguments, run_plan
 from liveavatar.cli.serve import add_serve_arguments, run_serve
 from liveavatar.cli.tools import (add_doctor_arguments, add_download_arguments, add_make_tiny_arguments,
@@ -121,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, Terminated):
             print(f"error: terminated ({error})", file=sys.stderr)
             return 128 + error.signum
-        print("error: interrupted", file=sys.stderr)
+        if not is_quiet_rank():
+            print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
         if debug:
             raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        if not is_quiet_rank():  # under torchrun the output rank reports the run's error
+            print(f"error: {_one_line(error)}", file=sys.stderr)
         if isinstance(error, LiveAvatarError):
             return error.exit_code
         return 2 if isinstance(error, ValueError) else 1

@@ -1,4 +1,5 @@
-"""``liveavatar plan``: the memory plan that the flags describe, as a table or one JSON object.
+"""``liveavatar plan``: the memory plan that the flags describe, as a table or one JSON object; with
+``--num_gpus N`` one plan per rank of the timestep pipeline and the pipeline's speed.
 
 The flags are also ``bench``'s: it runs the placement they plan.
 """
@@ -17,6 +18,7 @@ from liveavatar.geometry import DEFAULT_SIZE, MODES, size_for_area
 from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB, detect_hardware
 from liveavatar.runtime.planner.memory import (ALLOCATOR_FRAGMENTATION, DiTInventory, Workload, dit_inventory,
                                                transformer_config_for)
+from liveavatar.runtime.planner.pipeline import PipelinePlan, plan_pipeline
 from liveavatar.runtime.planner.policy import (DEFAULT_HEADROOM_BYTES, DEFAULT_HEADROOM_FRACTION, Pins, Plan,
                                                default_host_budget, format_gib, make_plan, resolve_budget)
 from liveavatar.settings import parse_size
@@ -32,7 +34,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(shape, "sample_steps", type=int, default=DEFAULTS["sample_steps"], metavar="N",
              help="denoising steps (default %(default)s)")
     add_flag(shape, "num_gpus", type=int, default=1, metavar="N",
-             help="GPUs (N>1: one denoising step per GPU as the reference's TPP; default 1)")
+             help="GPUs of the timestep pipeline (N>1: each GPU runs a share of the steps, the last one "
+                  "decodes; default 1); the budget flags are per GPU")
     add_flag(shape, "mode", default=DEFAULTS["mode"], choices=MODES, help="pipeline behaviour")
     add_flag(shape, "dtype", default="bfloat16", choices=("bfloat16", "float32"), help="run dtype")
     add_flag(shape, "config", choices=("14b", "tiny"), help="DiT size (default: --ckpt_dir's config.json, "
@@ -62,14 +65,18 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan (a table, or one JSON object); exit 1 when nothing fits."""
-    plan = plan_from_args(args)
-    print(json.dumps(plan.to_json()) if args.json else plan_table(plan))
+    plan = plan_from_args(args) if args.num_gpus == 1 else plan_from_args(args, pipeline=True)
+    if args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        print(plan_table(plan) if isinstance(plan, Plan) else pipeline_table(plan))
     return 0 if plan.fits else 1
 
 
-def plan_from_args(args: argparse.Namespace) -> Plan:
-    """The plan the ``plan`` / ``bench`` flags describe, for the card they name or the one detected."""
-    work = workload_from_args(args, num_gpus=args.num_gpus)
+def plan_from_args(args: argparse.Namespace, *, pipeline: bool = False) -> Plan | PipelinePlan:
+    """The plan the ``plan`` / ``bench`` flags describe, for the card they name or the one detected; with
+    ``pipeline``, one plan per rank of ``--num_gpus`` (each on a card like that one)."""
+    work = workload_from_args(args, num_gpus=args.num_gpus if pipeline else 1)
     inventory = inventory_from_args(args)
     hardware = HARDWARE_PRESETS[args.hardware] if args.hardware else detect_hardware()
     gpu_memory, vram_budget = byte_amount("gpu-memory", args.gpu_memory), byte_amount("vram-budget", args.vram_budget)
@@ -87,8 +94,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise InputError(f"--stream-layers {args.stream_layers}: the DiT has {inventory.num_layers} blocks")
     pins = Pins(weight_dtype=args.weights, kv_dtype=args.kv_dtype, kv_location=args.kv_location,
                 cond_location=args.cond_location, streamed_layers=args.stream_layers, text_encoder=args.text_encoder)
-    return make_plan(inventory, work, hardware, budget, budget_source=source,
-                     headroom_bytes=byte_amount("headroom", args.headroom), host_budget_bytes=host, pins=pins)
+    planner = plan_pipeline if pipeline else make_plan
+    return planner(inventory, work, hardware, budget, budget_source=source,
+                   headroom_bytes=byte_amount("headroom", args.headroom), host_budget_bytes=host, pins=pins)
 
 
 def workload_from_args(args: argparse.Namespace, *, num_gpus: int) -> Workload:
@@ -114,14 +122,32 @@ def _dims_from_size(text: str, image: str | None) -> tuple[int, int]:
     return size_for_area(height, width, area)
 
 
-def plan_table(plan: Plan) -> str:
+def pipeline_table(plan: PipelinePlan) -> str:
+    """A pipeline's plan: every rank's table (its role, components, peak and speed), then the pipeline's
+    steady state."""
+    first = plan.ranks[0]
+    lines = [f"plan: {plan.work.describe()} on {plan.layout.world_size} x {first.hardware.name}",
+             f"layout: {plan.layout.describe(plan.work.sample_steps)}", ""]
+    for rank, (role, rank_plan) in enumerate(zip(plan.roles, plan.ranks)):
+        lines.append(f"== rank {rank}: {role}")
+        lines += plan_table(rank_plan, header=False, holds_dit=rank_plan.workload.holds_dit).splitlines()
+        lines.append("")
+    per_rank = ", ".join(f"rank {rank} {p.speed.block_s:.3f} s" for rank, p in enumerate(plan.ranks))
+    lines.append(f"pipeline: {plan.fps:.2f} video FPS in steady state: one block per {plan.block_s:.3f} s = the "
+                 f"slowest rank (rank {plan.bottleneck}) + {plan.hop_s * 1000:.1f} ms per hop (per block: {per_rank})")
+    if not plan.fits:
+        lines.append("refused: " + plan.refusal())
+    return "\n".join(lines)
+
+
+def plan_table(plan: Plan, *, header: bool = True, holds_dit: bool = True) -> str:
     """The plan as ``liveavatar plan`` prints it: one line per component, the peaks, the verdict, the speed."""
-    lines = [f"plan: {plan.workload.describe()} on {plan.hardware.name}",
-             f"budget: {format_gib(plan.budget_bytes)} ({plan.budget_source}); headroom kept free: "
-             f"{format_gib(plan.headroom_bytes)}",
-             f"placement: {plan.placement.describe()}",
-             "",
-             f"  {'component':<52} {'where':<5} {'dtype':<8} {'GiB':>7}  phases"]
+    lines = [f"plan: {plan.workload.describe()} on {plan.hardware.name}"] if header else []
+    lines += [f"budget: {format_gib(plan.budget_bytes)} ({plan.budget_source}); headroom kept free: "
+              f"{format_gib(plan.headroom_bytes)}",
+              f"placement: {plan.placement.describe() if holds_dit else 'no DiT on this GPU'}",
+              "",
+              f"  {'component':<52} {'where':<5} {'dtype':<8} {'GiB':>7}  phases"]
     for c in plan.components:
         lines.append(f"  {c.name:<52} {c.where:<5} {c.dtype:<8} {c.nbytes / GiB:>7.2f}  {_phase_span(c.phases)}")
     lines.append("")
@@ -137,11 +163,15 @@ def plan_table(plan: Plan) -> str:
         host += f" of {format_gib(plan.host_budget_bytes)} available"
     lines.append(host)
     s = plan.speed
-    lines.append(f"  expected speed: {s.forward_s:.3f} s per forward (compute {s.compute_s:.3f} s, "
-                 f"{s.h2d_bytes_per_forward / 1e9:.2f} GB host->GPU per forward, {s.path} path), "
-                 f"{s.fps:.2f} video FPS; "
-                 f"slowdown {plan.slowdown:.2f}x vs everything resident ({plan.baseline.fps:.2f} FPS)")
-    if not plan.fits:
+    if not header:
+        lines.append(f"  time per block: {s.block_s:.3f} s ({plan.workload.kv_sets_per_gpu} x {s.forward_s:.3f} s per "
+                     f"forward{' + decode' if plan.workload.is_output else ''})")
+    else:
+        lines.append(f"  expected speed: {s.forward_s:.3f} s per forward (compute {s.compute_s:.3f} s, "
+                     f"{s.h2d_bytes_per_forward / 1e9:.2f} GB host->GPU per forward, {s.path} path), "
+                     f"{s.fps:.2f} video FPS; "
+                     f"slowdown {plan.slowdown:.2f}x vs everything resident ({plan.baseline.fps:.2f} FPS)")
+    if not plan.fits and header:
         lines.append("")
         lines.append("refused: " + plan.refusal())
     return "\n".join(lines)

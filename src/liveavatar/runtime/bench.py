@@ -47,24 +47,34 @@ def random_init_(module, device, dtype, generator) -> None:
                 store[name] = nn.Parameter(value, requires_grad=False) if store is owner._parameters else value
 
 
+def random_dit(config, placement, device, dtype, generator):
+    """The DiT of ``config`` with random weights, materialised unit by unit on ``device`` as ``placement``
+    says (no host copy), and its layer streamer (None when no layer streams)."""
+    import torch
+
+    from liveavatar.models.transformer import CausalS2VTransformer
+    from liveavatar.runtime.layer_streaming import place_dit
+
+    with torch.device("meta"):
+        model = CausalS2VTransformer(config)
+    streamer = place_dit(model, placement, device,
+                         materialize=lambda name, module: random_init_(module, device, dtype, generator))
+    return model.eval().requires_grad_(False), streamer
+
+
 def build_random_models(placement, *, config, vae_config, device, dtype, seed: int = 0):
     """The DiT (``config``) and the VAE with random weights, made on ``device`` and placed as ``placement``
     says; returns (DiT, VAE, layer streamer or None, seconds)."""
     import torch
 
-    from liveavatar.models.transformer import CausalS2VTransformer
     from liveavatar.models.vae import WanVAE
-    from liveavatar.runtime.layer_streaming import place_dit
 
     generator = torch.Generator(device).manual_seed(seed)
     start = time.perf_counter()
+    model, layer_streamer = random_dit(config, placement, device, dtype, generator)
     with torch.device("meta"):
-        model = CausalS2VTransformer(config)
         vae = WanVAE(vae_config)
-    layer_streamer = place_dit(model, placement, device,
-                               materialize=lambda name, module: random_init_(module, device, dtype, generator))
     random_init_(vae, device, dtype, generator)
-    model.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     return model, vae, layer_streamer, _synchronized(device.type == "cuda", start)
 
@@ -87,10 +97,11 @@ class SyntheticRequest:
         from liveavatar.runtime.engine import Conditioning
 
         text = torch.randn(32, self.text_dim, generator=self.generator).to(device, dtype)
-        return Conditioning(model.text_kv(text), self.reference, self.audio)
+        # Without a DiT here (an output rank that only decodes) the pipeline's ranks make the text K/V.
+        return Conditioning(None if model is None else model.text_kv(text), self.reference, self.audio, text=text)
 
 
-def synthetic_request(model, vae, work, *, device, dtype, total_blocks: int, seed: int = 0) -> SyntheticRequest:
+def synthetic_request(config, vae, work, *, device, dtype, total_blocks: int, seed: int = 0) -> SyntheticRequest:
     """Random audio features, reference and motion latents shaped as ``work`` makes them (the encoders are
     set-up cost, not timed here)."""
     import torch
@@ -102,7 +113,6 @@ def synthetic_request(model, vae, work, *, device, dtype, total_blocks: int, see
     from liveavatar.request import WaveformAudio, resolve_request
     from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
 
-    config = model.config
     clip_seconds = work.infer_frames / FPS
     num_clips = math.ceil(total_blocks / work.geometry.blocks_per_clip)
     silence = np.zeros(int((num_clips + 1) * clip_seconds * AUDIO_SAMPLE_RATE), np.float32)
@@ -146,7 +156,7 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
         placement, config=transformer_config_for(ckpt_dir, config_name), device=device, dtype=dtype, seed=seed,
         vae_config=VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
     load_peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    synthetic = synthetic_request(model, vae, work, device=device, dtype=dtype, total_blocks=warmup_blocks + blocks,
+    synthetic = synthetic_request(model.config, vae, work, device=device, dtype=dtype, total_blocks=warmup_blocks + blocks,
                                   seed=seed)
     engine = Engine(model, vae, None, None, placement=placement, device=device, dtype=dtype,
                     layer_streamer=layer_streamer, overlap_decode=overlap_decode,

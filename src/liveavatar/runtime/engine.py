@@ -24,7 +24,7 @@ from liveavatar.models.audio_features import (
     video_rate_features,
 )
 from liveavatar.models.regions import EAGER
-from liveavatar.models.text_encoder import TextEncoder
+from liveavatar.models.text_encoder import TEXT_LEN, TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.request import LiveAudio, LiveSource, Request
 from liveavatar.runtime.caches import CacheSet, build_caches
@@ -53,13 +53,15 @@ REFERENCE_CACHE_SIZE = 4
 
 @dataclass
 class Conditioning:
-    """What a request's loop is conditioned on, on the engine's device: the text's per-layer K/V, the
-    reference and motion latents, and the per-block audio features."""
+    """What a request's loop is conditioned on, on the engine's device: the text's per-layer K/V (None
+    without a DiT here), the reference and motion latents, the per-block audio features, and the prompt
+    embedding (the ranks of a pipeline derive their own text K/V from it)."""
 
-    text_kv: list
+    text_kv: list | None
     reference: ReferenceLatents
     audio: BlockAudio
     notices: tuple[str, ...] = ()
+    text: torch.Tensor | None = None  # the prompt embedding, from which other pipeline ranks make their text K/V
 
 
 ExecutorFactory = Callable[..., BlockExecutor]
@@ -67,7 +69,9 @@ ExecutorFactory = Callable[..., BlockExecutor]
 
 class Engine:
     """All models of Live Avatar, loaded once and placed as the `Placement` says, serving any number of
-    requests one after the other.
+    requests one after the other. On several GPUs this is the output rank's engine: ``pipeline`` (see
+    `liveavatar.runtime.executors.pipeline`) runs the denoising steps on the other ranks, and
+    ``transformer`` is None when this rank runs none of them.
 
     The fast path (`liveavatar.runtime.compile`): ``fast_path`` (default: `resolve_fast_path`) compiles the
     DiT's regions once here; with everything resident the forwards replay CUDA graphs kept across requests;
@@ -77,7 +81,7 @@ class Engine:
     def __init__(self, transformer, vae: WanVAE, text_encoder: TextEncoder | None,
                  audio_encoder: AudioFeatureExtractor | None, *, placement: Placement, device: torch.device,
                  dtype: torch.dtype, layer_streamer: LayerStreamer | None = None, fast_path: FastPath | None = None,
-                 overlap_decode: bool | None = None):
+                 overlap_decode: bool | None = None, pipeline=None):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -86,11 +90,14 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.layer_streamer = layer_streamer
+        self.pipeline = pipeline
         self._caches: CacheSet | None = None
         self._references: OrderedDict[tuple, ReferenceLatents] = OrderedDict()
         self.fast_path = fast_path if fast_path is not None else resolve_fast_path(device)
         self.compile_fallback = self.compile_cache = None
-        if self.fast_path.compile:
+        if transformer is None:  # an output rank that only decodes: no DiT to compile
+            pass
+        elif self.fast_path.compile:
             self.compile_cache = configure_compiler()
             self.compile_fallback = compile_regions(transformer)
         else:
@@ -105,19 +112,23 @@ class Engine:
     @classmethod
     def from_pretrained(cls, layout: CheckpointLayout, placement: Placement, *, device: torch.device,
                         dtype: torch.dtype, lora_alpha: float | None = None,
-                        prompt_cache_dir: str | os.PathLike | None = None, compile: bool | None = None) -> "Engine":
-        """Load every model of a validated checkpoint layout onto ``device`` as ``placement`` says;
-        ``compile`` as in `resolve_fast_path` (None: on for CUDA GPUs unless ``LIVEAVATAR_COMPILE=0``)."""
+                        prompt_cache_dir: str | os.PathLike | None = None, compile: bool | None = None,
+                        pipeline=None) -> "Engine":
+        """Load every model of a validated checkpoint layout onto ``device`` as ``placement`` says (the DiT
+        only if this rank of a ``pipeline`` runs steps); ``compile`` as in `resolve_fast_path` (None: on for
+        CUDA GPUs unless ``LIVEAVATAR_COMPILE=0``)."""
         fast_path = resolve_fast_path(device, compile=compile)
-        transformer, layer_streamer = load_placed_dit(layout.dit_dir, placement, device=device, dtype=dtype,
-                                                      lora=layout.lora, lora_alpha=lora_alpha)
+        transformer, layer_streamer = None, None
+        if pipeline is None or pipeline.layout.output_denoises:
+            transformer, layer_streamer = load_placed_dit(layout.dit_dir, placement, device=device, dtype=dtype,
+                                                          lora=layout.lora, lora_alpha=lora_alpha)
         vae = WanVAE.from_checkpoint(layout.vae, device=device, dtype=dtype)
         text_device = "cpu" if placement.text_encoder == "cpu" else device
         text_encoder = TextEncoder.from_pretrained(layout.ckpt_dir, device=text_device, dtype=dtype,
                                                    cache_dir=prompt_cache_dir)
         audio_encoder = AudioFeatureExtractor.from_pretrained(layout.wav2vec2, device=device, dtype=dtype)
         return cls(transformer, vae, text_encoder, audio_encoder, placement=placement, device=device, dtype=dtype,
-                   layer_streamer=layer_streamer, fast_path=fast_path)
+                   layer_streamer=layer_streamer, fast_path=fast_path, pipeline=pipeline)
 
     @property
     def cache_set(self) -> CacheSet | None:
@@ -146,12 +157,12 @@ class Engine:
         audio = self._block_audio(request)
         with self.text_encoder:  # loads the encoder only on a prompt-cache miss, frees it on exit
             context = self.text_encoder.encode(request.prompt)
-        text_len = self.transformer.config.text_len
-        # The tokenizer cuts at text_len tokens (EOS included): a full context means the prompt was cut.
-        notices = (f"prompt: {len(request.prompt)} characters fill the text encoder's {text_len} tokens; the rest "
-                   f"is cut, as in the reference",) if context.shape[0] >= text_len else ()
-        text_kv = self.transformer.text_kv(context.to(self.device))
-        return Conditioning(text_kv, self._reference(request), audio, notices)
+        # The tokenizer cuts at TEXT_LEN tokens (EOS included): a full context means the prompt was cut.
+        notices = (f"prompt: {len(request.prompt)} characters fill the text encoder's {TEXT_LEN} tokens; the rest "
+                   f"is cut, as in the reference",) if context.shape[0] >= TEXT_LEN else ()
+        text = context.to(self.device)
+        text_kv = None if self.transformer is None else self.transformer.text_kv(text)
+        return Conditioning(text_kv, self._reference(request), audio, notices=notices, text=text)
 
     def _reference(self, request: Request) -> ReferenceLatents:
         """The reference and motion latents of a request's portrait, from the last few encoded: a server sees
@@ -170,21 +181,27 @@ class Engine:
 
     @torch.no_grad()
     def run(self, request: Request, conditioning: Conditioning | None = None, *,
-            executor: ExecutorFactory = SequentialExecutor, on_forward: ForwardHook | None = None,
+            executor: ExecutorFactory | None = None, on_forward: ForwardHook | None = None,
             decode: bool = True) -> Iterator[LoopEvent]:
         """The request's loop events (`BlockLatents` per clean block, `VideoFrames` as they are decoded),
         made as they are consumed; closing the iterator stops the run after the block in progress.
         ``conditioning`` replaces `condition(request)` (benchmarks feed synthetic conditioning);
-        ``decode=False`` yields the clean blocks only (benchmarks time the DiT alone)."""
+        ``decode=False`` yields the clean blocks only (benchmarks time the DiT alone). ``executor``: default
+        the pipeline's (on several GPUs) or `SequentialExecutor`; a factory with ``local_steps(num_steps)``
+        gets caches for those steps only (None for none)."""
         conditioning = conditioning or self.condition(request)
         self.requests_run += 1
         geometry, steps = request.geometry, request.sample_steps
+        if executor is None:
+            executor = SequentialExecutor if self.pipeline is None else \
+                self.pipeline.executor(geometry, conditioning.text)
         schedule = FlowMatchSchedule.create(steps)
         offsets = ref_rope_offsets(request.ref_rope_offset, base_seed=request.base_seed, mode=request.mode,
                                    num_steps=steps)
-        caches = self.caches(geometry, range(steps))
+        local_steps = executor.local_steps(steps) if hasattr(executor, "local_steps") else range(steps)
+        caches = self.caches(geometry, local_steps) if local_steps else None
         runner = executor(self.transformer, caches, schedule, conditioning.text_kv, ref_rope_offset=offsets,
-                          on_forward=on_forward, graphs=self._forward_graphs(caches))
+                          on_forward=on_forward, graphs=self._forward_graphs(caches) if caches else None)
         decoder = make_decoder(request.mode, self.vae, conditioning.reference, geometry) if decode else NoDecoder()
         if decode and self.overlap_decode and request.mode == "streaming":
             decoder = OverlappedDecoder(decoder, self.device)

@@ -4,7 +4,8 @@ Runs every parity case found in DIR (each ``X.json`` manifest with its ``X.safet
 every compared tensor its max absolute / relative error and the tolerance, and exits non-zero if any
 comparison fails. The case kind comes from the manifest's ``fixture`` name (``A_…`` transformer forward,
 ``B_…`` sampling loop, ``C_…`` VAE, ``D_…`` encoders, ``E_…`` LoRA); every shape, length, seed and
-tolerance is read from the manifest, never assumed.
+tolerance is read from the manifest, never assumed. ``--ranks N`` runs the loop fixtures' DiT steps in
+the timestep pipeline over N local processes (gloo), the other fixtures as without it.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ CASE_MODULES = {
     "D": "liveavatar.testing.cases.encoders",
     "E": "liveavatar.testing.cases.lora",
 }
+LOOP_KIND = "B"
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,12 @@ def find_manifests(directory: Path) -> list[Path]:
     return manifests
 
 
-def run_fixture(fixture: Fixture) -> Iterator[Comparison]:
+def run_fixture(fixture: Fixture, ranks: int | None = None) -> Iterator[Comparison]:
     module_name = CASE_MODULES.get(fixture.kind)
     if module_name is None:
         raise ValueError(f"{fixture.manifest_path.name}: unknown fixture kind {fixture.name!r}")
     module = importlib.import_module(module_name)
-    yield from module.run(fixture)
+    yield from (module.run(fixture, ranks=ranks) if ranks and fixture.kind == LOOP_KIND else module.run(fixture))
 
 
 def _format(result: Comparison) -> str:
@@ -144,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="tolerance set for tensors that have both (default: strict)")
     parser.add_argument("--only", action="append", default=[],
                         help="run only fixtures whose name starts with this (repeatable)")
+    parser.add_argument("--ranks", type=int, metavar="N",
+                        help="run the loop fixtures (B) through the timestep pipeline on N local processes")
     args = parser.parse_args(argv)
+    if args.ranks is not None and args.ranks < 1:
+        parser.error(f"--ranks {args.ranks}: must be at least 1")
 
     torch.set_grad_enabled(False)
     manifests = find_manifests(args.directory)
@@ -158,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     total = 0
     for manifest in manifests:
         fixture = Fixture(manifest, args.mode)
-        print(f"{fixture.name} ({manifest.name})")
+        pipelined = args.ranks and args.ranks > 1 and fixture.kind == LOOP_KIND
+        print(f"{fixture.name} ({manifest.name}{f', pipeline over {args.ranks} ranks' if pipelined else ''})")
         start = time.perf_counter()
         case_failed = False
         try:
-            for result in run_fixture(fixture):
+            for result in run_fixture(fixture, args.ranks):
                 total += 1
                 print(_format(result), flush=True)
                 case_failed |= not result.passed

@@ -1,7 +1,9 @@
-"""All denoising steps of a block, one after the other, on one device."""
+"""The denoising steps of a block, one after the other, on one device: all of them, or the share of one
+pipeline stage."""
 from __future__ import annotations
 
 from collections import deque
+from typing import Sequence
 
 import torch
 
@@ -18,13 +20,15 @@ class SequentialExecutor:
     "timestep forcing"); the cond cache written by the sink prefill is shared by every step. The request
     state lives here, not on the model: the text's K/V, the steps' time vectors and the RoPE-offset
     draws (``ref_rope_offset(step)`` gives the next draw of a step). With ``graphs`` (a `ForwardGraphs`,
-    owned by the engine so that its graphs serve every request) the forwards replay CUDA graphs.
+    owned by the engine so that its graphs serve every request) the forwards replay CUDA graphs. ``steps``: the denoising steps it runs
+    (default all; a pipeline stage runs its consecutive share, on the caches of those steps only).
     """
 
     depth = 1
 
     def __init__(self, model, caches: CacheSet, schedule: FlowMatchSchedule, text_kv, *, ref_rope_offset,
-                 on_forward: ForwardHook | None = None, graphs: ForwardGraphs | None = None):
+                 on_forward: ForwardHook | None = None, graphs: ForwardGraphs | None = None,
+                 steps: Sequence[int] | None = None):
         self.model = model
         self.caches = caches
         self.schedule = schedule
@@ -32,7 +36,8 @@ class SequentialExecutor:
         self.ref_rope_offset = ref_rope_offset
         self.on_forward = on_forward
         self.forward = graphs.forward if graphs is not None else model.run_block
-        self.times = [model.time_vectors(schedule.timestep(step)) for step in range(schedule.num_steps)]
+        self.steps = tuple(range(schedule.num_steps) if steps is None else steps)
+        self.times = {step: model.time_vectors(schedule.timestep(step)) for step in self.steps}
         self.done: deque[torch.Tensor] = deque()
 
     def prefill(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None:
@@ -42,7 +47,7 @@ class SequentialExecutor:
         model, cond = self.model, self.caches.cond
         audio = model.audio_tokens(job.audio)
         x = job.noise
-        for step in range(self.schedule.num_steps):
+        for step in self.steps:
             kv = self.caches.kv_sets[step]
             inputs = model.prepare_block(x, audio, kv, cond, start_frame=job.start_frame,
                                          ref_rope_offset=self.ref_rope_offset(step))

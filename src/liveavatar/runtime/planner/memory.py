@@ -18,7 +18,6 @@ Constants marked CALIBRATED are fitted to the measurements of ``benchmarks/plann
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import astuple, dataclass
 
@@ -54,8 +53,20 @@ ALLOCATOR_FRAGMENTATION = 0.03
 
 
 @dataclass(frozen=True)
+class RankRole:
+    """One rank of a multi-GPU pipeline (`liveavatar.runtime.pipeline_layout`): the denoising steps (KV
+    sets) it runs, whether it holds a DiT, and whether it is the output rank (encoders at set-up, the VAE,
+    the decode)."""
+
+    steps: int
+    holds_dit: bool
+    output: bool
+
+
+@dataclass(frozen=True)
 class Workload:
-    """The shape of a run: video size, clip length, steps and GPUs."""
+    """The shape of a run: video size, clip length, steps and GPUs. With ``num_gpus`` > 1 the memory and
+    speed are those of one rank, ``role`` (`liveavatar.runtime.planner.pipeline` plans every rank)."""
 
     height: int
     width: int
@@ -64,6 +75,7 @@ class Workload:
     num_gpus: int = 1
     mode: str = "streaming"
     run_dtype_bytes: int = 2
+    role: RankRole | None = None
 
     @functools.cached_property
     def geometry(self) -> ClipGeometry:
@@ -82,17 +94,17 @@ class Workload:
         return self.geometry.frames_per_block
 
     @property
-    def dit_gpus(self) -> int:
-        """GPUs running DiT steps (one step each, as TPP; a GPU beyond the steps decodes)."""
-        return min(self.num_gpus, self.sample_steps)
-
-    @property
     def kv_sets_per_gpu(self) -> int:
-        return math.ceil(self.sample_steps / self.dit_gpus)
+        return self.sample_steps if self.role is None else self.role.steps
 
     @property
-    def vae_on_dit_gpu(self) -> bool:
-        return self.num_gpus <= self.sample_steps
+    def holds_dit(self) -> bool:
+        return self.role is None or self.role.holds_dit
+
+    @property
+    def is_output(self) -> bool:
+        """This GPU runs the encoders, holds the VAE and decodes."""
+        return self.role is None or self.role.output
 
     def describe(self) -> str:
         g = self.geometry
@@ -286,14 +298,23 @@ def vae_decode_transient_bytes(height: int, width: int) -> int:
 
 
 def memory_components(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware) -> list[Component]:
-    """Every GPU and pinned-host allocation of a run under `placement`, with the phases it is live in."""
-    b = work.run_dtype_bytes
-    run_dtype = {2: "bf16", 4: "fp32"}.get(b, f"{8 * b}-bit")
-    wdtype = placement.weight_dtype
-    geometry = work.geometry
-    cond = geometry.cond_tokens
+    """Every GPU and pinned-host allocation of a run under `placement`, with the phases it is live in: the
+    DiT's weights, what denoising needs (KV sets, cond cache, activations) and what the output GPU holds
+    (encoders, VAE, decode); one rank of a pipeline holds only the groups its role has."""
     components: list[Component] = []
+    if work.holds_dit:
+        components += _dit_weight_components(inv, work, placement)
+    if work.kv_sets_per_gpu:
+        components += _denoise_components(inv, work, placement, hw)
+    if work.is_output:
+        components += _output_components(inv, work, placement)
+    return components
 
+
+def _dit_weight_components(inv: DiTInventory, work: Workload, placement: Placement) -> list[Component]:
+    b, wdtype = work.run_dtype_bytes, placement.weight_dtype
+    run_dtype = _run_dtype_name(b)
+    components = []
     streamed = set(placement.streamed_layers)
     resident_units = [u for i, u in enumerate(inv.layers) if i not in streamed]
     resident = sum(u.nbytes(wdtype, b) for u in resident_units) + inv.globals.nbytes(wdtype, b)
@@ -308,7 +329,14 @@ def memory_components(inv: DiTInventory, work: Workload, placement: Placement, h
     # The load phase converts/merges one block at a time: one block in the run dtype is transient.
     components.append(Component("load transient (one block in the run dtype)", "gpu", run_dtype,
                                 max(u.nbytes("bf16", b) for u in inv.layers), ("load",)))
+    return components
 
+
+def _denoise_components(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware) -> list[Component]:
+    b = work.run_dtype_bytes
+    run_dtype = _run_dtype_name(b)
+    cond = work.geometry.cond_tokens
+    components = []
     kv_dtype_bytes = 1 if placement.kv_dtype == "fp8" else b
     per_set = work.kv_tokens * inv.kv_bytes_per_token(kv_dtype_bytes)
     sets = work.kv_sets_per_gpu
@@ -333,24 +361,33 @@ def memory_components(inv: DiTInventory, work: Workload, placement: Placement, h
     components.append(Component("sink prefill activations", "gpu", run_dtype,
                                 forward_activation_bytes(inv, work, placement, hw, tokens=cond, keys=cond,
                                                          cond_tokens=cond), ("prefill",)))
+    return components
 
-    decodes_here = work.vae_on_dit_gpu
+
+def _output_components(inv: DiTInventory, work: Workload, placement: Placement) -> list[Component]:
+    b = work.run_dtype_bytes
+    run_dtype = _run_dtype_name(b)
+    geometry = work.geometry
+    components = []
     components.append(Component("VAE weights", "gpu", run_dtype, VAE_PARAMS * b, AFTER_LOAD))
     components.append(Component("audio encoder (wav2vec2, kept on the device)", "gpu", run_dtype,
                                 AUDIO_ENCODER_PARAMS * b, AFTER_LOAD))
-    if decodes_here:
-        state_phases = STEADY if work.mode == "streaming" else ("decode",)
-        components.append(Component("VAE streaming decoder state", "gpu", run_dtype,
-                                    vae_state_elements(geometry.latent_height, geometry.latent_width) * b,
-                                    state_phases))
-        components.append(Component("VAE decode transient (one latent frame)", "gpu", "fp32/" + run_dtype,
-                                    vae_decode_transient_bytes(work.height, work.width), ("decode",)))
+    state_phases = STEADY if work.mode == "streaming" else ("decode",)
+    components.append(Component("VAE streaming decoder state", "gpu", run_dtype,
+                                vae_state_elements(geometry.latent_height, geometry.latent_width) * b,
+                                state_phases))
+    components.append(Component("VAE decode transient (one latent frame)", "gpu", "fp32/" + run_dtype,
+                                vae_decode_transient_bytes(work.height, work.width), ("decode",)))
     encoder_where = "gpu" if placement.text_encoder == "gpu_then_free" else "host"
     components.append(Component("text encoder (encode, then free)", encoder_where, run_dtype,
                                 TEXT_ENCODER_PARAMS * b, ("setup",)))
     components.append(Component("VAE encode transient (reference, motion)", "gpu", "fp32/" + run_dtype,
                                 vae_decode_transient_bytes(work.height, work.width), ("setup",)))
     return components
+
+
+def _run_dtype_name(dtype_bytes: int) -> str:
+    return {2: "bf16", 4: "fp32"}.get(dtype_bytes, f"{8 * dtype_bytes}-bit")
 
 
 def phase_peaks(components: list[Component]) -> dict[str, int]:

@@ -173,8 +173,8 @@ def estimate_speed(inv: DiTInventory, work: Workload, placement: Placement, hw: 
     forward_s = simulate_forward(compute, [weights_fetch, window], writeback)
     decode_s = VAE_DECODE_OVERHEAD_S + (work.video_frames_per_block * work.height * work.width
                                         * VAE_DECODE_FLOPS_PER_PIXEL / (hw.bf16_flops * VAE_EFFICIENCY))
-    dit_s = work.kv_sets_per_gpu * forward_s
-    block_s = dit_s + decode_s if work.vae_on_dit_gpu and work.num_gpus == 1 else max(dit_s, decode_s)
+    # One GPU (or one rank of a pipeline): its steps, plus the decode where the output is made.
+    block_s = work.kv_sets_per_gpu * forward_s + (decode_s if work.is_output else 0.0)
     h2d = int(sum(inv.layers[i].nbytes(placement.weight_dtype, b) for i in placement.streamed_layers)
               + window_fetch * inv.num_layers)
     return SpeedEstimate(forward_s=forward_s, compute_s=sum(compute), h2d_bytes_per_forward=h2d, block_s=block_s,

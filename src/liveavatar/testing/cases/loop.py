@@ -5,9 +5,13 @@ per step (rank); otherwise ``single_gpu`` mode with ``generate_kwargs.enable_onl
 on the injected text context, audio features and noise, with the recorded ``relative_dist`` draws, and
 with conditioning latents computed by our VAE from ``in.ref_pixel_values`` (compared to ``cond.*``).
 Every shape, length, step count and tolerance is read from the manifest.
+
+With ``ranks`` the DiT steps run in the timestep pipeline over that many local processes (gloo), each
+loading the fixture's DiT; the loop, the decode and every comparison stay in this process.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -17,7 +21,7 @@ from liveavatar.models.vae import WanVAE
 from liveavatar.geometry import ClipGeometry
 from liveavatar.runtime.caches import build_caches
 from liveavatar.runtime.conditioning import WholeFileAudio, encode_reference
-from liveavatar.runtime.executors import SequentialExecutor
+from liveavatar.runtime.executors import BlockExecutor, SequentialExecutor
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.sampler import BlockLatents, VideoFrames, make_decoder, recorded_ref_rope_offsets, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
@@ -27,22 +31,43 @@ DIT_WEIGHTS = "weights/dit"
 VAE_WEIGHTS = "weights/vae/Wan2.1_VAE.pth"
 
 
-class _RecordingExecutor(SequentialExecutor):
-    """Keeps the clip and the (ref, motion) latents of every sink prefill, to check them against ``cond.*``."""
+class _RecordingExecutor:
+    """Runs ``inner`` and keeps the clip and the (ref, motion) latents of every sink prefill, to check them
+    against ``cond.*``."""
 
-    def __init__(self, *args, blocks_per_clip: int, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, inner: BlockExecutor, *, blocks_per_clip: int):
+        self.inner = inner
+        self.depth = inner.depth
         self.blocks_per_clip = blocks_per_clip
         self.prefills: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.clip = 0  # the clip of the next block submitted
 
     def prefill(self, ref_latents, motion_latents):
         self.prefills[self.clip] = (ref_latents, motion_latents)
-        super().prefill(ref_latents, motion_latents)
+        self.inner.prefill(ref_latents, motion_latents)
 
     def submit(self, job):
         self.clip = job.clip + 1 if job.block == self.blocks_per_clip - 1 else job.clip
-        super().submit(job)
+        self.inner.submit(job)
+
+    def collect(self):
+        return self.inner.collect()
+
+
+@contextmanager
+def _executor_factory(fixture: Fixture, geometry: ClipGeometry, text: torch.Tensor, steps: int, ranks: int | None):
+    """SequentialExecutor, or the pipeline's executor over ``ranks`` local processes (stopped on exit)."""
+    if not ranks or ranks < 2:
+        yield SequentialExecutor
+        return
+    from liveavatar.runtime.multi_gpu import StageSpec, spawn_pipeline
+
+    spec = StageSpec(str(fixture.path(DIT_WEIGHTS)), Placement(), "cpu", "float32", threads=torch.get_num_threads())
+    pipeline = spawn_pipeline([spec] * (ranks - 1), torch.device("cpu"), sample_steps=steps)
+    try:
+        yield pipeline.executor(geometry, text)
+    finally:
+        pipeline.close()
 
 
 def _exact(name: str, got: list, expected: list) -> Comparison:
@@ -60,7 +85,7 @@ def _trace_names(manifest: dict) -> dict[tuple[int, int, int], str]:
     return names
 
 
-def run(fixture: Fixture) -> Iterator[Comparison]:
+def run(fixture: Fixture, ranks: int | None = None) -> Iterator[Comparison]:
     manifest = fixture.manifest
     kwargs = manifest["generate_kwargs"]
     tpp = "world_size" in manifest
@@ -105,21 +130,23 @@ def run(fixture: Fixture) -> Iterator[Comparison]:
         draws = recorded_ref_rope_offsets([per_rank[str(step)] for step in range(schedule.num_steps)])
     else:
         draws = recorded_ref_rope_offsets(manifest["relative_dist_draws"])
-    caches = build_caches(model, Placement(), geometry, range(schedule.num_steps), device="cpu", dtype=dtype)
-    executor = _RecordingExecutor(model, caches, schedule, model.text_kv(fixture["in.context"]),
-                                  ref_rope_offset=draws, on_forward=record_forward,
-                                  blocks_per_clip=geometry.blocks_per_clip)
-
     clips: dict[int, list[torch.Tensor]] = {}
     frames: list[torch.Tensor] = []
     audio = WholeFileAudio(fixture["in.audio_emb"], geometry)
-    for event in sample(executor, make_decoder(mode, vae, reference, geometry), reference, audio, geometry,
-                        noise=lambda clip: fixture[f"in.noise.clip{clip}"].to(dtype),
-                        total_blocks=num_clips * geometry.blocks_per_clip, mode=mode, online_decode=online):
-        if isinstance(event, BlockLatents):
-            clips.setdefault(event.clip, []).append(event.latents)
-        elif isinstance(event, VideoFrames):
-            frames.append(event.frames)
+    with _executor_factory(fixture, geometry, fixture["in.context"], schedule.num_steps, ranks) as factory:
+        steps = factory.local_steps(schedule.num_steps) if hasattr(factory, "local_steps") else \
+            range(schedule.num_steps)
+        caches = build_caches(model, Placement(), geometry, steps, device="cpu", dtype=dtype) if steps else None
+        executor = _RecordingExecutor(factory(model, caches, schedule, model.text_kv(fixture["in.context"]),
+                                              ref_rope_offset=draws, on_forward=record_forward),
+                                      blocks_per_clip=geometry.blocks_per_clip)
+        for event in sample(executor, make_decoder(mode, vae, reference, geometry), reference, audio, geometry,
+                            noise=lambda clip: fixture[f"in.noise.clip{clip}"].to(dtype),
+                            total_blocks=num_clips * geometry.blocks_per_clip, mode=mode, online_decode=online):
+            if isinstance(event, BlockLatents):
+                clips.setdefault(event.clip, []).append(event.latents)
+            elif isinstance(event, VideoFrames):
+                frames.append(event.frames)
 
     if trace_got:
         names = [name for name in trace_names.values() if name in trace_got]
