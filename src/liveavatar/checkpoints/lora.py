@@ -12,6 +12,7 @@ weight of a targeted module of this model, with consistent shapes.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,9 +28,11 @@ _PREFIX = "base_model.model."
 _KEY_PATTERN = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight")
 
 
-def lora_target_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """The Linear layers PEFT adapts: those whose name equals a target or ends with '.' + target."""
-    return {name: module for name, module in model.named_modules()
+def lora_target_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
+    """The Linear layers PEFT adapts: those whose name (in the DiT, where ``model`` is named ``prefix``)
+    equals a target or ends with '.' + target."""
+    named = ((".".join(part for part in (prefix, name) if part), module) for name, module in model.named_modules())
+    return {name: module for name, module in named
             if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in LORA_TARGETS)}
 
 
@@ -62,6 +65,13 @@ def merge_lora(model: nn.Module, path: str | Path, *, alpha: float | None = None
 
     alpha: the explicit value, else the file's ``alpha`` metadata, else the release's ratio 0.5 * rank.
     """
+    return lora_merge_for(model, path, alpha=alpha).merge(model)
+
+
+def lora_merge_for(model: nn.Module, path: str | Path, *, alpha: float | None = None) -> "LoraMerge":
+    """The checked merge of the LoRA file at ``path`` into ``model`` (``merge_lora``'s checks and alpha),
+    reading only headers, so ``model`` may still be on the meta device; `LoraMerge.merge` applies it to
+    the whole model or to one part at a time."""
     path = Path(path)
     header, metadata = read_header(path)
     pairs = _pair_keys(path, list(header))
@@ -88,15 +98,30 @@ def merge_lora(model: nn.Module, path: str | Path, *, alpha: float | None = None
         raise CheckpointError(f"{path}: the file says rank {metadata['rank']} but its tensors have rank {rank}")
     if alpha is None:
         alpha = float(metadata["alpha"]) if "alpha" in metadata else RELEASE_ALPHA_PER_RANK * rank
-    scale = alpha / rank
+    return LoraMerge(path, pairs, alpha / rank)
 
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle, torch.no_grad():
-            for module, pair in pairs.items():
-                weight = targets[module].weight
-                down = handle.get_tensor(pair["A"]).to(weight.device, torch.float32)
-                up = handle.get_tensor(pair["B"]).to(weight.device, torch.float32)
-                weight.copy_(weight.float() + (up @ down) * scale)
-    except (OSError, SafetensorError) as error:
-        raise CheckpointError(f"{path}: cannot read the LoRA tensors ({error}); re-download the file") from None
-    return len(pairs)
+
+@dataclass(frozen=True)
+class LoraMerge:
+    """A checked LoRA file: its A/B key pairs by module and the merge scale alpha / rank."""
+
+    path: Path
+    pairs: dict[str, dict[str, str]]
+    scale: float
+
+    def merge(self, module: nn.Module, prefix: str = "") -> int:
+        """Merge the factors of the targeted layers inside ``module`` (named ``prefix`` in the DiT, whose
+        weights must be loaded) in place, each on its weight's device; returns how many were merged."""
+        targets = {name: layer for name, layer in lora_target_modules(module, prefix).items() if name in self.pairs}
+        if not targets:
+            return 0
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as handle, torch.no_grad():
+                for name, layer in targets.items():
+                    weight = layer.weight
+                    down = handle.get_tensor(self.pairs[name]["A"]).to(weight.device, torch.float32)
+                    up = handle.get_tensor(self.pairs[name]["B"]).to(weight.device, torch.float32)
+                    weight.copy_(weight.float() + (up @ down) * self.scale)
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"{self.path}: cannot read the LoRA tensors ({error}); re-download the file") from None
+        return len(targets)

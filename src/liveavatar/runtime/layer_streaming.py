@@ -17,7 +17,8 @@ from torch import nn
 
 from liveavatar.runtime.fp8 import convert_to_fp8, fp8_kernel_for
 from liveavatar.runtime.placement import Placement
-from liveavatar.runtime.transfer import SLOT_ALIGNMENT, Copier, PinnedArena
+from liveavatar.runtime.pinned_chunks import aligned
+from liveavatar.runtime.transfer import Copier, PinnedArena
 
 
 def unit_modules(model: nn.Module, layer: int) -> dict[str, nn.Module]:
@@ -46,7 +47,7 @@ class _UnitWeights:
                 for name, tensor, is_parameter in tensors:
                     nbytes = tensor.numel() * tensor.element_size()
                     self.entries.append((owner, name, is_parameter, tensor.dtype, tuple(tensor.shape), offset, nbytes))
-                    offset += -(-nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+                    offset += aligned(nbytes)
         self.nbytes = offset
         self.host = arena.zeros((offset,), torch.uint8)
         for owner, name, is_parameter, dtype, shape, start, nbytes in self.entries:
