@@ -87,7 +87,8 @@ def test_streamed_placements_are_bit_identical_to_the_resident_run(checkpoint, i
         # Streamed weights point into the unit's host buffer or a slot, never into a private copy.
         unit = layers.units[placement.streamed_layers[0]]
         storage = model.blocks[unit.layer].ffn[0].weight.untyped_storage().data_ptr()
-        assert storage in {slot.data_ptr() for slot in layers.slots} | {unit.host.data_ptr()}
+        hosts = {host.untyped_storage().data_ptr() for *_, host, _ in unit.entries}
+        assert storage in {slot.untyped_storage().data_ptr() for slot in layers.slots} | hosts
 
 
 def test_copies_are_issued_ahead_of_use_in_steady_state(checkpoint, inputs):

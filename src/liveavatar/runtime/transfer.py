@@ -60,13 +60,13 @@ class PinnedArena:
     """Host memory for streamed weights and host caches, pinned when the device is a GPU.
 
     Tensors are carved out of power-of-two chunks of at least 1 GiB (`liveavatar.runtime.pinned_chunks`
-    says why and is the packing rule the planner predicts with). A chunk is freed with the last tensor
-    carved from it.
+    says why and is the packing rule the planner predicts with). The chunks are freed with the arena and
+    the last tensor carved from them.
     """
 
     def __init__(self, pin: bool):
         self.pin = pin
-        self.chunk: torch.Tensor | None = None
+        self.chunks: list[torch.Tensor] = []
         self.packer = ChunkPacker()
 
     @property
@@ -76,7 +76,7 @@ class PinnedArena:
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
-        start, opened = self.packer.place(nbytes)
+        index, start, opened = self.packer.place(nbytes)
         if opened:
-            self.chunk = torch.empty(opened, dtype=torch.uint8, pin_memory=self.pin)
-        return self.chunk[start:start + nbytes].view(dtype).view(shape).zero_()
+            self.chunks.append(torch.empty(opened, dtype=torch.uint8, pin_memory=self.pin))
+        return self.chunks[index][start:start + nbytes].view(dtype).view(shape).zero_()
