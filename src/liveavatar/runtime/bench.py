@@ -2,26 +2,84 @@
 
 The DiT (the 14B release's configuration, or the tiny one) and the VAE are built on the meta device and
 materialised unit by unit directly on the target device in the run dtype, with random weights (no
-checkpoint, never a full host copy); the DiT is placed as the plan says: FP8 linears, streamed layers,
-KV sets and cond cache on the GPU or in pinned host memory. Conditioning is synthetic (random text
+checkpoint, never a full host copy), or the DiT is loaded from a checkpoint folder (``weights_dir``, with
+its LoRA) by the engine's own streaming loader; the DiT is placed as the plan says: FP8 linears, streamed
+layers, KV sets and cond cache on the GPU or in pinned host memory. Conditioning is synthetic (random text
 context, audio features, reference and motion latents: the encoders are set-up cost and not timed), and
 `liveavatar.runtime.sampler.sample` runs it: sink prefill, 4-step blocks with one KV set per step, the
 sink refresh before clip 1 and the streaming VAE decode of every block.
 
 Reported: video FPS over the blocks after the warm-up, time to first frame (from the start of the loop:
 prefill, first block, its decode), per-forward time (median over forwards inside a block, so without
-the decode), peak allocated and reserved GPU memory, peak host RSS, and the planner's prediction.
+the decode), peak allocated and reserved GPU memory and peak host RSS per phase (sampled every few
+milliseconds), the pinned bytes, and the planner's predictions of all of them.
 """
 from __future__ import annotations
 
 import math
 import resource
 import statistics
+import threading
 import time
 
 from liveavatar.geometry import LATENT_CHANNELS
 from liveavatar.runtime.planner.hardware import GiB
 from liveavatar.runtime.planner.memory import phase_peaks, transformer_config_for
+
+# What the benchmark does not do of a real run: no encoders are read or run (synthetic conditioning), no mp4.
+NOT_BENCHED = ("audio encoder", "text encoder", "wav2vec2", "audio:", "decoded frames")
+
+
+class RssSampler:
+    """Peak resident memory of this process per window (between `take` calls), sampled from
+    /proc/self/status every few milliseconds by a background thread (ru_maxrss only has the peak since
+    the start). Fields: VmRSS (the total) and its anonymous, file-backed and shared parts."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.peak = dict.fromkeys(self.FIELDS, 0)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @classmethod
+    def now(cls) -> dict[str, int]:
+        values = dict.fromkeys(cls.FIELDS, 0)
+        try:
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    key = line.split(":", 1)[0]
+                    if key in values:
+                        values[key] = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return values
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        values = self.now()
+        with self._lock:
+            self.peak = {key: max(self.peak[key], values[key]) for key in self.FIELDS}
+
+    def take(self) -> dict[str, int]:
+        """The peaks since the last call (including now), then start a new window."""
+        self.sample()
+        with self._lock:
+            peak, self.peak = self.peak, dict.fromkeys(self.FIELDS, 0)
+        return peak
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def random_init_(module, device, dtype, generator) -> None:
@@ -47,9 +105,18 @@ def random_init_(module, device, dtype, generator) -> None:
 
 
 def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name: str | None = None,
-                  ckpt_dir=None, seed: int = 0) -> dict:
-    """Build the random full-size engine under `plan.placement`, run warm-up + measured blocks through the
-    sampling loop, return the measurements (see the module docstring)."""
+                  ckpt_dir=None, seed: int = 0, weights_dir=None, lora=None) -> dict:
+    """Build the full-size engine under `plan.placement` (random weights, or the DiT of ``weights_dir`` with
+    ``lora`` merged), run warm-up + measured blocks through the sampling loop, return the measurements (see
+    the module docstring)."""
+    with RssSampler() as rss:
+        return _run_benchmark(plan, rss, device=device, blocks=blocks, warmup_blocks=warmup_blocks,
+                              config_name=config_name, ckpt_dir=ckpt_dir, seed=seed, weights_dir=weights_dir,
+                              lora=lora)
+
+
+def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, config_name, ckpt_dir, seed,
+                   weights_dir, lora) -> dict:
     import torch
 
     import numpy as np
@@ -62,21 +129,28 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
     from liveavatar.runtime.engine import Conditioning, Engine
     from liveavatar.runtime.layer_streaming import place_dit
+    from liveavatar.runtime.loading import load_placed_dit
     from liveavatar.runtime.sampler import VideoFrames
 
     work, placement = plan.workload, plan.placement
     dtype = torch.float32 if work.run_dtype_bytes == 4 else torch.bfloat16
     cuda = device.type == "cuda"
     generator = torch.Generator(device).manual_seed(seed)
-    config = transformer_config_for(ckpt_dir, config_name)
+    config = transformer_config_for(weights_dir or ckpt_dir, config_name)
     if cuda:
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
+    host_start = rss.take()
     start = time.perf_counter()
     with torch.device("meta"):
-        model = CausalS2VTransformer(config)
         vae = WanVAE(VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
-    layer_streamer = place_dit(model, placement, device,
-                               materialize=lambda name, module: random_init_(module, device, dtype, generator))
+    if weights_dir is not None:
+        model, layer_streamer = load_placed_dit(weights_dir, placement, device=device, dtype=dtype, lora=lora)
+    else:
+        with torch.device("meta"):
+            model = CausalS2VTransformer(config)
+        layer_streamer = place_dit(model, placement, device,
+                                   materialize=lambda name, module: random_init_(module, device, dtype, generator))
     random_init_(vae, device, dtype, generator)
     model.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
@@ -113,13 +187,15 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     # of the block before it).
     windows = {"load": torch.cuda.max_memory_allocated(device) if cuda else None,
                "prefill": None, "denoise": None, "decode": None}
+    host_windows = {"load": rss.take()["VmRSS"], "prefill": 0, "denoise": 0, "decode": 0}
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     def on_forward(clip, block, step, x, velocity):
         forward_marks.append((clip * geometry.blocks_per_clip + block, _mark(cuda)))
+        window = "prefill" if len(forward_marks) == 1 else "denoise" if step > 0 else "decode"
+        host_windows[window] = max(host_windows[window], rss.take()["VmRSS"])
         if cuda:
-            window = "prefill" if len(forward_marks) == 1 else "denoise" if step > 0 else "decode"
             windows[window] = max(windows[window] or 0, torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -136,6 +212,7 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
         if blocks_done >= total_blocks:
             break
     events.close()
+    host_windows["decode"] = max(host_windows["decode"], rss.take()["VmRSS"])
     if cuda:
         windows["decode"] = max(windows["decode"] or 0, torch.cuda.max_memory_allocated(device))
     if warmup_blocks == 0:
@@ -149,6 +226,9 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
 
     forward_s = _forward_times(forward_marks, cuda, warmup_blocks)
     predicted = bench_phase_peaks(plan)
+    predicted_host = bench_phase_peaks(plan, "host", loads_checkpoint=weights_dir is not None)
+    streamer = engine.cache_set.streamer
+    pinned = (layer_streamer.arena.nbytes if layer_streamer else 0) + (streamer.arena.nbytes if streamer else 0)
     report = {
         "fps": measured_frames / measured_s,
         "ttff_s": frame_marks[0][0] - loop_start,
@@ -158,17 +238,26 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if cuda else None,
         "phase_peaks_gib": {k: v / GiB for k, v in windows.items()} if cuda else None,
         "predicted_phase_peaks_gib": {k: v / GiB for k, v in predicted.items()},
-        "host_rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
+        "host_rss_peak_gib": max(host_windows.values()) / GiB,
+        "host_rss_max_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
+        "host_rss_start_gib": host_start["VmRSS"] / GiB,
+        "host_phase_peaks_gib": {k: v / GiB for k, v in host_windows.items()},
+        "host_rss_parts_now_gib": {k: v / GiB for k, v in RssSampler.now().items()},
+        "pinned_gib": pinned / GiB,
+        "predicted_host_phase_peaks_gib": {k: v / GiB for k, v in predicted_host.items()},
+        "predicted_host_peak_gib": max(predicted_host.values()) / GiB,
+        "predicted_pinned_gib": plan.host_pinned_bytes / GiB,
         "predicted_peak_gib": max(predicted.values()) / GiB,
         "predicted_fps": plan.speed.fps if plan.budget_bytes is not None else None,
         "build_s": build_s,
+        "weights": "checkpoint" if weights_dir is not None else "random",
         "measured_blocks": measured_blocks,
         "warmup_blocks": warmup_blocks,
         "frames_measured": measured_frames,
         "loop": "liveavatar.runtime.sampler.sample (real sampling loop, synthetic conditioning)",
         "placement": placement.to_json(),
         "streamed_layer_copies": layer_streamer.copies if layer_streamer else 0,
-        "kv_host_fetched_gb": streamer.fetched_bytes / 1e9 if (streamer := engine.cache_set.streamer) else 0.0,
+        "kv_host_fetched_gb": streamer.fetched_bytes / 1e9 if streamer else 0.0,
         "config": config_name or "14b",
         "height": work.height, "width": work.width, "infer_frames": work.infer_frames,
         "sample_steps": work.sample_steps, "mode": work.mode, "dtype": str(dtype).removeprefix("torch."),
@@ -179,11 +268,13 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
     return report
 
 
-def bench_phase_peaks(plan) -> dict[str, int]:
-    """The planner's GPU peaks for what the benchmark allocates: every phase but the set-up (encoders),
-    without the audio encoder, which the benchmark does not load."""
-    peaks = phase_peaks([c for c in plan.components if not c.name.startswith("audio encoder")])
-    return {phase: peak for phase, peak in peaks.items() if phase != "setup"}
+def bench_phase_peaks(plan, where: str = "gpu", *, loads_checkpoint: bool = False) -> dict[str, int]:
+    """The planner's peaks (GPU, or host) for what the benchmark allocates: every phase but the set-up
+    (encoders), without the pieces it does not have (`NOT_BENCHED`; the checkpoint's read buffer only
+    when it loads one)."""
+    kept = [c for c in plan.components if not c.name.startswith(NOT_BENCHED)
+            and (loads_checkpoint or not c.name.startswith("checkpoint read buffer"))]
+    return {phase: peak for phase, peak in phase_peaks(kept, where).items() if phase != "setup"}
 
 
 def _mark(cuda: bool):

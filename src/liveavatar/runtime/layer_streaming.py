@@ -97,8 +97,9 @@ class LayerStreamer:
     computes up front), it is copied on demand. Pre-hooks on the unit's own modules cover those calls.
     """
 
-    def __init__(self, model: nn.Module, units: list[_UnitWeights], device: torch.device):
+    def __init__(self, model: nn.Module, units: list[_UnitWeights], device: torch.device, arena: PinnedArena):
         self.device = torch.device(device)
+        self.arena = arena  # where the units' host buffers were carved
         self.copier = Copier(self.device)
         self.units = {unit.layer: unit for unit in units}
         self.order = sorted(self.units)
@@ -206,4 +207,4 @@ def place_dit(model: nn.Module, placement: Placement, device: torch.device | str
             materialize(name, child)
             if placement.weight_dtype == "fp8":
                 convert_to_fp8(child, kernel=kernel, prefix=name)
-    return LayerStreamer(model, streamed, device) if streamed else None
+    return LayerStreamer(model, streamed, device, arena) if streamed else None

@@ -31,8 +31,12 @@ HARDWARE_PRESETS = {
     "a100": Hardware("NVIDIA A100 80GB", 312e12, None, 2.0e12, 25e9, 25e9, 81920 * MiB),
     "rtx4090": Hardware("RTX 4090-class (24 GB, ~25 GB/s host link, ~330 TFLOP/s FP8)",
                         165e12, 330e12, 1.0e12, 25e9, 25e9, 24564 * MiB),
+    # Dense tensor rates with float32 accumulation (as for the 4090): 46 of the 4090's 128 SMs.
+    "rtx4070": Hardware("RTX 4070-class (12 GB, ~25 GB/s host link, ~117 TFLOP/s FP8)",
+                        58.3e12, 116.6e12, 0.504e12, 25e9, 25e9, 12282 * MiB),
 }
-_DEVICE_NAME_PRESETS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("4090", "rtx4090"))
+_DEVICE_NAME_PRESETS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("4090", "rtx4090"),
+                        ("4070", "rtx4070"))
 
 # A CPU run: nothing crosses a host link (the rates only keep the speed model finite).
 CPU_HARDWARE = Hardware("CPU (no GPU)", 1e12, None, 5e10, 1e15, 1e15)
