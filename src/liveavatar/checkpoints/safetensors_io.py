@@ -205,6 +205,29 @@ def load_into(module: nn.Module, files: dict[str, Path], *, device: torch.device
         load_module(module, reader, device=device, dtype=dtype)
 
 
+def shard_layout(sizes: dict[str, int], *, stem: str = "diffusion_pytorch_model",
+                 num_shards: int = 2) -> dict:
+    """The shard index (``{"metadata": {"total_size"}, "weight_map": key -> file}``) that splits tensors of
+    ``sizes`` bytes, in order, into ``{stem}-0000k-of-0000n.safetensors`` shards of about equal size."""
+    if not 1 < num_shards <= len(sizes):
+        raise ValueError(f"num_shards must be between 2 and {len(sizes)}, got {num_shards}")
+    total = sum(sizes.values())
+    target = math.ceil(total / num_shards)
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for index, (key, nbytes) in enumerate(sizes.items()):
+        remaining_keys = len(sizes) - index
+        remaining_shards = num_shards - len(shards)
+        if shards[-1] and remaining_shards and (filled >= target or remaining_keys <= remaining_shards):
+            shards.append([])
+            filled = 0
+        shards[-1].append(key)
+        filled += nbytes
+    weight_map = {key: f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors"
+                  for number, keys in enumerate(shards, start=1) for key in keys}
+    return {"metadata": {"total_size": total}, "weight_map": weight_map}
+
+
 def save_sharded(state_dict: dict[str, torch.Tensor], out_dir: Path, *, stem: str = "diffusion_pytorch_model",
                  num_shards: int = 2) -> None:
     """Write ``{stem}-0000k-of-0000n.safetensors`` shards of about equal size plus the index (or a single
@@ -215,24 +238,8 @@ def save_sharded(state_dict: dict[str, torch.Tensor], out_dir: Path, *, stem: st
     if num_shards == 1:
         save_file(tensors, str(out_dir / f"{stem}.safetensors"), metadata={"format": "pt"})
         return
-    if not 1 < num_shards <= len(tensors):
-        raise ValueError(f"num_shards must be between 1 and {len(tensors)}, got {num_shards}")
-    total = sum(t.nbytes for t in tensors.values())
-    target = math.ceil(total / num_shards)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    filled = 0
-    for index, (key, value) in enumerate(tensors.items()):
-        remaining_keys = len(tensors) - index
-        remaining_shards = num_shards - len(shards)
-        if shards[-1] and remaining_shards and (filled >= target or remaining_keys <= remaining_shards):
-            shards.append({})
-            filled = 0
-        shards[-1][key] = value
-        filled += value.nbytes
-    weight_map = {}
-    for number, shard in enumerate(shards, start=1):
-        name = f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors"
+    index = shard_layout({key: t.nbytes for key, t in tensors.items()}, stem=stem, num_shards=num_shards)
+    for name in dict.fromkeys(index["weight_map"].values()):
+        shard = {key: tensors[key] for key, file in index["weight_map"].items() if file == name}
         save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

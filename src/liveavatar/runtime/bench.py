@@ -119,68 +119,32 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
                    weights_dir, lora) -> dict:
     import torch
 
-    import numpy as np
-    from PIL import Image
-
-    from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
-    from liveavatar.models.transformer import CausalS2VTransformer
-    from liveavatar.models.vae import VAEConfig, WanVAE
-    from liveavatar.request import WaveformAudio, resolve_request
-    from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
-    from liveavatar.runtime.engine import Conditioning, Engine
-    from liveavatar.runtime.layer_streaming import place_dit
+    from liveavatar.runtime.engine import Engine
     from liveavatar.runtime.loading import load_placed_dit
     from liveavatar.runtime.sampler import VideoFrames
 
     work, placement = plan.workload, plan.placement
     dtype = torch.float32 if work.run_dtype_bytes == 4 else torch.bfloat16
     cuda = device.type == "cuda"
-    generator = torch.Generator(device).manual_seed(seed)
-    config = transformer_config_for(weights_dir or ckpt_dir, config_name)
     if cuda:
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     host_start = rss.take()
     start = time.perf_counter()
-    with torch.device("meta"):
-        vae = WanVAE(VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
     if weights_dir is not None:
         model, layer_streamer = load_placed_dit(weights_dir, placement, device=device, dtype=dtype, lora=lora)
+        vae = _random_models(None, placement, device=device, dtype=dtype, seed=seed, tiny=config_name == "tiny")[1]
     else:
-        with torch.device("meta"):
-            model = CausalS2VTransformer(config)
-        layer_streamer = place_dit(model, placement, device,
-                                   materialize=lambda name, module: random_init_(module, device, dtype, generator))
-    random_init_(vae, device, dtype, generator)
-    model.eval().requires_grad_(False)
-    vae.eval().requires_grad_(False)
+        model, vae, layer_streamer = _random_models(transformer_config_for(ckpt_dir, config_name), placement,
+                                                    device=device, dtype=dtype, seed=seed,
+                                                    tiny=config_name == "tiny")
     build_s = _synchronized(cuda, start)
     engine = Engine(model, vae, None, None, placement=placement, device=device, dtype=dtype,
                     layer_streamer=layer_streamer)
-
-    # A request of the benchmark's size and length; its conditioning is synthetic (the encoders are
-    # set-up cost, not timed here).
     total_blocks = warmup_blocks + blocks
-    clip_seconds = work.infer_frames / FPS
-    num_clips = math.ceil(total_blocks / work.geometry.blocks_per_clip)
-    silence = np.zeros(int((num_clips + 1) * clip_seconds * AUDIO_SAMPLE_RATE), np.float32)
-    request = resolve_request(Image.new("RGB", (work.width, work.height)), WaveformAudio(silence), "",
-                              size=work.width * work.height, infer_frames=work.infer_frames,
-                              sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode)
+    request, conditioning = synthetic_request(model, vae, work, num_clips=math.ceil(
+        total_blocks / work.geometry.blocks_per_clip), device=device, dtype=dtype, seed=seed)
     geometry = request.geometry
-    g = torch.Generator("cpu").manual_seed(seed)
-    text_kv = model.text_kv(torch.randn(32, config.text_dim, generator=g).to(device, dtype))
-    audio = WholeFileAudio(torch.randn(1, config.audio_layers, config.audio_dim, num_clips * work.infer_frames,
-                                       generator=g).to(dtype), geometry)
-    # Synthetic sink latents shaped as the mode makes them (the reference encode is set-up, not timed here).
-    picture = torch.rand(1, 3, 1, work.height, work.width, generator=g).mul_(2).sub_(1).to(device, dtype)
-    history = motion_history(picture, work.mode)
-    motion_latents = (history.shape[2] - 1) // vae.config.temporal_factor + 1
-    reference = ReferenceLatents(ref=torch.randn(1, LATENT_CHANNELS, 1, geometry.latent_height, geometry.latent_width,
-                                                 generator=g).to(device),
-                                 motion=torch.randn(1, LATENT_CHANNELS, motion_latents, geometry.latent_height,
-                                                    geometry.latent_width, generator=g).to(device),
-                                 history=history)
     forward_marks: list[tuple[int, object]] = []
     # Peak allocated memory per window between forwards: the first (KV sets, sink prefill, first forward),
     # the other steps (a forward and an Euler update), and step 0 of later blocks (plus the VAE decode
@@ -202,7 +166,7 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
     loop_start = time.perf_counter()
     frame_marks: list[tuple[float, int, int]] = []  # (time, frames, blocks done) per batch of decoded frames
     blocks_done = 0
-    events = engine.run(request, Conditioning(text_kv, reference, audio), on_forward=on_forward)
+    events = engine.run(request, conditioning, on_forward=on_forward)
     for event in events:
         if not isinstance(event, VideoFrames):
             blocks_done += 1
@@ -258,7 +222,7 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
         "placement": placement.to_json(),
         "streamed_layer_copies": layer_streamer.copies if layer_streamer else 0,
         "kv_host_fetched_gb": streamer.fetched_bytes / 1e9 if streamer else 0.0,
-        "config": config_name or "14b",
+        "config": config_name or ("14b" if model.config.dim == 5120 else "custom"),
         "height": work.height, "width": work.width, "infer_frames": work.infer_frames,
         "sample_steps": work.sample_steps, "mode": work.mode, "dtype": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -275,6 +239,110 @@ def bench_phase_peaks(plan, where: str = "gpu", *, loads_checkpoint: bool = Fals
     kept = [c for c in plan.components if not c.name.startswith(NOT_BENCHED)
             and (loads_checkpoint or not c.name.startswith("checkpoint read buffer"))]
     return {phase: peak for phase, peak in phase_peaks(kept, where).items() if phase != "setup"}
+
+
+def _random_models(config, placement, *, device, dtype, seed: int, tiny: bool):
+    """The DiT of ``config`` (None: no DiT) placed as ``placement`` says and the VAE (tiny: base width 8),
+    built on the meta device and materialised unit by unit on ``device`` with random weights."""
+    import torch
+
+    from liveavatar.models.transformer import CausalS2VTransformer
+    from liveavatar.models.vae import VAEConfig, WanVAE
+    from liveavatar.runtime.layer_streaming import place_dit
+
+    generator = torch.Generator(device).manual_seed(seed)
+    model = layer_streamer = None
+    if config is not None:
+        with torch.device("meta"):
+            model = CausalS2VTransformer(config)
+        layer_streamer = place_dit(model, placement, device,
+                                   materialize=lambda name, module: random_init_(module, device, dtype, generator))
+        model.eval().requires_grad_(False)
+    with torch.device("meta"):
+        vae = WanVAE(VAEConfig(base_dim=8) if tiny else VAEConfig())
+    random_init_(vae, device, dtype, generator)
+    return model, vae.eval().requires_grad_(False), layer_streamer
+
+
+def synthetic_request(model, vae, work, *, num_clips: int, device, dtype, seed: int):
+    """A request of the workload's size and ``num_clips`` clips (silent audio) and its synthetic
+    conditioning (random text context, audio features, reference and motion latents shaped as the mode makes
+    them): the encoders are set-up cost, not what is measured. The same seed gives the same inputs."""
+    import torch
+
+    import numpy as np
+    from PIL import Image
+
+    from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
+    from liveavatar.request import WaveformAudio, resolve_request
+    from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
+    from liveavatar.runtime.engine import Conditioning
+
+    config = model.config
+    silence = np.zeros(int((num_clips + 1) * work.infer_frames / FPS * AUDIO_SAMPLE_RATE), np.float32)
+    request = resolve_request(Image.new("RGB", (work.width, work.height)), WaveformAudio(silence), "",
+                              size=work.width * work.height, infer_frames=work.infer_frames,
+                              sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode)
+    geometry = request.geometry
+    g = torch.Generator("cpu").manual_seed(seed)
+    text_kv = model.text_kv(torch.randn(32, config.text_dim, generator=g).to(device, dtype))
+    audio = WholeFileAudio(torch.randn(1, config.audio_layers, config.audio_dim, num_clips * work.infer_frames,
+                                       generator=g).to(dtype), geometry)
+    picture = torch.rand(1, 3, 1, work.height, work.width, generator=g).mul_(2).sub_(1).to(device, dtype)
+    history = motion_history(picture, work.mode)
+    motion_latents = (history.shape[2] - 1) // vae.config.temporal_factor + 1
+    latent_hw = (geometry.latent_height, geometry.latent_width)
+    reference = ReferenceLatents(ref=torch.randn(1, LATENT_CHANNELS, 1, *latent_hw, generator=g).to(device),
+                                 motion=torch.randn(1, LATENT_CHANNELS, motion_latents, *latent_hw,
+                                                    generator=g).to(device),
+                                 history=history)
+    return request, Conditioning(text_kv, reference, audio)
+
+
+def kv_fp8_drift(work, *, weight_dtype: str, device, config_name: str | None = None, num_clips: int = 2,
+                 seed: int = 0) -> dict:
+    """How far FP8 KV sets move a run from KV sets in the run dtype, everything else equal: one random
+    engine (resident, ``weight_dtype`` weights), the same ``num_clips`` request run with each, and the
+    relative L2 difference of every predicted velocity and every decoded frame (max and mean over them),
+    plus the largest elementwise difference of the frames (pixels in [-1, 1])."""
+    import torch
+
+    from liveavatar.runtime.engine import Engine
+    from liveavatar.runtime.placement import Placement
+    from liveavatar.runtime.sampler import VideoFrames
+
+    dtype = torch.float32 if work.run_dtype_bytes == 4 else torch.bfloat16
+    model, vae, _ = _random_models(transformer_config_for(None, config_name),
+                                   Placement(weight_dtype=weight_dtype), device=device, dtype=dtype, seed=seed,
+                                   tiny=config_name == "tiny")
+    runs = {}
+    for kv_dtype in ("bf16", "fp8"):
+        engine = Engine(model, vae, None, None, placement=Placement(weight_dtype=weight_dtype, kv_dtype=kv_dtype),
+                        device=device, dtype=dtype)
+        request, conditioning = synthetic_request(model, vae, work, num_clips=num_clips, device=device, dtype=dtype,
+                                                  seed=seed)
+        velocities, frames = [], []
+        def keep(clip, block, step, x, velocity):
+            velocities.append(velocity.float().cpu())
+
+        for event in engine.run(request, conditioning, on_forward=keep):
+            if isinstance(event, VideoFrames):
+                frames += list(event.frames.float().cpu().unbind(1))
+        runs[kv_dtype] = velocities, frames
+        del engine, conditioning
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def relative(ref: list, got: list) -> list[float]:
+        return [float((b - a).norm() / a.norm().clamp_min(1e-12)) for a, b in zip(ref, got)]
+
+    velocity = relative(runs["bf16"][0], runs["fp8"][0])
+    frame = relative(runs["bf16"][1], runs["fp8"][1])
+    frame_abs = max(float((b - a).abs().max()) for a, b in zip(runs["bf16"][1], runs["fp8"][1]))
+    return {"forwards": len(velocity), "frames": len(frame), "weights": weight_dtype, "num_clips": num_clips,
+            "velocity_rel_l2_max": max(velocity), "velocity_rel_l2_mean": statistics.fmean(velocity),
+            "frame_rel_l2_max": max(frame), "frame_rel_l2_mean": statistics.fmean(frame), "frame_abs_max": frame_abs,
+            "height": work.height, "width": work.width, "config": config_name or "14b"}
 
 
 def _mark(cuda: bool):

@@ -68,14 +68,9 @@ def available_host_memory() -> int | None:
     return available if limit is None else min(available, limit)
 
 
-def process_resident_bytes() -> int:
-    """Resident memory of this process now (0 when unknown)."""
-    return _meminfo_bytes("VmRSS", "/proc/self/status") or 0
-
-
-def _meminfo_bytes(field: str, path: str = "/proc/meminfo") -> int | None:
+def _meminfo_bytes(field: str) -> int | None:
     try:
-        with open(path) as handle:
+        with open("/proc/meminfo") as handle:
             for line in handle:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024

@@ -8,8 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.geometry import FRAMES_PER_BLOCK, size_for_area
 from liveavatar.runtime.placement import Placement, spread_layers
-from liveavatar.runtime.planner.hardware import (CPU_HARDWARE, GiB, MiB, Hardware, available_host_memory,
-                                                 process_resident_bytes)
+from liveavatar.runtime.planner.hardware import CPU_HARDWARE, GiB, MiB, Hardware, available_host_memory
 from liveavatar.runtime.planner.host import host_components
 from liveavatar.runtime.planner.memory import (ALLOCATOR_FRAGMENTATION, Component, DiTInventory, Workload,
                                                host_pinned_bytes, memory_components, phase_peaks)
@@ -170,8 +169,10 @@ def default_host_budget() -> int | None:
     """Host memory a run in this process may use: what this machine (or the process's cgroup) has available
     now plus what the process already holds, since the planner predicts the process's whole footprint; None
     (unlimited) when that is unknown."""
+    from liveavatar.runtime.progress import host_rss_bytes
+
     available = available_host_memory()
-    return None if available is None else available + process_resident_bytes()
+    return None if available is None else available + host_rss_bytes()
 
 
 def resolve_budget(*, vram_budget: int | None = None, gpu_memory: int | None = None,

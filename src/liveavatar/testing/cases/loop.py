@@ -60,7 +60,9 @@ def _trace_names(manifest: dict) -> dict[tuple[int, int, int], str]:
     return names
 
 
-def run(fixture: Fixture) -> Iterator[Comparison]:
+def run(fixture: Fixture, placement: Placement = Placement()) -> Iterator[Comparison]:
+    """The fixture's comparisons; ``placement`` changes how the caches are stored (an FP8 KV run measures
+    its error against the float32 results)."""
     manifest = fixture.manifest
     kwargs = manifest["generate_kwargs"]
     tpp = "world_size" in manifest
@@ -105,7 +107,7 @@ def run(fixture: Fixture) -> Iterator[Comparison]:
         draws = recorded_ref_rope_offsets([per_rank[str(step)] for step in range(schedule.num_steps)])
     else:
         draws = recorded_ref_rope_offsets(manifest["relative_dist_draws"])
-    caches = build_caches(model, Placement(), geometry, range(schedule.num_steps), device="cpu", dtype=dtype)
+    caches = build_caches(model, placement, geometry, range(schedule.num_steps), device="cpu", dtype=dtype)
     executor = _RecordingExecutor(model, caches, schedule, model.text_kv(fixture["in.context"]),
                                   ref_rope_offset=draws, on_forward=record_forward,
                                   blocks_per_clip=geometry.blocks_per_clip)
