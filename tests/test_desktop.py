@@ -231,16 +231,17 @@ def test_text_encoder_weights_stay_mapped_from_the_pth_on_the_cpu(tmp_path):
 def test_desktop_fit_writes_a_loadable_release_layout_and_limits_a_child(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import desktop_fit
+    import full_size_checkpoint
 
-    written = desktop_fit.write_checkpoint(tmp_path, "tiny")
-    assert not written["reused"] and desktop_fit.write_checkpoint(tmp_path, "tiny")["reused"]
+    written = full_size_checkpoint.write_checkpoint(tmp_path, "tiny")
+    assert not written["reused"] and full_size_checkpoint.write_checkpoint(tmp_path, "tiny")["reused"]
     dit = Path(written["dit"])
     assert sorted(p.name for p in dit.glob("*.safetensors")) == [
         f"diffusion_pytorch_model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     model, _ = load_placed_dit(dit, Placement(), device="cpu", dtype=torch.float32, lora=written["lora"])
     assert torch.isfinite(model.blocks[0].ffn[0].weight).all()
     limit = desktop_fit.MemoryLimit(200 << 20, "rss")
-    hog = desktop_fit.run_child([sys.executable, "-c", "import time; x = bytearray(400 << 20); time.sleep(5)"],
+    hog = desktop_fit.run_child([sys.executable, "-c", "import time; x = b'x' * (400 << 20); time.sleep(5)"],
                                 limit, timeout_s=30)
     assert "passed the" in hog["error"] and hog["limit_mode"] == "rss watch"
     fine = desktop_fit.run_child([sys.executable, "-c", "print('{\"ok\": 1}')"], limit, timeout_s=30)

@@ -88,6 +88,7 @@ class GenerationSettings:
     device: str | None = None  # None: CUDA when available, else the CPU
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
     vram_budget: int | None = None
+    host_memory: int | None = None  # None: what the machine (or its cgroup) has available
     save_file: Path | None = None
     save_dir: Path = Path("output")
     keep_partial: bool = False
@@ -116,6 +117,8 @@ class GenerationSettings:
             raise InputError(f"--device {self.device!r}: expected cuda, cuda:N, cpu or mps")
         if self.vram_budget is not None and self.vram_budget <= 0:
             raise InputError("--vram-budget: must be positive")
+        if self.host_memory is not None and self.host_memory <= 0:
+            raise InputError("--host-memory: must be positive")
         if self.save_file is not None:
             if self.save_file.suffix.lower() != ".mp4":
                 raise InputError(f"--save_file {self.save_file}: the output is an H.264 .mp4; give a name ending in .mp4")

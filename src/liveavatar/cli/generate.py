@@ -10,7 +10,7 @@ from typing import Callable
 
 from pathlib import Path
 
-from liveavatar.cli.flags import add_bool_flag, add_flag, bool_arg
+from liveavatar.cli.flags import add_bool_flag, add_flag, bool_arg, byte_amount
 from liveavatar.devices import dtype_bytes
 from liveavatar.errors import InputError
 from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES
@@ -105,6 +105,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(device, "device", help="cuda, cuda:N or cpu (default: CUDA when available)")
     add_flag(device, "dtype", help="bfloat16 or float32 (default: bfloat16 on CUDA, float32 on the CPU)")
     add_flag(device, "vram-budget", metavar="SIZE", help="GPU memory the planner may use, e.g. 40GiB")
+    add_flag(device, "host-memory", metavar="SIZE", help="host RAM the run may use, e.g. 28GiB (default: what "
+             "the machine, or its cgroup, has available)")
     add_bool_flag(device, "fp8", "FP8 linears after the LoRA merge, as the reference's --fp8")
     add_bool_flag(device, "t5_cpu", "run the text encoder on the CPU")
 
@@ -154,6 +156,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         enable_online_decode=bool(args.enable_online_decode), ref_rope_offset=args.ref_rope_offset,
         fp8=bool(args.fp8), t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
+        host_memory=byte_amount("host-memory", args.host_memory),
         save_file=args.save_file, save_dir=args.save_dir, keep_partial=bool(args.keep_partial),
     )
     return settings, notices
@@ -224,8 +227,9 @@ def _configuration_line(report: dict) -> str:
 
 def plan_for_settings(settings: GenerationSettings, request: Request) -> Plan:
     """The plan ``generate`` runs under, made before anything is loaded (of the checkpoints only the DiT's
-    config.json is read), for the request's video size. ``vram_budget`` caps the GPU budget; ``fp8`` and
-    ``t5_cpu`` pin those choices. A CPU run (``--device cpu``, or no GPU) gets a plan with no GPU budget.
+    config.json is read), for the request's video size and audio length. ``vram_budget`` caps the GPU budget,
+    ``host_memory`` the host's (default: what is available); ``fp8`` and ``t5_cpu`` pin those choices. A CPU
+    run (``--device cpu``, or no GPU) gets a plan with no GPU budget.
     Call ``.check()`` on the result to refuse a run that does not fit."""
     import torch
 
@@ -233,15 +237,15 @@ def plan_for_settings(settings: GenerationSettings, request: Request) -> Plan:
     dtype = settings.dtype or ("float32" if on_cpu else "bfloat16")
     geometry = request.geometry
     work = Workload(geometry.height, geometry.width, geometry.infer_frames, request.sample_steps, 1, request.mode,
-                    dtype_bytes(dtype))
+                    dtype_bytes(dtype), audio_seconds=request.audio_seconds or 0.0)
     inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
     pins = Pins(weight_dtype="fp8" if settings.fp8 else None, text_encoder="cpu" if settings.t5_cpu else None)
     if on_cpu:
         return plan_cpu_run(inventory, work, pins)
     hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
     budget, source = resolve_budget(vram_budget=settings.vram_budget)
-    return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins,
-                     host_budget_bytes=default_host_budget())
+    host = settings.host_memory if settings.host_memory is not None else default_host_budget()
+    return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins, host_budget_bytes=host)
 
 
 def generate_from_settings(settings: GenerationSettings, request: Request, *, progress: bool = True) -> Path:
@@ -253,7 +257,9 @@ def generate_from_settings(settings: GenerationSettings, request: Request, *, pr
     plan = plan_for_settings(settings, request).check()
     if progress and resolve_device(settings.device).type == "cuda":
         print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
-              f"({plan.budget_source})", file=sys.stderr)
+              f"({plan.budget_source}), host {plan.predicted_host_peak_bytes / 2**30:.1f} GiB", file=sys.stderr)
+        for note in plan.notes:
+            print(f"plan: {note}", file=sys.stderr)
     pipe = LiveAvatarPipeline.from_layout(settings.checkpoint_layout, device=settings.device, dtype=settings.dtype,
                                           placement=plan.placement)
     geometry = request.geometry

@@ -23,7 +23,7 @@ import threading
 import time
 
 from liveavatar.geometry import LATENT_CHANNELS
-from liveavatar.runtime.planner.hardware import GiB
+from liveavatar.runtime.planner.hardware import GiB, meminfo_bytes
 from liveavatar.runtime.planner.memory import phase_peaks, transformer_config_for
 
 # What the benchmark does not do of a real run: no encoders are read or run (synthetic conditioning), no mp4.
@@ -33,12 +33,15 @@ NOT_BENCHED = ("audio encoder", "text encoder", "wav2vec2", "audio:", "decoded f
 class RssSampler:
     """Peak resident memory of this process per window (between `take` calls), sampled from
     /proc/self/status every few milliseconds by a background thread (ru_maxrss only has the peak since
-    the start). Fields: VmRSS (the total) and its anonymous, file-backed and shared parts."""
+    the start). Fields: VmRSS (the total) and its anonymous, file-backed and shared parts, and "Taken": how
+    far the machine's MemAvailable fell below its value at the start (what the run took from the machine,
+    whoever's books it is in, e.g. the GPU driver's)."""
 
-    FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+    FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "Taken")
 
     def __init__(self, interval_s: float = 0.005):
         self.interval_s = interval_s
+        self.available_at_start = _mem_available()
         self.peak = dict.fromkeys(self.FIELDS, 0)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -46,6 +49,7 @@ class RssSampler:
 
     @classmethod
     def now(cls) -> dict[str, int]:
+        """This process's resident memory now, by field (Taken: 0; it needs a start)."""
         values = dict.fromkeys(cls.FIELDS, 0)
         try:
             with open("/proc/self/status") as handle:
@@ -63,6 +67,7 @@ class RssSampler:
 
     def sample(self) -> None:
         values = self.now()
+        values["Taken"] = max(0, self.available_at_start - _mem_available())
         with self._lock:
             self.peak = {key: max(self.peak[key], values[key]) for key in self.FIELDS}
 
@@ -102,6 +107,10 @@ def random_init_(module, device, dtype, generator) -> None:
                     fan_in = math.prod(shape[1:]) if "modulation" not in name else shape[-1]
                     value = torch.randn(shape, device=device, dtype=dtype, generator=generator).mul_(fan_in ** -0.5)
                 store[name] = nn.Parameter(value, requires_grad=False) if store is owner._parameters else value
+
+
+def _mem_available() -> int:
+    return meminfo_bytes("MemAvailable") or 0
 
 
 def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name: str | None = None,
@@ -151,14 +160,19 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
     # of the block before it).
     windows = {"load": torch.cuda.max_memory_allocated(device) if cuda else None,
                "prefill": None, "denoise": None, "decode": None}
-    host_windows = {"load": rss.take()["VmRSS"], "prefill": 0, "denoise": 0, "decode": 0}
+    load_window = rss.take()
+    host_windows = {"load": load_window["VmRSS"], "prefill": 0, "denoise": 0, "decode": 0}
+    taken = load_window["Taken"]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     def on_forward(clip, block, step, x, velocity):
         forward_marks.append((clip * geometry.blocks_per_clip + block, _mark(cuda)))
+        nonlocal taken
         window = "prefill" if len(forward_marks) == 1 else "denoise" if step > 0 else "decode"
-        host_windows[window] = max(host_windows[window], rss.take()["VmRSS"])
+        peaks = rss.take()
+        host_windows[window] = max(host_windows[window], peaks["VmRSS"])
+        taken = max(taken, peaks["Taken"])
         if cuda:
             windows[window] = max(windows[window] or 0, torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
@@ -176,7 +190,9 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
         if blocks_done >= total_blocks:
             break
     events.close()
-    host_windows["decode"] = max(host_windows["decode"], rss.take()["VmRSS"])
+    peaks = rss.take()
+    host_windows["decode"] = max(host_windows["decode"], peaks["VmRSS"])
+    taken = max(taken, peaks["Taken"])
     if cuda:
         windows["decode"] = max(windows["decode"] or 0, torch.cuda.max_memory_allocated(device))
     if warmup_blocks == 0:
@@ -205,6 +221,7 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
         "host_rss_peak_gib": max(host_windows.values()) / GiB,
         "host_rss_max_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
         "host_rss_start_gib": host_start["VmRSS"] / GiB,
+        "host_taken_from_machine_gib": taken / GiB,
         "host_phase_peaks_gib": {k: v / GiB for k, v in host_windows.items()},
         "host_rss_parts_now_gib": {k: v / GiB for k, v in RssSampler.now().items()},
         "pinned_gib": pinned / GiB,

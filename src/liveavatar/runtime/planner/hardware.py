@@ -61,14 +61,15 @@ def detect_hardware(device_index: int | None = None) -> Hardware | None:
 def available_host_memory() -> int | None:
     """Bytes of RAM this process can still take: the machine's MemAvailable, or less when the process's
     memory cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) leaves less; None when unknown (not Linux)."""
-    available = _meminfo_bytes("MemAvailable")
+    available = meminfo_bytes("MemAvailable")
     if available is None:
         return None
     limit = _cgroup_headroom()
     return available if limit is None else min(available, limit)
 
 
-def _meminfo_bytes(field: str) -> int | None:
+def meminfo_bytes(field: str) -> int | None:
+    """A field of /proc/meminfo in bytes (MemAvailable, MemTotal, ...), None when unknown."""
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
