@@ -24,9 +24,10 @@ from liveavatar.runtime.planner.hardware import CPU_HARDWARE, GiB, MiB, Hardware
 from liveavatar.runtime.planner.memory import (AFTER_LOAD, AUDIO_ENCODER_PARAMS, PHASES, STEADY, TEXT_ENCODER_PARAMS,
                                                VAE_PARAMS, Component, DiTInventory, Workload)
 
-# CALIBRATED: resident memory of the process before any model is loaded plus what the libraries add while
-# running (cuBLAS/cuDNN handles, the compiled FP8 quantiser); RESULTS.md's capped runs: RSS - pinned 1.8-2.7 GiB.
-PROCESS_BYTES_CUDA = 2 * GiB
+# CALIBRATED: resident memory of the process besides what the plan lists (Python, PyTorch, the CUDA runtime,
+# cuBLAS handles, the compiled FP8 quantiser). RESULTS.md's capped H100 runs: 44.8 GiB RSS over 43.0 GiB of
+# pinned chunks (22 GiB cap), 51.7 over 50.0 (16 GiB cap).
+PROCESS_BYTES_CUDA = int(1.8 * GiB)
 PROCESS_BYTES_CPU = 640 * MiB  # ESTIMATE: Python + PyTorch without CUDA
 # The release's umT5-XXL token embedding (256,384 x 4,096): the largest tensor the text encoder moves.
 TEXT_ENCODER_LARGEST_ELEMENTS = 256_384 * 4_096
