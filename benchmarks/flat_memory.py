@@ -5,7 +5,7 @@
 
 Each run is a fresh process that loads `make-tiny` checkpoints and calls `LiveAvatarPipeline.generate` (the
 whole path: audio features, prompt, conditioning, sampling loop, streaming decode, incremental mp4 with
-audio) on a portrait from shared/media driven by its speech, tiled to exactly the run's length, so that
+audio) on a portrait from examples/ driven by its speech, tiled to exactly the run's length, so that
 everything that could grow with the input grows. The child reports its process peak RSS (getrusage) and the
 peak seen while generating (sampled every 20 ms); the parent prints one JSON object with every run and the
 differences.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-MEDIA = REPO.parent / "shared" / "media"
+MEDIA = REPO / "examples"
 SECONDS_PER_CLIP = 48 / 25
 TARGET_MB = 150
 

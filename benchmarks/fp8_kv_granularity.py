@@ -1,7 +1,7 @@
 """What one FP8 KV scale should cover: the tiny model's loop fixture with its KV sets quantised to e4m3 at
 several scale granularities, against the fixture's float32 results (CPU, about a minute).
 
-    PYTHONPATH=src python3 benchmarks/fp8_kv_granularity.py [FIXTURES_DIR]
+    PYTHONPATH=src python3 benchmarks/fp8_kv_granularity.py [FIXTURES_DIR (default tests/data/fixtures)]
 
 Every variant quantises and dequantises the K/V a block writes into a KV set (``KVStorage.store_at``, the
 only writer of the KV sets), with the amax taken over: each token (all heads: the engine's scheme), each
@@ -61,7 +61,7 @@ def measure(fixture_path: Path, dims) -> dict[str, tuple[float, float, float]]:
 
 
 def main() -> int:
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "tests/data/fixtures"
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     print("| one scale per | velocities rel. L2 | velocities mean / max abs | latents clip 1 mean abs | video max abs |")

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from liveavatar.api import LiveAvatarPipeline
+    from liveavatar.runtime.engine import Engine
+    from liveavatar.runtime.placement import Placement
     from liveavatar.io.video_writer import Mp4Writer
     from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
     from liveavatar.models.vae import VAEConfig, WanVAE
@@ -127,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         from liveavatar.runtime.fp8 import convert_to_fp8, fp8_kernel_for
 
         convert_to_fp8(transformer, kernel=fp8_kernel_for(device))
-    pipe = LiveAvatarPipeline(transformer, vae, RandomTextContext(config.text_dim, device, dtype),
-                              random_wav2vec2(config.audio_dim, device, dtype), device=device, dtype=dtype)
+    placement = Placement(weight_dtype="fp8" if args.fp8 else "bf16")
+    pipe = LiveAvatarPipeline(Engine(transformer, vae, RandomTextContext(config.text_dim, device, dtype),
+                                     random_wav2vec2(config.audio_dim, device, dtype), placement=placement,
+                                     device=device, dtype=dtype))
     if cuda:
         torch.cuda.synchronize(device)
     build_s = time.perf_counter() - start

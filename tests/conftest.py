@@ -7,28 +7,31 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LIVEAVATAR_SHARED", REPO.parent / "shared"))
+# LIVEAVATAR_SHARED names a folder with fixtures/ and media/ of the same formats (another fixture set);
+# by default the suite reads the copies inside the repository.
+SHARED = os.environ.get("LIVEAVATAR_SHARED")
+FIXTURES = Path(SHARED) / "fixtures" if SHARED else REPO / "tests" / "data" / "fixtures"
+MEDIA = Path(SHARED) / "media" if SHARED else REPO / "examples"
 
 # Tiny models: every op is so small that thread hand-offs cost more than they save (measured: an end-to-end
 # API test takes 16 s with one thread, 52 s with two on the 2-core CI machine).
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"shared folder not found at {SHARED}; set LIVEAVATAR_SHARED")
-    return SHARED
+def _existing(folder: Path) -> Path:
+    if not folder.is_dir():
+        pytest.fail(f"test data folder not found at {folder}" + ("; check LIVEAVATAR_SHARED" if SHARED else ""))
+    return folder
 
 
 @pytest.fixture(scope="session")
-def fixtures_dir(shared_dir) -> Path:
-    return shared_dir / "fixtures"
+def fixtures_dir() -> Path:
+    return _existing(FIXTURES)
 
 
 @pytest.fixture(scope="session")
-def media_dir(shared_dir) -> Path:
-    return shared_dir / "media"
+def media_dir() -> Path:
+    return _existing(MEDIA)
 
 
 def live_tensor_bytes() -> int:

@@ -128,11 +128,16 @@ def test_generate_from_settings_names_the_file_and_logs_progress(tiny, media_dir
     settings = GenerationSettings(image=media_dir / "dwarven_blacksmith.jpg", audio=media_dir / "dwarven_blacksmith.wav",
                                   prompt="a dwarf", ckpt_dir=tiny.ckpt_dir, lora=str(tiny.lora), size_area=64 * 64,
                                   num_clip=1, device="cpu", dtype="float32", save_dir=tmp_path / "out")
-    out = generate_from_settings(settings, settings.request(), progress=True)
+    request = settings.request()
+    out = generate_from_settings(settings, request, settings.output_path(64, 64), progress=True)
     assert out.parent == tmp_path / "out" and out.name.endswith("_64x64_4step_a_dwarf.mp4")
     assert _probe(out)["frames"] == 45
     log = capsys.readouterr().err  # not a terminal: plain log lines, no in-place rewriting
-    assert "first frame after" in log and "clip 1/1 | block 4/4 | 45/45 frames" in log and "\x1b[2K" not in log
+    assert "clip 1 | block 4/4 | 45/45 frames" in log and "\x1b[2K" not in log
+    phases = [line.split(" ...")[0] for line in log.splitlines() if line.endswith(" ...")]
+    assert phases[0] == "planning the memory" and phases[1].startswith("loading ") and phases[1].endswith(" GB of weights")
+    assert phases[2:] == ["encoding the prompt, the portrait and the audio", "generating"]
+    assert "GB/s)" in log and "first frame after" in log
 
 
 @pytest.mark.parametrize("change, message", [
@@ -173,21 +178,80 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_rewrites_one_line_on_a_terminal_and_logs_lines_otherwise():
+def test_progress_rewrites_one_line_on_a_terminal_and_logs_lines_otherwise(monkeypatch):
+    import liveavatar.runtime.progress as progress_module
+
+    clock = [0.0]
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: clock[0])
     terminal, log = _Terminal(), io.StringIO()
     for stream in (terminal, log):
-        progress = Progress(num_clips=2, blocks_per_clip=2, total_frames=45, stream=stream)
+        clock[0] = 0.0
+        progress = Progress(total_blocks=4, blocks_per_clip=2, total_frames=45, stream=stream)
+        progress.phase("loading 1.0 GB of weights")
+        clock[0] = 2.0
+        progress.phase_done("0.5 GB/s")
         progress.start()
+        clock[0] = 12.0  # ten seconds of start-up before the first frame
         for clip in range(2):
             for block in range(2):
                 progress.block_done(clip, block)
                 progress.frames_done(9 if clip == block == 0 else 12)
+                if (clip, block) == (0, 1):
+                    status = progress.status()
+                clock[0] += 1.0  # then one block (12 frames) per second
         progress.close()
-    assert terminal.getvalue().count("\r\x1b[2K") == 5 and "clip 2/2 | block 2/2 | 45/45 frames" in terminal.getvalue()
+    assert terminal.getvalue().count("\r\x1b[2K") == 5 and "clip 2 | block 4/4 | 45/45 frames" in terminal.getvalue()
+    assert "loading 1.0 GB of weights: done in 2.0 s (0.5 GB/s)" in terminal.getvalue()
     lines = log.getvalue().splitlines()
-    assert lines[0].startswith("first frame after") and len(lines) == 3 and "\r" not in log.getvalue()
-    assert lines[1].startswith("clip 1/2 | block 2/2 | 21/45 frames") and "ETA" in lines[1] and "RSS" in lines[1]
+    assert lines[:4] == ["loading 1.0 GB of weights ...", "loading 1.0 GB of weights: done in 2.0 s (0.5 GB/s)",
+                         "generating ...", "first frame after 10.0 s"] and "\r" not in log.getvalue()
+    assert lines[4].startswith("clip 1 | block 2/4 | 21/45 frames") and "RSS" in lines[4] and len(lines) == 6
+    # 12 frames in the second since the first frame: 24 frames left take 2 s, whatever the start-up took.
+    assert "12.00 video fps | ETA 0:02" in status
     quiet = _Terminal()
-    silent = Progress(num_clips=1, blocks_per_clip=1, total_frames=3, stream=quiet, enabled=False)
-    silent.start(), silent.block_done(0, 0), silent.frames_done(3), silent.close()
+    silent = Progress(total_blocks=1, blocks_per_clip=1, total_frames=3, stream=quiet, enabled=False)
+    silent.phase("loading"), silent.start(), silent.block_done(0, 0), silent.frames_done(3), silent.close()
     assert quiet.getvalue() == ""
+
+
+def test_one_generate_decodes_the_image_and_the_audio_exactly_once(tiny, media_dir, tmp_path, monkeypatch):
+    """The CLI's whole path (settings, dry checks, plan, load, generate): each input is read once, by the
+    request; the mp4 writer opens the audio file again only to mux its original track."""
+    import liveavatar.io.media as media
+    from liveavatar.cli.main import main
+
+    calls = {"image": 0, "audio": 0}
+    real_image, real_audio = media.load_image, media.decode_audio
+
+    def count(kind, function):
+        def counted(*args, **kwargs):
+            calls[kind] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(media, "load_image", count("image", real_image))
+    monkeypatch.setattr(media, "decode_audio", count("audio", real_audio))
+    import liveavatar.request as request_module
+    monkeypatch.setattr(request_module, "load_image", media.load_image)
+    assert main(["generate", "--image", str(media_dir / "cyclops_baker.jpg"),
+                 "--audio", str(media_dir / "cyclops_baker.wav"), "--ckpt_dir", str(tiny.ckpt_dir),
+                 "--lora_path_dmd", str(tiny.lora), "--size", "64*64", "--num_clip", "1", "--device", "cpu",
+                 "--dtype", "float32", "--save_file", str(tmp_path / "once.mp4"), "--quiet"]) == 0
+    assert calls == {"image": 1, "audio": 1}
+    assert _probe(tmp_path / "once.mp4")["frames"] == 45
+
+
+def test_two_requests_reuse_the_same_cache_storage(pipe, media_dir):
+    """Caches are allocated once per placement and clip size and reset per request: the second request
+    allocates no KV set or cond cache of its own, and gives the same video for the same seed."""
+    image, audio = media_dir / "cyclops_baker.jpg", media_dir / "cyclops_baker.wav"
+    first = [f.image for f in pipe.stream(image, audio, size="64*64", num_clip=1, base_seed=3)]
+    caches = pipe.engine.cache_set
+    storage = {step: kv.storage.tensors[0].data_ptr() for step, kv in caches.kv_sets.items()}
+    cond = caches.cond.storage.tensors[0].data_ptr()
+    second = [f.image for f in pipe.stream(image, audio, size="64*64", num_clip=1, base_seed=3)]
+    assert pipe.engine.cache_set is caches and caches.cond.storage.tensors[0].data_ptr() == cond
+    assert {step: kv.storage.tensors[0].data_ptr() for step, kv in caches.kv_sets.items()} == storage
+    assert all(np.array_equal(a, b) for a, b in zip(first, second)) and len(first) == len(second) == 45
+    other_size = list(pipe.stream(image, audio, size="128*64", num_clip=1))  # another clip size: new caches
+    assert len(other_size) == 45 and pipe.engine.cache_set is not caches

@@ -5,14 +5,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from liveavatar.checkpoints.safetensors_io import CheckpointError, read_header
+from liveavatar.checkpoints.safetensors_io import read_header
+from liveavatar.errors import CheckpointError
 from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig, save_tiny_transformer
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def release_key_shapes() -> dict[str, list[int]]:
-    """The 14B key list of checkpoints.md §2.2, written out independently of the model code."""
+    """The 14B release's key list, written out independently of the model code."""
     d, ffn, audio = 5120, 13824, 1024
     shapes = {}
     for n in range(40):
@@ -165,6 +166,14 @@ def test_truncated_corrupt_or_missing_shards_name_the_file(tiny_dir):
     shard.unlink()
     with pytest.raises(CheckpointError, match=rf"{shard}: shard listed in {INDEX} is missing"):
         CausalS2VTransformer.from_pretrained(tiny_dir, device="cpu")
+
+
+def test_header_errors_are_the_one_checkpoint_error_a_user_acts_on(tmp_path):
+    shard = tmp_path / "cut.safetensors"
+    shard.write_bytes(b"\x00\x01")
+    with pytest.raises(CheckpointError) as error:
+        read_header(shard)
+    assert error.value.exit_code == 2  # an InputError: the CLI prints one line and exits 2
 
 
 def test_missing_weights_or_config_give_clear_errors(tmp_path):

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
 from liveavatar.cli.generate import COMPATIBILITY_FLAGS
 from liveavatar.cli.main import COMMANDS, build_parser, main
-from test_layout import build_checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return build_checkpoint_dir(tmp_path_factory.mktemp("ckpt"))
+    """A complete tiny checkpoint set: the dry run checks every shape against the headers."""
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("ckpt")).ckpt_dir
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def test_crashes_are_one_line_without_debug(monkeypatch, capsys):
         main(["broken", "--debug"])
 
 
-# The launch lines of the reference's scripts (cli.md §1), with the example paths pointing to our media.
+# The launch lines of the reference's scripts (infinite_inference_*.sh), with the example paths pointing to our media.
 SINGLE_GPU = ("--ulysses_size 1 --task s2v-14B --size 704*384 --base_seed 420 --training_config "
               "liveavatar/configs/s2v_causal_sft.yaml --offload_model True --convert_model_dtype --prompt {prompt} "
               "--image {image} --audio {audio} --infer_frames 48 --load_lora --lora_path_dmd Quark-Vision/Live-Avatar "
@@ -88,10 +89,13 @@ def test_reference_recipes_parse(recipe, ignored, media_dir, ckpt, capsys):
     argv = shlex.split(recipe.format(prompt=shlex.quote("A stout, cheerful dwarf"), ckpt=ckpt,
                                      image=media_dir / "dwarven_blacksmith.jpg", audio=media_dir / "dwarven_blacksmith.wav"))
     report, err = dry_run_json(argv, capsys)
-    # pipeline.md §11: 704x384, 10 clips, 477 frames for this example, with either size key
-    assert (report["width"], report["height"], report["num_clips"], report["num_frames"]) == (704, 384, 10, 477)
-    assert report["tokens_per_frame"] == 1056 and report["fps"] == 25 and report["duration_s"] == pytest.approx(19.08)
-    assert report["fp8"] is True and report["lora"].endswith("LiveAvatar/liveavatar.safetensors")
+    # The reference's example: 704x384 and 10 clips (48*10 - 3 = 477 frames) with either size key; its mp4 is
+    # cut to the 17.72 s of audio: 443 frames, what we announce. Both recipes run the streaming mode (the
+    # reference's --single_gpu is only noticed), which makes only the 38 blocks those frames need.
+    assert (report["width"], report["height"], report["num_clips"], report["num_frames"]) == (704, 384, 10, 443)
+    assert report["generated_frames"] == 38 * 12 - 3
+    assert report["tokens_per_frame"] == 1056 and report["fps"] == 25 and report["duration_s"] == pytest.approx(17.72)
+    assert report["weights"] == "fp8" and report["lora"].endswith("LiveAvatar/liveavatar.safetensors")
     notices = [line for line in err.splitlines() if line.startswith("notice: ")]
     assert len(notices) == ignored == len(err.splitlines())
 
@@ -109,8 +113,8 @@ def test_human_dry_run_prints_the_resolved_configuration(inputs, capsys):
     code, out, err = run(["generate", *inputs, "--dry-run"], capsys)
     assert code == 0 and err == ""
     first, second = out.splitlines()
-    assert first.startswith("704x384 (latent 88x48, 1056 tokens/frame), 10 clips") and "477 frames" in first
-    assert "19.08 s" in first and "mode streaming" in second
+    assert first.startswith("704x384 (latent 88x48, 1056 tokens/frame), 10 clips") and "-> 443 frames" in first
+    assert "17.72 s" in first and "38 blocks make 453 frames" in first and "mode streaming" in second
 
 
 def test_dashed_and_underscored_spellings_are_the_same(inputs, capsys):
@@ -128,7 +132,16 @@ def test_dashed_and_underscored_spellings_are_the_same(inputs, capsys):
                                          (["--fp8=yes"], True)])
 def test_boolean_flags(flag, value, inputs, capsys):
     report, _ = dry_run_json([*inputs, *flag], capsys)
-    assert report["fp8"] is value
+    assert report["weights"] == ("fp8" if value else "bf16" if flag else "auto")
+
+
+@pytest.mark.parametrize("flags, weights", [([], "auto"), (["--weights", "bf16"], "bf16"), (["--weights", "fp8"], "fp8"),
+                                            (["--fp8", "--weights", "fp8"], "fp8")])
+def test_the_weight_choice_is_explicit(flags, weights, inputs, capsys):
+    report, _ = dry_run_json([*inputs, *flags], capsys)
+    assert report["weights"] == weights
+    code, _, err = run(["generate", *inputs, "--fp8", "--weights", "bf16", "--dry-run"], capsys)
+    assert code == 2 and "contradicts" in err
 
 
 def test_every_compatibility_flag_is_accepted_with_one_notice(inputs, capsys):
@@ -215,7 +228,7 @@ def fake_api(monkeypatch):
     """Stands in for the engine run of `generate`: records the call and writes a file where the real one would."""
     calls = []
 
-    def generate_from_settings(settings, request=None, *, progress=True):
+    def generate_from_settings(settings, request, output, *, progress=True):
         calls.append((settings, progress))
         if calls_behaviour:
             raise calls_behaviour[0]

@@ -1,16 +1,18 @@
 """Checkpoint layout discovery and the header-only completeness checks, on small files in the release's
 layout (the checks look at names and headers only, so the tensors can be anything)."""
 import json
+import os
 import shutil
 from pathlib import Path
 
 import huggingface_hub
 from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils import filter_repo_objects
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from liveavatar.checkpoints.download import download_checkpoints
+from liveavatar.checkpoints.download import BASE_IGNORE, HUB_REVISIONS, download_checkpoints
 from liveavatar.checkpoints.layout import CheckpointLayout, check_torch_file, resolve_lora
 from liveavatar.errors import CheckpointError, LiveAvatarError
 
@@ -43,7 +45,8 @@ def build_checkpoint_dir(root: Path) -> Path:
 
 
 @pytest.fixture
-def base(tmp_path):
+def base(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a Hub id is also looked up in ./ckpt/LiveAvatar: keep the caller's out
     return build_checkpoint_dir(tmp_path)
 
 
@@ -165,6 +168,25 @@ def test_hub_id_resolves_through_the_local_caches(base, tmp_path, monkeypatch):
     CheckpointLayout.discover(base).validate()
 
 
+def test_hub_id_is_also_found_where_the_reference_puts_it_after_the_folder_beside_the_base(base, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    beside = base.parent / "LiveAvatar" / "liveavatar.safetensors"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    # the reference's hf_hub_download(cache_dir="ckpt/LiveAvatar"), relative to the working folder
+    in_reference_cache = _hf_cache_entry(work / "ckpt" / "LiveAvatar", "Quark-Vision/Live-Avatar", beside)
+    assert resolve_lora("Quark-Vision/Live-Avatar", base) == beside  # the folder beside --ckpt_dir comes first
+    beside.unlink()
+    assert resolve_lora("Quark-Vision/Live-Avatar", base) == in_reference_cache
+    CheckpointLayout.discover(base).validate()
+    # the same folder holding the file itself (huggingface-cli download --local-dir ./ckpt/LiveAvatar)
+    flat = work / "ckpt" / "LiveAvatar" / "liveavatar.safetensors"
+    shutil.copy(in_reference_cache, flat)
+    assert resolve_lora("Quark-Vision/Live-Avatar", base) == flat
+
+
 def test_torch_file_check_accepts_real_torch_files(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"w": torch.randn(300, 300)}, path)
@@ -175,12 +197,13 @@ def test_torch_file_check_accepts_real_torch_files(tmp_path):
 
 
 def test_download_fetches_both_repos_into_the_layout(tmp_path, monkeypatch):
-    calls = []
+    calls, revisions = [], []
     staged = tmp_path / "staged"
     build_checkpoint_dir(staged)
 
-    def fake_snapshot_download(repo_id, *, local_dir, **patterns):
+    def fake_snapshot_download(repo_id, *, local_dir, revision, **patterns):
         calls.append((repo_id, Path(local_dir), patterns))
+        revisions.append(revision)
         shutil.copytree(staged / Path(local_dir).name, local_dir, dirs_exist_ok=True)
         return str(local_dir)
 
@@ -192,6 +215,7 @@ def test_download_fetches_both_repos_into_the_layout(tmp_path, monkeypatch):
     assert calls[1][2] == {"allow_patterns": ["liveavatar.safetensors"]}
     assert layout.ckpt_dir == tmp_path / "ckpt" / "Wan2.2-S2V-14B"
     assert layout.lora == tmp_path / "ckpt" / "LiveAvatar" / "liveavatar.safetensors"
+    assert revisions == [HUB_REVISIONS["Wan-AI/Wan2.2-S2V-14B"], HUB_REVISIONS["Quark-Vision/Live-Avatar"]]
 
 
 def test_download_failure_is_one_line_that_says_how_to_resume(tmp_path, monkeypatch):
@@ -203,3 +227,49 @@ def test_download_failure_is_one_line_that_says_how_to_resume(tmp_path, monkeypa
         download_checkpoints(tmp_path, progress=False)
     assert "Wan-AI/Wan2.2-S2V-14B" in str(error.value) and "again to resume" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_download_pins_and_prints_both_revisions(tmp_path, monkeypatch, capsys):
+    staged = tmp_path / "staged"
+    build_checkpoint_dir(staged)
+
+    def fake_snapshot_download(repo_id, *, local_dir, revision, **patterns):
+        shutil.copytree(staged / Path(local_dir).name, local_dir, dirs_exist_ok=True)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert set(HUB_REVISIONS) == {"Wan-AI/Wan2.2-S2V-14B", "Quark-Vision/Live-Avatar"}
+    download_checkpoints(tmp_path / "ckpt")
+    printed = capsys.readouterr().err
+    for repo, revision in HUB_REVISIONS.items():
+        assert f"downloading {repo} at revision {revision} into" in printed
+
+
+def test_download_skips_what_inference_never_reads():
+    w2v = "wav2vec2-large-xlsr-53-english"
+    needed = ["config.json", "diffusion_pytorch_model.safetensors.index.json",
+              "diffusion_pytorch_model-00001-of-00004.safetensors", "models_t5_umt5-xxl-enc-bf16.pth",
+              "google/umt5-xxl/spiece.model", "google/umt5-xxl/tokenizer.json", "Wan2.1_VAE.pth",
+              f"{w2v}/config.json", f"{w2v}/preprocessor_config.json", f"{w2v}/vocab.json", f"{w2v}/model.safetensors"]
+    unused = [f"{w2v}/pytorch_model.bin", f"{w2v}/flax_model.msgpack", f"{w2v}/tf_model.h5",
+              f"{w2v}/language_model/lm.binary", f"{w2v}/language_model/unigrams.txt", f"{w2v}/alphabet.json",
+              "examples/i2v_input.JPG", "assets/logo.png"]
+    # huggingface_hub's own matcher, as snapshot_download applies it
+    assert list(filter_repo_objects(needed + unused, ignore_patterns=BASE_IGNORE)) == needed
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 4548313\n")
+
+
+@pytest.mark.parametrize("relative", [
+    "google/umt5-xxl/tokenizer.json", "config.json", "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth",
+    "diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+    "wav2vec2-large-xlsr-53-english/model.safetensors", "wav2vec2-large-xlsr-53-english/preprocessor_config.json",
+    "../LiveAvatar/liveavatar.safetensors",
+])
+def test_a_git_lfs_pointer_in_place_of_a_file_is_named_as_such(base, relative):
+    path = Path(os.path.normpath(base / relative))
+    path.write_text(LFS_POINTER)
+    assert CheckpointLayout.discover(base).problems() == [
+        f"{path}: a Git LFS pointer, not the file itself (the repository was cloned without git-lfs); "
+        f"run `git lfs pull` in it, or fetch it with `liveavatar download`"]

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from liveavatar.checkpoints.lora import lora_target_modules, merge_lora
-from liveavatar.checkpoints.safetensors_io import CheckpointError
+from liveavatar.errors import CheckpointError
 from liveavatar.models.transformer import (
     CausalS2VTransformer,
     TransformerConfig,
@@ -12,7 +12,7 @@ from liveavatar.models.transformer import (
 )
 from liveavatar.testing import parity
 
-RANK, ALPHA = 4, 3.0
+RANK, ALPHA = 4, 2.0  # the release's ratio alpha = rank / 2, also written in the file's metadata
 
 
 def test_release_lora_targets_448_modules_including_the_audio_injectors():
@@ -108,8 +108,8 @@ def test_foreign_or_mismatched_files_give_clear_errors(base, tmp_path):
     dit_shard = next((base / "dit").glob("*-00001-of-*.safetensors"))
     with pytest.raises(CheckpointError, match="no LoRA weights in this file"):
         merge_lora(model, dit_shard)
-    with pytest.raises(CheckpointError, match=r"1 keys are not LoRA A/B weights \(first: 'head.modulation'\)"):
-        merge_lora(model, write(dict(adapters, **{"head.modulation": torch.zeros(1, 2, 96)})))
+    with pytest.raises(CheckpointError, match=r"1 keys are not LoRA A/B weights \(first: 'head.scale_shift'\)"):
+        merge_lora(model, write(dict(adapters, **{"head.scale_shift": torch.zeros(1, 2, 96)})))
     moved = {key.replace("blocks.2.", "blocks.7."): value for key, value in adapters.items()}
     with pytest.raises(CheckpointError, match=r"10 LoRA modules do not exist in this DiT \(first: 'blocks.7."):
         merge_lora(model, write(moved))
@@ -127,3 +127,57 @@ def test_foreign_or_mismatched_files_give_clear_errors(base, tmp_path):
     lonely = {key: value for key, value in adapters.items() if key != "blocks.1.ffn.2.lora_B.default.weight"}
     with pytest.raises(CheckpointError, match="'blocks.1.ffn.2' has no lora_B weight"):
         merge_lora(model, write(lonely))
+
+
+def _write(tmp_path, tensors, metadata=None):
+    path = tmp_path / "variant.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def test_metadata_alpha_other_than_half_the_rank_stops_unless_alpha_is_given(base, tmp_path):
+    # The reference merges with alpha = rank/2 whatever the file says; another stated alpha is a question.
+    stated = _write(tmp_path, load_file(base / "lora.safetensors"), {"rank": str(RANK), "alpha": "3"})
+    with pytest.raises(CheckpointError) as error:
+        load(base, lora=stated)
+    message = str(error.value)
+    assert message.startswith(f"{stated}: the file's metadata says alpha 3 for rank 4; the reference ignores it")
+    assert "--lora_alpha" in message and "\n" not in message
+    model = load(base, lora=stated, lora_alpha=3.0).state_dict()
+    _, merged = expected_merge(base, torch.float32, 3.0 / RANK)
+    assert all(torch.equal(model[key], value) for key, value in merged.items())
+
+
+def test_a_lora_covering_fewer_target_modules_is_refused_with_the_count(base, tmp_path):
+    adapters = load_file(base / "lora.safetensors")
+    partial = {key: value for key, value in adapters.items() if not key.startswith("audio_injector.injector.1.")}
+    with pytest.raises(CheckpointError, match=r"the LoRA covers 34 of the 38 target modules of this DiT \(first "
+                                              r"missing: 'audio_injector.injector.1.q'\)"):
+        merge_lora(load(base), _write(tmp_path, partial))
+
+
+def test_full_weights_in_the_file_replace_base_weights_before_the_merge(base, tmp_path):
+    # load_state_dict(strict=False) on the PEFT model: a plain module's weight by its own name, a targeted
+    # layer's weight as <module>.base_layer.weight; the merge then adds B @ A to the replaced weight.
+    adapters = load_file(base / "lora.safetensors")
+    modulation = torch.randn(1, 2, 96)
+    q_base = torch.randn(96, 96)
+    extended = dict(adapters, **{"head.modulation": modulation,
+                                 "blocks.0.self_attn.q.base_layer.weight": q_base})
+    model = load(base)
+    plan = merge_lora(model, _write(tmp_path, extended))
+    assert plan.full_weights == {"head.modulation": "head.modulation",
+                                 "blocks.0.self_attn.q.weight": "blocks.0.self_attn.q.base_layer.weight"}
+    assert "holds 2 full weights, which replace the base model's" in plan.notice
+    state = model.state_dict()
+    assert torch.equal(state["head.modulation"], modulation)
+    delta = adapters["blocks.0.self_attn.q.lora_B.default.weight"] @ adapters["blocks.0.self_attn.q.lora_A.default.weight"]
+    assert torch.equal(state["blocks.0.self_attn.q.weight"], q_base + delta * (ALPHA / RANK))
+    assert merge_lora(load(base), base / "lora.safetensors").notice is None
+
+    # the reference's loader ignores a targeted layer's weight under its plain name; here that is an error
+    with pytest.raises(CheckpointError, match="1 keys are not LoRA A/B weights \\(first: 'blocks.0.self_attn.q.weight'"):
+        merge_lora(load(base), _write(tmp_path, dict(adapters, **{"blocks.0.self_attn.q.weight": q_base})))
+    with pytest.raises(CheckpointError, match=r"full weight 'head.modulation' has shape \[1, 2, 8\], the model's "
+                                              r"'head.modulation' is \[1, 2, 96\]"):
+        merge_lora(load(base), _write(tmp_path, dict(adapters, **{"head.modulation": torch.zeros(1, 2, 8)})))

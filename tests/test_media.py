@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from liveavatar.errors import InputError
-from liveavatar.io.media import decode_audio, fit_image, load_audio, load_image, reference_tensor, resample_to_16k
+from liveavatar.io.media import (decode_audio, fit_image, load_audio, load_image, reference_tensor, resample_to_16k,
+                                 waveform_from_array)
 from liveavatar.settings import split_audio_spec
 
 
@@ -28,7 +29,7 @@ def test_reference_tensor_matches_fixture_b(fixtures_dir, mode):
 
 
 def test_landscape_example_gets_6_and_7_black_columns(media_dir):
-    # pipeline.md §3: 720x400 -> resized 691x384 -> 6 black columns left, 7 right at 704x384.
+    # As the reference preprocesses it: 720x400 -> resized 691x384 -> 6 black columns left, 7 right at 704x384.
     pixels = fit_image(load_image(media_dir / "dwarven_blacksmith.jpg"), 384, 704)
     assert pixels.shape == (384, 704, 3) and pixels.dtype == np.uint8
     column_max = pixels.max(axis=(0, 2))
@@ -107,8 +108,9 @@ def test_bad_images_give_one_line(tmp_path, media_dir, case):
     path = make(tmp_path, media_dir)
     with pytest.raises(InputError) as error:
         load_image(path)
-    message = str(error.value)
+    message = error.value.as_flag()  # the command line's spelling; str() names the API argument
     assert message.startswith(f"--image {path}") and words in message and "\n" not in message
+    assert str(error.value).startswith(f"image {path}")
 
 
 # ----------------------------------------------------------------------------------------------- audio
@@ -120,7 +122,7 @@ def test_pcm16_wav_matches_fixture_d(fixtures_dir):
 
 
 def test_example_audio_is_resampled_to_librosa_length(media_dir):
-    # pipeline.md §11: 425,280 samples at 24 kHz -> 283,520 at 16 kHz.
+    # librosa.load(sr=16000) of the example: 425,280 samples at 24 kHz -> 283,520 at 16 kHz.
     native, rate = decode_audio(media_dir / "dwarven_blacksmith.wav")
     assert (native.size, rate) == (425_280, 24_000)
     waveform = load_audio(str(media_dir / "dwarven_blacksmith.wav"))
@@ -288,6 +290,14 @@ def _bad_audio_cases():
         _write_wav(tmp / "silent.wav", np.zeros((1, 0), np.float32), 16_000, 2)
         return tmp / "silent.wav"
 
+    def with_samples(value):
+        def make(tmp):
+            signal = _tone(24_000, 1.0)
+            signal[0, 12_000:12_010] = value
+            _write_float_wav(tmp / "broken.wav", signal, 24_000)
+            return tmp / "broken.wav"
+        return make
+
     def video_without_audio(tmp):
         path = tmp / "mute.mp4"
         with av.open(str(path), "w") as container:
@@ -304,7 +314,9 @@ def _bad_audio_cases():
             "text": (text, "not an audio"), "image": (image, "no audio track"),
             "truncated_pcm": (truncated_pcm, "truncated"), "truncated_float": (truncated_float, "truncated"),
             "truncated_flac": (truncated_flac, "truncated"), "zero_samples": (zero_samples, "no audio samples"),
-            "video_without_audio": (video_without_audio, "no audio track")}
+            "video_without_audio": (video_without_audio, "no audio track"),
+            "nan_samples": (with_samples(np.nan), "10 of 24000 samples are NaN or infinite (the first at 0.50 s)"),
+            "infinite_samples": (with_samples(-np.inf), "NaN or infinite")}
 
 
 @pytest.mark.parametrize("case", list(_bad_audio_cases()))
@@ -313,5 +325,31 @@ def test_bad_audio_gives_one_line(tmp_path, case):
     path = make(tmp_path)
     with pytest.raises(InputError) as error:
         load_audio(str(path))
-    message = str(error.value)
+    message = error.value.as_flag()  # the command line's spelling; str() names the API argument
     assert message.startswith(f"--audio {path}") and words in message and "\n" not in message
+    assert str(error.value).startswith(f"audio {path}")
+
+
+def test_an_api_waveform_is_scaled_and_checked_like_a_file(tmp_path):
+    pcm = np.array([0, 16384, -32768, 32767, -8], np.int16)
+    waveform = waveform_from_array(pcm)
+    assert waveform.dtype == np.float32 and waveform.tolist() == [0.0, 0.5, -1.0, 32767 / 32768, -8 / 32768]
+    assert waveform_from_array(np.array([0, 128, 255], np.uint8)).tolist() == [-1.0, 0.0, 127 / 128]
+    assert waveform_from_array([0.25, -0.5]).dtype == np.float32
+    # the same samples read from a WAV file decode to the same floats
+    _write_wav(tmp_path / "pcm.wav", (pcm / 32767.0)[None], 16_000, 2)
+    with wave.open(str(tmp_path / "pcm.wav")) as file:
+        file_pcm = np.frombuffer(file.readframes(5), "<i2")
+    assert np.array_equal(decode_audio(tmp_path / "pcm.wav")[0], waveform_from_array(file_pcm))
+
+
+@pytest.mark.parametrize("audio, words", [
+    (np.array([0.1, np.nan, 0.2], np.float32), "audio: 1 of 3 samples are NaN or infinite"),
+    (np.full(4, np.inf), "audio: 4 of 4 samples are NaN or infinite"),
+    (np.zeros((2, 16000), np.float32), "audio: a waveform must be 16 kHz mono samples [n], got shape [2, 16000]"),
+    (np.array(["a", "b"]), "audio: <U1 is not audio samples"),
+])
+def test_bad_api_waveforms_name_the_argument(audio, words):
+    with pytest.raises(InputError) as error:
+        waveform_from_array(audio)
+    assert str(error.value).startswith(words) and "--" not in str(error.value)

@@ -219,8 +219,10 @@ def _request(image_size, samples, **kwargs):
 def test_shape_counts_frames_and_tokens():
     shape = _request((720, 400), 283_520).shape_report()
     assert (shape["width"], shape["height"], shape["latent_width"], shape["latent_height"]) == (704, 384, 88, 48)
-    assert shape["tokens_per_frame"] == 1056 and shape["num_clips"] == 10 and shape["num_frames"] == 477
-    assert shape["duration_s"] == pytest.approx(477 / 25) and shape["audio_s"] == pytest.approx(17.72)
+    # 10 clips make 477 frames; the video holds the 443 the audio lasts, from the 38 blocks they need.
+    assert shape["tokens_per_frame"] == 1056 and shape["num_clips"] == 10 and shape["num_frames"] == 443
+    assert shape["total_blocks"] == 38 and shape["generated_frames"] == 38 * 12 - 3
+    assert shape["duration_s"] == pytest.approx(443 / 25) and shape["audio_s"] == pytest.approx(17.72)
     limited = _request((400, 720), 283_520, num_clip=2, infer_frames=24)
     report = limited.shape_report()
     assert (report["width"], report["height"], report["num_clips"], report["num_frames"]) == (384, 704, 2, 45)

@@ -1,4 +1,9 @@
+import errno
+import os
+import signal
+import threading
 import wave
+from pathlib import Path
 
 import av
 import numpy as np
@@ -6,7 +11,8 @@ import pytest
 import torch
 
 from liveavatar.errors import InputError, LiveAvatarError
-from liveavatar.io.video_writer import Mp4Writer, pixels_to_uint8
+from liveavatar.io import video_writer
+from liveavatar.io.video_writer import Mp4Writer, check_output_path, pixels_to_uint8
 
 WIDTH, HEIGHT = 128, 64
 
@@ -86,7 +92,7 @@ def test_silent_video(tmp_path):
 def test_frames_are_encoded_as_they_arrive(tmp_path):
     out = tmp_path / "v.mp4"
     with Mp4Writer(out, width=WIDTH, height=HEIGHT, audio_path=_wav(tmp_path / "a.wav", 20.0)) as writer:
-        temporary = tmp_path / ".v.partial.mp4"
+        (temporary,) = tmp_path.glob(".v.*.partial.mp4")
         sizes = []
         noise = np.random.default_rng(0)
         for _ in range(16):
@@ -115,7 +121,7 @@ def test_keep_partial_leaves_a_valid_shorter_video(tmp_path):
                        keep_partial=True) as writer:
             writer.write(_frames(24))
             raise KeyboardInterrupt()
-    assert not out.exists() and not (tmp_path / ".video.partial.mp4").exists()
+    assert not out.exists() and not list(tmp_path.glob(".video*"))
     frames, _, audio_s, *_ = _probe(tmp_path / "video.partial.mp4")
     assert frames == 24 and audio_s == pytest.approx(24 / 25, abs=0.01)
 
@@ -157,7 +163,7 @@ def test_pixels_to_uint8_truncates_like_the_reference():
 def test_a_failing_finish_leaves_nothing(tmp_path, monkeypatch):
     writer = Mp4Writer(tmp_path / "v.mp4", width=WIDTH, height=HEIGHT)
     writer.write(np.random.default_rng(0).integers(0, 256, (60, HEIGHT, WIDTH, 3), dtype=np.uint8))
-    assert (tmp_path / ".v.partial.mp4").exists()
+    assert len(list(tmp_path.glob(".v.*.partial.mp4"))) == 1
 
     def disk_full():
         raise OSError(28, "No space left on device")
@@ -166,3 +172,111 @@ def test_a_failing_finish_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def _write_video(out, frames, **options):
+    with Mp4Writer(out, width=WIDTH, height=HEIGHT, **options) as writer:
+        writer.write(_frames(frames))
+    return writer.path
+
+
+def test_two_runs_writing_the_same_name_share_no_file_and_replace_nothing(tmp_path):
+    out = tmp_path / "same.mp4"
+    started = threading.Barrier(2)
+    results = {}
+
+    def run(frames):
+        writer = Mp4Writer(out, width=WIDTH, height=HEIGHT)
+        started.wait()  # both have begun before either finishes: the output name was free for both
+        writer.write(_frames(frames, seed=frames))
+        try:
+            results[frames] = writer.close()
+        except LiveAvatarError as error:
+            results[frames] = error
+
+    threads = [threading.Thread(target=run, args=(frames,)) for frames in (10, 20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (winner,) = [frames for frames, result in results.items() if result == out]
+    (loser,) = [frames for frames in results if frames != winner]
+    message = str(results[loser])
+    assert message.startswith(f"{out}: another run wrote this file meanwhile") and "\n" not in message
+    kept = Path(message.split("this run's video is saved as ")[1])
+    assert kept.parent == tmp_path and kept.name.startswith("same.") and kept.suffix == ".mp4"
+    assert _probe(out)[0] == winner and _probe(kept)[0] == loser  # each run's video, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["same.mp4", kept.name])
+
+
+def test_temporary_names_are_unique_per_run(tmp_path):
+    first = Mp4Writer(tmp_path / "v.mp4", width=WIDTH, height=HEIGHT)
+    second = Mp4Writer(tmp_path / "v.mp4", width=WIDTH, height=HEIGHT)
+    assert len(list(tmp_path.glob(".v.*.partial.mp4"))) == 2
+    first.abort()
+    second.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_is_refused_unless_overwrite(tmp_path):
+    out = _write_video(tmp_path / "v.mp4", 5)
+    with pytest.raises(InputError) as error:
+        Mp4Writer(out, width=WIDTH, height=HEIGHT)
+    assert str(error.value).startswith(f"{out}: already exists;") and "--overwrite" in str(error.value)
+    assert _probe(out)[0] == 5
+    assert _write_video(out, 8, overwrite=True) == out and _probe(out)[0] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+
+
+def test_without_hard_links_the_final_name_is_still_never_replaced(tmp_path, monkeypatch):
+    def no_hard_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    out = tmp_path / "v.mp4"
+    late = Mp4Writer(out, width=WIDTH, height=HEIGHT)
+    late.write(_frames(6))
+    assert _write_video(out, 4) == out
+    with pytest.raises(LiveAvatarError, match="another run wrote this file meanwhile"):
+        late.close()
+    assert _probe(out)[0] == 4 and len(list(tmp_path.glob("v.*.mp4"))) == 1
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_write_errors_name_the_output_not_the_hidden_file(tmp_path):
+    resource = pytest.importorskip("resource")
+    out = tmp_path / "v.mp4"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit then fails writes with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # like a disk that is full after 20 kB
+    try:
+        with pytest.raises(LiveAvatarError) as error:
+            with Mp4Writer(out, width=WIDTH, height=HEIGHT) as writer:
+                writer.write(np.random.default_rng(0).integers(0, 256, (60, HEIGHT, WIDTH, 3), dtype=np.uint8))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    message = str(error.value)
+    assert message.startswith(f"{out}: writing the video failed (File too large)") and "partial" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_checks_name_the_folder_and_create_nothing(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "folder.mp4").mkdir()
+    assert check_output_path(tmp_path / "new" / "deeper" / "v.mp4") == tmp_path / "new" / "deeper" / "v.mp4"
+    cases = {tmp_path / "a_file" / "v.mp4": f"{tmp_path / 'a_file'}: cannot be created, {tmp_path / 'a_file'} is a file",
+             tmp_path / "v.avi": "the output is an mp4", tmp_path / "folder.mp4": "is a folder"}
+    for path, words in cases.items():
+        with pytest.raises(InputError, match=words):
+            check_output_path(path)
+
+    def read_only(dir):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(video_writer.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(InputError) as error:
+        check_output_path(tmp_path / "out" / "v.mp4")
+    assert str(error.value) == (f"{tmp_path / 'out'}: cannot write the output there (Read-only file system); "
+                                f"choose another output folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "folder.mp4"]

@@ -13,6 +13,7 @@ a prompt is not in the on-disk prompt cache, and freed right after encoding it.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -100,8 +101,9 @@ class LiveAvatarPipeline:
                num_clip: int | None = None, base_seed: int = 420, mode: str = "streaming",
                enable_online_decode: bool = False, ref_rope_offset: str | int = "seeded",
                streamed_audio_features: bool = False) -> Iterator[Frame]:
-        """Yield the video's frames as they are made (48·clips − 3 frames at 25 fps). The request is checked
-        and the inputs are read at once; the models run as the frames are consumed.
+        """Yield the video's frames as they are made (48·clips − 3 frames at 25 fps, cut where the audio
+        ends). The request is checked, the inputs are read and encoded at once (a prompt cut at the text
+        encoder's length is reported as a warning); the DiT runs as the frames are consumed.
 
         ``image``: a path or a PIL image (or a `Request` already resolved, then nothing else is given).
         ``audio``: a path, a 16 kHz mono waveform (float, or integer PCM, scaled), or a `LiveAudio` fed as
@@ -114,21 +116,25 @@ class LiveAvatarPipeline:
             image, audio, prompt, size=size, infer_frames=infer_frames, sample_steps=sample_steps,
             num_clip=num_clip, base_seed=base_seed, mode=mode, enable_online_decode=enable_online_decode,
             ref_rope_offset=ref_rope_offset, streamed_audio_features=streamed_audio_features)
-        return self._frames(self.engine.run(request))
+        conditioning = self.engine.condition(request)
+        for notice in conditioning.notices:
+            warnings.warn(notice, stacklevel=2)
+        return self._frames(self.engine.run(request, conditioning), request.num_frames)
 
     @staticmethod
-    def _frames(events: Iterator) -> Iterator[Frame]:
+    def _frames(events: Iterator, limit: int | None) -> Iterator[Frame]:
         try:
             for event in events:
                 if isinstance(event, VideoFrames):
-                    for offset, pixels in enumerate(pixels_to_uint8(event.frames)):
+                    for offset, pixels in enumerate(pixels_to_uint8(_up_to(event, limit))):
                         index = event.start + offset
                         yield Frame(pixels, index, index / FPS)
         finally:
             events.close()
 
     def generate(self, image: ImageInput | Request, audio: str | os.PathLike | None = None, prompt: str | None = "",
-                 *, output: str | os.PathLike, keep_partial: bool = False, progress: bool = False,
+                 *, output: str | os.PathLike, keep_partial: bool = False, overwrite: bool = False,
+                 progress: bool | Progress = False,
                  size: str | int = DEFAULT_SIZE, infer_frames: int = 48, sample_steps: int = 4,
                  num_clip: int | None = None, base_seed: int = 420, mode: str = "streaming",
                  enable_online_decode: bool = False, ref_rope_offset: str | int = "seeded",
@@ -136,8 +142,9 @@ class LiveAvatarPipeline:
         """Write the video with the audio muxed in (H.264 + AAC, 25 fps) to ``output`` and return its path.
 
         Frames are encoded as they are made. On an error or Ctrl-C nothing is left under ``output``
-        (with ``keep_partial`` the frames so far are kept as ``<name>.partial.mp4``). ``progress`` prints a
-        status line (a terminal) or log lines (otherwise) on stderr. Other arguments as in `stream`.
+        (with ``keep_partial`` the frames so far are kept as ``<name>.partial.mp4``); an existing ``output``
+        is refused unless ``overwrite``. ``progress`` prints the phases and a status line (a terminal) or log
+        lines (otherwise) on stderr, or reports to the `Progress` given. Other arguments as in `stream`.
         """
         if isinstance(audio, (np.ndarray, LiveAudio)):
             raise InputError("audio: generate() muxes the audio file into the mp4; pass its path "
@@ -149,21 +156,32 @@ class LiveAvatarPipeline:
         if not isinstance(request.audio, WaveformAudio) or request.audio.path is None:
             raise InputError("audio: generate() muxes the audio file into the mp4; the request needs an audio file")
         geometry = request.geometry
-        status = Progress(num_clips=request.num_clips, blocks_per_clip=geometry.blocks_per_clip,
-                          total_frames=request.num_frames, fps=FPS, device=self.device, enabled=progress)
-        events = self.engine.run(request)
-        with Mp4Writer(output, width=geometry.width, height=geometry.height, fps=FPS,
-                       audio_path=request.audio.path, keep_partial=keep_partial) as writer:
+        status = progress if isinstance(progress, Progress) else Progress(
+            total_blocks=request.total_blocks, blocks_per_clip=geometry.blocks_per_clip,
+            total_frames=request.num_frames, fps=FPS, device=self.device, enabled=progress)
+        with Mp4Writer(output, width=geometry.width, height=geometry.height, fps=FPS, audio_path=request.audio.path,
+                       keep_partial=keep_partial, overwrite=overwrite) as writer:
+            status.phase("encoding the prompt, the portrait and the audio")
+            conditioning = self.engine.condition(request)
+            for notice in conditioning.notices:
+                status.notice(notice)
+            events = self.engine.run(request, conditioning)
             status.start()
             try:
                 for event in events:
                     if isinstance(event, BlockLatents):
                         status.block_done(event.clip, event.block)
                     else:
-                        writer.write(pixels_to_uint8(event.frames))
-                        status.frames_done(event.count)
+                        frames = _up_to(event, request.num_frames)
+                        writer.write(pixels_to_uint8(frames))
+                        status.frames_done(frames.shape[1])
             finally:
                 events.close()
                 status.close()
         return writer.path
+
+
+def _up_to(event: VideoFrames, limit: int | None):
+    """The event's frames [3, T, H, W] that fall before frame ``limit`` of the video (all when None)."""
+    return event.frames if limit is None else event.frames[:, :max(0, limit - event.start)]
 

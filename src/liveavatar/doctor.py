@@ -9,6 +9,8 @@ from pathlib import Path
 
 from liveavatar import __version__
 from liveavatar.checkpoints.layout import CheckpointLayout
+from liveavatar.errors import CheckpointError
+from liveavatar.serve import ui_extra_status
 from liveavatar.settings import DEFAULT_SIZE, GenerationSettings
 
 _PACKAGES = ("av", "soxr", "Pillow", "safetensors", "transformers", "huggingface_hub")
@@ -18,6 +20,8 @@ GiB = 1024**3
 def report_lines(ckpt_dir: Path, lora: str | None) -> tuple[list[str], bool]:
     """Human-readable report lines and whether generate can run (checkpoints complete)."""
     import torch
+
+    from liveavatar.models.checkpoint_check import check_transformer_checkpoint
 
     lines = [f"liveavatar {__version__}",
              f"python {platform.python_version()} ({sys.executable})",
@@ -39,8 +43,14 @@ def report_lines(ckpt_dir: Path, lora: str | None) -> tuple[list[str], bool]:
 
     layout = CheckpointLayout.discover(ckpt_dir, lora)
     problems = layout.problems()
+    if not problems:
+        try:
+            check_transformer_checkpoint(layout.dit_dir, layout.lora)
+        except CheckpointError as error:
+            problems = [str(error)]
     lines.append(f"checkpoints: {layout.ckpt_dir}: " + ("complete" if not problems else f"{len(problems)} problem(s)"))
     lines.extend(f"  - {problem}" for problem in problems)
+    lines.append(ui_extra_status()[1])
     lines.append(f"LoRA: {layout.lora or 'not found'}" + (f" (from {lora})" if lora and str(layout.lora) != lora else ""))
     defaults = {field.name: field.default for field in fields(GenerationSettings)}
     dtype = defaults["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32")

@@ -25,7 +25,11 @@ class ArgumentError(InputError):
 
     def __init__(self, argument: str, detail: str):
         self.argument, self.detail = argument, detail
-        super().__init__(f"{argument} {detail}")
+        super().__init__(self._joined(argument))
 
     def as_flag(self) -> str:
-        return f"--{self.argument} {self.detail}"
+        return self._joined(f"--{self.argument}")
+
+    def _joined(self, name: str) -> str:
+        """``name value: reason``, or ``name: reason`` when the detail names no value."""
+        return f"{name}{'' if self.detail.startswith(':') else ' '}{self.detail}"

@@ -2,18 +2,20 @@
 seed, the mode and the RoPE-offset policy. The CLI, the Python API and the server build one with
 `resolve_request`; every later stage reads it and nothing re-derives or re-validates it.
 
-Audio sources: `WaveformAudio` (a whole file or array, decoded once) or `LiveAudio` (samples pushed as
-they arrive; the run lasts until the source ends).
+Audio sources: `WaveformAudio` (a whole file or array, decoded once), or a live source (samples pushed as
+they arrive; the run lasts until the source ends): `LiveAudio`, or any `LiveSource` such as the server's
+paced session audio, which computes its own features.
 """
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Protocol, Union, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -22,6 +24,7 @@ from liveavatar.errors import ArgumentError, InputError
 from liveavatar.geometry import (
     AUDIO_SAMPLE_RATE,
     DEFAULT_SIZE,
+    DROPPED_LEADING_FRAMES,
     FPS,
     MIN_AREA,
     MODES,
@@ -31,6 +34,7 @@ from liveavatar.geometry import (
     ClipGeometry,
     SIZE_FORMS,
     audio_clip_count,
+    audio_video_frames,
     size_for_area,
 )
 from liveavatar.io.media import load_audio, load_image, waveform_from_array
@@ -46,12 +50,21 @@ ImageInput = Union[str, os.PathLike, Image.Image]
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class WaveformAudio:
     """Audio known in full: 16 kHz mono float32 ``samples`` and the file they came from (muxed into an mp4)."""
 
     samples: np.ndarray
     path: Path | None = None
+
+
+@runtime_checkable
+class LiveSource(Protocol):
+    """Audio that arrives while the video is made. ``block_features`` gives the loop's per-block features
+    (an object with ``block(clip, block) -> features | None``, None once the audio has ended), computed
+    with the engine's wav2vec2 ``extractor``."""
+
+    def block_features(self, extractor, geometry: ClipGeometry): ...
 
 
 class LiveAudio:
@@ -69,7 +82,7 @@ class LiveAudio:
         self.dropped_samples = 0
 
     def push(self, samples) -> None:
-        chunk = waveform_from_array(samples, name="audio chunk", allow_empty=True)
+        chunk = waveform_from_array(samples, name="audio chunk")
         with self._changed:
             if self._ended:
                 raise InputError("audio chunk: the live audio has already ended")
@@ -105,12 +118,13 @@ class LiveAudio:
             return samples
 
 
-AudioSource = Union[WaveformAudio, LiveAudio]
+AudioSource = Union[WaveformAudio, LiveAudio, LiveSource]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Request:
-    """One video to make. ``num_clips`` None: as long as the (live) audio lasts."""
+    """One video to make. ``num_clips`` None: as long as the (live) audio lasts. Requests compare by
+    identity (they hold decoded pixels and samples)."""
 
     image: Image.Image
     audio: AudioSource
@@ -127,12 +141,31 @@ class Request:
     notices: tuple[str, ...] = field(default=())
 
     @property
-    def total_blocks(self) -> int | None:
-        return None if self.num_clips is None else self.num_clips * self.geometry.blocks_per_clip
+    def num_frames(self) -> int | None:
+        """Frames the video holds: its clips' frames, cut where the audio ends (as the reference's
+        ``-shortest`` mux cuts its mp4)."""
+        if self.num_clips is None:
+            return None
+        frames = self.geometry.video_frames(self.num_clips)
+        if isinstance(self.audio, WaveformAudio):
+            frames = min(frames, audio_video_frames(len(self.audio.samples)))
+        return frames
 
     @property
-    def num_frames(self) -> int | None:
-        return None if self.num_clips is None else self.geometry.video_frames(self.num_clips)
+    def total_blocks(self) -> int | None:
+        """Blocks to generate: those the video's frames need (none past the audio's end is made, since it
+        would be cut away), in whole clips in single_gpu mode (which decodes clip by clip)."""
+        if self.num_clips is None:
+            return None
+        blocks, per_clip = self.geometry.blocks_for_frames(self.num_frames), self.geometry.blocks_per_clip
+        return -(-blocks // per_clip) * per_clip if self.mode == "single_gpu" else blocks
+
+    @property
+    def generated_frames(self) -> int | None:
+        """Frames the generated blocks decode to (at least ``num_frames``)."""
+        if self.num_clips is None:
+            return None
+        return self.total_blocks * self.geometry.frames_per_block - DROPPED_LEADING_FRAMES
 
     @property
     def audio_seconds(self) -> float | None:
@@ -149,8 +182,12 @@ class Request:
         clips = f"{self.num_clips} clip{'s' if self.num_clips != 1 else ''}"
         if self.num_clips < self.audio_clips:
             clips += f" of {self.audio_clips}"
-        return (f"{head}, {clips} x {g.infer_frames} frames -> {self.num_frames} frames = "
+        line = (f"{head}, {clips} x {g.infer_frames} frames -> {self.num_frames} frames = "
                 f"{self.num_frames / FPS:g} s at {FPS} fps (audio {round(self.audio_seconds, 3):g} s)")
+        if self.generated_frames != self.num_frames:
+            line += (f"; {self.total_blocks} blocks make {self.generated_frames} frames, cut to the audio's "
+                     f"{self.num_frames}")
+        return line
 
     def shape_report(self) -> dict:
         """What ``--dry-run --json`` reports about the video's shape."""
@@ -158,7 +195,8 @@ class Request:
         return {
             "width": g.width, "height": g.height, "latent_width": g.latent_width, "latent_height": g.latent_height,
             "tokens_per_frame": g.frame_tokens, "infer_frames": g.infer_frames, "audio_clips": self.audio_clips,
-            "num_clips": self.num_clips, "num_frames": self.num_frames, "fps": FPS,
+            "num_clips": self.num_clips, "num_frames": self.num_frames, "total_blocks": self.total_blocks,
+            "generated_frames": self.generated_frames, "fps": FPS,
             "duration_s": None if self.num_frames is None else round(self.num_frames / FPS, 3),
             "audio_s": None if self.audio_seconds is None else round(self.audio_seconds, 3),
         }
@@ -205,6 +243,7 @@ def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: 
     follows the image. ``streamed_audio_features``: compute wav2vec2 features block by block as a live
     session does (always so for live audio and for audio longer than 300 s).
     """
+    notices: tuple[str, ...] = ()
     area = parse_size(size) if isinstance(size, str) else size
     if isinstance(area, bool) or not isinstance(area, int) or area < MIN_AREA:
         raise ArgumentError("size", f"{size!r}: expected an area of at least 64*64, e.g. '704*384' or 270336")
@@ -215,11 +254,15 @@ def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: 
         raise ArgumentError("sample_steps", f"{sample_steps}: must be at least 1 (the LoRA is distilled for 4)")
     if num_clip is not None and (not isinstance(num_clip, int) or num_clip < 1):
         raise ArgumentError("num_clip", f"{num_clip}: must be at least 1 (leave it out for the whole audio)")
-    if isinstance(base_seed, bool) or not isinstance(base_seed, int) or not 0 <= base_seed <= MAX_SEED:
-        raise ArgumentError("base_seed", f"{base_seed!r}: must be an integer in 0..{MAX_SEED}")
+    if isinstance(base_seed, bool) or not isinstance(base_seed, int) or not -1 <= base_seed <= MAX_SEED:
+        raise ArgumentError("base_seed", f"{base_seed!r}: must be -1 (draw one) or an integer in 0..{MAX_SEED}")
+    if base_seed == -1:
+        base_seed = secrets.randbelow(2**31)
+        notices += (f"base_seed -1: using seed {base_seed}",)
     if mode not in MODES:
         raise ArgumentError("mode", f"{mode!r}: expected one of {', '.join(MODES)}")
-    online_decode, notices = resolve_online_decode(mode, enable_online_decode)
+    online_decode, online_notices = resolve_online_decode(mode, enable_online_decode)
+    notices += online_notices
     offset = parse_ref_rope_offset(ref_rope_offset)
     if prompt is None:
         prompt = ""
@@ -232,8 +275,11 @@ def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: 
         raise InputError(f"image: its aspect ratio {picture.width}x{picture.height} is too extreme for size area "
                          f"{area} (got {width}x{height}); crop it or raise the area")
     geometry = ClipGeometry(height, width, infer_frames)
+    if area > picture.width * picture.height:
+        notices += (f"size {size}: larger than the image ({picture.width}x{picture.height}), which is not upscaled; "
+                    f"the video is {width}x{height}",)
 
-    if isinstance(audio, LiveAudio):
+    if isinstance(audio, (LiveAudio, LiveSource)):
         if mode != "streaming":
             raise InputError("live audio runs in mode streaming (single_gpu decodes whole clips, which needs "
                              "the audio's length up front)")
@@ -254,7 +300,7 @@ def _waveform_audio(audio) -> WaveformAudio:
     if isinstance(audio, WaveformAudio):
         return audio
     if isinstance(audio, np.ndarray):
-        return WaveformAudio(waveform_from_array(audio, name="audio"))
+        return WaveformAudio(waveform_from_array(audio))
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio).expanduser().absolute()
         return WaveformAudio(load_audio(path), path)

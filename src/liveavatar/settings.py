@@ -21,6 +21,7 @@ from liveavatar.request import Request, parse_size, resolve_request
 
 
 DEFAULT_CKPT_DIR = f"ckpt/{BASE_DIR_NAME}"
+WEIGHT_CHOICES = ("auto", "bf16", "fp8")
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}
@@ -83,7 +84,8 @@ class GenerationSettings:
     mode: str = "streaming"
     enable_online_decode: bool = False
     ref_rope_offset: str | int = "seeded"
-    fp8: bool = False
+    weights: str = "auto"  # auto: the planner's choice (FP8 where bf16 does not fit or FP8 is faster)
+    lora_alpha: float | None = None  # None: rank/2, the release's alpha
     t5_cpu: bool = False
     device: str | None = None  # None: CUDA when available, else the CPU
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
@@ -92,6 +94,7 @@ class GenerationSettings:
     save_file: Path | None = None
     save_dir: Path = Path("output")
     keep_partial: bool = False
+    overwrite: bool = False
 
     def __post_init__(self):
         # Normalise in place (frozen dataclass): absolute paths, an audio spec string split on '+'.
@@ -111,19 +114,23 @@ class GenerationSettings:
                              f"reference's SAM2 face routing; this engine takes one audio file")
         if self.size_area < MIN_AREA:
             raise InputError(f"--size: the area {self.size_area} is below 64*64")
+        if self.weights not in WEIGHT_CHOICES:
+            raise InputError(f"--weights {self.weights!r}: expected one of {', '.join(WEIGHT_CHOICES)}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES.values():
             raise InputError(f"--dtype {self.dtype!r}: expected bfloat16 or float32")
-        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
-            raise InputError(f"--device {self.device!r}: expected cuda, cuda:N, cpu or mps")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise InputError(f"--device {self.device!r}: expected cuda, cuda:N or cpu (other backends, e.g. Apple's "
+                             f"mps, are not supported)")
         if self.vram_budget is not None and self.vram_budget <= 0:
             raise InputError("--vram-budget: must be positive")
         if self.host_memory is not None and self.host_memory <= 0:
             raise InputError("--host-memory: must be positive")
         if self.save_file is not None:
+            if self.save_file.is_dir():
+                raise InputError(f"--save_file {self.save_file}: is a folder; give a file name, e.g. "
+                                 f"{self.save_file / 'video.mp4'} (or use --save_dir)")
             if self.save_file.suffix.lower() != ".mp4":
                 raise InputError(f"--save_file {self.save_file}: the output is an H.264 .mp4; give a name ending in .mp4")
-            if self.save_file.is_dir():
-                raise InputError(f"--save_file {self.save_file}: is a folder; give a file name (or use --save_dir)")
         elif self.save_dir.exists() and not self.save_dir.is_dir():
             raise InputError(f"--save_dir {self.save_dir}: exists and is not a folder")
 
@@ -131,13 +138,19 @@ class GenerationSettings:
         object.__setattr__(self, name, value)
 
     def output_path(self, width: int, height: int, *, now: datetime | None = None) -> Path:
-        """``--save_file`` verbatim, else ``<save_dir>/<YYYYmmdd_HHMMSS>_<W>x<H>_<steps>step[_<prompt>].mp4``."""
+        """``--save_file`` verbatim, else ``<save_dir>/<YYYYmmdd_HHMMSS>_<W>x<H>_<steps>step[_<prompt>].mp4``,
+        with ``_2``, ``_3``, ... added when that name is taken (batch runs started in the same second)."""
         if self.save_file is not None:
             return self.save_file
         stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
         name = f"{stamp}_{width}x{height}_{self.sample_steps}step"
         slug = _UNSAFE_NAME_CHARS.sub("_", self.prompt[:50]).strip("._")
-        return self.save_dir / (f"{name}_{slug}.mp4" if slug else f"{name}.mp4")
+        stem = f"{name}_{slug}" if slug else name
+        path, number = self.save_dir / f"{stem}.mp4", 1
+        while path.exists():
+            number += 1
+            path = self.save_dir / f"{stem}_{number}.mp4"
+        return path
 
     @cached_property
     def checkpoint_layout(self) -> CheckpointLayout:

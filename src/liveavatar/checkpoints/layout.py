@@ -3,9 +3,11 @@
 The base directory is the Hub repo ``Wan-AI/Wan2.2-S2V-14B`` as downloaded (file names hard-coded by the
 reference); the LoRA is a ``.safetensors`` file, a folder holding ``liveavatar.safetensors`` (the
 ``liveavatar download`` layout, or a Hugging Face cache folder such as the reference's ``ckpt/LiveAvatar``),
-or a Hub repo id found in the local Hugging Face cache; nothing here touches the network.
+or a Hub repo id, looked for beside the base directory, in ``ckpt/LiveAvatar`` of the working folder (where
+the reference's loader downloads it) and in the user's Hugging Face cache; nothing here touches the network.
 Truncated files are found from their headers: a safetensors header states where its data ends, and a
-``torch.save`` zip keeps its directory at the very end of the file.
+``torch.save`` zip keeps its directory at the very end of the file. A Git LFS pointer left in place of a
+file (a repository cloned without git-lfs) is named as such wherever a file does not parse.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from liveavatar.errors import CheckpointError
 BASE_REPO, BASE_DIR_NAME = "Wan-AI/Wan2.2-S2V-14B", "Wan2.2-S2V-14B"
 LORA_REPO, LORA_DIR_NAME = "Quark-Vision/Live-Avatar", "LiveAvatar"
 LORA_FILE = "liveavatar.safetensors"
+REFERENCE_LORA_CACHE = Path("ckpt") / LORA_DIR_NAME  # relative to the working folder, as in the reference
 DIT_CONFIG = "config.json"
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
@@ -30,6 +33,16 @@ WAV2VEC2_CONFIGS = ("config.json", "preprocessor_config.json")
 WAV2VEC2_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def check_not_lfs_pointer(path: Path) -> None:
+    """Raise CheckpointError if ``path`` is a Git LFS pointer: the ~130-byte text that a clone without
+    git-lfs leaves in place of every large file of a Hub repository."""
+    with open(path, "rb") as file:
+        if file.read(len(_LFS_POINTER)) == _LFS_POINTER:
+            raise CheckpointError(f"{path}: a Git LFS pointer, not the file itself (the repository was cloned "
+                                  f"without git-lfs); run `git lfs pull` in it, or fetch it with `liveavatar download`")
 
 
 def check_torch_file(path: Path) -> None:
@@ -39,6 +52,7 @@ def check_torch_file(path: Path) -> None:
             return
     except zipfile.BadZipFile:
         pass
+    check_not_lfs_pointer(path)
     with open(path, "rb") as file:
         magic = file.read(4)
     if magic.startswith(b"PK"):
@@ -59,18 +73,19 @@ def resolve_lora(spec: str, ckpt_dir: Path) -> Path | None:
         return cached[0].absolute() if cached else None
     if spec.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(spec):
         return None
-    # The `liveavatar download` layout next to the base directory, the reference's cache_dir
-    # (ckpt/LiveAvatar in the Hugging Face cache layout), then the user's Hugging Face cache.
-    beside_base = ckpt_dir.parent / LORA_DIR_NAME
-    if spec == LORA_REPO and (beside_base / LORA_FILE).is_file():
-        return (beside_base / LORA_FILE).absolute()
     from huggingface_hub import try_to_load_from_cache
 
-    for cache_dir in (beside_base, None):
-        found = try_to_load_from_cache(spec, LORA_FILE, cache_dir=cache_dir)
+    # The folder beside the base directory, then ckpt/LiveAvatar of the working folder (where the reference's
+    # hf_hub_download(cache_dir="ckpt/LiveAvatar") puts it), each holding the file itself (`liveavatar
+    # download`, `huggingface-cli download --local-dir`) or a Hugging Face cache; then the user's cache.
+    for folder in dict.fromkeys([ckpt_dir.parent / LORA_DIR_NAME, REFERENCE_LORA_CACHE.absolute()]):
+        if spec == LORA_REPO and (folder / LORA_FILE).is_file():
+            return (folder / LORA_FILE).absolute()
+        found = try_to_load_from_cache(spec, LORA_FILE, cache_dir=folder)
         if isinstance(found, str):
             return Path(found)
-    return None
+    found = try_to_load_from_cache(spec, LORA_FILE)
+    return Path(found) if isinstance(found, str) else None
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,13 @@ class CheckpointLayout:
             wav2vec2=ckpt_dir / WAV2VEC2_DIR, lora=resolve_lora(lora, ckpt_dir) if lora else None, lora_spec=lora,
         )
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weight files a load reads (the DiT's shards, the LoRA, the VAE, wav2vec2); the text
+        encoder is read later, and only when a prompt is not in the prompt cache."""
+        files = [*self.ckpt_dir.glob("diffusion_pytorch_model*.safetensors"), self.vae,
+                 *self.wav2vec2.glob("*.safetensors"), *([self.lora] if self.lora else [])]
+        return sum(path.stat().st_size for path in files if path.is_file())
+
     def validate(self) -> None:
         """Raise CheckpointError naming the first missing, truncated or mismatched piece."""
         problems = self.problems()
@@ -108,6 +130,9 @@ class CheckpointLayout:
 
     def problems(self) -> list[str]:
         """One line per bad piece, in loading order; empty when everything is in place."""
+        if self.ckpt_dir.is_file():
+            return [f"--ckpt_dir {self.ckpt_dir}: is a file; pass the folder that holds it (the {BASE_DIR_NAME} "
+                    f"folder with config.json and the shards)"]
         if not self.ckpt_dir.is_dir():
             return [f"--ckpt_dir {self.ckpt_dir}: not found; fetch the weights with `liveavatar download ckpt` "
                     f"and pass --ckpt_dir ckpt/{BASE_DIR_NAME}"]
@@ -117,7 +142,7 @@ class CheckpointLayout:
         for check in checks:
             try:
                 check()
-            except ValueError as error:  # CheckpointError here and from safetensors_io
+            except CheckpointError as error:
                 problems.append(str(error))
         return problems
 
@@ -141,6 +166,9 @@ class CheckpointLayout:
         if not any((self.tokenizer / name).is_file() for name in TOKENIZER_FILES):
             raise CheckpointError(f"{self.tokenizer}: missing the umt5-xxl tokenizer (expected "
                                   f"{' or '.join(TOKENIZER_FILES)} in it)")
+        # the tokenizer library reads every file of the folder, and its errors for a pointer say nothing
+        for path in sorted(p for p in self.tokenizer.rglob("*") if p.is_file()):
+            check_not_lfs_pointer(path)
 
     def _check_vae(self) -> None:
         _require_file(self.vae, "the Wan 2.1 VAE weights")
@@ -162,8 +190,9 @@ class CheckpointLayout:
             return
         if self.lora is None:
             raise CheckpointError(
-                f"--lora_path_dmd {self.lora_spec}: not found as a file, a folder with {LORA_FILE}, nor in the local "
-                f"Hugging Face cache; run `liveavatar download {self.ckpt_dir.parent}` or pass the file's path")
+                f"--lora_path_dmd {self.lora_spec}: not found as a file, a folder with {LORA_FILE}, beside the base "
+                f"folder, in ./{REFERENCE_LORA_CACHE} nor in the local Hugging Face cache; run "
+                f"`liveavatar download {self.ckpt_dir.parent}` or pass the file's path")
         if self.lora.suffix != ".safetensors":
             raise CheckpointError(f"--lora_path_dmd {self.lora}: expected a .safetensors LoRA file ({LORA_FILE})")
         if not any("lora_" in key for key in _read_safetensors_header(self.lora)):
@@ -188,6 +217,7 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
+        check_not_lfs_pointer(path)
         raise CheckpointError(f"{path}: not valid JSON ({what}); download it again") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object ({what})")

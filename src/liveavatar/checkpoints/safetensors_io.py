@@ -18,14 +18,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from liveavatar.checkpoints.layout import check_not_lfs_pointer
+from liveavatar.errors import CheckpointError
+
 _MAX_HEADER_BYTES = 100_000_000
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupt, or does not match the model."""
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
@@ -46,6 +45,7 @@ def _read_entries(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], tup
             prefix = handle.read(8)
             header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
             if header_bytes < 0 or header_bytes > min(size - 8, _MAX_HEADER_BYTES):
+                check_not_lfs_pointer(path)
                 raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes); re-download it")
             header = json.loads(handle.read(header_bytes))
     except FileNotFoundError:
@@ -85,6 +85,7 @@ def checkpoint_files(path: Path, stem: str = "diffusion_pytorch_model") -> dict[
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError):
+                check_not_lfs_pointer(index)
                 raise CheckpointError(f"{index}: not a safetensors index (no 'weight_map'); re-download it") from None
             shards = {name: path / name for name in dict.fromkeys(weight_map.values())}
             for shard in shards.values():
@@ -108,8 +109,10 @@ def checkpoint_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
-    """Strict check of a checkpoint's keys and shapes against a model's."""
+def check_keys(expected: dict[str, tuple[int, ...]], files: dict[str, Path], source: str) -> None:
+    """Strict check of a checkpoint's keys and shapes (from the headers of ``files``, key -> file) against
+    a model's; a wrong shape is reported with the file that holds it."""
+    found = checkpoint_shapes(files)
     missing = [key for key in expected if key not in found]
     unexpected = [key for key in found if key not in expected]
     if missing or unexpected:
@@ -122,8 +125,8 @@ def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int,
                               f"is this the right checkpoint folder?")
     for key, shape in expected.items():
         if tuple(found[key]) != tuple(shape):
-            raise CheckpointError(f"{source}: tensor {key!r} has shape {list(found[key])}, the model expects "
-                                  f"{list(shape)}; the checkpoint is for another model size")
+            raise CheckpointError(f"{files[key]}: tensor {key!r} has shape {list(found[key])}, the model expects "
+                                  f"{list(shape)}; these weights are for another model size than the config in {source}")
 
 
 class TensorReader:
@@ -173,7 +176,7 @@ class TensorReader:
 def check_checkpoint(module: nn.Module, files: dict[str, Path], source: str) -> None:
     """Strict check of a checkpoint's keys and shapes (from the headers) against ``module``'s."""
     expected = {key: tuple(value.shape) for key, value in module.state_dict(keep_vars=True).items()}
-    check_keys(expected, checkpoint_shapes(files), source)
+    check_keys(expected, files, source)
 
 
 def load_module(module: nn.Module, reader: TensorReader, *, prefix: str = "", device: torch.device | str,

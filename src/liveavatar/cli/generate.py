@@ -3,22 +3,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
+import time
 from dataclasses import fields
-from typing import Callable
-
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
 
 from liveavatar.cli.flags import add_bool_flag, add_flag, bool_arg, byte_amount
 from liveavatar.devices import dtype_bytes
 from liveavatar.errors import InputError
-from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES
+from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES, ClipGeometry
+from liveavatar.io.video_writer import check_output_path
 from liveavatar.request import Request
 from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, detect_hardware
 from liveavatar.runtime.planner.memory import Workload, dit_inventory, transformer_config_for
 from liveavatar.runtime.planner.policy import Pins, Plan, default_host_budget, make_plan, plan_cpu_run, resolve_budget
-from liveavatar.settings import GenerationSettings, parse_size, parse_vram_budget
+from liveavatar.settings import WEIGHT_CHOICES, GenerationSettings, parse_size, parse_vram_budget
+
+if TYPE_CHECKING:
+    from liveavatar.models.checkpoint_check import CheckedTransformer
 
 # The defaults live in GenerationSettings; the flags show and pass the same values.
 DEFAULTS = {field.name: field.default for field in fields(GenerationSettings)}
@@ -77,6 +81,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
              help="Live-Avatar LoRA: a .safetensors file, a folder holding liveavatar.safetensors, or a Hub id "
                   f"in the local Hugging Face cache (default: {DEFAULTS['lora']}, found beside --ckpt_dir "
                   "or in the cache)")
+    add_flag(model, "lora_alpha", type=float, metavar="ALPHA",
+             help="LoRA alpha (default: rank/2, 64 for the release's rank 128, as the reference merges it)")
     add_bool_flag(model, "load_lora", "apply the LoRA (default True; False runs the undistilled base weights)")
     add_flag(model, "task", default="s2v-14B", help="only s2v-14B exists here (accepted for compatibility)")
 
@@ -107,7 +113,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(device, "vram-budget", metavar="SIZE", help="GPU memory the planner may use, e.g. 40GiB")
     add_flag(device, "host-memory", metavar="SIZE", help="host RAM the run may use, e.g. 28GiB (default: what "
              "the machine, or its cgroup, has available)")
-    add_bool_flag(device, "fp8", "FP8 linears after the LoRA merge, as the reference's --fp8")
+    add_flag(device, "weights", choices=WEIGHT_CHOICES, help="DiT weights: auto (default: the planner's choice, "
+             "FP8 where bf16 does not fit or FP8 is faster, printed before loading), bf16, or fp8 (e4m3 linears "
+             "after the LoRA merge)")
+    add_bool_flag(device, "fp8", "the reference's flag: True = --weights fp8, False = --weights bf16")
     add_bool_flag(device, "t5_cpu", "run the text encoder on the CPU")
 
     output = parser.add_argument_group("output")
@@ -115,6 +124,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(output, "save_dir", default=str(DEFAULTS["save_dir"]), metavar="DIR",
              help="folder for an automatically named output, created if missing (default ./%(default)s)")
     add_bool_flag(output, "keep-partial", "on failure or Ctrl-C keep the frames written so far as NAME.partial.mp4")
+    add_bool_flag(output, "overwrite", "replace an existing --save_file (default: refuse)")
 
     compatibility = parser.add_argument_group(
         "accepted for compatibility with the reference (each prints a notice saying what happens instead)")
@@ -138,26 +148,29 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         raise InputError("--image: required (the reference portrait)")
     if not args.audio:
         raise InputError("--audio: required (the driving speech)")
-    seed = args.base_seed
-    if seed == -1:
-        seed = secrets.randbelow(2**31)
-        notices.append(f"--base_seed -1: using seed {seed}")
     lora = args.lora_path_dmd or DEFAULTS["lora"]
     if args.load_lora is False:
         lora = None
         notices.append("--load_lora False: running the base S2V weights without the distilled LoRA "
                        "(the 4-step sampler then gives poor video)")
+    weights = args.weights or "auto"
+    if args.fp8 is not None:
+        wanted = "fp8" if args.fp8 else "bf16"
+        if args.weights not in (None, wanted):
+            raise InputError(f"--fp8 {args.fp8} contradicts --weights {args.weights}; give one of them")
+        weights = wanted
     if args.sample_steps != DEFAULTS["sample_steps"] and args.sample_steps >= 1:
         notices.append(f"--sample_steps {args.sample_steps}: the LoRA is distilled for 4 steps")
     settings = GenerationSettings(
         image=args.image, audio=args.audio, prompt=args.prompt, ckpt_dir=args.ckpt_dir, lora=lora,
         size_area=parse_size(args.size), infer_frames=args.infer_frames, sample_steps=args.sample_steps,
-        num_clip=args.num_clip, base_seed=seed, mode=args.mode,
+        num_clip=args.num_clip, base_seed=args.base_seed, mode=args.mode,
         enable_online_decode=bool(args.enable_online_decode), ref_rope_offset=args.ref_rope_offset,
-        fp8=bool(args.fp8), t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
+        weights=weights, lora_alpha=args.lora_alpha, t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
         host_memory=byte_amount("host-memory", args.host_memory),
         save_file=args.save_file, save_dir=args.save_dir, keep_partial=bool(args.keep_partial),
+        overwrite=bool(args.overwrite),
     )
     return settings, notices
 
@@ -185,11 +198,14 @@ def run_generate(args: argparse.Namespace) -> int:
     settings, notices = settings_from_args(args)
     _print_notices(notices, args.quiet)
     request = settings.request()
-    _print_notices(request.notices, args.quiet)
-    settings.checkpoint_layout.validate()
-    report = {**request.shape_report(), **_configuration(settings, request)}
+    _print_notices(list(request.notices), args.quiet)
+    output = check_output_path(settings.output_path(request.geometry.width, request.geometry.height),
+                               overwrite=settings.overwrite)
+    checked = check_checkpoints(settings)
+    if checked.lora is not None and checked.lora.notice:
+        _print_notices([checked.lora.notice], args.quiet)
+    report = {**request.shape_report(), **_configuration(settings, request), "output": str(output)}
     if args.dry_run:
-        report["output"] = str(settings.output_path(request.geometry.width, request.geometry.height))
         if args.json:
             print(json.dumps(report))
         else:
@@ -198,12 +214,22 @@ def run_generate(args: argparse.Namespace) -> int:
         return 0
     if not args.json:
         print(request.summary(), flush=True)
-    output = generate_from_settings(settings, request, progress=not (args.quiet or args.json))
+    output = generate_from_settings(settings, request, output, progress=not (args.quiet or args.json))
     if args.json:
         print(json.dumps({**report, "output": str(output)}))
     else:
         print(f"saved {output}")
     return 0
+
+
+def check_checkpoints(settings: GenerationSettings) -> CheckedTransformer:
+    """Every checkpoint file present and whole, and the DiT's and the LoRA's shapes what the config says,
+    from the headers alone (no weight is read)."""
+    from liveavatar.models.checkpoint_check import check_transformer_checkpoint
+
+    layout = settings.checkpoint_layout
+    layout.validate()
+    return check_transformer_checkpoint(layout.dit_dir, layout.lora, lora_alpha=settings.lora_alpha)
 
 
 def _configuration(settings: GenerationSettings, request) -> dict:
@@ -212,7 +238,7 @@ def _configuration(settings: GenerationSettings, request) -> dict:
         "mode": request.mode, "enable_online_decode": request.online_decode,
         "sample_steps": request.sample_steps, "base_seed": request.base_seed,
         "ref_rope_offset": request.ref_rope_offset, "dtype": settings.dtype, "device": settings.device,
-        "fp8": settings.fp8, "vram_budget": settings.vram_budget, "image": str(settings.image),
+        "weights": settings.weights, "vram_budget": settings.vram_budget, "image": str(settings.image),
         "audio": [str(p) for p in settings.audio], "ckpt_dir": str(layout.ckpt_dir),
         "lora": str(layout.lora) if layout.lora else None,
     }
@@ -221,47 +247,59 @@ def _configuration(settings: GenerationSettings, request) -> dict:
 def _configuration_line(report: dict) -> str:
     return (f"mode {report['mode']}, {report['sample_steps']} steps, seed {report['base_seed']}, "
             f"rope offset {report['ref_rope_offset']}, {report['dtype'] or 'auto dtype'}, "
-            f"fp8 {'on' if report['fp8'] else 'off'}, "
+            f"weights {report['weights']}, "
             f"LoRA {report['lora'] or 'none'} -> {report['output']}")
 
 
-def plan_for_settings(settings: GenerationSettings, request: Request) -> Plan:
-    """The plan ``generate`` runs under, made before anything is loaded (of the checkpoints only the DiT's
-    config.json is read), for the request's video size and audio length. ``vram_budget`` caps the GPU budget,
-    ``host_memory`` the host's (default: what is available); ``fp8`` and ``t5_cpu`` pin those choices. A CPU
-    run (``--device cpu``, or no GPU) gets a plan with no GPU budget.
-    Call ``.check()`` on the result to refuse a run that does not fit."""
+def plan_for(*, ckpt_dir: Path, device: str | None, dtype: str | None, weights: str, t5_cpu: bool,
+             vram_budget: int | None, geometry: ClipGeometry, sample_steps: int, mode: str,
+             host_memory: int | None = None, audio_seconds: float = 0.0) -> Plan:
+    """The plan a run of ``geometry`` and ``sample_steps`` gets, made before anything is loaded (of the
+    checkpoints only the DiT's config.json is read). ``vram_budget`` caps the GPU budget, ``host_memory``
+    the host's (default: what the machine or its cgroup has available); ``weights`` (bf16 / fp8; auto
+    leaves it to the planner) and ``t5_cpu`` pin those choices; ``audio_seconds`` of audio stay in host
+    memory. A CPU run (``--device cpu``, or no GPU) gets a plan with no GPU budget. Call ``.check()`` on
+    the result to refuse a run that does not fit."""
     import torch
 
-    on_cpu = settings.device == "cpu" or (settings.device is None and not torch.cuda.is_available())
-    dtype = settings.dtype or ("float32" if on_cpu else "bfloat16")
-    geometry = request.geometry
-    work = Workload(geometry.height, geometry.width, geometry.infer_frames, request.sample_steps, 1, request.mode,
-                    dtype_bytes(dtype), audio_seconds=request.audio_seconds or 0.0)
-    inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
-    pins = Pins(weight_dtype="fp8" if settings.fp8 else None, text_encoder="cpu" if settings.t5_cpu else None)
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    work = Workload(geometry.height, geometry.width, geometry.infer_frames, sample_steps, 1, mode,
+                    dtype_bytes(dtype or ("float32" if on_cpu else "bfloat16")), audio_seconds=audio_seconds)
+    inventory = dit_inventory(transformer_config_for(ckpt_dir))
+    pins = Pins(weight_dtype=None if weights == "auto" else weights, text_encoder="cpu" if t5_cpu else None)
     if on_cpu:
         return plan_cpu_run(inventory, work, pins)
     hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
-    budget, source = resolve_budget(vram_budget=settings.vram_budget)
-    host = settings.host_memory if settings.host_memory is not None else default_host_budget()
+    budget, source = resolve_budget(vram_budget=vram_budget)
+    host = host_memory if host_memory is not None else default_host_budget()
     return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins, host_budget_bytes=host)
 
 
-def generate_from_settings(settings: GenerationSettings, request: Request, *, progress: bool = True) -> Path:
-    """What ``liveavatar generate`` runs once the request is resolved: plan, load, generate, return the mp4
-    path. A run that cannot fit is refused by the plan, with the numbers, before anything heavy loads."""
+def generate_from_settings(settings: GenerationSettings, request: Request, output: Path, *,
+                           progress: bool = True) -> Path:
+    """What ``liveavatar generate`` runs once the request is resolved and the inputs checked: plan, load,
+    generate into ``output``, return its path. A run that cannot fit is refused by the plan, with the
+    numbers, before anything heavy loads. ``progress`` shows the phases and the generation's progress."""
     from liveavatar.api import LiveAvatarPipeline
-    from liveavatar.devices import resolve_device
+    from liveavatar.runtime.progress import Progress
 
-    plan = plan_for_settings(settings, request).check()
-    if progress and resolve_device(settings.device).type == "cuda":
-        print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
-              f"({plan.budget_source}), host {plan.predicted_host_peak_bytes / 2**30:.1f} GiB", file=sys.stderr)
-        for note in plan.notes:
-            print(f"plan: {note}", file=sys.stderr)
-    pipe = LiveAvatarPipeline.from_layout(settings.checkpoint_layout, device=settings.device, dtype=settings.dtype,
-                                          placement=plan.placement)
-    geometry = request.geometry
-    return pipe.generate(request, output=settings.output_path(geometry.width, geometry.height),
-                         keep_partial=settings.keep_partial, progress=progress)
+    status = Progress(total_blocks=request.total_blocks, blocks_per_clip=request.geometry.blocks_per_clip,
+                      total_frames=request.num_frames, enabled=progress)
+    status.phase("planning the memory")
+    plan = plan_for(ckpt_dir=settings.ckpt_dir, device=settings.device, dtype=settings.dtype,
+                    weights=settings.weights, t5_cpu=settings.t5_cpu, vram_budget=settings.vram_budget,
+                    geometry=request.geometry, sample_steps=request.sample_steps, mode=request.mode,
+                    host_memory=settings.host_memory, audio_seconds=request.audio_seconds or 0.0).check()
+    chosen = "the planner's choice" if settings.weights == "auto" else f"--weights {settings.weights}"
+    status.phase_done(f"{plan.placement.describe()} ({chosen}); predicted peak "
+                      f"{plan.predicted_peak_bytes / 2**30:.1f} GiB ({plan.budget_source}), host "
+                      f"{plan.predicted_host_peak_bytes / 2**30:.1f} GiB" + "".join(f"; {n}" for n in plan.notes))
+    layout = settings.checkpoint_layout
+    size = layout.weight_bytes()
+    status.phase(f"loading {size / 1e9:.1f} GB of weights")
+    began = time.perf_counter()
+    pipe = LiveAvatarPipeline.from_layout(layout, device=settings.device, dtype=settings.dtype,
+                                          placement=plan.placement, lora_alpha=settings.lora_alpha)
+    status.phase_done(f"{size / 1e9 / max(time.perf_counter() - began, 1e-9):.2f} GB/s")
+    return pipe.generate(request, output=output, keep_partial=settings.keep_partial, overwrite=settings.overwrite,
+                         progress=status)

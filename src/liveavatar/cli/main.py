@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +24,7 @@ from liveavatar.cli.bench import add_bench_arguments, run_bench
 from liveavatar.cli.flags import OneLineParser
 from liveavatar.cli.generate import add_generate_arguments, run_generate
 from liveavatar.cli.plan import add_plan_arguments, run_plan
+from liveavatar.cli.serve import add_serve_arguments, run_serve
 from liveavatar.cli.tools import (add_doctor_arguments, add_download_arguments, add_make_tiny_arguments,
                                   run_doctor, run_download, run_make_tiny)
 from liveavatar.errors import ArgumentError, LiveAvatarError
@@ -47,6 +51,8 @@ COMMANDS: list[Command] = [
             run_plan),
     Command("bench", "time the engine at full size with random weights (no checkpoint needed)", add_bench_arguments,
             run_bench),
+    Command("serve", "serve a web page, a jobs API and a live WebSocket session on one loaded engine",
+            add_serve_arguments, run_serve),
 ]
 
 
@@ -66,18 +72,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so the same cleanup runs (no final-named partial file)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def _values_may_start_with_a_dash(argv: list[str]) -> list[str]:
+    """``--size -704*384`` as ``--size=-704*384``: argparse takes a token starting with '-' (other than a plain
+    negative number) for an option and says "expected one argument"; joined, the value gets its own check."""
+    joined, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        if token.startswith("--") and "=" not in token and re.match(r"-\d", following):
+            joined.append(f"{token}={following}")
+            index += 2
+        else:
+            joined.append(token)
+            index += 1
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _values_may_start_with_a_dash(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LIVEAVATAR_DEBUG", "").lower() in ("1", "true", "yes")
+    previous = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)} \
+        if threading.current_thread() is threading.main_thread() else {}
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not hasattr(args, "run"):
             parser.error(f"choose a command: {', '.join(command.name for command in COMMANDS)}")
         return args.run(args)
-    except KeyboardInterrupt:
+    except BrokenPipeError:
+        # The reader went away (``liveavatar plan | head``): not an error; stay quiet at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt as error:
         if debug:
             raise
+        if isinstance(error, Terminated):
+            print(f"error: terminated ({error})", file=sys.stderr)
+            return 128 + error.signum
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
@@ -87,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, LiveAvatarError):
             return error.exit_code
         return 2 if isinstance(error, ValueError) else 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _one_line(error: Exception) -> str:

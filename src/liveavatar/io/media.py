@@ -5,7 +5,8 @@ portrait stored sideways came out sideways), ``convert("RGB")`` as the reference
 ``Resize(min(H, W))`` + ``CenterCrop((H, W))`` on the PIL image, re-implemented here on Pillow/numpy.
 Audio: any file PyAV decodes, averaged to mono and resampled to 16 kHz with soxr at HQ quality, the
 defaults of the reference's ``librosa.load(path, sr=16000)``, output length ceil(n * 16000 / rate).
-Every unreadable input raises InputError with one line naming the file.
+Every unreadable input raises InputError with one line naming the file; so does audio with NaN or
+infinite samples, which decodes without complaint and only fails in the encoder (or yields black frames).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import soxr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from liveavatar.errors import InputError
+from liveavatar.errors import ArgumentError, InputError
 from liveavatar.geometry import AUDIO_SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -28,33 +29,31 @@ if TYPE_CHECKING:
 # A decoded stream may be this much shorter than its header says before we call the file truncated
 # (codec priming/padding and per-packet rounding make the two differ slightly in valid files).
 _DURATION_SLACK_S, _DURATION_SLACK_FRACTION = 0.1, 0.02
-_PCM_SCALE = {np.dtype(np.uint8): 128.0, np.dtype(np.int16): 2.0**15, np.dtype(np.int32): 2.0**31,
-              np.dtype(np.int64): 2.0**63}
 
 
-def _check_file(path: Path, flag: str, kind: str) -> None:
+def _check_file(path: Path, argument: str, kind: str) -> None:
     if not path.exists():
-        raise InputError(f"{flag} {path}: file not found")
+        raise ArgumentError(argument, f"{path}: file not found")
     if path.is_dir():
-        raise InputError(f"{flag} {path}: is a folder, expected {kind} file")
+        raise ArgumentError(argument, f"{path}: is a folder, expected {kind} file")
     if path.stat().st_size == 0:
-        raise InputError(f"{flag} {path}: the file is empty (0 bytes)")
+        raise ArgumentError(argument, f"{path}: the file is empty (0 bytes)")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image: EXIF orientation applied, converted to RGB as the reference does."""
     path = Path(path).expanduser()
-    _check_file(path, "--image", "an image")
+    _check_file(path, "image", "an image")
     try:
         with Image.open(path) as image:
             image.load()
             return ImageOps.exif_transpose(image).convert("RGB")
     except UnidentifiedImageError:
-        raise InputError(f"--image {path}: not an image file Pillow can read") from None
+        raise ArgumentError("image", f"{path}: not an image file Pillow can read") from None
     except Image.DecompressionBombError as error:
-        raise InputError(f"--image {path}: too large to decode safely ({error})") from None
+        raise ArgumentError("image", f"{path}: too large to decode safely ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise InputError(f"--image {path}: cannot be decoded, the file may be truncated or corrupt ({error})") from None
+        raise ArgumentError("image", f"{path}: cannot be decoded, the file may be truncated or corrupt ({error})") from None
 
 
 def fit_image(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -92,21 +91,18 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
     return resample_to_16k(*decode_audio(path))
 
 
-def waveform_from_array(samples, *, name: str, allow_empty: bool = False) -> np.ndarray:
-    """A waveform given as an array (16 kHz mono) as float32: integer PCM is scaled to [-1, 1) as a decoded
-    file would be; anything but one channel of samples is refused naming ``name``."""
-    array = np.asarray(samples)
+def waveform_from_array(audio, name: str = "audio") -> np.ndarray:
+    """An audio waveform passed as an array, 16 kHz mono [samples], as float32 in [-1, 1]: integer PCM
+    (int16 and the like) is scaled as a decoder scales it; NaN/Inf samples and other shapes are refused
+    with an InputError naming the argument ``name``."""
+    array = np.asarray(audio)
     if array.ndim != 1:
-        raise InputError(f"{name}: expected 16 kHz mono samples [n], got shape {list(array.shape)}")
-    if not allow_empty and array.size == 0:
-        raise InputError(f"{name}: no samples")
-    if array.dtype == np.uint8:
-        return (array.astype(np.float32) - 128.0) / 128.0
-    if array.dtype in _PCM_SCALE:
-        return (array.astype(np.float64) / _PCM_SCALE[array.dtype]).astype(np.float32)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise InputError(f"{name}: expected float or integer PCM samples, got {array.dtype}")
-    return array.astype(np.float32, copy=False)
+        raise InputError(f"{name}: a waveform must be 16 kHz mono samples [n], got shape {list(array.shape)}")
+    if array.dtype.kind not in "iuf":
+        raise InputError(f"{name}: {array.dtype} is not audio samples; pass float in [-1, 1] or integer PCM")
+    waveform = _samples_to_float32(array)
+    _require_finite(waveform, AUDIO_SAMPLE_RATE, name, "")
+    return waveform
 
 
 def resample_to_16k(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -122,34 +118,35 @@ def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Decode the first audio track of any file PyAV opens -> (mono float32 waveform, sample rate).
     Channels are averaged (librosa's to_mono); integer PCM is scaled to [-1, 1) like libsndfile."""
     path = Path(path).expanduser()
-    _check_file(path, "--audio", "an audio")
+    _check_file(path, "audio", "an audio")
     try:
         container = av.open(str(path))
     except (av.FFmpegError, EOFError) as error:
-        raise InputError(f"--audio {path}: not an audio or video file that can be decoded ({_reason(error)})") from None
+        raise ArgumentError("audio", f"{path}: not an audio or video file that can be decoded ({_reason(error)})") from None
     with container:
         if not container.streams.audio:
-            raise InputError(f"--audio {path}: has no audio track")
+            raise ArgumentError("audio", f"{path}: has no audio track")
         _check_wav_data_chunk(path)
         stream = container.streams.audio[0]
         chunks, sample_rate = [], stream.sample_rate
         try:
             for frame in container.decode(stream):
                 if frame.sample_rate != sample_rate:
-                    raise InputError(f"--audio {path}: the sample rate changes inside the file "
+                    raise ArgumentError("audio", f"{path}: the sample rate changes inside the file "
                                      f"({sample_rate} -> {frame.sample_rate} Hz); convert it to one rate first")
                 chunks.append(_frame_to_mono(frame))
         except (av.FFmpegError, EOFError) as error:
-            raise InputError(f"--audio {path}: cannot be decoded, the file may be truncated or corrupt "
+            raise ArgumentError("audio", f"{path}: cannot be decoded, the file may be truncated or corrupt "
                              f"({_reason(error)})") from None
         waveform = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
         if waveform.size == 0:
-            raise InputError(f"--audio {path}: contains no audio samples")
+            raise ArgumentError("audio", f"{path}: contains no audio samples")
+        _require_finite(waveform, sample_rate, "audio", str(path))
         if stream.duration is not None and stream.time_base is not None:
             declared = float(stream.duration * stream.time_base)
             decoded = waveform.size / sample_rate
             if decoded < declared - max(_DURATION_SLACK_S, _DURATION_SLACK_FRACTION * declared):
-                raise InputError(f"--audio {path}: truncated, the header says {declared:.2f} s but only "
+                raise ArgumentError("audio", f"{path}: truncated, the header says {declared:.2f} s but only "
                                  f"{decoded:.2f} s can be decoded")
     return waveform, sample_rate
 
@@ -159,13 +156,27 @@ def _frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
     channels = frame.layout.nb_channels
     if not frame.format.is_planar:
         data = data.reshape(-1, channels).T
-    if data.dtype == np.uint8:
-        data = (data.astype(np.float32) - 128.0) / 128.0
-    elif data.dtype in _PCM_SCALE:
-        data = (data.astype(np.float64) / _PCM_SCALE[data.dtype]).astype(np.float32)
-    else:
-        data = data.astype(np.float32, copy=False)
+    data = _samples_to_float32(data)
     return data[0].copy() if channels == 1 else data.mean(axis=0)
+
+
+def _samples_to_float32(data: np.ndarray) -> np.ndarray:
+    """Integer PCM scaled to [-1, 1) like libsndfile (unsigned, i.e. 8-bit WAV, is centred on half its
+    range); float samples as they are."""
+    if data.dtype.kind == "f":
+        return data.astype(np.float32, copy=False)
+    info = np.iinfo(data.dtype)
+    half = 2.0 ** (info.bits - 1)
+    offset = half if info.min == 0 else 0.0
+    return ((data.astype(np.float64) - offset) / half).astype(np.float32)
+
+
+def _require_finite(waveform: np.ndarray, sample_rate: int, argument: str, subject: str) -> None:
+    bad = ~np.isfinite(waveform)
+    if bad.any():
+        first = int(np.argmax(bad)) / sample_rate
+        raise ArgumentError(argument, f"{subject}: {int(bad.sum())} of {waveform.size} samples are NaN or infinite "
+                                      f"(the first at {first:.2f} s); the audio is corrupt, export it again")
 
 
 def _check_wav_data_chunk(path: Path) -> None:
@@ -185,7 +196,7 @@ def _check_wav_data_chunk(path: Path) -> None:
                 available = file_size - file.tell()
                 # 0 and 0xFFFFFFFF are the "size unknown" markers of streamed WAVs.
                 if chunk_size not in (0, 0xFFFFFFFF) and chunk_size > available:
-                    raise InputError(f"--audio {path}: truncated, the WAV header announces {chunk_size} bytes of "
+                    raise ArgumentError("audio", f"{path}: truncated, the WAV header announces {chunk_size} bytes of "
                                      f"audio but the file holds {available}")
                 return
             file.seek(chunk_size + (chunk_size & 1), os.SEEK_CUR)

@@ -1,14 +1,22 @@
 """Incremental H.264/AAC mp4 output: frames are encoded as they arrive, the audio track is decoded and
 muxed alongside them, so memory stays constant however long the video runs.
 
-The file is written under a hidden temporary name in the target folder (``.name.partial.mp4``) and
-renamed to its final name only by a successful ``close()``. On an error or Ctrl-C nothing with the final
-name is left; with ``keep_partial`` the frames written so far are kept as a valid ``name.partial.mp4``.
+The file is written under a hidden temporary name in the target folder, unique to the run
+(``.name.<random>.partial.mp4``, created exclusively), and given its final name only by a successful
+``close()``. On an error or Ctrl-C nothing with the final name is left; with ``keep_partial`` the frames
+written so far are kept as a valid ``name.partial.mp4``. An existing output is refused unless
+``overwrite``; without it the final name is taken with a hard link, which fails instead of replacing a file
+another run wrote meanwhile (that run's video stays, this one's is kept under ``name.<random>.mp4``).
+Write errors (a full disk, a vanished folder) name the output, never the hidden file.
 Like the reference's ``ffmpeg -shortest`` mux, the result ends with the shorter of the two streams.
 """
 from __future__ import annotations
 
+import errno
 import os
+import secrets
+import tempfile
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,6 +27,31 @@ from liveavatar.errors import InputError, LiveAvatarError
 
 _AAC_FRAME = 1024
 _AAC_RATES = {7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: not an .mp4 name, a folder, an existing
+    file (unless ``overwrite``), or a folder that cannot be created or written to. Creates nothing."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name ending in .mp4")
+    if path.suffix.lower() != ".mp4":
+        raise InputError(f"{path}: the output is an mp4; give a name ending in .mp4")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: already exists; choose another name, or pass --overwrite "
+                         f"(overwrite=True in Python) to replace it")
+    folder = path.parent.absolute()
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        raise InputError(f"{folder}: cannot be created, {existing} is a file; choose another output folder")
+    try:
+        # A real file, because permission bits do not show read-only mounts, ACLs or quotas.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InputError(f"{folder}: cannot write the output there ({_reason(error)}); "
+                         f"choose another output folder") from None
+    return path
 
 
 def pixels_to_uint8(video) -> np.ndarray:
@@ -80,24 +113,28 @@ class Mp4Writer:
 
     def __init__(self, path: str | os.PathLike, *, width: int, height: int, fps: int = 25,
                  audio_path: str | os.PathLike | None = None, keep_partial: bool = False,
-                 crf: int = 10, preset: str = "medium"):
+                 overwrite: bool = False, crf: int = 10, preset: str = "medium"):
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"video size {width}x{height}: H.264 yuv420p needs positive even dimensions")
-        self.path = Path(path)
-        if self.path.suffix.lower() != ".mp4":
-            raise InputError(f"{self.path}: the output is an mp4; give a name ending in .mp4")
+        self.path = check_output_path(path, overwrite=overwrite)
         self.width, self.height, self.fps = width, height, fps
         self.keep_partial = keep_partial
+        self.overwrite = overwrite
         self.frames_written = 0
         self.frames_dropped = 0  # frames past the end of the audio (the -shortest rule)
-        self._temporary = self.path.with_name(f".{self.path.stem}.partial.mp4")
         self._audio = _AudioTrack(Path(audio_path).expanduser()) if audio_path is not None else None
         self._audio_encoded = 0
         self._closed = False
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._container = av.open(str(self._temporary), "w", format="mp4")
-        except Exception:
+            with self._naming_the_output():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._run_id, self._temporary = _create_temporary(self.path)
+                try:
+                    self._container = av.open(str(self._temporary), "w", format="mp4")
+                except BaseException:
+                    self._temporary.unlink()
+                    raise
+        except BaseException:
             if self._audio is not None:
                 self._audio.close()
             raise
@@ -139,13 +176,14 @@ class Mp4Writer:
                 continue
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
             frame.pts, frame.time_base = self.frames_written, Fraction(1, self.fps)
-            self._container.mux(self._video.encode(frame))
+            with self._naming_the_output():
+                self._container.mux(self._video.encode(frame))
             self.frames_written += 1
             if self._audio is not None:
                 self._mux_audio(self._video_end_sample(), whole_frames_only=True)
 
     def close(self) -> Path:
-        """Flush the encoders, mux the rest of the audio (cut at the video's end) and rename to the final name."""
+        """Flush the encoders, mux the rest of the audio (cut at the video's end) and give the file its name."""
         if self._closed:
             return self.path
         if self.frames_written == 0:
@@ -153,25 +191,51 @@ class Mp4Writer:
             raise LiveAvatarError(f"{self.path}: no video frames were written")
         try:
             self._finish()
+            saved = self._publish(self.path)
         except BaseException:
             self._discard()
             raise
-        os.replace(self._temporary, self.path)
+        if saved != self.path:
+            raise LiveAvatarError(f"{self.path}: another run wrote this file meanwhile and it was left as it is; "
+                                  f"this run's video is saved as {saved}")
         return self.path
 
     def abort(self) -> Path | None:
-        """Stop after a failure: delete the temporary file, or keep what was written as ``partial_path``."""
+        """Stop after a failure: delete the temporary file, or keep what was written as ``partial_path``
+        (returned; a unique name beside it if another run's partial file is there)."""
         if self._closed:
             return None
         if self.keep_partial and self.frames_written:
             try:
                 self._finish()
-                os.replace(self._temporary, self.partial_path)
-                return self.partial_path
+                return self._publish(self.partial_path)
             except Exception:
                 pass  # could not finish a valid file: fall through and delete it
         self._discard()
         return None
+
+    def _publish(self, target: Path) -> Path:
+        """Give the finished temporary file the name ``target`` and return where it ended up: ``target``,
+        or, when another run created ``target`` meanwhile (and ``overwrite`` is off), a unique name beside it."""
+        with self._naming_the_output():
+            if self.overwrite:
+                os.replace(self._temporary, target)
+                return target
+            try:
+                _claim(self._temporary, target)
+            except FileExistsError:
+                target = target.with_name(f"{target.stem}.{self._run_id}{target.suffix}")
+                os.replace(self._temporary, target)
+            return target
+
+    @contextmanager
+    def _naming_the_output(self):
+        """Errors of the hidden temporary file are errors of the output the user asked for."""
+        try:
+            yield
+        except (OSError, av.FFmpegError) as error:
+            raise LiveAvatarError(f"{self.path}: writing the video failed ({_reason(error)}); check the free "
+                                  f"space and permissions of {self.path.parent}") from error
 
     def _discard(self) -> None:
         self._closed = True
@@ -184,12 +248,13 @@ class Mp4Writer:
         self._temporary.unlink(missing_ok=True)
 
     def _finish(self) -> None:
-        self._container.mux(self._video.encode(None))
-        if self._audio is not None:
-            self._mux_audio(self._video_end_sample(), whole_frames_only=False)
-            self._container.mux(self._audio_stream.encode(None))
-            self._audio.close()
-        self._container.close()
+        with self._naming_the_output():
+            self._container.mux(self._video.encode(None))
+            if self._audio is not None:
+                self._mux_audio(self._video_end_sample(), whole_frames_only=False)
+                self._container.mux(self._audio_stream.encode(None))
+                self._audio.close()
+            self._container.close()
         self._closed = True
 
     def _video_end_sample(self) -> int:
@@ -210,5 +275,44 @@ class Mp4Writer:
             if frame is None:
                 return
             frame.pts, frame.time_base = self._audio_encoded, Fraction(1, self._audio.rate)
-            self._container.mux(self._audio_stream.encode(frame))
+            with self._naming_the_output():
+                self._container.mux(self._audio_stream.encode(frame))
             self._audio_encoded += frame.samples
+
+
+def _create_temporary(path: Path) -> tuple[str, Path]:
+    """(run id, a new empty hidden file beside ``path`` named with it). Created exclusively, so no other
+    run can write to the same temporary file, whatever the timing."""
+    while True:
+        run_id = secrets.token_hex(4)
+        candidate = path.with_name(f".{path.stem}.{run_id}.partial.mp4")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return run_id, candidate
+        except FileExistsError:
+            continue
+
+
+# link() is refused by file systems without hard links (FAT/exFAT drives, some network shares).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
+def _claim(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` unless ``target`` exists (FileExistsError): never replaces a file."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINKS:
+            raise
+        # Without hard links: take the name with an exclusive create, then move onto our own placeholder.
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.replace(source, target)
+    else:
+        source.unlink()
+
+
+def _reason(error: OSError | av.FFmpegError) -> str:
+    """The error without the file name, which would be the hidden temporary one."""
+    return getattr(error, "strerror", None) or str(error)

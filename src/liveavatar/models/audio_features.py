@@ -52,6 +52,9 @@ class AudioFeatureExtractor:
     def from_pretrained(cls, wav2vec_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.bfloat16) -> "AudioFeatureExtractor":
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # the engine reports loading itself (and --quiet means quiet)
 
         folder = Path(wav2vec_dir)
         for name in ("config.json", "preprocessor_config.json"):

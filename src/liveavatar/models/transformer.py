@@ -41,6 +41,7 @@ from liveavatar.checkpoints.safetensors_io import (
     load_into,
     save_sharded,
 )
+from liveavatar.errors import CheckpointError
 from liveavatar.models.attention import AttentionProjections, CrossAttention, attention
 from liveavatar.models.audio_injection import AudioInjector, CausalAudioEncoder
 from liveavatar.models.rope import (
@@ -66,6 +67,14 @@ _REQUIRED_SWITCHES = {
     "enable_motioner": (True, False),
     "add_last_motion": (True, True),
 }
+
+
+def _valid_config_value(key: str, value) -> bool:
+    """config.json sizes are positive integers (eps a positive number), audio_inject_layers integers."""
+    if key == "audio_inject_layers":
+        return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    positive = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return positive if key == "eps" else positive and isinstance(value, int)
 
 
 @dataclass(frozen=True)
@@ -99,10 +108,10 @@ class TransformerConfig:
         # Injector slots are numbered in block order (what the reference's wiring yields for any list).
         object.__setattr__(self, "audio_inject_layers", tuple(sorted(int(i) for i in self.audio_inject_layers)))
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
-            raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even width")
+            raise ValueError(f"dim={self.dim} does not split into num_heads={self.num_heads} heads of even width")
         if len(set(self.audio_inject_layers)) != len(self.audio_inject_layers) or not all(
                 0 <= i < self.num_layers for i in self.audio_inject_layers):
-            raise ValueError(f"audio_inject_layers {list(self.audio_inject_layers)} must be distinct block "
+            raise ValueError(f"audio_inject_layers={list(self.audio_inject_layers)} must be distinct block "
                              f"indices below num_layers={self.num_layers}")
 
     @property
@@ -135,21 +144,32 @@ class TransformerConfig:
         try:
             raw = json.loads(config_path.read_text())
         except FileNotFoundError:
-            raise ValueError(f"{config_path}: not found; pass the DiT checkpoint folder "
-                             f"(the one with {CONFIG_NAME} and {WEIGHTS_STEM}*.safetensors)") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_path}: invalid JSON ({error})") from None
+            raise CheckpointError(f"{config_path}: not found; pass the DiT checkpoint folder "
+                                  f"(the one with {CONFIG_NAME} and {WEIGHTS_STEM}*.safetensors)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{config_path}: invalid JSON ({error})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{config_path}: not a JSON object; is this the Wan2.2-S2V config?")
         if raw.get("model_type", "s2v") != "s2v":
-            raise ValueError(f"{config_path}: model_type {raw['model_type']!r} is not the S2V model")
-        for key, (default, required) in _REQUIRED_SWITCHES.items():
-            if raw.get(key, default) != required:
-                raise ValueError(f"{config_path}: {key}={raw.get(key, default)!r} is not supported "
-                                 f"(the Live Avatar release uses {required!r})")
+            raise CheckpointError(f"{config_path}: model_type {raw['model_type']!r} is not the S2V model")
+        # Sizes before switches: a file that is not this config at all should not be blamed on a switch.
         missing = [key for key in ("dim", "ffn_dim", "num_heads", "num_layers", "audio_inject_layers")
                    if key not in raw]
         if missing:
-            raise ValueError(f"{config_path}: missing {missing[0]!r}; is this the Wan2.2-S2V config?")
+            raise CheckpointError(f"{config_path}: missing {missing[0]!r}; is this the Wan2.2-S2V config?")
         values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        for key, value in values.items():
+            if not _valid_config_value(key, value):
+                kind = {"audio_inject_layers": "a list of block indices", "eps": "a positive number"}
+                raise CheckpointError(f"{config_path}: {key}={value!r} is not {kind.get(key, 'a positive integer')}; "
+                                      f"fix the value or re-download {CONFIG_NAME}")
+        for key, (default, required) in _REQUIRED_SWITCHES.items():
+            if key not in raw and default != required:
+                raise CheckpointError(f"{config_path}: {key} is missing, and its default {default!r} is not supported "
+                                      f"(the Live Avatar release sets {required!r})")
+            if raw.get(key, default) != required:
+                raise CheckpointError(f"{config_path}: {key}={raw[key]!r} is not supported "
+                                      f"(the Live Avatar release uses {required!r})")
         shapes = checkpoint_shapes(checkpoint_files(ckpt_dir, WEIGHTS_STEM))
         from_weights = {
             "text_dim": ("text_embedding.0.weight", 1),
@@ -160,7 +180,10 @@ class TransformerConfig:
         for name, (key, axis) in from_weights.items():
             if key in shapes:
                 values[name] = shapes[key][axis]
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise CheckpointError(f"{config_path}: {error}") from None
 
     def to_json_dict(self) -> dict:
         """config.json content in the release's (diffusers) layout."""

@@ -7,7 +7,9 @@ all go through it; nothing of a request stays on the models.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -23,7 +25,7 @@ from liveavatar.models.audio_features import (
 )
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
-from liveavatar.request import LiveAudio, Request
+from liveavatar.request import LiveAudio, LiveSource, Request
 from liveavatar.runtime.caches import CacheSet, build_caches
 from liveavatar.runtime.conditioning import (
     ReferenceLatents,
@@ -43,6 +45,7 @@ from liveavatar.runtime.schedule import FlowMatchSchedule
 # How long one wait for live audio lasts before the loop looks again (it keeps waiting: the session decides
 # when silence is pushed and when the audio ends).
 LIVE_AUDIO_POLL_S = 0.05
+REFERENCE_CACHE_SIZE = 4
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Conditioning:
     text_kv: list
     reference: ReferenceLatents
     audio: BlockAudio
+    notices: tuple[str, ...] = ()
 
 
 ExecutorFactory = Callable[..., BlockExecutor]
@@ -74,6 +78,7 @@ class Engine:
         self.dtype = dtype
         self.layer_streamer = layer_streamer
         self._caches: CacheSet | None = None
+        self._references: OrderedDict[tuple, ReferenceLatents] = OrderedDict()
 
     @classmethod
     def from_pretrained(cls, layout: CheckpointLayout, placement: Placement, *, device: torch.device,
@@ -122,9 +127,27 @@ class Engine:
             self._release_caches()  # the encoder takes their GPU memory while it runs (the plan's set-up)
         with self.text_encoder:  # loads the encoder only on a prompt-cache miss, frees it on exit
             context = self.text_encoder.encode(request.prompt)
+        text_len = self.transformer.config.text_len
+        # The tokenizer cuts at text_len tokens (EOS included): a full context means the prompt was cut.
+        notices = (f"prompt: {len(request.prompt)} characters fill the text encoder's {text_len} tokens; the rest "
+                   f"is cut, as in the reference",) if context.shape[0] >= text_len else ()
         text_kv = self.transformer.text_kv(context.to(self.device))
-        pixels = reference_tensor(request.image, geometry.height, geometry.width).to(self.device, self.dtype)
-        return Conditioning(text_kv, encode_reference(self.vae, pixels, request.mode), audio)
+        return Conditioning(text_kv, self._reference(request), audio, notices)
+
+    def _reference(self, request: Request) -> ReferenceLatents:
+        """The reference and motion latents of a request's portrait, from the last few encoded: a server sees
+        the same avatar again and again, and encoding its 73-frame motion history is the largest fixed cost
+        of a request after loading."""
+        geometry = request.geometry
+        pixels = reference_tensor(request.image, geometry.height, geometry.width)
+        key = (hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), geometry.height, geometry.width, request.mode)
+        if key in self._references:
+            self._references.move_to_end(key)
+        else:
+            self._references[key] = encode_reference(self.vae, pixels.to(self.device, self.dtype), request.mode)
+            while len(self._references) > REFERENCE_CACHE_SIZE:
+                self._references.popitem(last=False)
+        return self._references[key]
 
     @torch.no_grad()
     def run(self, request: Request, conditioning: Conditioning | None = None, *,
@@ -148,6 +171,8 @@ class Engine:
 
     def _block_audio(self, request: Request) -> BlockAudio:
         geometry, audio = request.geometry, request.audio
+        if isinstance(audio, LiveSource):
+            return audio.block_features(self.audio_encoder, geometry)
         if not request.streamed_audio_features:
             hidden = self.audio_encoder.hidden_states(audio.samples)
             features, _ = video_rate_features(hidden, infer_frames=geometry.infer_frames, fps=FPS)

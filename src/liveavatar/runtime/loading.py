@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from liveavatar.checkpoints.lora import lora_merge_for
+from liveavatar.checkpoints.lora import merge_lora_part, plan_lora
 from liveavatar.checkpoints.safetensors_io import TensorReader, check_checkpoint, checkpoint_files, load_module
 from liveavatar.models.transformer import RUN_DTYPES, WEIGHTS_STEM, CausalS2VTransformer, TransformerConfig
 from liveavatar.runtime.layer_streaming import LayerStreamer, place_dit
@@ -20,8 +20,8 @@ def load_placed_dit(ckpt_dir, placement: Placement, *, device: torch.device | st
 
     The model is built on the meta device and filled one unit at a time (a block with the audio injector
     after it, then the remaining modules), in `place_dit`'s order: each tensor of the unit is read from its
-    shard and put on ``device`` in ``dtype`` (its host copy dropped at once), the unit's LoRA factors are
-    merged in float32 on the device (`LoraMerge.merge`, the same arithmetic as `merge_lora`), the unit is
+    shard and put on ``device`` in ``dtype`` (its host copy dropped at once), the unit's LoRA is applied in
+    float32 on the device (`merge_lora_part`, what `merge_lora` applies to the whole model), the unit is
     converted to FP8 if planned and, if streamed, moved on into its pinned host buffer. So the host holds,
     beyond what the plan pins, one checkpoint tensor and one layer's LoRA factors at a time, and the device
     one unit in the run dtype beyond its plan. The checkpoint's keys and shapes and the LoRA are checked
@@ -34,12 +34,12 @@ def load_placed_dit(ckpt_dir, placement: Placement, *, device: torch.device | st
         model = CausalS2VTransformer(TransformerConfig.from_dir(ckpt_dir))
     files = checkpoint_files(ckpt_dir, WEIGHTS_STEM)
     check_checkpoint(model, files, str(ckpt_dir))
-    merge = None if lora is None else lora_merge_for(model, lora, alpha=lora_alpha)
+    lora_plan = None if lora is None else plan_lora(model, lora, alpha=lora_alpha)
     with TensorReader(files) as reader:
         def materialize(name: str, module: nn.Module) -> None:
             load_module(module, reader, prefix=name, device=device, dtype=dtype)
-            if merge is not None:
-                merge.merge(module, prefix=name)
+            if lora_plan is not None:
+                merge_lora_part(lora_plan, module, name)
 
         streamer = place_dit(model, placement, device, materialize=materialize)
     return model.eval().requires_grad_(False), streamer

@@ -1,0 +1,109 @@
+"""``liveavatar serve``: load the engine once, then serve the page, the jobs API and the live session
+until Ctrl-C or SIGTERM (which cancel the running job and remove every file the server wrote)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from liveavatar.cli.flags import add_bool_flag, add_flag
+from liveavatar.cli.generate import DEFAULTS, plan_for
+from liveavatar.errors import InputError
+
+TOKEN_ENV = "LIVEAVATAR_TOKEN"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("checkpoints and device (as generate)")
+    add_flag(model, "ckpt_dir", default=str(DEFAULTS["ckpt_dir"]), metavar="DIR",
+             help="the Wan2.2-S2V-14B folder (default: %(default)s)")
+    add_flag(model, "lora_path_dmd", default=DEFAULTS["lora"], metavar="PATH_OR_ID",
+             help="the Live-Avatar LoRA (default: %(default)s)")
+    add_flag(model, "device", help="cuda, cuda:N or cpu (default: CUDA when available)")
+    add_flag(model, "dtype", help="bfloat16 or float32 (default: bfloat16 on CUDA, float32 on the CPU)")
+    add_flag(model, "vram-budget", metavar="SIZE", help="GPU memory the planner may use, e.g. 40GiB")
+    add_bool_flag(model, "fp8", "FP8 linears after the LoRA merge")
+    add_bool_flag(model, "t5_cpu", "run the text encoder on the CPU")
+
+    net = parser.add_argument_group("network")
+    add_flag(net, "host", default="127.0.0.1", help="address to listen on (default %(default)s, this machine only; "
+             "any other needs --token)")
+    add_flag(net, "port", type=int, default=7860, help="port (default %(default)s)")
+    add_flag(net, "token", help=f"a secret every request must carry (Authorization: Bearer T, or ?token=T in the "
+             f"page's address); default: ${TOKEN_ENV}")
+
+    limits = parser.add_argument_group("requests")
+    add_flag(limits, "size", default="704*384", help="size of a request that gives none (default %(default)s)")
+    add_flag(limits, "max-size", default="704*384", help="largest area a request may ask for; the planner places "
+             "the models for it (default %(default)s)")
+    add_flag(limits, "max-steps", type=int, default=4, help="most denoising steps a request may ask for (default 4)")
+    add_flag(limits, "max-upload-mb", type=float, default=50.0, help="largest uploaded file (default 50 MiB)")
+    add_flag(limits, "max-audio-s", type=float, default=600.0, help="longest audio of a job (default 600 s)")
+    add_flag(limits, "max-queued-per-client", type=int, default=8,
+             help="jobs one client address may have queued or running (default 8)")
+    add_flag(limits, "retention", type=float, default=3600.0, metavar="SECONDS",
+             help="how long a finished video (and a job's record) is kept (default 3600 s)")
+    add_flag(limits, "live-idle-limit", type=float, default=60.0, metavar="SECONDS",
+             help="a live session ends after this much silence-only output (default 60 s; a session may ask for less)")
+
+
+def check_host(host: str, token: str | None) -> None:
+    """Loopback needs no token; anything reachable from other machines does."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not token:
+        raise InputError(f"--host {host}: listening beyond this machine needs --token T (or ${TOKEN_ENV}) so that "
+                         f"only your clients reach the GPU")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import shutil
+
+    import uvicorn
+
+    from liveavatar.geometry import ClipGeometry, size_for_area
+    from liveavatar.serve.app import ServerState, StoppingServer, create_app
+    from liveavatar.serve.backend import Backend
+    from liveavatar.serve.uploads import Limits
+    from liveavatar.settings import parse_size, parse_vram_budget
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_host(args.host, token)
+    limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), audio_seconds=args.max_audio_s,
+                    max_area=parse_size(args.max_size), max_steps=args.max_steps, default_size=args.size)
+    if parse_size(args.size) > limits.max_area:
+        raise InputError(f"--size {args.size}: larger than --max-size {args.max_size}")
+    if args.max_steps < 1 or args.max_queued_per_client < 1 or args.retention < 0 or args.live_idle_limit <= 0:
+        raise InputError("--max-steps and --max-queued-per-client must be >= 1, --retention >= 0, "
+                         "--live-idle-limit > 0")
+    # Placed for the largest request the server accepts (its landscape size at --max-steps).
+    largest = ClipGeometry(*size_for_area(9, 16, limits.max_area), 48)
+    plan = plan_for(ckpt_dir=Path(args.ckpt_dir), device=args.device, dtype=args.dtype,
+                    weights={None: "auto", True: "fp8", False: "bf16"}[args.fp8],
+                    t5_cpu=bool(args.t5_cpu), vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget else None,
+                    geometry=largest, sample_steps=limits.max_steps, mode="streaming").check()
+    if plan.budget_bytes is not None:
+        print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
+              f"({plan.budget_source})", file=sys.stderr)
+    root = Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
+    try:
+        backend = Backend.load(ckpt_dir=args.ckpt_dir, lora=args.lora_path_dmd, device=args.device, dtype=args.dtype,
+                               placement=plan.placement)
+        state = ServerState(backend=backend, root=root, limits=limits,
+                            retention_s=args.retention, max_per_client=args.max_queued_per_client,
+                            live_idle_limit_s=args.live_idle_limit, token=token)
+        server = StoppingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
+                                               timeout_graceful_shutdown=10,
+                                               ws_max_size=limits.upload_bytes * 4 // 3 + 2**20),
+                                on_exit=state.queue.stop)
+        print(f"serving on http://{args.host}:{args.port}/ (live: /live, API: /v1, docs: /v1/docs)", file=sys.stderr,
+              flush=True)
+        server.run()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0

@@ -1,0 +1,107 @@
+"""The server's only door into the engine: load once, run a job, run a live session.
+
+* `Backend.load(...)`        -> a `LiveAvatarPipeline` (its `Engine`) placed as the planner decided;
+* `Backend.job(spec)`        -> ``engine.run(resolve_request(...))`` with the uploaded file as the audio;
+* `Backend.live(spec, audio)` -> ``engine.run(resolve_request(..., audio=PushedAudio))``, until it ends.
+
+Both return a `Run`: the output size, the block count when known, and an iterator of `BlockDone` and
+`Frames` events. Closing the iterator stops the run within one block (the loop is a generator that is
+suspended at a block boundary).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Union
+
+import numpy as np
+from PIL import Image
+
+from liveavatar.geometry import ClipGeometry, size_for_area
+from liveavatar.io.video_writer import pixels_to_uint8
+from liveavatar.request import Request, resolve_request
+from liveavatar.runtime.placement import Placement
+from liveavatar.runtime.sampler import BlockLatents
+
+
+@dataclass(frozen=True)
+class LiveSpec:
+    """A live session's settings (the audio comes separately, pushed while it runs)."""
+
+    image: Image.Image
+    prompt: str
+    size_area: int
+    sample_steps: int
+    base_seed: int
+
+
+@dataclass(frozen=True)
+class BlockDone:
+    blocks_done: int
+    blocks_total: int | None  # None: a live session, which runs until it is stopped
+
+
+@dataclass(frozen=True)
+class Frames:
+    start: int  # output index of the first frame
+    frames: np.ndarray  # uint8 [N, H, W, 3]
+
+
+Event = Union[BlockDone, Frames]
+
+
+@dataclass
+class Run:
+    width: int
+    height: int
+    blocks_total: int | None
+    events: Iterator[Event]
+
+
+class Backend:
+    """The loaded pipeline; one run at a time (the job queue's worker thread is its only caller)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @classmethod
+    def load(cls, *, ckpt_dir: str, lora: str | None, device: str | None, dtype: str | None, placement: Placement,
+             prompt_cache_dir: str | None = None) -> "Backend":
+        """Load every model once, placed as the planner decided for the largest request the server takes."""
+        from liveavatar.api import LiveAvatarPipeline
+
+        return cls(LiveAvatarPipeline.from_pretrained(ckpt_dir, lora=lora, device=device, dtype=dtype,
+                                                      placement=placement, prompt_cache_dir=prompt_cache_dir))
+
+    def job(self, request: Request) -> Run:
+        """The whole-file video of a job's request (resolved when it was uploaded), as ``generate`` makes it."""
+        geometry = request.geometry
+        return Run(geometry.width, geometry.height, request.total_blocks,
+                   _events(self.pipe.engine.run(request), request.total_blocks))
+
+    def live_geometry(self, spec: LiveSpec) -> ClipGeometry:
+        height, width = size_for_area(spec.image.height, spec.image.width, spec.size_area)
+        return ClipGeometry(height, width, 48)
+
+    def audio_encoder(self):
+        return self.pipe.engine.audio_encoder
+
+    def live(self, spec: LiveSpec, audio) -> Run:
+        """An endless run driven by ``audio`` (a `live_audio.PushedAudio`): the streaming mode's loop with
+        the pushed-audio features, block after block until the audio ends or the caller closes the events."""
+        request = resolve_request(spec.image, audio, spec.prompt, size=spec.size_area, sample_steps=spec.sample_steps,
+                                  base_seed=spec.base_seed, mode="streaming")
+        geometry = request.geometry
+        return Run(geometry.width, geometry.height, None, _events(self.pipe.engine.run(request), None))
+
+
+def _events(loop: Iterator, total: int | None) -> Iterator[Event]:
+    done = 0
+    try:
+        for event in loop:
+            if isinstance(event, BlockLatents):
+                done += 1
+                yield BlockDone(done, total)
+            else:
+                yield Frames(event.start, pixels_to_uint8(event.frames))
+    finally:
+        loop.close()
