@@ -60,10 +60,12 @@ class MemoryLimit:
         for version, make in (("cgroup v2", self._make_v2), ("cgroup v1", self._make_v1)):
             try:
                 self.path = make()
+                self._check_joinable()
                 self.mode = version
                 return
             except (OSError, ValueError, StopIteration) as error:
                 self.error += f"{version}: {error}; "
+                self.close()
         if mode == "cgroup":
             raise SystemExit(f"--limit-mode cgroup: no cgroup could be made ({self.error})")
 
@@ -79,7 +81,7 @@ class MemoryLimit:
             raise ValueError("no memory controller")
         if "memory" not in (base / "cgroup.subtree_control").read_text().split():
             (base / "cgroup.subtree_control").write_text("+memory")
-        path = base / f"liveavatar-fit-{os.getpid()}-{time.monotonic_ns()}"
+        path = self.path = base / f"liveavatar-fit-{os.getpid()}-{time.monotonic_ns()}"
         path.mkdir()
         (path / "memory.max").write_text(str(self.limit))
         if (path / "memory.swap.max").exists():
@@ -88,12 +90,21 @@ class MemoryLimit:
 
     def _make_v1(self) -> Path:
         base = Path("/sys/fs/cgroup/memory") / self._own("memory").lstrip("/")
-        path = base / f"liveavatar-fit-{os.getpid()}-{time.monotonic_ns()}"
+        path = self.path = base / f"liveavatar-fit-{os.getpid()}-{time.monotonic_ns()}"
         path.mkdir()
         (path / "memory.limit_in_bytes").write_text(str(self.limit))
         if (path / "memory.memsw.limit_in_bytes").exists():
             (path / "memory.memsw.limit_in_bytes").write_text(str(self.limit))
         return path
+
+    def _check_joinable(self) -> None:
+        """A process can be moved into the cgroup (else the children could not join it)."""
+        probe = subprocess.Popen(["sleep", "10"])
+        try:
+            (self.path / "cgroup.procs").write_text(str(probe.pid))
+        finally:
+            probe.kill()
+            probe.wait()
 
     def wrap(self, command: list[str]) -> list[str]:
         if self.path is None:
@@ -112,11 +123,14 @@ class MemoryLimit:
                 "cgroup_oom_kills": int(events.get("oom_kill", 0))}
 
     def close(self) -> None:
-        if self.path is not None:
-            try:
-                self.path.rmdir()
-            except OSError:
-                pass
+        if self.path is not None and self.path.exists():
+            for _ in range(50):  # a process that just left (or died) may still be counted for a moment
+                try:
+                    self.path.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        self.path = None
 
 
 def run_child(command: list[str], limit: MemoryLimit, timeout_s: float) -> dict:
