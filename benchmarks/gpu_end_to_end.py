@@ -9,7 +9,10 @@ them directly on the GPU with random weights (no checkpoint, no host copy), and 
 (XLSR-53 structure) for the audio features. The text encoder is replaced by a random 4096-wide context (a
 prompt-cache hit in a real run; the 11 GB umT5 is not part of the generation loop). Then it runs the public
 `LiveAvatarPipeline.stream` on a synthetic 720x400 image (-> 704x384, as the reference's example) and
-synthetic audio, writing every frame to an H.264 mp4 with the audio muxed as it arrives.
+synthetic audio, writing every block's frames to an H.264 mp4 with the audio muxed as it arrives, on a
+writer thread as `generate` does. The DiT takes the fast path (compiled regions, CUDA graphs, the decode
+overlapped on a second stream; `liveavatar.runtime.compile`) unless --no-compile; a first run in a process
+compiles (the time to first frame then includes it) unless the compile cache is warm.
 
 Reported: time to first frame (from the request), time per block (between the frame bursts of consecutive
 blocks; block 0 of clip 1 includes the sink refresh), video FPS, peak allocated/reserved GPU memory, peak
@@ -88,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="704*384")
     parser.add_argument("--clips", type=int, default=2)
-    parser.add_argument("--fp8", action="store_true", help="FP8 linears in the DiT (after the random init)")
+    parser.add_argument("--fp8", action="store_true", help="FP8 linears in the DiT (converted block by block)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--config", choices=["14b", "tiny"], default="14b")
+    parser.add_argument("--no-compile", action="store_true", help="the eager DiT (default: the fast path on CUDA)")
     args = parser.parse_args(argv)
-    from liveavatar.devices import resolve_device
+    from liveavatar.devices import configure_cuda_allocator, resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -101,38 +105,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from liveavatar.api import LiveAvatarPipeline
+    from liveavatar.io.video_writer import BackgroundWriter, Mp4Writer
+    from liveavatar.models.transformer import TransformerConfig
+    from liveavatar.models.vae import VAEConfig
+    from liveavatar.geometry import size_for_area
+    from liveavatar.runtime.bench import build_random_models, engine_report
+    from liveavatar.runtime.compile import resolve_fast_path
     from liveavatar.runtime.engine import Engine
     from liveavatar.runtime.placement import Placement
-    from liveavatar.io.video_writer import Mp4Writer
-    from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
-    from liveavatar.models.vae import VAEConfig, WanVAE
-    from liveavatar.runtime.bench import random_init_
-    from liveavatar.geometry import size_for_area
     from liveavatar.settings import parse_size
 
     dtype = torch.bfloat16
     if cuda:
+        configure_cuda_allocator()
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     torch.set_grad_enabled(False)
     start = time.perf_counter()
-    generator = torch.Generator(device).manual_seed(0)
     config = TransformerConfig.full_14b() if args.config == "14b" else TransformerConfig.tiny()
-    with torch.device("meta"):
-        transformer = CausalS2VTransformer(config)
-        vae = WanVAE(VAEConfig() if args.config == "14b" else VAEConfig(base_dim=8))
-    random_init_(transformer, device, dtype, generator)
-    random_init_(vae, device, dtype, generator)
-    transformer.eval().requires_grad_(False)
-    vae.eval().requires_grad_(False)
-    if args.fp8:
-        from liveavatar.runtime.fp8 import convert_to_fp8, fp8_kernel_for
-
-        convert_to_fp8(transformer, kernel=fp8_kernel_for(device))
     placement = Placement(weight_dtype="fp8" if args.fp8 else "bf16")
-    pipe = LiveAvatarPipeline(Engine(transformer, vae, RandomTextContext(config.text_dim, device, dtype),
-                                     random_wav2vec2(config.audio_dim, device, dtype), placement=placement,
-                                     device=device, dtype=dtype))
+    vae_config = VAEConfig() if args.config == "14b" else VAEConfig(base_dim=8)
+    transformer, vae, _, _ = build_random_models(placement, config=config, vae_config=vae_config, device=device,
+                                                 dtype=dtype)
+    engine = Engine(transformer, vae, RandomTextContext(config.text_dim, device, dtype),
+                    random_wav2vec2(config.audio_dim, device, dtype), placement=placement, device=device, dtype=dtype,
+                    fast_path=resolve_fast_path(device, compile=False if args.no_compile else None))
+    pipe = LiveAvatarPipeline(engine)
     if cuda:
         torch.cuda.synchronize(device)
     build_s = time.perf_counter() - start
@@ -143,24 +141,31 @@ def main(argv: list[str] | None = None) -> int:
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 720, 3), dtype=np.uint8))
         requested = time.perf_counter()
         frames = pipe.stream(image, audio, "a person talking", size=args.size, num_clip=args.clips)
-        burst_times, frame_count, first_frame_s = [], 0, None
+        burst_times, frame_count, first_frame_s, batch = [], 0, None, []
         height, width = size_for_area(image.height, image.width, parse_size(args.size))
-        with Mp4Writer(Path(work) / "out.mp4", width=width, height=height, audio_path=audio) as writer:
+        # As `generate` writes: the mp4 is encoded on its own thread, a block's frames at a time.
+        with BackgroundWriter(Mp4Writer(Path(work) / "out.mp4", width=width, height=height,
+                                        audio_path=audio)) as writer:
             for frame in frames:
                 now = time.perf_counter()
                 if frame.index == 0 or (frame.index >= 9 and (frame.index - 9) % 12 == 0):
                     burst_times.append(now)
                     if first_frame_s is None:
                         first_frame_s = now - requested
-                writer.write(frame.image)
+                    if batch:
+                        writer.write(np.stack(batch))
+                        batch = []
+                batch.append(frame.image)
                 frame_count += 1
+            if batch:
+                writer.write(np.stack(batch))
         total_s = time.perf_counter() - requested
         mp4_bytes = (Path(work) / "out.mp4").stat().st_size
 
     block_s = [b - a for a, b in zip(burst_times, burst_times[1:])]
     report = {
         "config": args.config, "size": args.size, "width": width, "height": height, "clips": args.clips,
-        "frames": frame_count, "dtype": "bfloat16", "fp8": args.fp8,
+        "frames": frame_count, "dtype": "bfloat16", "fp8": args.fp8, **engine_report(engine),
         "ttff_s": round(first_frame_s, 3),
         "block_s": [round(s, 3) for s in block_s],
         "block_s_median": round(statistics.median(block_s), 3) if block_s else None,

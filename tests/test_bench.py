@@ -18,6 +18,17 @@ def test_bench_tiny_json_reports_speed_and_memory(capsys):
     assert len(report["placement"]["streamed_layers"]) == 2 and report["streamed_layer_copies"] >= 2
     assert report["kv_host_fetched_gb"] > 0
     assert "sampler.sample" in report["loop"]
+    # The CPU runs eagerly by default: no compiler counters, no CUDA graphs; the streamed placement would
+    # take the compiled path without graphs on a GPU.
+    assert report["fast_path"].startswith("eager") and report["compiles"] is None and report["cuda_graphs"] is None
+    assert report["predicted_path"] == "compiled"
+
+
+def test_bench_serves_several_requests_on_one_engine(capsys):
+    assert main(TINY + ["--no-compile", "--requests", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requests"] == 2 and report["first_request_ttff_s"] > 0 and report["ttff_s"] > 0
+    assert report["fast_path"] == "eager (turned off)" and not report["decode_overlapped"]
 
 
 def test_bench_refuses_bad_counts_and_the_full_model_on_the_cpu(capsys):

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from liveavatar.checkpoints.download import BASE_IGNORE, HUB_REVISIONS, download_checkpoints
-from liveavatar.checkpoints.layout import CheckpointLayout, check_torch_file, resolve_lora
+from liveavatar.checkpoints.files import check_torch_file
+from liveavatar.checkpoints.layout import CheckpointLayout, resolve_lora
 from liveavatar.errors import CheckpointError, LiveAvatarError
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from liveavatar.geometry import ClipGeometry
+from liveavatar.io.video_writer import pixels_to_uint8
 from liveavatar.request import ONLINE_DECODE_IGNORED, resolve_online_decode
 from liveavatar.runtime.conditioning import (
     StreamedAudio,
@@ -153,7 +154,24 @@ class EndingAudio:
         return self.whole.block(clip, block)
 
 
-def _run(mode, num_clips, *, online=False, infer_frames=48, depth=1, audio_blocks=None):
+class LateDecoder:
+    """The overlapped decoder's contract without CUDA: a block's (frames, uint8 pixels) come out when the
+    next block is added, the last ones at ``flush``."""
+
+    def __init__(self, inner):
+        self.inner, self.pending = inner, []
+
+    def add_block(self, latents):
+        frames = self.inner.add_block(latents)
+        self.pending.append((frames, pixels_to_uint8(frames)))
+        return self.pending.pop(0) if len(self.pending) > 1 else None
+
+    def flush(self):
+        out, self.pending = self.pending, []
+        return out
+
+
+def _run(mode, num_clips, *, online=False, infer_frames=48, depth=1, audio_blocks=None, late=False):
     geometry = ClipGeometry(H, W, infer_frames)
     reference_pixels = torch.full((1, 3, 1, H, W), 0.25)
     reference = encode_reference(IdVAE(), reference_pixels, mode)
@@ -161,7 +179,8 @@ def _run(mode, num_clips, *, online=False, infer_frames=48, depth=1, audio_block
     executor = RecordingExecutor(depth)
     features = WholeFileAudio(audio, geometry) if audio_blocks is None else EndingAudio(audio, geometry, audio_blocks)
     events = []
-    for event in sample(executor, make_decoder(mode, IdVAE(), reference, geometry), reference, features, geometry,
+    decoder = make_decoder(mode, IdVAE(), reference, geometry)
+    for event in sample(executor, LateDecoder(decoder) if late else decoder, reference, features, geometry,
                         total_blocks=None if audio_blocks else num_clips * geometry.blocks_per_clip, mode=mode,
                         online_decode=online,
                         noise=lambda clip: torch.full((16, geometry.latent_frames, 8, 8), float(clip))):
@@ -268,6 +287,16 @@ def test_streaming_runs_until_the_audio_ends():
     assert _video(events).numel() == 6 * 12 - 3
     with pytest.raises(ValueError, match="whole clips"):
         _run("single_gpu", 3, audio_blocks=6)
+
+
+def test_a_decoder_one_block_late_gives_the_same_video_with_host_pixels():
+    _, _, _, in_line = _run("streaming", 2)
+    _, _, executor, late = _run("streaming", 2, late=True)
+    assert _video(in_line).tolist() == _video(late).tolist()
+    frames = [(event, blocks_done) for event, blocks_done in late if isinstance(event, VideoFrames)]
+    assert [blocks_done for _, blocks_done in frames] == [2, 3, 4, 5, 6, 7, 8, 8]  # block k after block k+1
+    assert all(np.array_equal(event.uint8(), pixels_to_uint8(event.frames)) and event.pixels is not None
+               for event, _ in frames)
 
 
 def test_block_events_carry_the_clean_latents():

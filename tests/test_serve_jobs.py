@@ -169,7 +169,7 @@ def _cli_message(error_from, path, name):
     try:
         error_from(path)
     except Exception as error:
-        return str(error).replace(str(path), name)
+        return error.as_flag().replace(str(path), name)  # the CLI's spelling of the argument
     raise AssertionError(f"{path} was accepted")
 
 

@@ -12,7 +12,7 @@ import torch
 
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.io import video_writer
-from liveavatar.io.video_writer import Mp4Writer, check_output_path, pixels_to_uint8
+from liveavatar.io.video_writer import BackgroundWriter, Mp4Writer, check_output_path, pixels_to_uint8
 
 WIDTH, HEIGHT = 128, 64
 
@@ -280,3 +280,53 @@ def test_output_checks_name_the_folder_and_create_nothing(tmp_path, monkeypatch)
     assert str(error.value) == (f"{tmp_path / 'out'}: cannot write the output there (Read-only file system); "
                                 f"choose another output folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "folder.mp4"]
+
+
+class RecordingWriter:
+    """Stands in for `Mp4Writer`: records batches, fails on the batch numbered ``fail_at``."""
+
+    def __init__(self, fail_at=None):
+        self.batches, self.fail_at, self.closed, self.aborted = [], fail_at, False, False
+        self.path = "out.mp4"
+
+    def write(self, frames):
+        if len(self.batches) == self.fail_at:
+            raise ValueError("cannot encode this batch")
+        self.batches.append(frames)
+
+    def close(self):
+        self.closed = True
+        return self.path
+
+    def abort(self):
+        self.aborted = True
+
+
+def test_background_writer_writes_in_order_and_hands_errors_back():
+    batches = [_frames(2, seed) for seed in range(5)]
+    inner = RecordingWriter()
+    with BackgroundWriter(inner, depth=1) as writer:
+        for batch in batches:
+            writer.write(batch)
+    assert inner.closed and not inner.aborted
+    assert all(a is b for a, b in zip(inner.batches, batches)) and len(inner.batches) == 5
+
+    failing = RecordingWriter(fail_at=1)
+    with pytest.raises(ValueError, match="cannot encode"):
+        with BackgroundWriter(failing) as writer:
+            for batch in batches:
+                writer.write(batch)
+    assert failing.aborted and not failing.closed and len(failing.batches) == 1
+
+
+def test_background_mp4_equals_the_in_line_one(tmp_path):
+    frames = _frames(30)
+    paths = []
+    for name, wrap in (("in_line", lambda w: w), ("background", BackgroundWriter)):
+        with wrap(Mp4Writer(tmp_path / f"{name}.mp4", width=WIDTH, height=HEIGHT)) as writer:
+            for start in range(0, 30, 12):
+                writer.write(frames[start:start + 12])
+        paths.append(tmp_path / f"{name}.mp4")
+    decoded = [[f.to_ndarray(format="rgb24") for f in av.open(str(p)).decode(video=0)] for p in paths]
+    assert len(decoded[0]) == len(decoded[1]) == 30
+    assert all(np.array_equal(a, b) for a, b in zip(*decoded))

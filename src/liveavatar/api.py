@@ -26,7 +26,7 @@ from liveavatar.checkpoints.layout import LORA_REPO, CheckpointLayout
 from liveavatar.devices import configure_cuda_allocator, resolve_device, resolve_dtype
 from liveavatar.errors import InputError
 from liveavatar.geometry import DEFAULT_SIZE, FPS
-from liveavatar.io.video_writer import Mp4Writer, pixels_to_uint8
+from liveavatar.io.video_writer import BackgroundWriter, Mp4Writer
 from liveavatar.request import LiveAudio, Request, WaveformAudio, resolve_request
 from liveavatar.runtime.engine import Engine
 from liveavatar.runtime.placement import Placement
@@ -66,22 +66,24 @@ class LiveAvatarPipeline:
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         lora_alpha: float | None = None, fp8: bool = False, t5_cpu: bool = False,
                         prompt_cache_dir: str | os.PathLike | None = None,
-                        placement: Placement | None = None) -> "LiveAvatarPipeline":
+                        placement: Placement | None = None, compile: bool | None = None) -> "LiveAvatarPipeline":
         """Load the release (or ``liveavatar make-tiny`` checkpoints) from ``ckpt_dir`` (the Wan2.2-S2V-14B
         folder). ``lora``: the Live-Avatar LoRA as a file, a folder or a Hub id in the local cache; None runs
         the base weights. ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA and
         float32 on CPU. ``fp8`` converts the DiT's linears to FP8 after the LoRA merge (as ``--fp8``).
         ``placement`` (from the memory planner) decides weight dtype, streamed layers, cache locations and
-        where the text encoder runs; it overrides ``fp8`` and ``t5_cpu``. Default: everything resident."""
+        where the text encoder runs; it overrides ``fp8`` and ``t5_cpu``. Default: everything resident.
+        ``compile``: the DiT's compiled fast path (None: on for CUDA GPUs unless ``LIVEAVATAR_COMPILE=0``;
+        the first request compiles, artefacts are cached on disk, see `liveavatar.runtime.compile`)."""
         layout = CheckpointLayout.discover(ckpt_dir, None if lora is None else os.fspath(lora))
         layout.validate()
         return cls.from_layout(layout, device=device, dtype=dtype, lora_alpha=lora_alpha, fp8=fp8, t5_cpu=t5_cpu,
-                               prompt_cache_dir=prompt_cache_dir, placement=placement)
+                               prompt_cache_dir=prompt_cache_dir, placement=placement, compile=compile)
 
     @classmethod
     def from_layout(cls, layout: CheckpointLayout, *, device=None, dtype=None, lora_alpha: float | None = None,
                     fp8: bool = False, t5_cpu: bool = False, prompt_cache_dir=None,
-                    placement: Placement | None = None) -> "LiveAvatarPipeline":
+                    placement: Placement | None = None, compile: bool | None = None) -> "LiveAvatarPipeline":
         """As `from_pretrained`, for a checkpoint layout already discovered and validated."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -91,7 +93,7 @@ class LiveAvatarPipeline:
             placement = Placement(weight_dtype="fp8" if fp8 else "bf16",
                                   text_encoder="cpu" if t5_cpu else "gpu_then_free")
         return cls(Engine.from_pretrained(layout, placement, device=device, dtype=dtype, lora_alpha=lora_alpha,
-                                          prompt_cache_dir=prompt_cache_dir))
+                                          prompt_cache_dir=prompt_cache_dir, compile=compile))
 
     # ----------------------------------------------------------------------------------------------
     # requests
@@ -126,7 +128,7 @@ class LiveAvatarPipeline:
         try:
             for event in events:
                 if isinstance(event, VideoFrames):
-                    for offset, pixels in enumerate(pixels_to_uint8(_up_to(event, limit))):
+                    for offset, pixels in enumerate(_up_to(event, limit)):
                         index = event.start + offset
                         yield Frame(pixels, index, index / FPS)
         finally:
@@ -159,29 +161,39 @@ class LiveAvatarPipeline:
         status = progress if isinstance(progress, Progress) else Progress(
             total_blocks=request.total_blocks, blocks_per_clip=geometry.blocks_per_clip,
             total_frames=request.num_frames, fps=FPS, device=self.device, enabled=progress)
-        with Mp4Writer(output, width=geometry.width, height=geometry.height, fps=FPS, audio_path=request.audio.path,
-                       keep_partial=keep_partial, overwrite=overwrite) as writer:
+        # Encoding runs on its own thread, overlapped with the denoising of the next blocks.
+        with BackgroundWriter(Mp4Writer(output, width=geometry.width, height=geometry.height, fps=FPS,
+                                        audio_path=request.audio.path, keep_partial=keep_partial,
+                                        overwrite=overwrite)) as writer:
             status.phase("encoding the prompt, the portrait and the audio")
             conditioning = self.engine.condition(request)
             for notice in conditioning.notices:
-                status.notice(notice)
+                status.note(f"notice: {notice}")
             events = self.engine.run(request, conditioning)
             status.start()
+            compiling = self.engine.fast_path.compile and self.engine.requests_run == 0
+            if compiling:
+                status.note(f"compiling the DiT for the first block (cached in {self.engine.compile_cache} for "
+                            f"the next runs; --no-compile skips it)")
             try:
                 for event in events:
                     if isinstance(event, BlockLatents):
+                        if compiling:
+                            status.note(f"first block done after {status.elapsed():.1f} s (compiled)")
+                            compiling = False
                         status.block_done(event.clip, event.block)
                     else:
                         frames = _up_to(event, request.num_frames)
-                        writer.write(pixels_to_uint8(frames))
-                        status.frames_done(frames.shape[1])
+                        writer.write(frames)
+                        status.frames_done(len(frames))
             finally:
                 events.close()
                 status.close()
         return writer.path
 
 
-def _up_to(event: VideoFrames, limit: int | None):
-    """The event's frames [3, T, H, W] that fall before frame ``limit`` of the video (all when None)."""
-    return event.frames if limit is None else event.frames[:, :max(0, limit - event.start)]
+def _up_to(event: VideoFrames, limit: int | None) -> np.ndarray:
+    """The event's frames as uint8 [T, H, W, 3], those before frame ``limit`` of the video (all when None)."""
+    pixels = event.uint8()
+    return pixels if limit is None else pixels[:max(0, limit - event.start)]
 

@@ -91,6 +91,7 @@ class GenerationSettings:
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
     vram_budget: int | None = None
     host_memory: int | None = None  # None: what the machine (or its cgroup) has available
+    compile: bool = True  # the DiT's compiled fast path where the device has a compiler (--no-compile: False)
     save_file: Path | None = None
     save_dir: Path = Path("output")
     keep_partial: bool = False

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from liveavatar.checkpoints.files import check_not_lfs_pointer, check_torch_file
 from liveavatar.errors import CheckpointError
 
 BASE_REPO, BASE_DIR_NAME = "Wan-AI/Wan2.2-S2V-14B", "Wan2.2-S2V-14B"
@@ -33,34 +33,6 @@ WAV2VEC2_CONFIGS = ("config.json", "preprocessor_config.json")
 WAV2VEC2_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_LFS_POINTER = b"version https://git-lfs"
-
-
-def check_not_lfs_pointer(path: Path) -> None:
-    """Raise CheckpointError if ``path`` is a Git LFS pointer: the ~130-byte text that a clone without
-    git-lfs leaves in place of every large file of a Hub repository."""
-    with open(path, "rb") as file:
-        if file.read(len(_LFS_POINTER)) == _LFS_POINTER:
-            raise CheckpointError(f"{path}: a Git LFS pointer, not the file itself (the repository was cloned "
-                                  f"without git-lfs); run `git lfs pull` in it, or fetch it with `liveavatar download`")
-
-
-def check_torch_file(path: Path) -> None:
-    """A ``torch.save`` file is a zip whose directory is written last: a cut file has none."""
-    try:
-        with zipfile.ZipFile(path):
-            return
-    except zipfile.BadZipFile:
-        pass
-    check_not_lfs_pointer(path)
-    with open(path, "rb") as file:
-        magic = file.read(4)
-    if magic.startswith(b"PK"):
-        raise CheckpointError(f"{path}: truncated (the end of the file is missing); download it again")
-    if not magic.startswith(b"\x80"):  # the legacy pickle format, which has no size to check
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint")
-
-
 def resolve_lora(spec: str, ckpt_dir: Path) -> Path | None:
     """A LoRA file for ``spec`` (file, folder, or Hub id), or None when nothing local matches."""
     path = Path(spec).expanduser()
@@ -154,7 +126,7 @@ class CheckpointLayout:
 
     def _check_dit_weights(self) -> None:
         # Index, shards present, every header complete, every indexed key in its shard.
-        from liveavatar.checkpoints.safetensors_io import checkpoint_files, checkpoint_shapes
+        from liveavatar.checkpoints.safetensors_io import checkpoint_files, checkpoint_shapes  # imports torch
 
         checkpoint_shapes(checkpoint_files(self.ckpt_dir))
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from liveavatar.checkpoints.layout import check_not_lfs_pointer
+from liveavatar.checkpoints.files import check_not_lfs_pointer
 from liveavatar.errors import CheckpointError
 
 _MAX_HEADER_BYTES = 100_000_000

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from liveavatar.cli.flags import add_flag, byte_amount
+from liveavatar.cli.flags import add_flag, add_no_compile_flag, byte_amount
 from liveavatar.cli.plan import add_plan_arguments, inventory_from_args, plan_from_args, workload_from_args
 from liveavatar.errors import InputError
 from liveavatar.runtime.bench import run_benchmark
+from liveavatar.runtime.compile import GRAPHS_ENV
 from liveavatar.runtime.planner.policy import Pins, Plan, plan_cpu_run
 
 
@@ -24,6 +25,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(bench, "load-weights", action="store_true", help="load the DiT from --ckpt_dir's shards with the "
              "engine's streaming loader instead of random weights (the build time is then the load time)")
     add_flag(bench, "lora", metavar="PATH", help="with --load-weights: the LoRA file merged while loading")
+    add_flag(bench, "requests", type=int, default=1, metavar="N",
+             help="requests run one after the other on the same engine; the figures are the last one's "
+                  "(default 1; 2 measures a warm engine)")
+    add_no_compile_flag(bench)
+    add_flag(bench, "no-cuda-graphs", action="store_true",
+             help=f"compiled forwards without CUDA graph replays (also {GRAPHS_ENV}=0)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -41,8 +48,8 @@ def bench_from_args(args: argparse.Namespace) -> dict:
     from liveavatar.devices import configure_cuda_allocator, resolve_device
 
     device = resolve_device(args.device)
-    if args.blocks < 1 or args.warmup_blocks < 0:
-        raise InputError("--blocks must be at least 1 and --warmup-blocks at least 0")
+    if args.blocks < 1 or args.warmup_blocks < 0 or args.requests < 1:
+        raise InputError("--blocks and --requests must be at least 1 and --warmup-blocks at least 0")
     if device.type == "cuda":
         configure_cuda_allocator()
         torch.cuda.set_device(device)
@@ -65,6 +72,8 @@ def bench_from_args(args: argparse.Namespace) -> dict:
         raise InputError(plan.refusal())
     return run_benchmark(plan, device=device, blocks=args.blocks, warmup_blocks=args.warmup_blocks,
                          config_name=args.config, ckpt_dir=args.ckpt_dir, seed=args.seed,
+                         compile=False if args.no_compile else None,
+                         cuda_graphs=False if args.no_cuda_graphs else None, requests=args.requests,
                          weights_dir=args.ckpt_dir if args.load_weights else None, lora=args.lora)
 
 
@@ -95,5 +104,19 @@ def format_report(report: dict) -> str:
         f"peak host RSS: {report['host_rss_peak_gib']:.2f} GiB (planner predicted "
         f"{report['predicted_host_peak_gib']:.2f} GiB), {report['pinned_gib']:.2f} GiB pinned (predicted "
         f"{report['predicted_pinned_gib']:.2f}); {report['weights']} weights, build {report['build_s']:.1f} s",
+        f"fast path: {report['fast_path']}; decode {'overlapped' if report['decode_overlapped'] else 'in line'}",
     ]
+    if report["compiles"] is not None:
+        first = (f"first request: {report['first_request_compiles']} graphs compiled in "
+                 f"{report['first_request_compile_s']:.1f} s, first frame after "
+                 f"{report['first_request_ttff_s']:.2f} s; last request: " if report["requests"] > 1 else "")
+        lines.append(f"compiler: {first}{report['compiles']} graphs compiled in {report['compile_s']:.1f} s, "
+                     f"{report['compiles_after_first_block']} after the first block, {report['graph_breaks']} graph "
+                     f"breaks" + (f"; fell back to eager: {report['compile_fallback']}"
+                                  if report["compile_fallback"] else ""))
+    if report["cuda_graphs"] is not None:
+        graphs = report["cuda_graphs"]
+        lines.append(f"CUDA graphs: {graphs['captures']} captured, {graphs['replays']} replays, "
+                     f"{graphs['direct']} forwards without a graph" + (f" (capture failed: {graphs['failed']})"
+                                                                        if graphs["failed"] else ""))
     return "\n".join(lines)

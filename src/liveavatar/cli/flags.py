@@ -44,3 +44,12 @@ def add_flag(parser, name: str, **kwargs) -> argparse.Action:
 def add_bool_flag(parser, name: str, help: str) -> argparse.Action:
     """A boolean flag: alone it means True; it also takes True/False, 1/0, yes/no."""
     return add_flag(parser, name, type=bool_arg, nargs="?", const=True, default=None, metavar="BOOL", help=help)
+
+
+def add_no_compile_flag(parser) -> argparse.Action:
+    """``--no-compile``: the DiT runs eagerly (the compiled fast path is the default on CUDA GPUs)."""
+    from liveavatar.runtime.compile import COMPILE_ENV
+
+    return add_flag(parser, "no-compile", action="store_true",
+                    help=f"run the DiT eagerly instead of compiled (also {COMPILE_ENV}=0); the compiled "
+                         f"path's first run compiles for up to about a minute and caches the result on disk")

@@ -9,8 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-
-from liveavatar.cli.flags import add_bool_flag, add_flag, bool_arg, byte_amount
+from liveavatar.cli.flags import add_bool_flag, add_flag, add_no_compile_flag, bool_arg, byte_amount
 from liveavatar.devices import dtype_bytes
 from liveavatar.errors import InputError
 from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES, ClipGeometry
@@ -118,6 +117,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
              "after the LoRA merge)")
     add_bool_flag(device, "fp8", "the reference's flag: True = --weights fp8, False = --weights bf16")
     add_bool_flag(device, "t5_cpu", "run the text encoder on the CPU")
+    add_no_compile_flag(device)
 
     output = parser.add_argument_group("output")
     add_flag(output, "save_file", metavar="PATH", help="output .mp4 path")
@@ -169,8 +169,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         weights=weights, lora_alpha=args.lora_alpha, t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
         host_memory=byte_amount("host-memory", args.host_memory),
-        save_file=args.save_file, save_dir=args.save_dir, keep_partial=bool(args.keep_partial),
-        overwrite=bool(args.overwrite),
+        compile=not args.no_compile, save_file=args.save_file, save_dir=args.save_dir,
+        keep_partial=bool(args.keep_partial), overwrite=bool(args.overwrite),
     )
     return settings, notices
 
@@ -238,7 +238,8 @@ def _configuration(settings: GenerationSettings, request) -> dict:
         "mode": request.mode, "enable_online_decode": request.online_decode,
         "sample_steps": request.sample_steps, "base_seed": request.base_seed,
         "ref_rope_offset": request.ref_rope_offset, "dtype": settings.dtype, "device": settings.device,
-        "weights": settings.weights, "vram_budget": settings.vram_budget, "image": str(settings.image),
+        "weights": settings.weights, "vram_budget": settings.vram_budget, "compile": settings.compile,
+        "image": str(settings.image),
         "audio": [str(p) for p in settings.audio], "ckpt_dir": str(layout.ckpt_dir),
         "lora": str(layout.lora) if layout.lora else None,
     }
@@ -299,7 +300,8 @@ def generate_from_settings(settings: GenerationSettings, request: Request, outpu
     status.phase(f"loading {size / 1e9:.1f} GB of weights")
     began = time.perf_counter()
     pipe = LiveAvatarPipeline.from_layout(layout, device=settings.device, dtype=settings.dtype,
-                                          placement=plan.placement, lora_alpha=settings.lora_alpha)
+                                          placement=plan.placement, lora_alpha=settings.lora_alpha,
+                                          compile=None if settings.compile else False)
     status.phase_done(f"{size / 1e9 / max(time.perf_counter() - began, 1e-9):.2f} GB/s")
     return pipe.generate(request, output=output, keep_partial=settings.keep_partial, overwrite=settings.overwrite,
                          progress=status)

@@ -155,7 +155,8 @@ def plan_table(plan: Plan) -> str:
     lines += [host, f"  verdict: {verdict}"]
     s = plan.speed
     lines.append(f"  expected speed: {s.forward_s:.3f} s per forward (compute {s.compute_s:.3f} s, "
-                 f"{s.h2d_bytes_per_forward / 1e9:.2f} GB host->GPU per forward), {s.fps:.2f} video FPS; "
+                 f"{s.h2d_bytes_per_forward / 1e9:.2f} GB host->GPU per forward, {s.path} path), "
+                 f"{s.fps:.2f} video FPS; "
                  f"slowdown {plan.slowdown:.2f}x vs everything resident ({plan.baseline.fps:.2f} FPS)")
     if not plan.fits:
         lines.append("")

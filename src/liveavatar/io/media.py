@@ -15,9 +15,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import av
 import numpy as np
-import soxr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from liveavatar.errors import ArgumentError, InputError
@@ -109,6 +107,8 @@ def resample_to_16k(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
     """soxr HQ, then zero-padded or cut to ceil(n * 16000 / rate) samples, as ``librosa.resample`` does."""
     if sample_rate == AUDIO_SAMPLE_RATE:
         return waveform
+    import soxr  # the media libraries load where files are read (GPU benchmarks run without them)
+
     length = int(np.ceil(waveform.shape[-1] * (float(AUDIO_SAMPLE_RATE) / sample_rate)))
     resampled = soxr.resample(waveform, sample_rate, AUDIO_SAMPLE_RATE, quality="HQ")[:length]
     return np.pad(resampled, (0, length - resampled.shape[-1])).astype(np.float32, copy=False)
@@ -117,6 +117,8 @@ def resample_to_16k(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
 def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Decode the first audio track of any file PyAV opens -> (mono float32 waveform, sample rate).
     Channels are averaged (librosa's to_mono); integer PCM is scaled to [-1, 1) like libsndfile."""
+    import av
+
     path = Path(path).expanduser()
     _check_file(path, "audio", "an audio")
     try:
@@ -151,7 +153,7 @@ def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return waveform, sample_rate
 
 
-def _frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
+def _frame_to_mono(frame: "av.AudioFrame") -> np.ndarray:
     data = frame.to_ndarray()
     channels = frame.layout.nb_channels
     if not frame.format.is_planar:

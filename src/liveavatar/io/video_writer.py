@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import secrets
 import tempfile
+import threading
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 from liveavatar.errors import InputError, LiveAvatarError
@@ -54,19 +55,26 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     return path
 
 
-def pixels_to_uint8(video) -> np.ndarray:
-    """Decoded video in [-1, 1], a tensor [3, T, H, W] or [1, 3, T, H, W] -> uint8 [T, H, W, 3], the way
-    the reference saves it: clamp, (x + 1) / 2 * 255, truncated (not rounded)."""
+def uint8_frames(video):
+    """Decoded video in [-1, 1], a tensor [3, T, H, W] or [1, 3, T, H, W] -> uint8 [T, H, W, 3] on its own
+    device, the way the reference saves it: clamp, (x + 1) / 2 * 255, truncated (not rounded)."""
     if video.dim() == 5:
         video = video[0]
     pixels = ((video.detach().float().clamp(-1, 1) + 1) / 2 * 255).byte()
-    return pixels.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    return pixels.permute(1, 2, 3, 0).contiguous()
+
+
+def pixels_to_uint8(video) -> np.ndarray:
+    """`uint8_frames` as a host array."""
+    return uint8_frames(video).cpu().numpy()
 
 
 class _AudioTrack:
     """The first audio stream of a file, decoded on demand and resampled into a FIFO of AAC-ready frames."""
 
     def __init__(self, path: Path):
+        import av  # PyAV is needed only where files are written (GPU benchmarks run without it)
+
         try:
             self._container = av.open(str(path))
         except (av.FFmpegError, EOFError, OSError) as error:
@@ -97,7 +105,7 @@ class _AudioTrack:
                 self._fifo.write(frame)
                 self.samples_read += frame.samples
 
-    def read(self, samples: int) -> av.AudioFrame | None:
+    def read(self, samples: int) -> "av.AudioFrame | None":
         return self._fifo.read(samples, partial=True) if self._fifo.samples else None
 
     def close(self) -> None:
@@ -105,7 +113,20 @@ class _AudioTrack:
             self._container.close()
 
 
-class Mp4Writer:
+class _ClosedOnExit:
+    """``with``: leaving the block normally calls ``close()``, leaving it with an exception ``abort()``."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Mp4Writer(_ClosedOnExit):
     """``with Mp4Writer(path, width=W, height=H, audio_path=wav) as out: out.write(frames)``.
 
     ``write`` takes uint8 frames [N, H, W, 3] (or one [H, W, 3]); leaving the block normally calls
@@ -122,6 +143,9 @@ class Mp4Writer:
         self.overwrite = overwrite
         self.frames_written = 0
         self.frames_dropped = 0  # frames past the end of the audio (the -shortest rule)
+        import av
+
+        self._video_frame = av.VideoFrame
         self._audio = _AudioTrack(Path(audio_path).expanduser()) if audio_path is not None else None
         self._audio_encoded = 0
         self._closed = False
@@ -150,15 +174,6 @@ class Mp4Writer:
         """Where ``keep_partial`` leaves the frames written so far after a failure."""
         return self.path.with_name(f"{self.path.stem}.partial.mp4")
 
-    def __enter__(self) -> Mp4Writer:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
     def write(self, frames) -> None:
         if self._closed:
             raise LiveAvatarError(f"{self.path}: write() after the writer was closed")
@@ -174,7 +189,7 @@ class Mp4Writer:
             if self._audio is not None and self._past_audio_end(self.frames_written):
                 self.frames_dropped += 1
                 continue
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame = self._video_frame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
             frame.pts, frame.time_base = self.frames_written, Fraction(1, self.fps)
             with self._naming_the_output():
                 self._container.mux(self._video.encode(frame))
@@ -231,6 +246,8 @@ class Mp4Writer:
     @contextmanager
     def _naming_the_output(self):
         """Errors of the hidden temporary file are errors of the output the user asked for."""
+        import av
+
         try:
             yield
         except (OSError, av.FFmpegError) as error:
@@ -316,3 +333,55 @@ def _claim(source: Path, target: Path) -> None:
 def _reason(error: OSError | av.FFmpegError) -> str:
     """The error without the file name, which would be the hidden temporary one."""
     return getattr(error, "strerror", None) or str(error)
+
+
+class BackgroundWriter(_ClosedOnExit):
+    """A writer's ``write`` on its own thread, so that encoding overlaps the generation.
+
+    ``write`` queues (waiting while ``depth`` batches are queued); an encoding error comes out of the
+    next ``write`` or of ``close``; ``close`` and ``abort`` finish the queue and then close or abort the
+    wrapped writer (``with`` works as for `Mp4Writer`). The batches must not be changed after ``write``.
+    """
+
+    def __init__(self, writer: Mp4Writer, *, depth: int = 2):
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="liveavatar-mp4-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def path(self) -> Path:
+        return self.writer.path
+
+    def _work(self) -> None:
+        while (frames := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.write(frames)
+                except BaseException as error:  # handed to the caller's thread
+                    self._error = error
+
+    def _check(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def write(self, frames) -> None:
+        self._check()
+        self._queue.put(frames)
+
+    def _drain(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def close(self) -> Path:
+        self._drain()
+        self._check()
+        return self.writer.close()
+
+    def abort(self) -> Path | None:
+        self._drain()
+        self._error = None
+        return self.writer.abort()

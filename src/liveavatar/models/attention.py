@@ -5,6 +5,8 @@ Every attention in the model goes through ``attention()``, so a faster kernel pl
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,15 +50,18 @@ class AttentionProjections(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
 
+def context_kv(layer: "CrossAttention", context: torch.Tensor, run: Callable = nn.Module.__call__
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [B, Lc, heads, D] of a context [B, Lc, dim]; ``run(module, x)`` calls a submodule
+    (with its hooks by default)."""
+    k = run(layer.norm_k, run(layer.k, context)).unflatten(-1, (layer.num_heads, -1))
+    return k, run(layer.v, context).unflatten(-1, (layer.num_heads, -1))
+
+
 class CrossAttention(AttentionProjections):
-    """Queries from the hidden states, keys/values from a context; q and k RMS-normalised."""
+    """Queries from the hidden states, keys/values from a context; q and k RMS-normalised (the forward
+    is `liveavatar.models.regions`' cross-attention)."""
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, Lc, heads, D] of a context [B, Lc, dim] (cacheable while it is unchanged)."""
-        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(context).unflatten(-1, (self.num_heads, -1))
-        return k, v
-
-    def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        return self.o(attention(q, *context_kv).flatten(-2))
+        """Keys and values of a context (cacheable while it is unchanged), see `context_kv`."""
+        return context_kv(self, context)

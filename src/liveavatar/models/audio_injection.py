@@ -86,37 +86,19 @@ class CausalAudioEncoder(nn.Module):
 
 class AdaLayerNorm(nn.Module):
     """LayerNorm (eps 1e-5, no affine) shifted and scaled by a projection of an embedding; the
-    projection's first half is the shift, the second the scale (diffusers' chunk_dim=1 order)."""
+    projection's first half is the shift, the second the scale (diffusers' chunk_dim=1 order). Computed
+    by `liveavatar.models.regions.inject_audio`."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """x [G, N, dim], embedding [G, dim] -> float32 [G, N, dim]."""
-        shift, scale = self.linear(F.silu(embedding)).unsqueeze(1).chunk(2, dim=-1)
-        return F.layer_norm(x.float(), (x.shape[-1],), eps=ADAIN_NORM_EPS) * (1 + scale) + shift
-
 
 class AudioInjector(nn.Module):
     """One audio cross-attention (with its AdaLN) per injection slot; slot J follows block
-    ``inject_layers[J]``."""
+    ``inject_layers[J]`` (`liveavatar.models.regions.inject_audio` runs a slot)."""
 
     def __init__(self, dim: int, num_heads: int, num_slots: int, eps: float):
         super().__init__()
         self.injector = nn.ModuleList(CrossAttention(dim, num_heads, eps) for _ in range(num_slots))
         self.injector_adain_layers = nn.ModuleList(AdaLayerNorm(dim) for _ in range(num_slots))
-
-    def forward(self, slot: int, hidden: torch.Tensor, audio_tokens: torch.Tensor,
-                audio_global: torch.Tensor) -> torch.Tensor:
-        """hidden [1, F*S, dim]; audio_tokens [F, tokens, dim] and audio_global [F, dim] per latent frame.
-
-        Each latent frame's S tokens attend only to that frame's audio tokens; the result is added to
-        the hidden states in their dtype.
-        """
-        frames = audio_tokens.shape[0]
-        per_frame = hidden.reshape(frames, -1, hidden.shape[-1])
-        normed = self.injector_adain_layers[slot](per_frame, audio_global).to(hidden.dtype)
-        attention_layer = self.injector[slot]
-        out = attention_layer(normed, attention_layer.context_kv(audio_tokens))
-        return hidden + out.reshape(hidden.shape)

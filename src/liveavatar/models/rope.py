@@ -52,10 +52,57 @@ def rotation(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tupl
     inverse = _inverse_frequencies(head_dim).to(positions.device)
     axis = torch.repeat_interleave(torch.arange(3, device=positions.device),
                                    torch.tensor(pair_split(head_dim), device=positions.device))
-    angles = positions.to(torch.float64)[:, axis] * inverse
-    cos = torch.cos(angles).to(torch.float16).to(dtype)
-    sin = torch.sin(angles).to(torch.float16).to(dtype)
+    cos, sin = _cos_sin(positions.to(torch.float64)[:, axis] * inverse, dtype)
     return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def _cos_sin(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 angles -> cos and sin rounded to float16 (the reference's complex32), returned in ``dtype``."""
+    return torch.cos(angles).to(torch.float16).to(dtype), torch.sin(angles).to(torch.float16).to(dtype)
+
+
+class GridRotation:
+    """Rotations of whole latent grids (every token of frames ``start..start+f-1`` x rows x columns), the
+    shape of a block and of the reference frame in the sink, from per-axis tables.
+
+    A token's rotation is its frame's pairs, then its row's, then its column's, so the row and column
+    tables are computed once per grid size and only the frames' few values per call. The values equal
+    ``rotation(block_positions(...))`` exactly (the same float64 products, the same float16 rounding).
+    """
+
+    def __init__(self, head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        self.dtype, self.device = dtype, torch.device(device)
+        frame_pairs, row_pairs, _ = pair_split(head_dim)
+        inverse = _inverse_frequencies(head_dim).to(self.device)
+        self.frame_inverse = inverse[:frame_pairs]
+        self.row_inverse = inverse[frame_pairs:frame_pairs + row_pairs]
+        self.col_inverse = inverse[frame_pairs + row_pairs:]
+        self._plane: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _axis(self, start: int, count: int, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # arange makes the positions on the device from the scalars: no host copy, so nothing waits.
+        positions = torch.arange(start, start + count, dtype=torch.float64, device=self.device)
+        return _cos_sin(positions[:, None] * inverse, self.dtype)
+
+    def plane(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [rows, cols, row+column pairs] of one frame's grid (computed once per size)."""
+        if (rows, cols) not in self._plane:
+            row_cos, row_sin = self._axis(0, rows, self.row_inverse)
+            col_cos, col_sin = self._axis(0, cols, self.col_inverse)
+            self._plane[rows, cols] = tuple(
+                torch.cat([r[:, None].expand(-1, cols, -1), c[None].expand(rows, -1, -1)], dim=-1)
+                for r, c in ((row_cos, col_cos), (row_sin, col_sin)))
+        return self._plane[rows, cols]
+
+    def __call__(self, start_frame: int, frames: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [frames*rows*cols, 1, D/2] of the grid's tokens in frame, row, column order."""
+        frame_parts = self._axis(start_frame, frames, self.frame_inverse)
+        out = []
+        for frame, plane in zip(frame_parts, self.plane(rows, cols)):
+            grid = torch.cat([frame[:, None, None].expand(-1, rows, cols, -1), plane.expand(frames, -1, -1, -1)],
+                             dim=-1)
+            out.append(grid.reshape(frames * rows * cols, 1, -1))
+        return out[0], out[1]
 
 
 def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

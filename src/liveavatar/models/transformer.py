@@ -12,6 +12,12 @@ Two calls make up a run:
   work only), so a compiler or a CUDA graph can take the second; the caller computes a request's text K/V
   (``text_kv``), a step's ``time_vectors`` and a block's ``audio_tokens`` once and passes them in.
 
+The tensor work itself is `liveavatar.models.regions` (a model's ``regions``: eager, or compiled by
+`liveavatar.runtime.compile`); what stays here is the glue between regions (cache writes and reads, the
+attention over the KV window and the condition tokens), whose shapes follow the KV window's fill. RoPE
+rotations come from per-axis tables (`GridRotation`): the block's and the reference frame's grids per
+call, the motion tokens' once per sink prefill.
+
 Precision follows the reference's bf16 run in any run dtype: the residual stream is float32 inside a block
 and the run dtype between blocks; modulation, the timestep MLP and the head's linear are float32; norm1 and
 the head's norm round their output to the run dtype; the cross-attention norm always sees (and returns)
@@ -44,13 +50,8 @@ from liveavatar.checkpoints.safetensors_io import (
 from liveavatar.errors import CheckpointError
 from liveavatar.models.attention import AttentionProjections, CrossAttention, attention
 from liveavatar.models.audio_injection import AudioInjector, CausalAudioEncoder
-from liveavatar.models.rope import (
-    apply_rotation,
-    block_positions,
-    condition_positions,
-    rotation,
-    rotation_dtype,
-)
+from liveavatar.models.regions import EAGER, Regions
+from liveavatar.models.rope import GridRotation, condition_positions, rotation, rotation_dtype
 from liveavatar.geometry import FRAMEPACK_BUCKETS
 
 CONFIG_NAME = "config.json"
@@ -251,47 +252,26 @@ def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), layer.weight.float(), layer.bias.float())
 
 
-class SelfAttention(AttentionProjections):
-    """Self-attention of the block tokens (and the sink's condition tokens) over the KV and cond caches."""
-
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Un-roped q, k and v [1, L, heads, head_dim]."""
-        heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)
-        return q, k, self.v(x).unflatten(-1, heads)
-
-
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 class TransformerBlock(nn.Module):
+    """One DiT block; its tensor work is `liveavatar.models.regions` (self_attention_qkv*, after_self_attention)."""
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.eps = config.eps
         self.modulation = nn.Parameter(torch.zeros(1, 6, config.dim))
-        self.self_attn = SelfAttention(config.dim, config.num_heads, config.eps)
+        self.self_attn = AttentionProjections(config.dim, config.num_heads, config.eps)
         self.norm3 = nn.LayerNorm(config.dim, eps=config.eps)
         self.cross_attn = CrossAttention(config.dim, config.num_heads, config.eps)
         self.ffn = nn.Sequential(nn.Linear(config.dim, config.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(config.ffn_dim, config.dim))
 
-    def forward(self, x: torch.Tensor, time_modulation: torch.Tensor, attend: Attend,
-                text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time_modulation: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor],
+                text_kv: tuple[torch.Tensor, torch.Tensor], regions: Regions) -> torch.Tensor:
         """x [1, L, dim] in the run dtype; time_modulation [6, dim] float32 (the same for every token);
-        ``attend(q, k, v)`` ropes, caches and attends, returning [1, L, heads, head_dim]."""
-        dtype, width = x.dtype, (x.shape[-1],)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation.float()[0] + time_modulation
-        normed = F.layer_norm(x.float(), width, eps=self.eps).to(dtype)
-        q, k, v = self.self_attn.qkv((normed.float() * (1 + scale1) + shift1).to(dtype))
-        y = self.self_attn.o(attend(q, k, v).flatten(-2))
-        x = x.float() + y.float() * gate1
-        # The reference casts the residual to bfloat16 before norm3 in every run dtype.
-        context_query = F.layer_norm(x.to(torch.bfloat16), width, self.norm3.weight, self.norm3.bias, self.eps)
-        x = x + self.cross_attn(context_query.to(dtype), text_kv).float()
-        normed = F.layer_norm(x, width, eps=self.eps)
-        z = self.ffn((normed * (1 + scale2) + shift2).to(dtype))
-        return (x + z.float() * gate2).to(dtype)
+        ``attend(x)`` computes the block's self-attention output [1, L, heads, head_dim] (q/k/v through
+        ``regions``, RoPE, caches). Called as a module so that hooks (layer and cache streaming) see the
+        block start."""
+        return regions.after_self_attention(self, x, attend(x), time_modulation, *text_kv)
 
 
 class Head(nn.Module):
@@ -301,10 +281,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, config.dim))
         self.head = nn.Linear(config.dim, config.patch_outputs)
 
-    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation.float()[0] + time_embedding
-        normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return _fp32_linear(self.head, normed.float() * (1 + scale) + shift).to(x.dtype)
+    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor, regions: Regions) -> torch.Tensor:
+        return regions.head(self, x, time_embedding)
 
 
 class FramePacker(nn.Module):
@@ -350,6 +328,10 @@ class CausalS2VTransformer(nn.Module):
         self.casual_audio_encoder = CausalAudioEncoder(c.audio_dim, c.dim, c.num_audio_token, c.audio_layers)
         self.audio_injector = AudioInjector(c.dim, c.num_heads, len(c.audio_inject_layers), c.eps)
         self._injector_slot = {layer: slot for slot, layer in enumerate(c.audio_inject_layers)}
+        # The functions the tensor work runs through; `liveavatar.runtime.compile` swaps in compiled ones.
+        self.regions: Regions = EAGER
+        self._grid_rotation: GridRotation | None = None
+        self._motion_rotation: tuple | None = None  # (cond positions it was made for, cos, sin)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -446,16 +428,27 @@ class CausalS2VTransformer(nn.Module):
     def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rotation(positions.to(self.device), self.config.head_dim, rotation_dtype(self.dtype))
 
+    def _grid(self) -> GridRotation:
+        grid = self._grid_rotation
+        if grid is None or (grid.dtype, grid.device) != (rotation_dtype(self.dtype), self.device):
+            grid = self._grid_rotation = GridRotation(self.config.head_dim, rotation_dtype(self.dtype), self.device)
+        return grid
+
     def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
         """[1, C, f, h, w] latents -> [1, f*(h/2)*(w/2), dim] tokens in frame, row, column order."""
         return conv(latents.to(self.device, self.dtype)).flatten(2).transpose(1, 2)
 
     def _run_blocks(self, x: torch.Tensor, time_modulation: torch.Tensor, attend: Callable[..., torch.Tensor],
                     text_kv: TextKV, audio: AudioTokens | None) -> torch.Tensor:
+        """The blocks (and the audio injectors after theirs); ``attend(layer, block, x)`` is a block's
+        self-attention output."""
+        regions, injectors = self.regions, self.audio_injector
         for index, block in enumerate(self.blocks):
-            x = block(x, time_modulation, partial(attend, index), text_kv[index])
+            x = block(x, time_modulation, partial(attend, index, block), text_kv[index], regions)
             if audio is not None and index in self._injector_slot:
-                x = self.audio_injector(self._injector_slot[index], x, audio.local, audio.pooled)
+                slot = self._injector_slot[index]
+                x = regions.inject_audio(injectors.injector[slot], injectors.injector_adain_layers[slot], x,
+                                         audio.local, audio.pooled)
         return x
 
     # ------------------------------------------------------------------------------------------------
@@ -487,13 +480,15 @@ class CausalS2VTransformer(nn.Module):
         x = torch.cat([ref_tokens + mask[1], motion_tokens + mask[2]], dim=1)
         positions = condition_positions(*latent_hw, ref_frame=c.REF_FRAME, buckets=FRAMEPACK_BUCKETS)
         cond_cache.begin(positions.to(self.device), ref_tokens.shape[1], latent_hw)
-        rotation_ = self._rotation(positions)
+        cos, sin = self._rotation(positions)
+        modulation, regions = self.time_vectors(0.0).modulation, self.regions
 
-        def attend(layer: int, q, k, v):
+        def attend(layer: int, block: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = regions.self_attention_qkv(block, x, modulation)
             cond_cache.write(layer, k, v)
-            return attention(apply_rotation(q, *rotation_), apply_rotation(k, *rotation_), v)
+            return attention(regions.rope(q, cos, sin), regions.rope(k, cos, sin), v)
 
-        self._run_blocks(x, self.time_vectors(0.0).modulation, attend, text_kv, audio=None)
+        self._run_blocks(x, modulation, attend, text_kv, audio=None)
 
     def prepare_block(self, x: torch.Tensor, audio: AudioTokens, kv_cache: KVStore, cond_cache: CondStore, *,
                       start_frame: int, ref_rope_offset: int) -> BlockInputs:
@@ -515,11 +510,21 @@ class CausalS2VTransformer(nn.Module):
         if start_frame < 0:
             raise ValueError(f"start_frame must be >= 0, got {start_frame}")
         rows, cols = latent_h // 2, latent_w // 2
-        cond_positions = cond_cache.positions.clone()
-        cond_positions[:cond_cache.ref_tokens, 0] = c.REF_FRAME + max(0, start_frame - (c.REF_FRAME - ref_rope_offset))
         kv_cache.reserve(start_frame * rows * cols, frames * rows * cols)
-        return BlockInputs(self._rotation(block_positions(start_frame, frames, rows, cols)),
-                           self._rotation(cond_positions))
+        grid = self._grid()
+        # The reference frame's tokens are its full grid at one (rolling) frame, the motion tokens never move.
+        ref_frame = c.REF_FRAME + max(0, start_frame - (c.REF_FRAME - ref_rope_offset))
+        ref_cos, ref_sin = grid(ref_frame, 1, rows, cols)
+        motion_cos, motion_sin = self._motion_rotations(cond_cache)
+        return BlockInputs(grid(start_frame, frames, rows, cols),
+                           (torch.cat([ref_cos, motion_cos]), torch.cat([ref_sin, motion_sin])))
+
+    def _motion_rotations(self, cond_cache: CondStore) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotations of the motion tokens of a prefilled sink, computed once per prefill."""
+        positions = cond_cache.positions
+        if self._motion_rotation is None or self._motion_rotation[0] is not positions:
+            self._motion_rotation = (positions, *self._rotation(positions[cond_cache.ref_tokens:]))
+        return self._motion_rotation[1:]
 
     @torch.no_grad()
     def run_block(self, x: torch.Tensor, time: TimeVectors, text_kv: TextKV, audio: AudioTokens,
@@ -539,17 +544,18 @@ class CausalS2VTransformer(nn.Module):
             tokens = tokens + self._patchify(self.cond_encoder, cond_states[None])
         tokens = tokens + self.trainable_cond_mask.weight[0]
 
-        def attend(layer: int, q, k, v):
-            q = apply_rotation(q, *inputs.block_rotation)
-            k = apply_rotation(k, *inputs.block_rotation)
+        regions, modulation = self.regions, time.modulation
+
+        def attend(layer: int, block: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = regions.self_attention_qkv_roped(block, x, modulation, *inputs.block_rotation)
             kv_cache.write(layer, k, v)
             window_k, window_v = kv_cache.window(layer)
             cond_k, cond_v = cond_cache.entries(layer)
-            keys = torch.cat([window_k, apply_rotation(cond_k, *inputs.cond_rotation)], dim=1)
+            keys = torch.cat([window_k, regions.rope(cond_k, *inputs.cond_rotation)], dim=1)
             return attention(q, keys, torch.cat([window_v, cond_v], dim=1))
 
-        hidden = self._run_blocks(tokens, time.modulation, attend, text_kv, audio=audio)
-        out = self.head(hidden, time.embedding)[0]
+        hidden = self._run_blocks(tokens, modulation, attend, text_kv, audio=audio)
+        out = self.head(hidden, time.embedding, regions)[0]
         # Unpatchify: token (t, y, x) holds its (pt, ph, pw, channel) patch values, channel fastest.
         pf, ph, pw = c.PATCH_SIZE
         rows, cols = latent_h // ph, latent_w // pw

@@ -21,8 +21,9 @@ import resource
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 
-from liveavatar.geometry import LATENT_CHANNELS
+from liveavatar.geometry import DROPPED_LEADING_FRAMES, LATENT_CHANNELS
 from liveavatar.runtime.planner.hardware import GiB, meminfo_bytes
 from liveavatar.runtime.planner.memory import phase_peaks, transformer_config_for
 
@@ -87,6 +88,10 @@ class RssSampler:
         self._thread.join()
 
 
+def _mem_available() -> int:
+    return meminfo_bytes("MemAvailable") or 0
+
+
 def random_init_(module, device, dtype, generator) -> None:
     """Replace every (meta) parameter and buffer of `module` by random values made on `device` in
     `dtype`: matrices and kernels N(0, 1/fan_in), biases N(0, 0.02²), gains 1, modulations N(0, 1/dim)."""
@@ -109,28 +114,114 @@ def random_init_(module, device, dtype, generator) -> None:
                 store[name] = nn.Parameter(value, requires_grad=False) if store is owner._parameters else value
 
 
-def _mem_available() -> int:
-    return meminfo_bytes("MemAvailable") or 0
+def build_random_models(placement, *, config, vae_config, device, dtype, seed: int = 0):
+    """The DiT (``config``) and the VAE with random weights, made on ``device`` and placed as ``placement``
+    says; returns (DiT, VAE, layer streamer or None, seconds)."""
+    import torch
+
+    from liveavatar.models.transformer import CausalS2VTransformer
+    from liveavatar.runtime.layer_streaming import place_dit
+
+    generator = torch.Generator(device).manual_seed(seed)
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = CausalS2VTransformer(config)
+    layer_streamer = place_dit(model, placement, device,
+                               materialize=lambda name, module: random_init_(module, device, dtype, generator))
+    model.eval().requires_grad_(False)
+    vae = random_vae(vae_config, device=device, dtype=dtype, generator=generator)
+    return model, vae, layer_streamer, _synchronized(device.type == "cuda", start)
+
+
+def random_vae(vae_config, *, device, dtype, generator):
+    """The VAE of ``vae_config`` with random weights, made on ``device``."""
+    import torch
+
+    from liveavatar.models.vae import WanVAE
+
+    with torch.device("meta"):
+        vae = WanVAE(vae_config)
+    random_init_(vae, device, dtype, generator)
+    return vae.eval().requires_grad_(False)
+
+
+@dataclass
+class SyntheticRequest:
+    """A request of a workload's size lasting ``total_blocks`` blocks, with synthetic conditioning."""
+
+    request: object
+    reference: object
+    audio: object
+    text_dim: int
+    generator: object
+    total_blocks: int
+
+    def conditioning(self, model, device, dtype):
+        """Its conditioning with a fresh random prompt (text K/V) each time, as served requests have."""
+        import torch
+
+        from liveavatar.runtime.engine import Conditioning
+
+        text = torch.randn(32, self.text_dim, generator=self.generator).to(device, dtype)
+        return Conditioning(model.text_kv(text), self.reference, self.audio)
+
+
+def synthetic_request(model, vae, work, *, device, dtype, total_blocks: int, seed: int = 0) -> SyntheticRequest:
+    """Random audio features, reference and motion latents shaped as ``work`` makes them (the encoders are
+    set-up cost, not timed here)."""
+    import torch
+
+    import numpy as np
+    from PIL import Image
+
+    from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
+    from liveavatar.request import WaveformAudio, resolve_request
+    from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
+
+    config = model.config
+    clip_seconds = work.infer_frames / FPS
+    num_clips = math.ceil(total_blocks / work.geometry.blocks_per_clip)
+    silence = np.zeros(int((num_clips + 1) * clip_seconds * AUDIO_SAMPLE_RATE), np.float32)
+    request = resolve_request(Image.new("RGB", (work.width, work.height)), WaveformAudio(silence), "",
+                              size=work.width * work.height, infer_frames=work.infer_frames,
+                              sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode)
+    geometry = request.geometry
+    g = torch.Generator("cpu").manual_seed(seed)
+    audio = WholeFileAudio(torch.randn(1, config.audio_layers, config.audio_dim, num_clips * work.infer_frames,
+                                       generator=g).to(dtype), geometry)
+    picture = torch.rand(1, 3, 1, work.height, work.width, generator=g).mul_(2).sub_(1).to(device, dtype)
+    history = motion_history(picture, work.mode)
+    motion_latents = (history.shape[2] - 1) // vae.config.temporal_factor + 1
+    reference = ReferenceLatents(ref=torch.randn(1, LATENT_CHANNELS, 1, geometry.latent_height, geometry.latent_width,
+                                                 generator=g).to(device),
+                                 motion=torch.randn(1, LATENT_CHANNELS, motion_latents, geometry.latent_height,
+                                                    geometry.latent_width, generator=g).to(device),
+                                 history=history)
+    return SyntheticRequest(request, reference, audio, config.text_dim, g, total_blocks)
 
 
 def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name: str | None = None,
-                  ckpt_dir=None, seed: int = 0, weights_dir=None, lora=None) -> dict:
+                  ckpt_dir=None, seed: int = 0, compile: bool | None = None, cuda_graphs: bool | None = None,
+                  requests: int = 1, overlap_decode: bool | None = None, weights_dir=None, lora=None) -> dict:
     """Build the full-size engine under `plan.placement` (random weights, or the DiT of ``weights_dir`` with
-    ``lora`` merged), run warm-up + measured blocks through the sampling loop, return the measurements (see
-    the module docstring)."""
+    ``lora`` merged), run ``requests`` requests of warm-up + measured blocks through the sampling loop,
+    return the measurements of the last one (see the module docstring) with the compiler's counters and the
+    first request's time to first frame."""
     with RssSampler() as rss:
         return _run_benchmark(plan, rss, device=device, blocks=blocks, warmup_blocks=warmup_blocks,
-                              config_name=config_name, ckpt_dir=ckpt_dir, seed=seed, weights_dir=weights_dir,
-                              lora=lora)
+                              config_name=config_name, ckpt_dir=ckpt_dir, seed=seed, compile=compile,
+                              cuda_graphs=cuda_graphs, requests=requests, overlap_decode=overlap_decode,
+                              weights_dir=weights_dir, lora=lora)
 
 
-def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, config_name, ckpt_dir, seed,
-                   weights_dir, lora) -> dict:
+def _run_benchmark(plan, rss: "RssSampler", *, device, blocks, warmup_blocks, config_name, ckpt_dir, seed,
+                   compile, cuda_graphs, requests, overlap_decode, weights_dir, lora) -> dict:
     import torch
 
+    from liveavatar.models.vae import VAEConfig
+    from liveavatar.runtime.compile import resolve_fast_path
     from liveavatar.runtime.engine import Engine
     from liveavatar.runtime.loading import load_placed_dit
-    from liveavatar.runtime.sampler import VideoFrames
 
     work, placement = plan.workload, plan.placement
     dtype = torch.float32 if work.run_dtype_bytes == 4 else torch.bfloat16
@@ -139,82 +230,43 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     host_start = rss.take()
-    start = time.perf_counter()
+    vae_config = VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig()
     if weights_dir is not None:
+        start = time.perf_counter()
         model, layer_streamer = load_placed_dit(weights_dir, placement, device=device, dtype=dtype, lora=lora)
-        vae = _random_models(None, placement, device=device, dtype=dtype, seed=seed, tiny=config_name == "tiny")[1]
+        vae = random_vae(vae_config, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(seed))
+        build_s = _synchronized(cuda, start)
     else:
-        model, vae, layer_streamer = _random_models(transformer_config_for(ckpt_dir, config_name), placement,
-                                                    device=device, dtype=dtype, seed=seed,
-                                                    tiny=config_name == "tiny")
-    build_s = _synchronized(cuda, start)
+        model, vae, layer_streamer, build_s = build_random_models(
+            placement, config=transformer_config_for(ckpt_dir, config_name), device=device, dtype=dtype, seed=seed,
+            vae_config=vae_config)
+    load_peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    host_load = rss.take()
+    synthetic = synthetic_request(model, vae, work, device=device, dtype=dtype, total_blocks=warmup_blocks + blocks,
+                                  seed=seed)
     engine = Engine(model, vae, None, None, placement=placement, device=device, dtype=dtype,
-                    layer_streamer=layer_streamer)
-    total_blocks = warmup_blocks + blocks
-    request, conditioning = synthetic_request(model, vae, work, num_clips=math.ceil(
-        total_blocks / work.geometry.blocks_per_clip), device=device, dtype=dtype, seed=seed)
-    geometry = request.geometry
-    forward_marks: list[tuple[int, object]] = []
-    # Peak allocated memory per window between forwards: the first (KV sets, sink prefill, first forward),
-    # the other steps (a forward and an Euler update), and step 0 of later blocks (plus the VAE decode
-    # of the block before it).
-    windows = {"load": torch.cuda.max_memory_allocated(device) if cuda else None,
-               "prefill": None, "denoise": None, "decode": None}
-    load_window = rss.take()
-    host_windows = {"load": load_window["VmRSS"], "prefill": 0, "denoise": 0, "decode": 0}
-    taken = load_window["Taken"]
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def on_forward(clip, block, step, x, velocity):
-        forward_marks.append((clip * geometry.blocks_per_clip + block, _mark(cuda)))
-        nonlocal taken
-        window = "prefill" if len(forward_marks) == 1 else "denoise" if step > 0 else "decode"
-        peaks = rss.take()
-        host_windows[window] = max(host_windows[window], peaks["VmRSS"])
-        taken = max(taken, peaks["Taken"])
-        if cuda:
-            windows[window] = max(windows[window] or 0, torch.cuda.max_memory_allocated(device))
-            torch.cuda.reset_peak_memory_stats(device)
-
-    loop_start = time.perf_counter()
-    frame_marks: list[tuple[float, int, int]] = []  # (time, frames, blocks done) per batch of decoded frames
-    blocks_done = 0
-    events = engine.run(request, conditioning, on_forward=on_forward)
-    for event in events:
-        if not isinstance(event, VideoFrames):
-            blocks_done += 1
-            continue
-        event.frames.cpu()  # a consumer needs the frames on the host; this also synchronises
-        frame_marks.append((time.perf_counter(), event.count, blocks_done))
-        if blocks_done >= total_blocks:
-            break
-    events.close()
-    peaks = rss.take()
-    host_windows["decode"] = max(host_windows["decode"], peaks["VmRSS"])
-    taken = max(taken, peaks["Taken"])
-    if cuda:
-        windows["decode"] = max(windows["decode"] or 0, torch.cuda.max_memory_allocated(device))
-    if warmup_blocks == 0:
-        first, measured = (loop_start, 0, 0), frame_marks
-    else:
-        index = next(i for i, mark in enumerate(frame_marks) if mark[2] >= warmup_blocks)
-        first, measured = frame_marks[index], frame_marks[index + 1:]
-    measured_s = frame_marks[-1][0] - first[0]
-    measured_frames = sum(count for _, count, _ in measured)
-    measured_blocks = frame_marks[-1][2] - first[2]
-
-    forward_s = _forward_times(forward_marks, cuda, warmup_blocks)
+                    layer_streamer=layer_streamer, overlap_decode=overlap_decode,
+                    fast_path=resolve_fast_path(device, compile=compile, cuda_graphs=cuda_graphs))
+    runs = [measure_request(engine, synthetic.request, synthetic.conditioning(model, device, dtype),
+                            warmup_blocks=warmup_blocks, total_blocks=synthetic.total_blocks, rss=rss)
+            for _ in range(requests)]
+    last = runs[-1]
+    last.pop("latents")
+    windows = {"load": load_peak, **last.pop("windows")}
+    host_windows = {"load": host_load["VmRSS"], **{k: v["VmRSS"] for k, v in last["host_windows"].items()}}
+    taken = max([host_load["Taken"], *(v["Taken"] for run in runs for v in run.pop("host_windows").values())])
     predicted = bench_phase_peaks(plan)
     predicted_host = bench_phase_peaks(plan, "host", loads_checkpoint=weights_dir is not None)
     streamer = engine.cache_set.streamer
     pinned = (layer_streamer.arena.nbytes if layer_streamer else 0) + (streamer.arena.nbytes if streamer else 0)
-    report = {
-        "fps": measured_frames / measured_s,
-        "ttff_s": frame_marks[0][0] - loop_start,
-        "forward_s": statistics.median(forward_s) if forward_s else None,
-        "block_s": measured_s / measured_blocks,
-        "peak_gib": max(windows.values()) / GiB if cuda else None,
+    return {
+        **last,
+        **engine_report(engine),
+        "first_request_ttff_s": runs[0]["ttff_s"],
+        "first_request_compiles": runs[0]["compiles"],
+        "first_request_compile_s": runs[0]["compile_s"],
+        "requests": requests,
+        "peak_gib": max(v for v in windows.values() if v is not None) / GiB if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if cuda else None,
         "phase_peaks_gib": {k: v / GiB for k, v in windows.items()} if cuda else None,
         "predicted_phase_peaks_gib": {k: v / GiB for k, v in predicted.items()},
@@ -230,11 +282,10 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
         "predicted_pinned_gib": plan.host_pinned_bytes / GiB,
         "predicted_peak_gib": max(predicted.values()) / GiB,
         "predicted_fps": plan.speed.fps if plan.budget_bytes is not None else None,
+        "predicted_path": plan.speed.path,
         "build_s": build_s,
         "weights": "checkpoint" if weights_dir is not None else "random",
-        "measured_blocks": measured_blocks,
         "warmup_blocks": warmup_blocks,
-        "frames_measured": measured_frames,
         "loop": "liveavatar.runtime.sampler.sample (real sampling loop, synthetic conditioning)",
         "placement": placement.to_json(),
         "streamed_layer_copies": layer_streamer.copies if layer_streamer else 0,
@@ -246,7 +297,119 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
-    return report
+
+
+def engine_report(engine) -> dict:
+    """The fast path an engine runs and what its compiler and CUDA graphs did."""
+    path, graphs = engine.fast_path, engine.graphs
+    return {
+        "fast_path": path.name + (f" ({path.reason})" if path.reason else ""),
+        "compile_fallback": engine.compile_fallback.error if engine.compile_fallback else None,
+        "compile_cache": str(engine.compile_cache) if engine.compile_cache else None,
+        "cuda_graphs": {"captures": graphs.captures, "replays": graphs.replays, "direct": graphs.direct,
+                        "failed": graphs.failed} if graphs is not None else None,
+        "decode_overlapped": engine.overlap_decode,
+    }
+
+
+def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_blocks: int,
+                    decode: bool = True, keep_latents: bool = False, rss: "RssSampler | None" = None) -> dict:
+    """One request through ``engine.run``: its timings (per block after the warm-up: between decoded
+    frame batches, or with ``decode=False`` between clean blocks on the GPU's clock, also as a median),
+    per-window peaks (of the host's RSS too, with a running ``rss`` sampler), the compiler's counters
+    (None when the engine does not compile) and, with ``keep_latents``, every block's clean latents."""
+    import torch
+
+    from liveavatar.runtime.compile import compile_counters
+    from liveavatar.runtime.sampler import VideoFrames
+
+    device = engine.device
+    cuda = device.type == "cuda"
+    counters = compile_counters if engine.fast_path.compile else None
+    geometry = request.geometry
+    forward_marks: list[tuple[int, object]] = []
+    # Peak allocated memory per window between forwards: the first (KV sets, sink prefill, first forward),
+    # the other steps (a forward and an Euler update), and step 0 of later blocks (plus the VAE decode
+    # of the block before it).
+    windows = {"prefill": None, "denoise": None, "decode": None}
+    host_windows = {window: dict.fromkeys(RssSampler.FIELDS, 0) for window in windows}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def host_peaks(window: str) -> None:
+        if rss is not None:
+            peaks = rss.take()
+            host_windows[window] = {key: max(host_windows[window][key], peaks[key]) for key in peaks}
+
+    def on_forward(clip, block, step, x, velocity):
+        forward_marks.append((clip * geometry.blocks_per_clip + block, _mark(cuda)))
+        window = "prefill" if len(forward_marks) == 1 else "denoise" if step > 0 else "decode"
+        host_peaks(window)
+        if cuda:
+            windows[window] = max(windows[window] or 0, torch.cuda.max_memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
+
+    at_start = counters() if counters else None
+    at_first = None
+    # Frames out once the warm-up blocks are decoded, and once every block is (the first block's first
+    # frames are dropped; an overlapped decoder hands a block's frames out one block later).
+    warm_frames = max(0, warmup_blocks * geometry.frames_per_block - DROPPED_LEADING_FRAMES)
+    all_frames = total_blocks * geometry.frames_per_block - DROPPED_LEADING_FRAMES
+    loop_start = time.perf_counter()
+    frame_marks: list[tuple[float, int]] = []  # (time, frames out so far) per batch of decoded frames
+    block_marks, latents = [], []  # per clean block: a GPU event (host time on the CPU), its latents
+    first_block_s = None
+    events = engine.run(request, conditioning, on_forward=on_forward, decode=decode)
+    for event in events:
+        if not isinstance(event, VideoFrames):
+            block_marks.append(_mark(cuda))
+            if keep_latents:
+                latents.append(event.latents)
+            if first_block_s is None:
+                first_block_s = _synchronized(cuda, loop_start)
+                at_first = counters() if counters else None
+            if not decode and len(block_marks) >= total_blocks:
+                break
+            continue
+        event.uint8()  # a consumer needs the frames on the host; this also synchronises
+        frame_marks.append((time.perf_counter(), event.start + event.count))
+        if event.start + event.count >= all_frames:
+            break
+    events.close()
+    host_peaks("decode")
+    if cuda:
+        windows["decode"] = max(windows["decode"] or 0, torch.cuda.max_memory_allocated(device))
+    if decode:
+        warm = [mark for mark in frame_marks if mark[1] <= warm_frames]
+        first = warm[-1] if warm and warmup_blocks else (loop_start, 0)
+        measured_frames = frame_marks[-1][1] - first[1]
+        block_times = [(frame_marks[-1][0] - first[0]) * geometry.frames_per_block / measured_frames]
+        ttff_s = frame_marks[0][0] - loop_start
+    else:
+        block_times = _intervals(block_marks, cuda, max(1, warmup_blocks))
+        measured_frames = len(block_times) * geometry.frames_per_block
+        ttff_s = first_block_s
+    block_s = statistics.fmean(block_times)
+    forward_s = _forward_times(forward_marks, cuda, warmup_blocks)
+    at_end = counters() if counters else None
+    return {
+        "fps": geometry.frames_per_block / block_s,
+        "ttff_s": ttff_s,
+        "first_block_s": first_block_s,
+        "forward_s": statistics.median(forward_s) if forward_s else None,
+        "block_s": block_s,
+        "block_s_median": statistics.median(block_times) if not decode else None,
+        "measured_blocks": round(measured_frames / geometry.frames_per_block),
+        "frames_measured": measured_frames,
+        "latents": latents,
+        "windows": windows,
+        "host_windows": host_windows,
+        "compiles": None if at_end is None else at_end["compiles"] - at_start["compiles"],
+        "compiles_after_first_block": None if at_end is None else at_end["compiles"] - at_first["compiles"],
+        "compile_s": None if at_end is None else round(at_end["compile_s"] - at_start["compile_s"], 2),
+        "graph_breaks": None if at_end is None else at_end["graph_breaks"] - at_start["graph_breaks"],
+        "compile_reasons": None if at_end is None else at_end["last_reasons"],
+    }
 
 
 def bench_phase_peaks(plan, where: str = "gpu", *, loads_checkpoint: bool = False) -> dict[str, int]:
@@ -258,64 +421,6 @@ def bench_phase_peaks(plan, where: str = "gpu", *, loads_checkpoint: bool = Fals
     return {phase: peak for phase, peak in phase_peaks(kept, where).items() if phase != "setup"}
 
 
-def _random_models(config, placement, *, device, dtype, seed: int, tiny: bool):
-    """The DiT of ``config`` (None: no DiT) placed as ``placement`` says and the VAE (tiny: base width 8),
-    built on the meta device and materialised unit by unit on ``device`` with random weights."""
-    import torch
-
-    from liveavatar.models.transformer import CausalS2VTransformer
-    from liveavatar.models.vae import VAEConfig, WanVAE
-    from liveavatar.runtime.layer_streaming import place_dit
-
-    generator = torch.Generator(device).manual_seed(seed)
-    model = layer_streamer = None
-    if config is not None:
-        with torch.device("meta"):
-            model = CausalS2VTransformer(config)
-        layer_streamer = place_dit(model, placement, device,
-                                   materialize=lambda name, module: random_init_(module, device, dtype, generator))
-        model.eval().requires_grad_(False)
-    with torch.device("meta"):
-        vae = WanVAE(VAEConfig(base_dim=8) if tiny else VAEConfig())
-    random_init_(vae, device, dtype, generator)
-    return model, vae.eval().requires_grad_(False), layer_streamer
-
-
-def synthetic_request(model, vae, work, *, num_clips: int, device, dtype, seed: int):
-    """A request of the workload's size and ``num_clips`` clips (silent audio) and its synthetic
-    conditioning (random text context, audio features, reference and motion latents shaped as the mode makes
-    them): the encoders are set-up cost, not what is measured. The same seed gives the same inputs."""
-    import torch
-
-    import numpy as np
-    from PIL import Image
-
-    from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
-    from liveavatar.request import WaveformAudio, resolve_request
-    from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
-    from liveavatar.runtime.engine import Conditioning
-
-    config = model.config
-    silence = np.zeros(int((num_clips + 1) * work.infer_frames / FPS * AUDIO_SAMPLE_RATE), np.float32)
-    request = resolve_request(Image.new("RGB", (work.width, work.height)), WaveformAudio(silence), "",
-                              size=work.width * work.height, infer_frames=work.infer_frames,
-                              sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode)
-    geometry = request.geometry
-    g = torch.Generator("cpu").manual_seed(seed)
-    text_kv = model.text_kv(torch.randn(32, config.text_dim, generator=g).to(device, dtype))
-    audio = WholeFileAudio(torch.randn(1, config.audio_layers, config.audio_dim, num_clips * work.infer_frames,
-                                       generator=g).to(dtype), geometry)
-    picture = torch.rand(1, 3, 1, work.height, work.width, generator=g).mul_(2).sub_(1).to(device, dtype)
-    history = motion_history(picture, work.mode)
-    motion_latents = (history.shape[2] - 1) // vae.config.temporal_factor + 1
-    latent_hw = (geometry.latent_height, geometry.latent_width)
-    reference = ReferenceLatents(ref=torch.randn(1, LATENT_CHANNELS, 1, *latent_hw, generator=g).to(device),
-                                 motion=torch.randn(1, LATENT_CHANNELS, motion_latents, *latent_hw,
-                                                    generator=g).to(device),
-                                 history=history)
-    return request, Conditioning(text_kv, reference, audio)
-
-
 def kv_fp8_drift(work, *, weight_dtype: str, device, config_name: str | None = None, num_clips: int = 2,
                  seed: int = 0) -> dict:
     """How far FP8 KV sets move a run from KV sets in the run dtype, everything else equal: one random
@@ -324,29 +429,33 @@ def kv_fp8_drift(work, *, weight_dtype: str, device, config_name: str | None = N
     plus the largest elementwise difference of the frames (pixels in [-1, 1])."""
     import torch
 
+    from liveavatar.models.vae import VAEConfig
     from liveavatar.runtime.engine import Engine
     from liveavatar.runtime.placement import Placement
     from liveavatar.runtime.sampler import VideoFrames
 
     dtype = torch.float32 if work.run_dtype_bytes == 4 else torch.bfloat16
-    model, vae, _ = _random_models(transformer_config_for(None, config_name),
-                                   Placement(weight_dtype=weight_dtype), device=device, dtype=dtype, seed=seed,
-                                   tiny=config_name == "tiny")
+    model, vae, _, _ = build_random_models(Placement(weight_dtype=weight_dtype),
+                                           config=transformer_config_for(None, config_name), device=device,
+                                           dtype=dtype, seed=seed,
+                                           vae_config=VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
+    synthetic = synthetic_request(model, vae, work, device=device, dtype=dtype, seed=seed,
+                                  total_blocks=num_clips * work.geometry.blocks_per_clip)
+    conditioning = synthetic.conditioning(model, device, dtype)  # one prompt for both runs
     runs = {}
     for kv_dtype in ("bf16", "fp8"):
         engine = Engine(model, vae, None, None, placement=Placement(weight_dtype=weight_dtype, kv_dtype=kv_dtype),
                         device=device, dtype=dtype)
-        request, conditioning = synthetic_request(model, vae, work, num_clips=num_clips, device=device, dtype=dtype,
-                                                  seed=seed)
         velocities, frames = [], []
+
         def keep(clip, block, step, x, velocity):
             velocities.append(velocity.float().cpu())
 
-        for event in engine.run(request, conditioning, on_forward=keep):
+        for event in engine.run(synthetic.request, conditioning, on_forward=keep):
             if isinstance(event, VideoFrames):
                 frames += list(event.frames.float().cpu().unbind(1))
         runs[kv_dtype] = velocities, frames
-        del engine, conditioning
+        del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -370,6 +479,15 @@ def _mark(cuda: bool):
     event = torch.cuda.Event(enable_timing=True)
     event.record()
     return event
+
+
+def _intervals(marks, cuda: bool, start: int) -> list[float]:
+    """Seconds between consecutive marks, from mark ``start`` on."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    return [a.elapsed_time(b) / 1e3 if cuda else b - a for a, b in zip(marks[start - 1:], marks[start:])]
 
 
 def _forward_times(marks, cuda: bool, warmup_blocks: int) -> list[float]:

@@ -23,6 +23,7 @@ from liveavatar.models.audio_features import (
     StreamingAudioFeatures,
     video_rate_features,
 )
+from liveavatar.models.regions import EAGER
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.request import LiveAudio, LiveSource, Request
@@ -35,11 +36,13 @@ from liveavatar.runtime.conditioning import (
     encode_reference,
     waveform_chunks,
 )
-from liveavatar.runtime.executors import BlockExecutor, ForwardHook, SequentialExecutor
+from liveavatar.runtime.compile import FastPath, compile_regions, configure_compiler, resolve_fast_path
+from liveavatar.runtime.decoding import OverlappedDecoder
+from liveavatar.runtime.executors import BlockExecutor, ForwardGraphs, ForwardHook, SequentialExecutor, graphs_allowed
 from liveavatar.runtime.layer_streaming import LayerStreamer
 from liveavatar.runtime.loading import load_placed_dit
 from liveavatar.runtime.placement import Placement
-from liveavatar.runtime.sampler import BlockAudio, LoopEvent, make_decoder, ref_rope_offsets, sample
+from liveavatar.runtime.sampler import BlockAudio, LoopEvent, NoDecoder, make_decoder, ref_rope_offsets, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
 
 # How long one wait for live audio lasts before the loop looks again (it keeps waiting: the session decides
@@ -64,11 +67,17 @@ ExecutorFactory = Callable[..., BlockExecutor]
 
 class Engine:
     """All models of Live Avatar, loaded once and placed as the `Placement` says, serving any number of
-    requests one after the other."""
+    requests one after the other.
+
+    The fast path (`liveavatar.runtime.compile`): ``fast_path`` (default: `resolve_fast_path`) compiles the
+    DiT's regions once here; with everything resident the forwards replay CUDA graphs kept across requests;
+    on CUDA with a resident placement, streaming mode decodes each block on a second stream while the
+    next one denoises (``overlap_decode``)."""
 
     def __init__(self, transformer, vae: WanVAE, text_encoder: TextEncoder | None,
                  audio_encoder: AudioFeatureExtractor | None, *, placement: Placement, device: torch.device,
-                 dtype: torch.dtype, layer_streamer: LayerStreamer | None = None):
+                 dtype: torch.dtype, layer_streamer: LayerStreamer | None = None, fast_path: FastPath | None = None,
+                 overlap_decode: bool | None = None):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -79,12 +88,27 @@ class Engine:
         self.layer_streamer = layer_streamer
         self._caches: CacheSet | None = None
         self._references: OrderedDict[tuple, ReferenceLatents] = OrderedDict()
+        self.fast_path = fast_path if fast_path is not None else resolve_fast_path(device)
+        self.compile_fallback = self.compile_cache = None
+        if self.fast_path.compile:
+            self.compile_cache = configure_compiler()
+            self.compile_fallback = compile_regions(transformer)
+        else:
+            transformer.regions = EAGER
+        self.graphs: ForwardGraphs | None = None
+        self.requests_run = 0
+        # The overlapped decode holds its activations next to the DiT's: default for resident placements
+        # only (the large-memory case; the planner budgets the decode after the forward).
+        self.overlap_decode = (device.type == "cuda" and placement.resident) if overlap_decode is None \
+            else overlap_decode
 
     @classmethod
     def from_pretrained(cls, layout: CheckpointLayout, placement: Placement, *, device: torch.device,
                         dtype: torch.dtype, lora_alpha: float | None = None,
-                        prompt_cache_dir: str | os.PathLike | None = None) -> "Engine":
-        """Load every model of a validated checkpoint layout onto ``device`` as ``placement`` says."""
+                        prompt_cache_dir: str | os.PathLike | None = None, compile: bool | None = None) -> "Engine":
+        """Load every model of a validated checkpoint layout onto ``device`` as ``placement`` says;
+        ``compile`` as in `resolve_fast_path` (None: on for CUDA GPUs unless ``LIVEAVATAR_COMPILE=0``)."""
+        fast_path = resolve_fast_path(device, compile=compile)
         transformer, layer_streamer = load_placed_dit(layout.dit_dir, placement, device=device, dtype=dtype,
                                                       lora=layout.lora, lora_alpha=lora_alpha)
         vae = WanVAE.from_checkpoint(layout.vae, device=device, dtype=dtype)
@@ -93,7 +117,7 @@ class Engine:
                                                    cache_dir=prompt_cache_dir)
         audio_encoder = AudioFeatureExtractor.from_pretrained(layout.wav2vec2, device=device, dtype=dtype)
         return cls(transformer, vae, text_encoder, audio_encoder, placement=placement, device=device, dtype=dtype,
-                   layer_streamer=layer_streamer)
+                   layer_streamer=layer_streamer, fast_path=fast_path)
 
     @property
     def cache_set(self) -> CacheSet | None:
@@ -116,7 +140,7 @@ class Engine:
     def _release_caches(self) -> None:
         if self._caches is not None:
             self._caches.close()
-            self._caches = None
+            self._caches = self.graphs = None  # graphs bake the caches in: they go with them
 
     @torch.no_grad()
     def condition(self, request: Request) -> Conditioning:
@@ -151,23 +175,36 @@ class Engine:
 
     @torch.no_grad()
     def run(self, request: Request, conditioning: Conditioning | None = None, *,
-            executor: ExecutorFactory = SequentialExecutor, on_forward: ForwardHook | None = None
-            ) -> Iterator[LoopEvent]:
+            executor: ExecutorFactory = SequentialExecutor, on_forward: ForwardHook | None = None,
+            decode: bool = True) -> Iterator[LoopEvent]:
         """The request's loop events (`BlockLatents` per clean block, `VideoFrames` as they are decoded),
         made as they are consumed; closing the iterator stops the run after the block in progress.
-        ``conditioning`` replaces `condition(request)` (benchmarks feed synthetic conditioning)."""
+        ``conditioning`` replaces `condition(request)` (benchmarks feed synthetic conditioning);
+        ``decode=False`` yields the clean blocks only (benchmarks time the DiT alone)."""
         conditioning = conditioning or self.condition(request)
+        self.requests_run += 1
         geometry, steps = request.geometry, request.sample_steps
         schedule = FlowMatchSchedule.create(steps)
         offsets = ref_rope_offsets(request.ref_rope_offset, base_seed=request.base_seed, mode=request.mode,
                                    num_steps=steps)
-        runner = executor(self.transformer, self.caches(geometry, range(steps)), schedule, conditioning.text_kv,
-                          ref_rope_offset=offsets, on_forward=on_forward)
-        decoder = make_decoder(request.mode, self.vae, conditioning.reference, geometry)
+        caches = self.caches(geometry, range(steps))
+        runner = executor(self.transformer, caches, schedule, conditioning.text_kv, ref_rope_offset=offsets,
+                          on_forward=on_forward, graphs=self._forward_graphs(caches))
+        decoder = make_decoder(request.mode, self.vae, conditioning.reference, geometry) if decode else NoDecoder()
+        if decode and self.overlap_decode and request.mode == "streaming":
+            decoder = OverlappedDecoder(decoder, self.device)
         yield from sample(runner, decoder, conditioning.reference, conditioning.audio, geometry,
                           noise=lambda clip: clip_noise(request.base_seed, clip, geometry, device=self.device,
                                                         dtype=self.dtype),
                           total_blocks=request.total_blocks, mode=request.mode, online_decode=request.online_decode)
+
+    def _forward_graphs(self, caches: CacheSet) -> ForwardGraphs | None:
+        """The engine's CUDA graphs, when the fast path has them and the placement allows them."""
+        if not (self.fast_path.cuda_graphs and graphs_allowed(self.placement, self.layer_streamer, caches)):
+            return None
+        if self.graphs is None:
+            self.graphs = ForwardGraphs(self.transformer)
+        return self.graphs
 
     def _block_audio(self, request: Request) -> BlockAudio:
         geometry, audio = request.geometry, request.audio

@@ -46,11 +46,13 @@ _fused_quantizer = None
 
 
 def _quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_per_tensor` for the per-call inputs of the W8A8 kernel. On CUDA it is compiled into one
-    fused kernel as the reference does (eager, it costs ~6 passes over the input per linear, more than
-    FP8 saves); where compilation is unavailable it stays eager."""
+    """`quantize_per_tensor` for the per-call inputs of the W8A8 kernel. Inside a compiled region
+    (`liveavatar.runtime.compile`) it is traced with the region, so Inductor fuses it with the op that
+    produces the input. Otherwise, on CUDA it is compiled on its own into one fused kernel as the
+    reference does (eager, it costs ~6 passes over the input per linear, more than FP8 saves); where
+    compilation is unavailable it stays eager."""
     global _fused_quantizer
-    if not x.is_cuda or _fused_quantizer is False:
+    if torch.compiler.is_compiling() or not x.is_cuda or _fused_quantizer is False:
         return quantize_per_tensor(x)
     if _fused_quantizer is None:
         _fused_quantizer = torch.compile(quantize_per_tensor, dynamic=True)

@@ -54,6 +54,12 @@ class Placement:
     def streams_layers(self) -> bool:
         return bool(self.streamed_layers)
 
+    @property
+    def resident(self) -> bool:
+        """Every layer, KV set and the cond cache on the GPU: nothing moves between layers, so a forward can
+        be one CUDA graph."""
+        return not self.streamed_layers and self.kv_location == "gpu" and self.cond_location == "gpu"
+
     def is_streamed(self, layer: int) -> bool:
         return layer in self.streamed_layers
 

@@ -80,11 +80,6 @@ class Progress:
             self._write(f"{text}: done in {time.perf_counter() - began:.1f} s{f' ({detail})' if detail else ''}\n")
         self._phase = None
 
-    def notice(self, text: str) -> None:
-        """One ``notice:`` line (what the run does differently from what was asked)."""
-        if self.enabled:
-            self._write(f"notice: {text}\n")
-
     def _end_phase(self) -> None:
         if self._phase is not None:
             self.phase_done()
@@ -94,6 +89,11 @@ class Progress:
         self.started = time.perf_counter()
         if self.enabled and not self.interactive:
             self._write("generating ...\n")
+
+    def note(self, text: str) -> None:
+        """A line of its own (e.g. that the first block compiles), above the status line."""
+        if self.enabled:
+            self._write(("\r\x1b[2K" if self.interactive else "") + text + "\n")
 
     def block_done(self, clip: int, block: int) -> None:
         self.clip, self.block = clip, block

@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence, Union
 
+import numpy as np
 import torch
 
 from liveavatar.geometry import (
@@ -36,6 +37,7 @@ from liveavatar.geometry import (
     ClipGeometry,
     check_mode,
 )
+from liveavatar.io.video_writer import pixels_to_uint8
 from liveavatar.runtime.conditioning import ReferenceLatents
 from liveavatar.runtime.executors import BlockExecutor, BlockJob
 
@@ -111,6 +113,9 @@ class BlockStreamDecoder:
         frames = self.stream.decode(latents.unsqueeze(0))[0, :, -self.frames_per_block:]
         return frames[:, DROPPED_LEADING_FRAMES:] if first else frames
 
+    def flush(self) -> list:
+        return []
+
 
 class ClipContextDecoder:
     """single_gpu mode: decode each clip after its last block, with the re-encoded pixel history as context.
@@ -142,6 +147,9 @@ class ClipContextDecoder:
         self.clip_latents = []
         return self._decode(clip_latents)
 
+    def flush(self) -> list:
+        return []  # a clip is decoded when its last block is in; sample() only runs whole clips here
+
     def _decode(self, clip_latents: torch.Tensor) -> torch.Tensor:
         video = self.vae.decode(torch.cat([self.context, clip_latents.unsqueeze(0).to(self.context.dtype)], dim=2))
         video = video[:, :, -self.geometry.infer_frames:]
@@ -171,17 +179,32 @@ class BlockLatents:
 
 @dataclass(frozen=True)
 class VideoFrames:
-    """Decoded frames [3, T, H, W] float32 in [-1, 1]; ``start`` is the output index of the first one."""
+    """Decoded frames [3, T, H, W] float32 in [-1, 1]; ``start`` is the output index of the first one;
+    ``pixels``: the same frames as uint8 [T, H, W, 3] on the host, when the decoder already made them."""
 
     start: int
     frames: torch.Tensor
+    pixels: np.ndarray | None = None
 
     @property
     def count(self) -> int:
         return self.frames.shape[1]
 
+    def uint8(self) -> np.ndarray:
+        """The frames as uint8 [T, H, W, 3] on the host (as the reference saves them)."""
+        return self.pixels if self.pixels is not None else pixels_to_uint8(self.frames)
+
 
 LoopEvent = Union[BlockLatents, VideoFrames]
+
+
+class Decoder(Protocol):
+    """Clean latents in, frames out: ``add_block`` returns frames [3, T, H, W] (or frames with their uint8
+    host pixels), or None when the block completes none; ``flush`` returns what is still held at the end."""
+
+    def add_block(self, latents: torch.Tensor): ...
+
+    def flush(self) -> list: ...
 
 
 class BlockAudio(Protocol):
@@ -190,7 +213,14 @@ class BlockAudio(Protocol):
         source has ended before it."""
 
 
-Decoder = Union[BlockStreamDecoder, ClipContextDecoder]
+class NoDecoder:
+    """Decodes nothing: the loop yields clean blocks only."""
+
+    def add_block(self, latents: torch.Tensor) -> None:
+        return None
+
+    def flush(self) -> list:
+        return []
 
 
 def make_decoder(mode: str, vae, reference: ReferenceLatents, geometry: ClipGeometry) -> Decoder:
@@ -218,17 +248,23 @@ def sample(executor: BlockExecutor, decoder: Decoder, reference: ReferenceLatent
     first_latent = None
     produced = 0
 
+    def emit(decoded) -> VideoFrames:
+        nonlocal produced
+        frames, pixels = decoded if isinstance(decoded, tuple) else (decoded, None)
+        event = VideoFrames(produced, frames, pixels)
+        produced += event.count
+        return event
+
     def finish_one() -> Iterator[LoopEvent]:
-        nonlocal first_latent, produced
+        nonlocal first_latent
         clip, block = in_flight.popleft()
         latents = executor.collect()
         if first_latent is None:
             first_latent = latents[:, 0:1].unsqueeze(0)
         yield BlockLatents(clip, block, latents)
-        frames = decoder.add_block(latents)
-        if frames is not None:
-            yield VideoFrames(produced, frames)
-            produced += frames.shape[1]
+        decoded = decoder.add_block(latents)
+        if decoded is not None:
+            yield emit(decoded)
 
     clip_noise = None
     index = 0
@@ -252,3 +288,5 @@ def sample(executor: BlockExecutor, decoder: Decoder, reference: ReferenceLatent
         index += 1
     while in_flight:
         yield from finish_one()
+    for decoded in decoder.flush():
+        yield emit(decoded)

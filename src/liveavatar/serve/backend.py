@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 
 from liveavatar.geometry import ClipGeometry, size_for_area
-from liveavatar.io.video_writer import pixels_to_uint8
 from liveavatar.request import Request, resolve_request
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.sampler import BlockLatents
@@ -102,6 +101,6 @@ def _events(loop: Iterator, total: int | None) -> Iterator[Event]:
                 done += 1
                 yield BlockDone(done, total)
             else:
-                yield Frames(event.start, pixels_to_uint8(event.frames))
+                yield Frames(event.start, event.uint8())
     finally:
         loop.close()

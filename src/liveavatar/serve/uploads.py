@@ -136,12 +136,17 @@ def _as_int(fields: dict[str, str], name: str, argument: str, default: int | Non
         raise ArgumentError(argument, f"{text!r}: expected an integer") from None
 
 
+def _as_flags(error: InputError) -> str:
+    """The message as the command line prints it (the server answers with the CLI's lines)."""
+    return error.as_flag() if isinstance(error, ArgumentError) else str(error)
+
+
 def read_image(path: Path, name: str):
     """`load_image` with the client's name in the message instead of the server's path."""
     try:
         return load_image(path)
     except InputError as error:
-        raise InputError(str(error).replace(str(path), name)) from None
+        raise InputError(_as_flags(error).replace(str(path), name)) from None
 
 
 def request_arguments(fields: dict[str, str], limits: Limits) -> dict:
@@ -172,8 +177,7 @@ def job_request(folder: Path, reader: MultipartReader, limits: Limits) -> Reques
     try:
         request = resolve_request(image, audio_path, **arguments)
     except InputError as error:
-        text = error.as_flag() if isinstance(error, ArgumentError) else str(error)
-        raise InputError(text.replace(str(audio_path), reader.files["audio"])) from None
+        raise InputError(_as_flags(error).replace(str(audio_path), reader.files["audio"])) from None
     if request.audio_seconds > limits.audio_seconds:
         raise InputError(f"--audio {reader.files['audio']}: {request.audio_seconds:.1f} s is longer than this "
                          f"server's {limits.audio_seconds:g} s limit (--max-audio-s); cut it or use the live session")

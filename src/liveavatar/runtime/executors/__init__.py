@@ -1,6 +1,7 @@
 """Executors run the DiT forwards for the sampling loop behind submit/collect; the loop never knows which
 one it has."""
 from liveavatar.runtime.executors.base import BlockExecutor, BlockJob, ForwardHook
+from liveavatar.runtime.executors.graphs import ForwardGraphs, graphs_allowed
 from liveavatar.runtime.executors.sequential import SequentialExecutor
 
-__all__ = ["BlockExecutor", "BlockJob", "ForwardHook", "SequentialExecutor"]
+__all__ = ["BlockExecutor", "BlockJob", "ForwardGraphs", "ForwardHook", "SequentialExecutor", "graphs_allowed"]

@@ -7,6 +7,7 @@ import torch
 
 from liveavatar.runtime.caches import CacheSet
 from liveavatar.runtime.executors.base import BlockJob, ForwardHook
+from liveavatar.runtime.executors.graphs import ForwardGraphs
 from liveavatar.runtime.schedule import FlowMatchSchedule
 
 
@@ -16,19 +17,21 @@ class SequentialExecutor:
     Step i attends to KV set i, which only ever holds K/V computed at timestep i (the reference's
     "timestep forcing"); the cond cache written by the sink prefill is shared by every step. The request
     state lives here, not on the model: the text's K/V, the steps' time vectors and the RoPE-offset
-    draws (``ref_rope_offset(step)`` gives the next draw of a step).
+    draws (``ref_rope_offset(step)`` gives the next draw of a step). With ``graphs`` (a `ForwardGraphs`,
+    owned by the engine so that its graphs serve every request) the forwards replay CUDA graphs.
     """
 
     depth = 1
 
     def __init__(self, model, caches: CacheSet, schedule: FlowMatchSchedule, text_kv, *, ref_rope_offset,
-                 on_forward: ForwardHook | None = None):
+                 on_forward: ForwardHook | None = None, graphs: ForwardGraphs | None = None):
         self.model = model
         self.caches = caches
         self.schedule = schedule
         self.text_kv = text_kv
         self.ref_rope_offset = ref_rope_offset
         self.on_forward = on_forward
+        self.forward = graphs.forward if graphs is not None else model.run_block
         self.times = [model.time_vectors(schedule.timestep(step)) for step in range(schedule.num_steps)]
         self.done: deque[torch.Tensor] = deque()
 
@@ -43,7 +46,7 @@ class SequentialExecutor:
             kv = self.caches.kv_sets[step]
             inputs = model.prepare_block(x, audio, kv, cond, start_frame=job.start_frame,
                                          ref_rope_offset=self.ref_rope_offset(step))
-            velocity = model.run_block(x, self.times[step], self.text_kv, audio, kv, cond, inputs)
+            velocity = self.forward(x, self.times[step], self.text_kv, audio, kv, cond, inputs)
             if self.on_forward is not None:
                 self.on_forward(job.clip, job.block, step, x, velocity)
             x = self.schedule.step(step, x, velocity)

@@ -5,6 +5,12 @@ the memory bandwidth) against the bytes each layer needs over the host link, sim
 two prefetch slots per stream exactly as ``liveavatar.runtime.offload`` orders the copies. Hardware numbers
 are parameters (``Hardware``); constants marked CALIBRATED are fitted to the measurements of
 ``benchmarks/planner_vs_measured.py``.
+
+A placement's forwards take one of three paths (`forward_path`, `liveavatar.runtime.compile`): "eager";
+"compiled" regions (fused element-wise work, the host issuing a few region calls per layer), which
+every placement gets on a CUDA GPU; and "graphs", one CUDA-graph replay per forward, for the resident
+placements. The compiled paths have their own constants (ESTIMATED from the eager profile, to be refitted
+to ``benchmarks/gpu_fast_path.py``).
 """
 from __future__ import annotations
 
@@ -38,27 +44,57 @@ VAE_DECODE_OVERHEAD_S = 0.043
 # a layer takes at least this long however small the block (384*256 runs: 0.168 s per bf16 forward).
 HOST_SECONDS_PER_LAYER = 0.004
 HOST_SECONDS_PER_FP8_LINEAR = 0.0001
+# ESTIMATED for the compiled paths, from the eager kernel profile of one 704*384 block on an H200 (GEMMs
+# 410 ms bf16 / 215 ms FP8 for 4 x 75.7 TFLOP, attention 280 ms; issue 10): the GEMM and attention kernels
+# reach these fractions of peak once the element-wise work between them is fused, and that work falls to
+# about 80 B per token x width per layer (norms, modulation, RoPE, residuals, the FP8 quantiser) besides
+# the key/value window traffic counted separately. The host issues ~25 calls per layer (regions and the
+# attention glue), or one replay per forward.
+COMPILED_MATMUL_EFFICIENCY = 0.74
+COMPILED_FP8_MATMUL_EFFICIENCY = 0.70
+COMPILED_ATTENTION_EFFICIENCY = 0.57
+COMPILED_ELEMENTWISE_BYTES_PER_TOKEN_DIM = 80.0
+COMPILED_HOST_SECONDS_PER_LAYER = 0.001
+GRAPH_HOST_SECONDS_PER_LAYER = 0.0
+FORWARD_PATHS = ("eager", "compiled", "graphs")
+
+
+def forward_path(placement: Placement, *, compiled: bool = True) -> str:
+    """The path a placement's forwards take: CUDA graphs when resident (and compiled), else the compiled
+    regions, or eager without the compiler."""
+    if not compiled:
+        return "eager"
+    return "graphs" if placement.resident else "compiled"
 
 
 def _layer_compute_s(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware, unit: LayerUnit,
-                     *, keys: int) -> float:
+                     *, keys: int, path: str) -> float:
+    eager = path == "eager"
     tokens, dim = work.block_tokens, inv.dim
     matmul_flops = 2 * tokens * unit.token_matmul_elements + 2 * inv.text_len * unit.context_matmul_elements
     if placement.weight_dtype == "fp8" and hw.has_fp8_matmul:
-        matmul_s = matmul_flops / (hw.fp8_flops * FP8_MATMUL_EFFICIENCY)
-        elementwise = FP8_INPUT_QUANT_BYTES * 2 * tokens * (unit.token_matmul_elements / dim)
+        efficiency = FP8_MATMUL_EFFICIENCY if eager else COMPILED_FP8_MATMUL_EFFICIENCY
+        matmul_s = matmul_flops / (hw.fp8_flops * efficiency)
+        elementwise = FP8_INPUT_QUANT_BYTES * 2 * tokens * (unit.token_matmul_elements / dim) if eager else 0.0
     else:
-        matmul_s = matmul_flops / (hw.bf16_flops * MATMUL_EFFICIENCY)
+        matmul_s = matmul_flops / (hw.bf16_flops * (MATMUL_EFFICIENCY if eager else COMPILED_MATMUL_EFFICIENCY))
         elementwise = (FP8_DEQUANT_BYTES + 5) * unit.fp8_elements if placement.weight_dtype == "fp8" else 0
     attention_flops = 4 * tokens * keys * dim + 4 * tokens * inv.text_len * dim
-    attention_s = attention_flops / (hw.bf16_flops * ATTENTION_EFFICIENCY)
-    elementwise += ELEMENTWISE_BYTES_PER_TOKEN_DIM * tokens * dim + 4 * work.run_dtype_bytes * keys * dim
+    attention_s = attention_flops / (hw.bf16_flops * (ATTENTION_EFFICIENCY if eager else COMPILED_ATTENTION_EFFICIENCY))
+    per_token_dim = ELEMENTWISE_BYTES_PER_TOKEN_DIM if eager else COMPILED_ELEMENTWISE_BYTES_PER_TOKEN_DIM
+    elementwise += per_token_dim * tokens * dim + 4 * work.run_dtype_bytes * keys * dim
     if placement.kv_dtype == "fp8":
         elementwise += FP8_KV_DEQUANT_BYTES * (keys - work.geometry.cond_tokens) * 2 * dim
     gpu_s = matmul_s + attention_s + elementwise / hw.hbm_bytes_per_s
-    # Small blocks are bound by the host issuing the layer's ~150 kernels (more for FP8 linears).
-    host_s = HOST_SECONDS_PER_LAYER + (HOST_SECONDS_PER_FP8_LINEAR * unit.fp8_linears
-                                       if placement.weight_dtype == "fp8" else 0.0)
+    # Small blocks are bound by the host issuing the layer's ~150 kernels (more for FP8 linears), fewer
+    # region calls once compiled, nothing but a replay with graphs.
+    if path == "graphs":
+        host_s = GRAPH_HOST_SECONDS_PER_LAYER
+    elif path == "compiled":
+        host_s = COMPILED_HOST_SECONDS_PER_LAYER
+    else:
+        host_s = HOST_SECONDS_PER_LAYER + (HOST_SECONDS_PER_FP8_LINEAR * unit.fp8_linears
+                                           if placement.weight_dtype == "fp8" else 0.0)
     return max(gpu_s, host_s)
 
 
@@ -104,20 +140,26 @@ def simulate_forward(compute_s: list[float], fetch: list[list[float]], writeback
 @dataclass(frozen=True)
 class SpeedEstimate:
     """A placement's steady state: seconds per forward (and its compute alone), host->GPU bytes per forward,
-    seconds per block and video frames per second."""
+    seconds per block, video frames per second, and the forward path it assumes."""
 
     forward_s: float
     compute_s: float
     h2d_bytes_per_forward: int
     block_s: float
     fps: float
+    path: str = "eager"
 
 
-def estimate_speed(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware) -> SpeedEstimate:
-    """Steady-state time per forward (full KV window) and video frames per second."""
+def estimate_speed(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware, *,
+                   path: str | None = None) -> SpeedEstimate:
+    """Steady-state time per forward (full KV window) and video frames per second on ``path`` (default:
+    the one the placement gets with the compiler on, `forward_path`)."""
+    path = path or forward_path(placement)
+    if path not in FORWARD_PATHS:
+        raise ValueError(f"forward path must be one of {', '.join(FORWARD_PATHS)}; got {path!r}")
     geometry = work.geometry
     cond, keys = geometry.cond_tokens, work.kv_tokens + geometry.cond_tokens
-    compute = [_layer_compute_s(inv, work, placement, hw, unit, keys=keys) for unit in inv.layers]
+    compute = [_layer_compute_s(inv, work, placement, hw, unit, keys=keys, path=path) for unit in inv.layers]
     compute[0] += FORWARD_OVERHEAD_S
     b = work.run_dtype_bytes
     kv_bytes = 2 * inv.dim * (1 if placement.kv_dtype == "fp8" else b)
@@ -136,4 +178,4 @@ def estimate_speed(inv: DiTInventory, work: Workload, placement: Placement, hw: 
     h2d = int(sum(inv.layers[i].nbytes(placement.weight_dtype, b) for i in placement.streamed_layers)
               + window_fetch * inv.num_layers)
     return SpeedEstimate(forward_s=forward_s, compute_s=sum(compute), h2d_bytes_per_forward=h2d, block_s=block_s,
-                         fps=work.video_frames_per_block / block_s)
+                         fps=work.video_frames_per_block / block_s, path=path)
