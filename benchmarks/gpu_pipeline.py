@@ -37,7 +37,7 @@ import torch
 from liveavatar.devices import configure_cuda_allocator
 from liveavatar.geometry import size_for_area
 from liveavatar.io.video_writer import pixels_to_uint8
-from liveavatar.runtime.bench import bench_phase_peaks, random_dit, random_init_, synthetic_request
+from liveavatar.runtime.bench import bench_phase_peaks, random_dit, random_vae, synthetic_request
 from liveavatar.runtime.distributed import LocalRanks, PipelineFailure
 from liveavatar.runtime.engine import Engine
 from liveavatar.runtime.executors.pipeline import Pipeline
@@ -162,7 +162,8 @@ def measure_pipeline(ranks: int, args, work: Workload, hardware, budget, source,
     model, streamer = random_dit(config, output_placement, output_device, dtype,
                                  torch.Generator(output_device).manual_seed(args.seed)) \
         if plan.layout.output_denoises else (None, None)
-    vae = random_vae(args.config, output_device, dtype, torch.Generator(output_device).manual_seed(args.seed + 1))
+    vae = random_vae(vae_config(args.config), device=output_device, dtype=dtype,
+                     generator=torch.Generator(output_device).manual_seed(args.seed + 1))
     engine = Engine(model, vae, None, None, placement=output_placement, device=output_device, dtype=dtype,
                     layer_streamer=streamer, pipeline=pipeline)
     synthetic = synthetic_request(config, vae, work, device=output_device, dtype=dtype,
@@ -208,14 +209,11 @@ def kill_drill(engine, request, conditioning, local: LocalRanks) -> dict:
             "left": sum(process.is_alive() for process in local.processes.values())}
 
 
-def random_vae(config_name: str | None, device, dtype, generator):
-    """The Wan 2.1 VAE (narrow for the tiny config) with random weights on ``device``."""
-    from liveavatar.models.vae import VAEConfig, WanVAE
+def vae_config(config_name: str | None):
+    """The Wan 2.1 VAE's configuration (narrow for the tiny config)."""
+    from liveavatar.models.vae import VAEConfig
 
-    with torch.device("meta"):
-        vae = WanVAE(VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
-    random_init_(vae, device, dtype, generator)
-    return vae.eval().requires_grad_(False)
+    return VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig()
 
 
 def one_gpu_frames(args, work: Workload, hardware, budget, source, dtype, device, weights: str, kv_dtype: str):
@@ -230,7 +228,8 @@ def one_gpu_frames(args, work: Workload, hardware, budget, source, dtype, device
     if not plan.fits:
         return None, plan.refusal()
     model, streamer = random_dit(config, plan.placement, device, dtype, torch.Generator(device).manual_seed(args.seed))
-    vae = random_vae(args.config, device, dtype, torch.Generator(device).manual_seed(args.seed + 1))
+    vae = random_vae(vae_config(args.config), device=device, dtype=dtype,
+                     generator=torch.Generator(device).manual_seed(args.seed + 1))
     engine = Engine(model, vae, None, None, placement=plan.placement, device=device, dtype=dtype,
                     layer_streamer=streamer)
     synthetic = synthetic_request(config, vae, work, device=device, dtype=dtype,

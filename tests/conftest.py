@@ -1,4 +1,6 @@
+import gc
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,16 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prompt_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("prompt_cache")
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage reachable from Python (views counted once): allocator-noise free."""
+    storages = {}
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        if obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

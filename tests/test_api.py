@@ -1,9 +1,7 @@
 """End to end on tiny checkpoints (`make_tiny_checkpoints`) and the shared media: mp4 output, frame counts
 and sizes, determinism, Ctrl-C, flat memory, and request validation."""
 import ctypes
-import gc
 import io
-import warnings
 
 import av
 import numpy as np
@@ -16,6 +14,8 @@ from liveavatar.cli.generate import generate_from_settings
 from liveavatar.errors import InputError
 from liveavatar.runtime.progress import Progress, host_rss_bytes
 from liveavatar.settings import GenerationSettings
+
+from conftest import live_tensor_bytes
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +108,6 @@ def _retained_rss_bytes() -> int:
     return host_rss_bytes()
 
 
-def _live_tensor_bytes() -> int:
-    """Bytes of every tensor storage reachable from Python (views counted once): allocator-noise free."""
-    storages = {}
-    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
-        warnings.simplefilter("ignore")
-        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
-    for obj in tensors:
-        if obj.device.type != "meta":
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
 def test_memory_stays_flat_over_clips(pipe, media_dir):
     """After clip 2 vs after clip 8 of one run: no tensor may accumulate per clip or block (exact count of
     live tensor bytes), and the process RSS may only move by allocator noise."""
@@ -129,7 +116,7 @@ def test_memory_stays_flat_over_clips(pipe, media_dir):
                              size="128*64", num_clip=8):
         if (frame.index + 4) % 48 == 0:  # the last frame of a clip (the first clip has 45)
             clip = (frame.index + 4) // 48
-            live[clip], rss[clip] = _live_tensor_bytes(), _retained_rss_bytes()
+            live[clip], rss[clip] = live_tensor_bytes(), _retained_rss_bytes()
     assert sorted(live) == list(range(1, 9))
     # One clip's frames alone would be 48 x 3 x 64 x 128 x 4 B = 4.7 MB: any accumulation shows at once.
     assert max(live[clip] for clip in range(3, 9)) - live[2] < 2**20, live

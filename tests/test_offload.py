@@ -87,7 +87,8 @@ def test_streamed_placements_are_bit_identical_to_the_resident_run(checkpoint, i
         # Streamed weights point into the unit's host buffer or a slot, never into a private copy.
         unit = layers.units[placement.streamed_layers[0]]
         storage = model.blocks[unit.layer].ffn[0].weight.untyped_storage().data_ptr()
-        assert storage in {slot.data_ptr() for slot in layers.slots} | {unit.host.data_ptr()}
+        hosts = {host.untyped_storage().data_ptr() for *_, host, _ in unit.entries}
+        assert storage in {slot.untyped_storage().data_ptr() for slot in layers.slots} | hosts
 
 
 def test_copies_are_issued_ahead_of_use_in_steady_state(checkpoint, inputs):
@@ -175,6 +176,7 @@ def test_load_placed_dit_merges_the_lora_and_places_the_blocks(tmp_path, inputs)
 
 
 def test_pinned_arena_carves_aligned_tensors_from_shared_chunks():
+    from liveavatar.runtime.pinned_chunks import CHUNK_BYTES
     from liveavatar.runtime.transfer import PinnedArena
 
     arena = PinnedArena(pin=False)
@@ -184,8 +186,8 @@ def test_pinned_arena_carves_aligned_tensors_from_shared_chunks():
     assert b.untyped_storage().data_ptr() == chunk  # carved from the same chunk
     gap = b.data_ptr() - a.data_ptr()
     assert gap % 256 == 0 and gap >= a.nbytes
-    big = arena.zeros((PinnedArena.CHUNK_BYTES,), torch.uint8)  # no longer fits behind b: a new chunk
-    assert big.untyped_storage().data_ptr() != chunk and big.untyped_storage().nbytes() == PinnedArena.CHUNK_BYTES
+    big = arena.zeros((CHUNK_BYTES,), torch.uint8)  # no longer fits behind b: a new chunk
+    assert big.untyped_storage().data_ptr() != chunk and big.untyped_storage().nbytes() == CHUNK_BYTES
     assert float(a.sum()) == 0 and float(b.sum()) == 0
 
 

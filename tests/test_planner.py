@@ -8,7 +8,9 @@ from liveavatar.cli import main
 from liveavatar.models.transformer import TransformerConfig
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB
-from liveavatar.runtime.planner.memory import Workload, dit_inventory, memory_components, vae_state_elements
+from liveavatar.runtime.pinned_chunks import packed_bytes
+from liveavatar.runtime.planner.memory import (Workload, dit_inventory, kv_allocations, memory_components,
+                                               vae_state_elements)
 from liveavatar.runtime.planner.policy import MemoryPlanError, Pins, make_plan
 from liveavatar.runtime.planner.speed import simulate_forward
 
@@ -51,8 +53,14 @@ def test_kv_and_cond_sizes_follow_the_config_and_the_size():
     tiny = dit_inventory(TransformerConfig.tiny())
     work = Workload(256, 384, infer_frames=24)
     assert tiny.kv_bytes_per_token(2) == 2 * 96 * 3 * 2
-    kv = component(memory_components(tiny, work, Placement(kv_dtype="fp8", kv_location="host"), H100), "KV sets")
-    assert kv.nbytes == 4 * (6 * 24 * 16) * tiny.kv_bytes_per_token(1) and kv.where == "host"
+    tokens = 6 * 24 * 16
+    per_set = kv_allocations(tiny, tokens, 2, fp8=True)  # codes, then one fp32 scale per token for K and V
+    assert sum(per_set) == tokens * tiny.kv_bytes_per_token(1) + 2 * 4 * tokens * tiny.num_layers
+    on_gpu = component(memory_components(tiny, work, Placement(kv_dtype="fp8"), H100), "KV sets")
+    assert on_gpu.nbytes == 4 * sum(per_set) and on_gpu.where == "gpu"
+    on_host = component(memory_components(tiny, work, Placement(kv_dtype="fp8", kv_location="host"), H100),
+                        "KV sets")
+    assert on_host.where == "host" and on_host.pinned and on_host.nbytes == packed_bytes(4 * per_set) == GiB
 
 
 def test_an_80gb_card_keeps_everything_resident_and_a_24gb_card_streams(inventory):

@@ -92,6 +92,7 @@ class GenerationSettings:
     num_gpus: int | None = None  # ranks of the timestep pipeline spawned here (None: one device, or --gpus)
     gpus: tuple[int, ...] | None = None  # the CUDA GPUs of those ranks (None: the first num_gpus)
     vram_budget: int | None = None
+    host_memory: int | None = None  # None: what the machine (or its cgroup) has available
     compile: bool = True  # the DiT's compiled fast path where the device has a compiler (--no-compile: False)
     save_file: Path | None = None
     save_dir: Path = Path("output")
@@ -137,6 +138,8 @@ class GenerationSettings:
                              f"takes only cuda or cpu then)")
         if self.vram_budget is not None and self.vram_budget <= 0:
             raise InputError("--vram-budget: must be positive")
+        if self.host_memory is not None and self.host_memory <= 0:
+            raise InputError("--host-memory: must be positive")
         if self.save_file is not None:
             if self.save_file.is_dir():
                 raise InputError(f"--save_file {self.save_file}: is a folder; give a file name, e.g. "

@@ -37,9 +37,11 @@ _PREFIX = "base_model.model."
 _KEY_PATTERN = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight")
 
 
-def lora_target_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """The Linear layers PEFT adapts: those whose name equals a target or ends with '.' + target."""
-    return {name: module for name, module in model.named_modules()
+def lora_target_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
+    """The Linear layers PEFT adapts: those whose name (in the DiT, where ``model`` is named ``prefix``)
+    equals a target or ends with '.' + target."""
+    named = ((".".join(part for part in (prefix, name) if part), module) for name, module in model.named_modules())
+    return {name: module for name, module in named
             if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in LORA_TARGETS)}
 
 
@@ -110,21 +112,34 @@ def merge_lora(model: nn.Module, path: str | Path, *, alpha: float | None = None
     """Merge the LoRA file at ``path`` into ``model`` in place (checked first by ``plan_lora``); returns the
     plan, whose ``notice`` the caller shows when the file also replaced base weights."""
     plan = plan_lora(model, path, alpha=alpha)
-    state = model.state_dict()
-    targets = lora_target_modules(model)
+    merge_lora_part(plan, model)
+    return plan
+
+
+def merge_lora_part(plan: LoraPlan, module: nn.Module, prefix: str = "") -> None:
+    """Apply a checked plan to ``module``, the part of the DiT named ``prefix`` ("" for the whole model),
+    whose weights are loaded: its full weights are replaced, then its targeted layers merged, each on its
+    weight's device. Applying it part by part (a block at a time while loading) gives the same weights as
+    applying it to the whole model: every weight's replacement and delta are its own."""
+    inside = f"{prefix}." if prefix else ""
+    state = module.state_dict()
+    replaced = {key.removeprefix(inside): file_key for key, file_key in plan.full_weights.items()
+                if key.startswith(inside)}
+    targets = {name: layer for name, layer in lora_target_modules(module, prefix).items() if name in plan.pairs}
+    if not replaced and not targets:
+        return
     try:
         with safe_open(str(plan.path), framework="pt", device="cpu") as handle, torch.no_grad():
             # The reference loads every tensor first and merges afterwards: a replaced weight gets the delta.
-            for key, file_key in plan.full_weights.items():
+            for key, file_key in replaced.items():
                 state[key].copy_(handle.get_tensor(file_key))
-            for module, pair in plan.pairs.items():
-                weight = targets[module].weight
-                down = handle.get_tensor(pair["A"]).to(weight.device, torch.float32)
-                up = handle.get_tensor(pair["B"]).to(weight.device, torch.float32)
+            for name, layer in targets.items():
+                weight = layer.weight
+                down = handle.get_tensor(plan.pairs[name]["A"]).to(weight.device, torch.float32)
+                up = handle.get_tensor(plan.pairs[name]["B"]).to(weight.device, torch.float32)
                 weight.copy_(weight.float() + (up @ down) * plan.scale)
     except (OSError, SafetensorError) as error:
         raise CheckpointError(f"{plan.path}: cannot read the LoRA tensors ({error}); re-download the file") from None
-    return plan
 
 
 def _sort_keys(path: Path, header: dict, shapes: dict[str, tuple[int, ...]],

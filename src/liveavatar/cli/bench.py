@@ -22,6 +22,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(bench, "memory-cap", metavar="SIZE", help="cap this process's GPU memory (set_per_process_memory_"
              "fraction), e.g. 22GiB; the planner plans for the cap")
     add_flag(bench, "seed", type=int, default=0, help="seed of the random weights and conditioning")
+    add_flag(bench, "load-weights", action="store_true", help="load the DiT from --ckpt_dir's shards with the "
+             "engine's streaming loader instead of random weights (the build time is then the load time)")
+    add_flag(bench, "lora", metavar="PATH", help="with --load-weights: the LoRA file merged while loading")
     add_flag(bench, "requests", type=int, default=1, metavar="N",
              help="requests run one after the other on the same engine; the figures are the last one's "
                   "(default 1; 2 measures a warm engine)")
@@ -61,15 +64,20 @@ def bench_from_args(args: argparse.Namespace) -> dict:
                 args.vram_budget = args.memory_cap
     elif args.memory_cap:
         raise InputError("--memory-cap needs a CUDA device")
-    elif args.config != "tiny":
+    elif args.config != "tiny" and not args.load_weights:
         raise InputError("bench: the full-size model needs a CUDA GPU; on the CPU use --config tiny")
+    if args.load_weights and not args.ckpt_dir:
+        raise InputError("--load-weights: give the checkpoint folder with --ckpt_dir")
+    if args.lora and not args.load_weights:
+        raise InputError("--lora: only with --load-weights (random weights have no LoRA to merge)")
     plan = plan_from_args(args) if device.type == "cuda" else _cpu_plan(args)
     if not plan.fits:
         raise InputError(plan.refusal())
     return run_benchmark(plan, device=device, blocks=args.blocks, warmup_blocks=args.warmup_blocks,
                          config_name=args.config, ckpt_dir=args.ckpt_dir, seed=args.seed,
                          compile=False if args.no_compile else None,
-                         cuda_graphs=False if args.no_cuda_graphs else None, requests=args.requests)
+                         cuda_graphs=False if args.no_cuda_graphs else None, requests=args.requests,
+                         weights_dir=args.ckpt_dir if args.load_weights else None, lora=args.lora)
 
 
 def _cpu_plan(args: argparse.Namespace) -> Plan:
@@ -96,7 +104,9 @@ def format_report(report: dict) -> str:
         + ("n/a" if report["forward_s"] is None else f"{report['forward_s']:.4f} s"),
         f"peak GPU memory: {gib(report['peak_gib'])} allocated, {gib(report['peak_reserved_gib'])} reserved "
         f"(planner predicted {gib(report['predicted_peak_gib'])} allocated)",
-        f"peak host RSS: {report['host_rss_peak_gib']:.2f} GiB; build {report['build_s']:.1f} s",
+        f"peak host RSS: {report['host_rss_peak_gib']:.2f} GiB (planner predicted "
+        f"{report['predicted_host_peak_gib']:.2f} GiB), {report['pinned_gib']:.2f} GiB pinned (predicted "
+        f"{report['predicted_pinned_gib']:.2f}); {report['weights']} weights, build {report['build_s']:.1f} s",
         f"fast path: {report['fast_path']}; decode {'overlapped' if report['decode_overlapped'] else 'in line'}",
     ]
     if report["compiles"] is not None:

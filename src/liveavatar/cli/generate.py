@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from liveavatar.cli.flags import add_bool_flag, add_flag, add_no_compile_flag, bool_arg
+from liveavatar.cli.flags import add_bool_flag, add_flag, add_no_compile_flag, bool_arg, byte_amount
 from liveavatar.cli.launch import (REFERENCE_MULTI_GPU_FLAGS, check_launch, generate_on_ranks, idle_rank_notices,
                                    is_quiet_rank, layout_report, rank_count, reference_gpus)
 from liveavatar.devices import dtype_bytes
@@ -117,6 +117,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
              help="the GPUs of the pipeline (default: the first --num_gpus); under torchrun give neither")
     add_flag(device, "dtype", help="bfloat16 or float32 (default: bfloat16 on CUDA, float32 on the CPU)")
     add_flag(device, "vram-budget", metavar="SIZE", help="GPU memory the planner may use, e.g. 40GiB")
+    add_flag(device, "host-memory", metavar="SIZE", help="host RAM the run may use, e.g. 28GiB (default: what "
+             "the machine, or its cgroup, has available)")
     add_flag(device, "weights", choices=WEIGHT_CHOICES, help="DiT weights: auto (default: the planner's choice, "
              "FP8 where bf16 does not fit or FP8 is faster, printed before loading), bf16, or fp8 (e4m3 linears "
              "after the LoRA merge)")
@@ -188,6 +190,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         weights=weights, lora_alpha=args.lora_alpha, t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
         num_gpus=args.num_gpus if args.num_gpus is not None else reference_ranks, gpus=args.gpus,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
+        host_memory=byte_amount("host-memory", args.host_memory),
         compile=not args.no_compile, save_file=args.save_file, save_dir=args.save_dir,
         keep_partial=bool(args.keep_partial), overwrite=bool(args.overwrite),
     )
@@ -280,25 +283,27 @@ def _configuration_line(report: dict) -> str:
 
 
 def plan_for(*, ckpt_dir: Path, device: str | None, dtype: str | None, weights: str, t5_cpu: bool,
-             vram_budget: int | None, geometry: ClipGeometry, sample_steps: int, mode: str) -> Plan:
+             vram_budget: int | None, geometry: ClipGeometry, sample_steps: int, mode: str,
+             host_memory: int | None = None, audio_seconds: float = 0.0) -> Plan:
     """The plan a run of ``geometry`` and ``sample_steps`` gets, made before anything is loaded (of the
-    checkpoints only the DiT's config.json is read). ``vram_budget`` caps the GPU budget; ``weights``
-    (bf16 / fp8; auto leaves it to the planner) and ``t5_cpu`` pin those choices. A CPU run (``--device
-    cpu``, or no GPU) gets a plan with no GPU budget. Call ``.check()`` on the result to refuse a run that
-    does not fit."""
+    checkpoints only the DiT's config.json is read). ``vram_budget`` caps the GPU budget, ``host_memory``
+    the host's (default: what the machine or its cgroup has available); ``weights`` (bf16 / fp8; auto
+    leaves it to the planner) and ``t5_cpu`` pin those choices; ``audio_seconds`` of audio stay in host
+    memory. A CPU run (``--device cpu``, or no GPU) gets a plan with no GPU budget. Call ``.check()`` on
+    the result to refuse a run that does not fit."""
     import torch
 
     on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     work = Workload(geometry.height, geometry.width, geometry.infer_frames, sample_steps, 1, mode,
-                    dtype_bytes(dtype or ("float32" if on_cpu else "bfloat16")))
+                    dtype_bytes(dtype or ("float32" if on_cpu else "bfloat16")), audio_seconds=audio_seconds)
     inventory = dit_inventory(transformer_config_for(ckpt_dir))
     pins = Pins(weight_dtype=None if weights == "auto" else weights, text_encoder="cpu" if t5_cpu else None)
     if on_cpu:
         return plan_cpu_run(inventory, work, pins)
     hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
     budget, source = resolve_budget(vram_budget=vram_budget)
-    return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins,
-                     host_budget_bytes=default_host_budget())
+    host = host_memory if host_memory is not None else default_host_budget()
+    return make_plan(inventory, work, hardware, budget, budget_source=source, pins=pins, host_budget_bytes=host)
 
 
 def generate_from_settings(settings: GenerationSettings, request: Request, output: Path, *,
@@ -318,10 +323,12 @@ def generate_from_settings(settings: GenerationSettings, request: Request, outpu
     status.phase("planning the memory")
     plan = plan_for(ckpt_dir=settings.ckpt_dir, device=settings.device, dtype=settings.dtype,
                     weights=settings.weights, t5_cpu=settings.t5_cpu, vram_budget=settings.vram_budget,
-                    geometry=request.geometry, sample_steps=request.sample_steps, mode=request.mode).check()
+                    geometry=request.geometry, sample_steps=request.sample_steps, mode=request.mode,
+                    host_memory=settings.host_memory, audio_seconds=request.audio_seconds or 0.0).check()
     chosen = "the planner's choice" if settings.weights == "auto" else f"--weights {settings.weights}"
     status.phase_done(f"{plan.placement.describe()} ({chosen}); predicted peak "
-                      f"{plan.predicted_peak_bytes / 2**30:.1f} GiB ({plan.budget_source})")
+                      f"{plan.predicted_peak_bytes / 2**30:.1f} GiB ({plan.budget_source}), host "
+                      f"{plan.predicted_host_peak_bytes / 2**30:.1f} GiB" + "".join(f"; {n}" for n in plan.notes))
     layout = settings.checkpoint_layout
     size = layout.weight_bytes()
     status.phase(f"loading {size / 1e9:.1f} GB of weights")

@@ -41,14 +41,16 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(shape, "config", choices=("14b", "tiny"), help="DiT size (default: --ckpt_dir's config.json, "
              "else the 14B release)")
     add_flag(shape, "ckpt_dir", metavar="DIR", help="checkpoint folder whose config.json to read")
+    add_flag(shape, "audio-seconds", type=float, default=60.0, metavar="S", help="length of the audio, whose "
+             "waveform and features stay in host memory (default %(default)s)")
 
     card = parser.add_argument_group("the GPU")
     add_flag(card, "gpu-memory", metavar="SIZE", help="the card's memory, e.g. 24GiB (default: detected)")
     add_flag(card, "vram-budget", metavar="SIZE", help="cap on the memory the run may use, e.g. 22GiB")
     add_flag(card, "headroom", metavar="SIZE", help="memory kept free for misprediction (default "
              f"max({DEFAULT_HEADROOM_BYTES / GiB:g} GiB, {DEFAULT_HEADROOM_FRACTION * 100:g}%% of the budget))")
-    add_flag(card, "host-memory", metavar="SIZE", help="host RAM for pinned buffers (default: 90%% of what "
-             "is available when planning for this machine's GPU, else unlimited)")
+    add_flag(card, "host-memory", metavar="SIZE", help="host RAM the run may use, e.g. 32GiB (default: what "
+             "this machine or its cgroup has available, when planning for this machine's GPU; else unchecked)")
     add_flag(card, "hardware", choices=sorted(HARDWARE_PRESETS), help="rates of a card to plan for "
              "(default: the detected GPU)")
     add_flag(card, "h2d-gbps", type=float, metavar="GB/S", help="host<->GPU bandwidth (e.g. a measured one)")
@@ -103,7 +105,10 @@ def workload_from_args(args: argparse.Namespace, *, num_gpus: int) -> Workload:
     height, width = _dims_from_size(args.size, args.image)
     if num_gpus < 1:
         raise InputError(f"--num_gpus {num_gpus}: must be at least 1")
-    return Workload(height, width, args.infer_frames, args.sample_steps, num_gpus, args.mode, dtype_bytes(args.dtype))
+    if args.audio_seconds < 0:
+        raise InputError(f"--audio-seconds {args.audio_seconds}: must be at least 0")
+    return Workload(height, width, args.infer_frames, args.sample_steps, num_gpus, args.mode, dtype_bytes(args.dtype),
+                    audio_seconds=args.audio_seconds)
 
 
 def inventory_from_args(args: argparse.Namespace) -> DiTInventory:
@@ -141,27 +146,39 @@ def pipeline_table(plan: PipelinePlan) -> str:
 
 
 def plan_table(plan: Plan, *, header: bool = True, holds_dit: bool = True) -> str:
-    """The plan as ``liveavatar plan`` prints it: one line per component, the peaks, the verdict, the speed."""
+    """The plan as ``liveavatar plan`` prints it: one line per component with its GPU and host bytes side by
+    side, the peaks per phase, the verdicts, the speed (``header``: the plan of one GPU, not a pipeline rank)."""
     lines = [f"plan: {plan.workload.describe()} on {plan.hardware.name}"] if header else []
-    lines += [f"budget: {format_gib(plan.budget_bytes)} ({plan.budget_source}); headroom kept free: "
-              f"{format_gib(plan.headroom_bytes)}",
-              f"placement: {plan.placement.describe() if holds_dit else 'no DiT on this GPU'}",
-              "",
-              f"  {'component':<52} {'where':<5} {'dtype':<8} {'GiB':>7}  phases"]
+    lines += [f"budget: GPU {format_gib(plan.budget_bytes)} ({plan.budget_source}), headroom "
+              f"{format_gib(plan.headroom_bytes)}; host {format_gib(plan.host_budget_bytes)}"
+              + (f", headroom {format_gib(plan.host_headroom_bytes)}" if plan.host_budget_bytes is not None else ""),
+              f"placement: {plan.placement.describe() if holds_dit else 'no DiT on this GPU'}"]
+    lines += [f"note: {note}" for note in plan.notes]
+    lines += ["", f"  {'component':<58} {'dtype':<9} {'GPU GiB':>7} {'host GiB':>9}  phases"]
     for c in plan.components:
-        lines.append(f"  {c.name:<52} {c.where:<5} {c.dtype:<8} {c.nbytes / GiB:>7.2f}  {_phase_span(c.phases)}")
+        gpu = f"{c.nbytes / GiB:7.2f}" if c.where == "gpu" else f"{'-':>7}"
+        host = f"{'-':>9}" if c.where == "gpu" else (f"({c.nbytes / GiB:.2f})".rjust(9) if c.reclaimable else
+                                                      f"{c.nbytes / GiB:8.2f}{'p' if c.pinned else ' '}")
+        lines.append(f"  {c.name:<58} {c.dtype:<9} {gpu} {host}  {_phase_span(c.phases)}")
+    lines.append("  (p: pinned; in parentheses: file pages the kernel reclaims, not budgeted)")
     lines.append("")
-    lines.append("  GPU peak per phase (allocated): " +
-                 " | ".join(f"{phase} {n / GiB:.2f}" for phase, n in plan.phases.items()) + " GiB")
+    lines.append(f"  {'peak per phase':<16} {'GPU GiB (allocated)':>20} {'host GiB (pinned)':>20}")
+    host_phases = plan.host_phases
+    for phase, gpu_bytes in plan.phases.items():
+        pinned = sum(c.nbytes for c in plan.components if c.pinned and phase in c.phases)
+        lines.append(f"  {phase:<16} {gpu_bytes / GiB:>20.2f} {host_phases[phase] / GiB:>12.2f} ({pinned / GiB:.2f})")
     verdict = "fits" if plan.fits else "DOES NOT FIT"
-    lines.append(f"  predicted peak: {format_gib(plan.predicted_peak_bytes)} allocated ({plan.peak_phase}), "
+    lines.append(f"  predicted GPU peak: {format_gib(plan.predicted_peak_bytes)} allocated ({plan.peak_phase}), "
                  f"{format_gib(plan.predicted_reserved_bytes)} reserved (+{ALLOCATOR_FRAGMENTATION:.0%} "
-                 f"fragmentation) + {format_gib(plan.headroom_bytes)} headroom vs {format_gib(plan.budget_bytes)}: "
-                 f"{verdict}")
-    host = f"  pinned host memory: {format_gib(plan.host_pinned_bytes)}"
+                 f"fragmentation) + {format_gib(plan.headroom_bytes)} headroom vs {format_gib(plan.budget_bytes)}")
+    host = (f"  predicted host peak: {format_gib(plan.predicted_host_peak_bytes)} "
+            f"({max(host_phases, key=host_phases.get)}), {format_gib(plan.host_pinned_bytes)} of it pinned")
     if plan.host_budget_bytes is not None:
-        host += f" of {format_gib(plan.host_budget_bytes)} available"
-    lines.append(host)
+        host += f" + {format_gib(plan.host_headroom_bytes)} headroom vs {format_gib(plan.host_budget_bytes)}: " + \
+                ("fits" if plan.host_fits else "DOES NOT FIT")
+    if plan.host_reclaimable_bytes:
+        host += f"; up to {format_gib(plan.host_reclaimable_bytes)} more of reclaimable file pages while encoding"
+    lines += [host, f"  verdict: {verdict}"]
     s = plan.speed
     if not header:
         lines.append(f"  time per block: {s.block_s:.3f} s ({plan.workload.kv_sets_per_gpu} x {s.forward_s:.3f} s per "

@@ -8,17 +8,22 @@ so the checkpoint is key-mapped onto that class. Every size is read from the wei
 
 `TextEncoder` is what the pipeline uses: tokenisation as the reference does it, the encoder loaded only on a
 prompt-cache miss, and an on-disk cache of prompt embeddings so that repeated runs with the same prompt never
-touch the 11 GB checkpoint.
+touch the 11 GB checkpoint. The checkpoint is memory-mapped, never read whole: on the CPU in its own dtype the
+weights stay mapped (pages read as the encoder runs, which the kernel can reclaim), and a move to the GPU
+or to another dtype goes one tensor at a time, dropping each tensor's mapped pages once it is copied.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import html
 import json
 import math
+import mmap
 import os
 import re
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -172,17 +177,37 @@ class UMT5Encoder(torch.nn.Module):
     def from_checkpoint(cls, pth_path: str | os.PathLike, *, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.bfloat16) -> "UMT5Encoder":
         state_dict = load_t5_state_dict(pth_path)
+        file_backed = zipfile.is_zipfile(pth_path)  # load_t5_state_dict memory-maps these
         with torch.device("meta"):
             encoder = cls(UMT5Config.from_state_dict(state_dict))
-        mapped = {hf: tensor for key, tensor in state_dict.items() for hf in _hf_key(key)}
-        encoder.model.load_state_dict(mapped, strict=True, assign=True)
-        # One embedding module for both names (transformers 5 builds two), so that moving to the GPU does not
-        # copy the 2 GB table twice.
+        placed = {}
+        for key in list(state_dict):
+            source = state_dict.pop(key)
+            tensor = source.to(device=device, dtype=dtype)
+            if file_backed and tensor.data_ptr() != source.data_ptr():
+                _drop_mapped_pages(source)
+            placed.update(dict.fromkeys(_hf_key(key), tensor))
+        encoder.model.load_state_dict(placed, strict=True, assign=True)
+        # One embedding module for both names (transformers 5 builds two), so that the 2 GB table is held once.
         encoder.model.shared = encoder.model.encoder.embed_tokens
-        return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return encoder.eval().requires_grad_(False)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+_MADV_DONTNEED = 4  # <sys/mman.h>
+
+
+def _drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """Take the pages of a tensor memory-mapped from a file (privately, never written) out of this process's
+    resident memory; they stay in the page cache and are read again if touched. Linux only (elsewhere the
+    kernel keeps them mapped until the whole map goes)."""
+    if not sys.platform.startswith("linux") or tensor.nbytes == 0:
+        return
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = tensor.data_ptr() + tensor.nbytes - start
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED)
 
 
 def default_prompt_cache_dir() -> Path:
@@ -236,6 +261,10 @@ class TextEncoder:
     @property
     def is_loaded(self) -> bool:
         return self._encoder is not None
+
+    def is_cached(self, prompt: str) -> bool:
+        """True when `encode(prompt)` will read the prompt cache instead of loading the encoder."""
+        return self.cache_path(prompt).is_file()
 
     def cache_path(self, prompt: str) -> Path:
         tokenizer_files = sorted(p for p in self.tokenizer_dir.rglob("*") if p.is_file())

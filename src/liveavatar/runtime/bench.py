@@ -2,15 +2,17 @@
 
 The DiT (the 14B release's configuration, or the tiny one) and the VAE are built on the meta device and
 materialised unit by unit directly on the target device in the run dtype, with random weights (no
-checkpoint, never a full host copy); the DiT is placed as the plan says: FP8 linears, streamed layers,
-KV sets and cond cache on the GPU or in pinned host memory. Conditioning is synthetic (random text
+checkpoint, never a full host copy), or the DiT is loaded from a checkpoint folder (``weights_dir``, with
+its LoRA) by the engine's own streaming loader; the DiT is placed as the plan says: FP8 linears, streamed
+layers, KV sets and cond cache on the GPU or in pinned host memory. Conditioning is synthetic (random text
 context, audio features, reference and motion latents: the encoders are set-up cost and not timed), and
 `liveavatar.runtime.sampler.sample` runs it: sink prefill, 4-step blocks with one KV set per step, the
 sink refresh before clip 1 and the streaming VAE decode of every block.
 
 Reported: video FPS over the blocks after the warm-up, time to first frame (from the start of the loop:
 prefill, first block, its decode), per-forward time (median over forwards inside a block, so without
-the decode), peak allocated and reserved GPU memory, peak host RSS, and the planner's prediction.
+the decode), peak allocated and reserved GPU memory and peak host RSS per phase (sampled every few
+milliseconds), the pinned bytes, and the planner's predictions of all of them.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ from dataclasses import dataclass
 from liveavatar.geometry import DROPPED_LEADING_FRAMES, LATENT_CHANNELS
 from liveavatar.runtime.planner.hardware import GiB
 from liveavatar.runtime.planner.memory import phase_peaks, transformer_config_for
+from liveavatar.runtime.rss import RssSampler
+
+# What the benchmark does not do of a real run: no encoders are read or run (synthetic conditioning), no mp4.
+NOT_BENCHED = ("audio encoder", "text encoder", "wav2vec2", "audio:", "decoded frames")
 
 
 def random_init_(module, device, dtype, generator) -> None:
@@ -67,16 +73,24 @@ def build_random_models(placement, *, config, vae_config, device, dtype, seed: i
     says; returns (DiT, VAE, layer streamer or None, seconds)."""
     import torch
 
-    from liveavatar.models.vae import WanVAE
 
     generator = torch.Generator(device).manual_seed(seed)
     start = time.perf_counter()
     model, layer_streamer = random_dit(config, placement, device, dtype, generator)
+    vae = random_vae(vae_config, device=device, dtype=dtype, generator=generator)
+    return model, vae, layer_streamer, _synchronized(device.type == "cuda", start)
+
+
+def random_vae(vae_config, *, device, dtype, generator):
+    """The VAE of ``vae_config`` with random weights, made on ``device``."""
+    import torch
+
+    from liveavatar.models.vae import WanVAE
+
     with torch.device("meta"):
         vae = WanVAE(vae_config)
     random_init_(vae, device, dtype, generator)
-    vae.eval().requires_grad_(False)
-    return model, vae, layer_streamer, _synchronized(device.type == "cuda", start)
+    return vae.eval().requires_grad_(False)
 
 
 @dataclass
@@ -136,38 +150,63 @@ def synthetic_request(config, vae, work, *, device, dtype, total_blocks: int, se
 
 def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name: str | None = None,
                   ckpt_dir=None, seed: int = 0, compile: bool | None = None, cuda_graphs: bool | None = None,
-                  requests: int = 1, overlap_decode: bool | None = None) -> dict:
-    """Build the random full-size engine under `plan.placement`, run ``requests`` requests of warm-up +
-    measured blocks through the sampling loop, return the measurements of the last one (see the module
-    docstring) with the compiler's counters and the first request's time to first frame."""
+                  requests: int = 1, overlap_decode: bool | None = None, weights_dir=None, lora=None) -> dict:
+    """Build the full-size engine under `plan.placement` (random weights, or the DiT of ``weights_dir`` with
+    ``lora`` merged), run ``requests`` requests of warm-up + measured blocks through the sampling loop,
+    return the measurements of the last one (see the module docstring) with the compiler's counters and the
+    first request's time to first frame."""
+    with RssSampler() as rss:
+        return _run_benchmark(plan, rss, device=device, blocks=blocks, warmup_blocks=warmup_blocks,
+                              config_name=config_name, ckpt_dir=ckpt_dir, seed=seed, compile=compile,
+                              cuda_graphs=cuda_graphs, requests=requests, overlap_decode=overlap_decode,
+                              weights_dir=weights_dir, lora=lora)
+
+
+def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, config_name, ckpt_dir, seed,
+                   compile, cuda_graphs, requests, overlap_decode, weights_dir, lora) -> dict:
     import torch
 
+    from liveavatar.models.vae import VAEConfig
     from liveavatar.runtime.compile import resolve_fast_path
     from liveavatar.runtime.engine import Engine
-
-    from liveavatar.models.vae import VAEConfig
+    from liveavatar.runtime.loading import load_placed_dit
 
     work, placement = plan.workload, plan.placement
     dtype = torch.float32 if work.run_dtype_bytes == 4 else torch.bfloat16
     cuda = device.type == "cuda"
     if cuda:
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
-    model, vae, layer_streamer, build_s = build_random_models(
-        placement, config=transformer_config_for(ckpt_dir, config_name), device=device, dtype=dtype, seed=seed,
-        vae_config=VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
+    host_start = rss.take()
+    vae_config = VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig()
+    if weights_dir is not None:
+        start = time.perf_counter()
+        model, layer_streamer = load_placed_dit(weights_dir, placement, device=device, dtype=dtype, lora=lora)
+        vae = random_vae(vae_config, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(seed))
+        build_s = _synchronized(cuda, start)
+    else:
+        model, vae, layer_streamer, build_s = build_random_models(
+            placement, config=transformer_config_for(ckpt_dir, config_name), device=device, dtype=dtype, seed=seed,
+            vae_config=vae_config)
     load_peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    host_load = rss.take()
     synthetic = synthetic_request(model.config, vae, work, device=device, dtype=dtype, total_blocks=warmup_blocks + blocks,
                                   seed=seed)
     engine = Engine(model, vae, None, None, placement=placement, device=device, dtype=dtype,
                     layer_streamer=layer_streamer, overlap_decode=overlap_decode,
                     fast_path=resolve_fast_path(device, compile=compile, cuda_graphs=cuda_graphs))
     runs = [measure_request(engine, synthetic.request, synthetic.conditioning(model, device, dtype),
-                            warmup_blocks=warmup_blocks, total_blocks=synthetic.total_blocks)
+                            warmup_blocks=warmup_blocks, total_blocks=synthetic.total_blocks, rss=rss)
             for _ in range(requests)]
     last = runs[-1]
     last.pop("latents")
     windows = {"load": load_peak, **last.pop("windows")}
+    host_windows = {"load": host_load["VmRSS"], **{k: v["VmRSS"] for k, v in last["host_windows"].items()}}
+    taken = max([host_load["Taken"], *(v["Taken"] for run in runs for v in run.pop("host_windows").values())])
     predicted = bench_phase_peaks(plan)
+    predicted_host = bench_phase_peaks(plan, "host", loads_checkpoint=weights_dir is not None)
+    streamer = engine.cache_set.streamer
+    pinned = (layer_streamer.arena.nbytes if layer_streamer else 0) + (streamer.arena.nbytes if streamer else 0)
     return {
         **last,
         **engine_report(engine),
@@ -179,17 +218,27 @@ def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name:
         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if cuda else None,
         "phase_peaks_gib": {k: v / GiB for k, v in windows.items()} if cuda else None,
         "predicted_phase_peaks_gib": {k: v / GiB for k, v in predicted.items()},
-        "host_rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
+        "host_rss_peak_gib": max(host_windows.values()) / GiB,
+        "host_rss_max_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
+        "host_rss_start_gib": host_start["VmRSS"] / GiB,
+        "host_taken_from_machine_gib": taken / GiB,
+        "host_phase_peaks_gib": {k: v / GiB for k, v in host_windows.items()},
+        "host_rss_parts_now_gib": {k: v / GiB for k, v in RssSampler.now().items()},
+        "pinned_gib": pinned / GiB,
+        "predicted_host_phase_peaks_gib": {k: v / GiB for k, v in predicted_host.items()},
+        "predicted_host_peak_gib": max(predicted_host.values()) / GiB,
+        "predicted_pinned_gib": plan.host_pinned_bytes / GiB,
         "predicted_peak_gib": max(predicted.values()) / GiB,
         "predicted_fps": plan.speed.fps if plan.budget_bytes is not None else None,
         "predicted_path": plan.speed.path,
         "build_s": build_s,
+        "weights": "checkpoint" if weights_dir is not None else "random",
         "warmup_blocks": warmup_blocks,
         "loop": "liveavatar.runtime.sampler.sample (real sampling loop, synthetic conditioning)",
         "placement": placement.to_json(),
         "streamed_layer_copies": layer_streamer.copies if layer_streamer else 0,
-        "kv_host_fetched_gb": streamer.fetched_bytes / 1e9 if (streamer := engine.cache_set.streamer) else 0.0,
-        "config": config_name or "14b",
+        "kv_host_fetched_gb": streamer.fetched_bytes / 1e9 if streamer else 0.0,
+        "config": config_name or ("14b" if model.config.dim == 5120 else "custom"),
         "height": work.height, "width": work.width, "infer_frames": work.infer_frames,
         "sample_steps": work.sample_steps, "mode": work.mode, "dtype": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -212,11 +261,11 @@ def engine_report(engine) -> dict:
 
 
 def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_blocks: int,
-                    decode: bool = True, keep_latents: bool = False) -> dict:
+                    decode: bool = True, keep_latents: bool = False, rss: RssSampler | None = None) -> dict:
     """One request through ``engine.run``: its timings (per block after the warm-up: between decoded
     frame batches, or with ``decode=False`` between clean blocks on the GPU's clock, also as a median),
-    per-window peaks, the compiler's counters (None when the engine does not compile) and, with
-    ``keep_latents``, every block's clean latents."""
+    per-window peaks (of the host's RSS too, with a running ``rss`` sampler), the compiler's counters
+    (None when the engine does not compile) and, with ``keep_latents``, every block's clean latents."""
     import torch
 
     from liveavatar.runtime.compile import compile_counters
@@ -231,13 +280,20 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
     # the other steps (a forward and an Euler update), and step 0 of later blocks (plus the VAE decode
     # of the block before it).
     windows = {"prefill": None, "denoise": None, "decode": None}
+    host_windows = {window: dict.fromkeys(RssSampler.FIELDS, 0) for window in windows}
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
+    def host_peaks(window: str) -> None:
+        if rss is not None:
+            peaks = rss.take()
+            host_windows[window] = {key: max(host_windows[window][key], peaks[key]) for key in peaks}
+
     def on_forward(clip, block, step, x, velocity):
         forward_marks.append((clip * geometry.blocks_per_clip + block, _mark(cuda)))
+        window = "prefill" if len(forward_marks) == 1 else "denoise" if step > 0 else "decode"
+        host_peaks(window)
         if cuda:
-            window = "prefill" if len(forward_marks) == 1 else "denoise" if step > 0 else "decode"
             windows[window] = max(windows[window] or 0, torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -268,6 +324,7 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
         if event.start + event.count >= all_frames:
             break
     events.close()
+    host_peaks("decode")
     if cuda:
         windows["decode"] = max(windows["decode"] or 0, torch.cuda.max_memory_allocated(device))
     if decode:
@@ -294,6 +351,7 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
         "frames_measured": measured_frames,
         "latents": latents,
         "windows": windows,
+        "host_windows": host_windows,
         "compiles": None if at_end is None else at_end["compiles"] - at_start["compiles"],
         "compiles_after_first_block": None if at_end is None else at_end["compiles"] - at_first["compiles"],
         "compile_s": None if at_end is None else round(at_end["compile_s"] - at_start["compile_s"], 2),
@@ -302,11 +360,63 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
     }
 
 
-def bench_phase_peaks(plan) -> dict[str, int]:
-    """The planner's GPU peaks for what the benchmark allocates: every phase but the set-up (encoders),
-    without the audio encoder, which the benchmark does not load."""
-    peaks = phase_peaks([c for c in plan.components if not c.name.startswith("audio encoder")])
-    return {phase: peak for phase, peak in peaks.items() if phase != "setup"}
+def bench_phase_peaks(plan, where: str = "gpu", *, loads_checkpoint: bool = False) -> dict[str, int]:
+    """The planner's peaks (GPU, or host) for what the benchmark allocates: every phase but the set-up
+    (encoders), without the pieces it does not have (`NOT_BENCHED`; the checkpoint's read buffer only
+    when it loads one)."""
+    kept = [c for c in plan.components if not c.name.startswith(NOT_BENCHED)
+            and (loads_checkpoint or not c.name.startswith("checkpoint read buffer"))]
+    return {phase: peak for phase, peak in phase_peaks(kept, where).items() if phase != "setup"}
+
+
+def kv_fp8_drift(work, *, weight_dtype: str, device, config_name: str | None = None, num_clips: int = 2,
+                 seed: int = 0) -> dict:
+    """How far FP8 KV sets move a run from KV sets in the run dtype, everything else equal: one random
+    engine (resident, ``weight_dtype`` weights), the same ``num_clips`` request run with each, and the
+    relative L2 difference of every predicted velocity and every decoded frame (max and mean over them),
+    plus the largest elementwise difference of the frames (pixels in [-1, 1])."""
+    import torch
+
+    from liveavatar.models.vae import VAEConfig
+    from liveavatar.runtime.engine import Engine
+    from liveavatar.runtime.placement import Placement
+    from liveavatar.runtime.sampler import VideoFrames
+
+    dtype = torch.float32 if work.run_dtype_bytes == 4 else torch.bfloat16
+    model, vae, _, _ = build_random_models(Placement(weight_dtype=weight_dtype),
+                                           config=transformer_config_for(None, config_name), device=device,
+                                           dtype=dtype, seed=seed,
+                                           vae_config=VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
+    synthetic = synthetic_request(model, vae, work, device=device, dtype=dtype, seed=seed,
+                                  total_blocks=num_clips * work.geometry.blocks_per_clip)
+    conditioning = synthetic.conditioning(model, device, dtype)  # one prompt for both runs
+    runs = {}
+    for kv_dtype in ("bf16", "fp8"):
+        engine = Engine(model, vae, None, None, placement=Placement(weight_dtype=weight_dtype, kv_dtype=kv_dtype),
+                        device=device, dtype=dtype)
+        velocities, frames = [], []
+
+        def keep(clip, block, step, x, velocity):
+            velocities.append(velocity.float().cpu())
+
+        for event in engine.run(synthetic.request, conditioning, on_forward=keep):
+            if isinstance(event, VideoFrames):
+                frames += list(event.frames.float().cpu().unbind(1))
+        runs[kv_dtype] = velocities, frames
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def relative(ref: list, got: list) -> list[float]:
+        return [float((b - a).norm() / a.norm().clamp_min(1e-12)) for a, b in zip(ref, got)]
+
+    velocity = relative(runs["bf16"][0], runs["fp8"][0])
+    frame = relative(runs["bf16"][1], runs["fp8"][1])
+    frame_abs = max(float((b - a).abs().max()) for a, b in zip(runs["bf16"][1], runs["fp8"][1]))
+    return {"forwards": len(velocity), "frames": len(frame), "weights": weight_dtype, "num_clips": num_clips,
+            "velocity_rel_l2_max": max(velocity), "velocity_rel_l2_mean": statistics.fmean(velocity),
+            "frame_rel_l2_max": max(frame), "frame_rel_l2_mean": statistics.fmean(frame), "frame_abs_max": frame_abs,
+            "height": work.height, "width": work.width, "config": config_name or "14b"}
 
 
 def _mark(cuda: bool):

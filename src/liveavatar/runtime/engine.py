@@ -143,18 +143,23 @@ class Engine:
         if self._caches is not None and self._caches.serves(geometry, steps):
             self._caches.reset()
             return self._caches
-        if self._caches is not None:
-            self._caches.close()
-            self._caches = self.graphs = None  # freed (graphs bake the old caches in) before the new ones exist
+        self._release_caches()  # freed before the new ones are allocated
         self._caches = build_caches(self.transformer, self.placement, geometry, steps, device=self.device,
                                     dtype=self.dtype)
         return self._caches
+
+    def _release_caches(self) -> None:
+        if self._caches is not None:
+            self._caches.close()
+            self._caches = self.graphs = None  # graphs bake the caches in: they go with them
 
     @torch.no_grad()
     def condition(self, request: Request) -> Conditioning:
         """Encode a request's prompt, reference image and audio (the encoders' work before the loop)."""
         geometry = request.geometry
         audio = self._block_audio(request)
+        if self.text_encoder.device.type != "cpu" and not self.text_encoder.is_cached(request.prompt):
+            self._release_caches()  # the encoder takes their GPU memory while it runs (the plan's set-up)
         with self.text_encoder:  # loads the encoder only on a prompt-cache miss, frees it on exit
             context = self.text_encoder.encode(request.prompt)
         # The tokenizer cuts at TEXT_LEN tokens (EOS included): a full context means the prompt was cut.

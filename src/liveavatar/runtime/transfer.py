@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-SLOT_ALIGNMENT = 256
+from liveavatar.runtime.pinned_chunks import ChunkPacker
 
 
 class Copier:
@@ -59,23 +59,24 @@ class Copier:
 class PinnedArena:
     """Host memory for streamed weights and host caches, pinned when the device is a GPU.
 
-    PyTorch's pinned allocator rounds every allocation up to a power of two (a 5.2 GB KV tensor would take
-    8 GiB), so tensors are carved out of power-of-two chunks of at least 1 GiB instead, losing only the
-    chunks' tails. A chunk is freed with the last tensor carved from it.
+    Tensors are carved out of power-of-two chunks of at least 1 GiB (`liveavatar.runtime.pinned_chunks`
+    says why and is the packing rule the planner predicts with). The chunks are freed with the arena and
+    the last tensor carved from them.
     """
-
-    CHUNK_BYTES = 1 << 30
 
     def __init__(self, pin: bool):
         self.pin = pin
-        self.chunk: torch.Tensor | None = None
-        self.used = 0
+        self.chunks: list[torch.Tensor] = []
+        self.packer = ChunkPacker()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every chunk opened so far (pinned when ``pin``)."""
+        return self.packer.total_bytes
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = max(1, math.prod(shape) * dtype.itemsize)
-        start = -(-self.used // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
-        if self.chunk is None or start + nbytes > self.chunk.numel():
-            size = max(self.CHUNK_BYTES, 1 << (nbytes - 1).bit_length())
-            self.chunk, start = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin), 0
-        self.used = start + nbytes
-        return self.chunk[start:start + nbytes].view(dtype).view(shape).zero_()
+        nbytes = math.prod(shape) * dtype.itemsize
+        index, start, opened = self.packer.place(nbytes)
+        if opened:
+            self.chunks.append(torch.empty(opened, dtype=torch.uint8, pin_memory=self.pin))
+        return self.chunks[index][start:start + nbytes].view(dtype).view(shape).zero_()

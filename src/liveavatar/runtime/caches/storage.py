@@ -3,8 +3,19 @@
 K and V [tokens, heads, head_dim] per layer, either in the run dtype or as e4m3 codes with one fp32
 inverse scale per token (``fp8``). On the device the layers are one stacked tensor per kind; in host
 memory (a `PinnedArena`) one tensor per layer, so no single pinned allocation is huge.
+
+Why one scale per token (over all heads), not per (token, head), per (block, head) or per block: e4m3 is a
+floating-point format, so a coarser scale only costs precision for values more than 2^14.8 below the
+scale's amax (they fall into the subnormals); the mantissa error (2^-4) dominates otherwise. Measured on
+the tiny model's 2-clip TPP loop against the fixtures' float32 results (B_loop_tpp, relative L2 error of
+the 32 recorded velocities): per token 6.9e-4, per (token, head) 6.4e-4, per (block, head) 7.4e-4, per
+block 7.9e-4. Per (token, head) would cost 40x the scale bytes (1.6 % of the codes at head_dim 128, 0.3 GiB
+for four 704*384 KV sets) for 7 % less error; per block needs block-aligned writes, which the ring's
+wrapping spans and the host slots' partial windows do not give. One scale per token is 0.04 %.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -31,16 +42,29 @@ class KVStorage:
             raise ValueError(f"cache capacity must be positive, got {tokens} tokens")
         self.dtype, self.fp8, self.tokens = dtype, fp8, tokens
         self.num_heads, self.head_dim = num_heads, head_dim
-        storage = FP8_DTYPE if fp8 else dtype
 
         def zeros(shape, dtype_):
             if arena is None:
                 return torch.zeros(shape if layers is None else (layers, *shape), dtype=dtype_, device=device)
             return [arena.zeros(shape, dtype_) for _ in range(layers)]
 
-        self.tensors = [zeros((tokens, num_heads, head_dim), storage), zeros((tokens, num_heads, head_dim), storage)]
-        if fp8:
-            self.tensors += [zeros((tokens,), torch.float32), zeros((tokens,), torch.float32)]
+        self.tensors = [zeros(shape, dtype_) for shape, dtype_ in self.layout(tokens, num_heads, head_dim,
+                                                                              dtype=dtype, fp8=fp8)]
+
+    @staticmethod
+    def layout(tokens: int, num_heads: int, head_dim: int, *, dtype: torch.dtype,
+               fp8: bool) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of every stored tensor of one layer: K and V, then (FP8) their scales."""
+        codes = ((tokens, num_heads, head_dim), FP8_DTYPE if fp8 else dtype)
+        return [codes, codes] + ([((tokens,), torch.float32)] * 2 if fp8 else [])
+
+    @classmethod
+    def host_allocations(cls, layers: int, tokens: int, num_heads: int, head_dim: int, *, dtype: torch.dtype,
+                         fp8: bool) -> list[int]:
+        """Bytes of every tensor a host-memory storage takes from its arena, in the order it takes them."""
+        return [math.prod(shape) * dtype_.itemsize
+                for shape, dtype_ in cls.layout(tokens, num_heads, head_dim, dtype=dtype, fp8=fp8)
+                for _ in range(layers)]
 
     @property
     def nbytes(self) -> int:

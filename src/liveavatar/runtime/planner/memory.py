@@ -5,13 +5,18 @@
   for the rest. Streamed layers live in pinned host memory; the GPU holds two slots of the largest
   streamed layer.
 * KV sets, one per denoising step on this GPU: (infer_frames/4)·S tokens × 2·dim·layers × dtype bytes
-  (819,200 B per token per set in bf16 at 14B). On the host they need two per-layer window slots on the GPU.
+  (819,200 B per token per set in bf16 at 14B; FP8: 1 B codes plus one fp32 scale per token and layer).
+  On the host they need two per-layer window slots on the GPU.
 * The cond (sink) cache, shared by all steps: cond tokens × 2·dim·layers × 2 B (gpu, or host + 2 slots).
+* Pinned host memory (streamed layers, host caches) as the arenas take it: the allocations packed into
+  power-of-two chunks (``liveavatar.runtime.pinned_chunks``). The rest of the host's memory (the process,
+  read buffers, the text encoder on the CPU, audio, frames) is ``liveavatar.runtime.planner.host``.
 * Per-forward activations, from the shapes of one block forward (see ``forward_activation_bytes``).
 * VAE: weights, the streaming decoder's carried state (walked from the decoder's layers) and the
   transient of decoding one latent frame.
-* Set-up: the text encoder (11.36 GB bf16) and wav2vec2 run on the GPU and are freed before the DiT is
-  loaded ("gpu_then_free"), or run on the CPU.
+* Set-up (after the load): wav2vec2 stays on the GPU; on a prompt-cache miss the text encoder (11.36 GB
+  bf16) is loaded onto the GPU, encodes and is freed ("gpu_then_free"; the engine frees the caches of an
+  earlier request first), or runs on the CPU.
 
 Constants marked CALIBRATED are fitted to the measurements of ``benchmarks/planner_vs_measured.py``.
 """
@@ -22,6 +27,7 @@ import os
 from dataclasses import astuple, dataclass
 
 from liveavatar.geometry import ClipGeometry
+from liveavatar.runtime.pinned_chunks import packed_bytes
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.planner.hardware import GiB, Hardware
 
@@ -76,6 +82,7 @@ class Workload:
     mode: str = "streaming"
     run_dtype_bytes: int = 2
     role: RankRole | None = None
+    audio_seconds: float = 60.0  # its waveform and whole-file audio features stay on the host for the run
 
     @functools.cached_property
     def geometry(self) -> ClipGeometry:
@@ -141,6 +148,17 @@ class DiTInventory:
     text_len: int
     layers: tuple[LayerUnit, ...]
     globals: LayerUnit
+    largest_tensor_elements: int = 0  # the checkpoint's largest tensor (what one read holds on the host)
+    audio_feature_width: int = 0  # wav2vec2 hidden states x width per video frame (the audio features)
+    # Per layer, the tensors the layer streamer carves from its arena for that unit, in its order, as
+    # (elements, bytes per element; 0: the run dtype's), with bf16 and with FP8 weights.
+    streamed_tensors_bf16: tuple[tuple[tuple[int, int], ...], ...] = ()
+    streamed_tensors_fp8: tuple[tuple[tuple[int, int], ...], ...] = ()
+
+    def streamed_host_sizes(self, layers, weight_dtype: str, run_dtype_bytes: int) -> list[int]:
+        """Bytes of every host allocation of the streamed ``layers`` (in order), as the streamer makes them."""
+        tensors = self.streamed_tensors_fp8 if weight_dtype == "fp8" else self.streamed_tensors_bf16
+        return [elements * (size or run_dtype_bytes) for layer in layers for elements, size in tensors[layer]]
 
     @property
     def num_layers(self) -> int:
@@ -169,7 +187,8 @@ def dit_inventory(config) -> DiTInventory:
     from torch import nn
 
     from liveavatar.models.transformer import CausalS2VTransformer
-    from liveavatar.runtime.fp8 import keeps_bf16
+    from liveavatar.runtime.fp8 import convert_to_fp8, keeps_bf16
+    from liveavatar.runtime.layer_streaming import unit_modules
 
     with torch.device("meta"):
         model = CausalS2VTransformer(config)
@@ -205,8 +224,28 @@ def dit_inventory(config) -> DiTInventory:
         if name not in linear_weights:
             counts[unit_index(name)]["other_elements"] += tensor.numel()
     units = [LayerUnit(**c) for c in counts]
+    largest = max(t.numel() for t in [*model.parameters(), *model.buffers()])
+    model.to(torch.bfloat16)
+    streamed_bf16 = tuple(_streamed_tensors(model, layer) for layer in range(config.num_layers))
+    for layer in range(config.num_layers):
+        for name, module in unit_modules(model, layer).items():
+            convert_to_fp8(module, kernel="weight_only", prefix=name)
+    streamed_fp8 = tuple(_streamed_tensors(model, layer) for layer in range(config.num_layers))
     return DiTInventory(dim=config.dim, ffn_dim=config.ffn_dim, text_len=config.text_len, layers=tuple(units[:-1]),
-                        globals=units[-1])
+                        globals=units[-1], largest_tensor_elements=largest,
+                        audio_feature_width=config.audio_layers * config.audio_dim,
+                        streamed_tensors_bf16=streamed_bf16, streamed_tensors_fp8=streamed_fp8)
+
+
+def _streamed_tensors(model, layer: int) -> tuple[tuple[int, int], ...]:
+    """(elements, bytes per element or 0 for the run dtype) of unit `layer`'s tensors in the streamer's order
+    (the model is on the meta device in bf16, so bf16 stands for the run dtype)."""
+    import torch
+
+    from liveavatar.runtime.layer_streaming import unit_modules, unit_tensors
+
+    return tuple((t.numel(), 0 if t.dtype == torch.bfloat16 else t.element_size())
+                 for *_, t in unit_tensors(unit_modules(model, layer)))
 
 
 def transformer_config_for(ckpt_dir: str | os.PathLike | None, config_name: str | None = None):
@@ -229,10 +268,18 @@ class Component:
     dtype: str
     nbytes: int
     phases: tuple[str, ...]
+    pinned: bool = False  # host memory pinned for copies (page-locked, never reclaimed)
+    reclaimable: bool = False  # host file pages the kernel can drop under pressure (not budgeted)
+    # One of a phase's steps that run one after the other (the set-up's encoders, the load's reads): the
+    # phase takes the largest of them on top of everything else live in it.
+    sequential: bool = False
 
     def to_json(self) -> dict:
-        return {"name": self.name, "where": self.where, "dtype": self.dtype, "bytes": self.nbytes,
+        data = {"name": self.name, "where": self.where, "dtype": self.dtype, "bytes": self.nbytes,
                 "gib": round(self.nbytes / GiB, 3), "phases": list(self.phases)}
+        if self.where == "host":
+            data.update(pinned=self.pinned, reclaimable=self.reclaimable)
+        return data
 
 
 # The order of a run as the pipeline does it: load the DiT (unit by unit), set up (encode the prompt, the
@@ -322,13 +369,16 @@ def _dit_weight_components(inv: DiTInventory, work: Workload, placement: Placeme
                                 "gpu", wdtype, resident, PHASES))
     if streamed:
         streamed_bytes = [inv.layers[i].nbytes(wdtype, b) for i in sorted(streamed)]
-        components.append(Component(f"DiT weights, {len(streamed)} layers streamed (pinned)", "host", wdtype,
-                                    sum(streamed_bytes), PHASES))
+        components.append(Component(f"DiT weights, {len(streamed)} layers streamed", "host", wdtype,
+                                    packed_bytes(inv.streamed_host_sizes(sorted(streamed), wdtype, b)), PHASES,
+                                    pinned=True))
         components.append(Component("layer slots (2 x largest streamed layer)", "gpu", wdtype,
                                     2 * max(streamed_bytes), PHASES))
-    # The load phase converts/merges one block at a time: one block in the run dtype is transient.
-    components.append(Component("load transient (one block in the run dtype)", "gpu", run_dtype,
-                                max(u.nbytes("bf16", b) for u in inv.layers), ("load",)))
+    # The load places one unit at a time: that unit in the run dtype, plus the float32 temporaries of the
+    # LoRA merge of its largest layer (W, B @ A and its scaled copy: 12 B per weight of an FFN linear).
+    components.append(Component("load transient (one unit + its LoRA merge in fp32)", "gpu", run_dtype,
+                                max(u.nbytes("bf16", b) for u in inv.layers) + 12 * inv.ffn_dim * inv.dim,
+                                ("load",)))
     return components
 
 
@@ -337,18 +387,26 @@ def _denoise_components(inv: DiTInventory, work: Workload, placement: Placement,
     run_dtype = _run_dtype_name(b)
     cond = work.geometry.cond_tokens
     components = []
-    kv_dtype_bytes = 1 if placement.kv_dtype == "fp8" else b
-    per_set = work.kv_tokens * inv.kv_bytes_per_token(kv_dtype_bytes)
+    fp8_kv = placement.kv_dtype == "fp8"
+    per_set = kv_allocations(inv, work.kv_tokens, b, fp8=fp8_kv)
     sets = work.kv_sets_per_gpu
-    components.append(Component(f"KV sets ({sets} x {per_set / GiB:.2f} GiB, {work.kv_tokens} tokens)",
-                                placement.kv_location, placement.kv_dtype, sets * per_set, STEADY))
-    layer_bytes_per_token = 2 * inv.dim * kv_dtype_bytes
+    cond_allocations = kv_allocations(inv, cond, b, fp8=False)
+    # Host caches: the KV sets and then the cond cache carved from the cache streamer's one arena.
+    host_kv = per_set * sets if placement.kv_location == "host" else []
+    host_cond = cond_allocations if placement.cond_location == "host" else []
+    kv_bytes = packed_bytes(host_kv) if host_kv else sets * sum(per_set)
+    cond_bytes = packed_bytes(host_kv + host_cond) - packed_bytes(host_kv) if host_cond else sum(cond_allocations)
+    # A text encoder on the CPU leaves the caches allocated while a later request's prompt is encoded.
+    cache_phases = ("setup", *STEADY) if placement.text_encoder == "cpu" else STEADY
+    on_host = dict(pinned=True, phases=cache_phases)
+    components.append(Component(f"KV sets ({sets} x {sum(per_set) / GiB:.2f} GiB, {work.kv_tokens} tokens)",
+                                placement.kv_location, placement.kv_dtype, kv_bytes,
+                                **(on_host if host_kv else dict(phases=STEADY))))
     if placement.kv_location == "host":
         components.append(Component("KV window slots (2 layers)", "gpu", placement.kv_dtype,
-                                    2 * work.kv_tokens * layer_bytes_per_token, STEADY))
-    cond_bytes = cond * inv.kv_bytes_per_token(b)
+                                    2 * sum(per_set) // inv.num_layers, STEADY))
     components.append(Component(f"cond cache ({cond} tokens, shared by the steps)", placement.cond_location,
-                                run_dtype, cond_bytes, STEADY))
+                                run_dtype, cond_bytes, **(on_host if host_cond else dict(phases=STEADY))))
     if placement.cond_location == "host":
         components.append(Component("cond slots (2 layers)", "gpu", run_dtype, 2 * cond * 2 * inv.dim * b, STEADY))
 
@@ -378,11 +436,11 @@ def _output_components(inv: DiTInventory, work: Workload, placement: Placement) 
                                 state_phases))
     components.append(Component("VAE decode transient (one latent frame)", "gpu", "fp32/" + run_dtype,
                                 vae_decode_transient_bytes(work.height, work.width), ("decode",)))
-    encoder_where = "gpu" if placement.text_encoder == "gpu_then_free" else "host"
-    components.append(Component("text encoder (encode, then free)", encoder_where, run_dtype,
-                                TEXT_ENCODER_PARAMS * b, ("setup",)))
+    if placement.text_encoder == "gpu_then_free":  # on the CPU it is host memory (planner.host)
+        components.append(Component("text encoder (prompt-cache miss: encode, then free)", "gpu", run_dtype,
+                                    TEXT_ENCODER_PARAMS * b, ("setup",), sequential=True))
     components.append(Component("VAE encode transient (reference, motion)", "gpu", "fp32/" + run_dtype,
-                                vae_decode_transient_bytes(work.height, work.width), ("setup",)))
+                                vae_decode_transient_bytes(work.height, work.width), ("setup",), sequential=True))
     return components
 
 
@@ -390,21 +448,27 @@ def _run_dtype_name(dtype_bytes: int) -> str:
     return {2: "bf16", 4: "fp32"}.get(dtype_bytes, f"{8 * dtype_bytes}-bit")
 
 
-def phase_peaks(components: list[Component]) -> dict[str, int]:
-    """GPU bytes live in each phase. Set-up runs its pieces one after the other, so it takes their max."""
+def kv_allocations(inv: DiTInventory, tokens: int, run_dtype_bytes: int, *, fp8: bool) -> list[int]:
+    """Bytes of every tensor of one KV set (or cond cache) of ``tokens`` tokens, in allocation order."""
+    import torch
+
+    from liveavatar.runtime.caches.storage import KVStorage
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[run_dtype_bytes]
+    return KVStorage.host_allocations(inv.num_layers, tokens, 1, inv.dim, dtype=dtype, fp8=fp8)
+
+
+def phase_peaks(components: list[Component], where: str = "gpu") -> dict[str, int]:
+    """Bytes live in each phase on the GPU (or the host: budgeted memory, without reclaimable pages); of
+    the sequential steps of a phase only the largest counts."""
     peaks = {}
     for phase in PHASES:
-        live = [c for c in components if c.where == "gpu" and phase in c.phases]
-        if phase == "setup":
-            persistent = sum(c.nbytes for c in live if len(c.phases) > 1)
-            transient = max((c.nbytes for c in live if len(c.phases) == 1), default=0)
-            peaks[phase] = persistent + transient
-        else:
-            peaks[phase] = sum(c.nbytes for c in live)
+        live = [c for c in components if c.where == where and phase in c.phases and not c.reclaimable]
+        peaks[phase] = (sum(c.nbytes for c in live if not c.sequential)
+                        + max((c.nbytes for c in live if c.sequential), default=0))
     return peaks
 
 
 def host_pinned_bytes(components: list[Component]) -> int:
-    """Pinned host memory held while the DiT runs (a text encoder on the CPU is ordinary memory, freed)."""
-    return sum(c.nbytes for c in components if c.where == "host" and c.phases != ("setup",))
-
+    """Pinned host memory (the arenas' chunks of streamed layers and host caches)."""
+    return sum(c.nbytes for c in components if c.where == "host" and c.pinned)

@@ -1,5 +1,5 @@
-"""The placement policy: the fastest placement whose memory fits the GPU budget, or a refusal that gives
-the numbers and the nearest setting that fits.
+"""The placement policy: the fastest placement whose memory fits the GPU budget and the host budget, or a
+refusal that gives the numbers and the nearest setting that fits.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.geometry import FRAMES_PER_BLOCK, size_for_area
 from liveavatar.runtime.placement import Placement, spread_layers
 from liveavatar.runtime.planner.hardware import CPU_HARDWARE, GiB, MiB, Hardware, available_host_memory
+from liveavatar.runtime.planner.host import host_components
 from liveavatar.runtime.planner.memory import (ALLOCATOR_FRAGMENTATION, Component, DiTInventory, Workload,
                                                host_pinned_bytes, memory_components, phase_peaks)
 from liveavatar.runtime.planner.speed import SpeedEstimate, estimate_speed
@@ -54,6 +55,29 @@ class Plan:
     baseline: SpeedEstimate
     reason: str = ""
     nearest: list[str] = field(default_factory=list)
+    host_headroom_bytes: int = 0
+    notes: list[str] = field(default_factory=list)  # why the placement is what it is, where not obvious
+
+    @property
+    def host_phases(self) -> dict[str, int]:
+        """Budgeted host bytes (pinned and pageable, without reclaimable file pages) per phase."""
+        return phase_peaks(self.components, "host")
+
+    @property
+    def predicted_host_peak_bytes(self) -> int:
+        return max(self.host_phases.values())
+
+    @property
+    def host_reclaimable_bytes(self) -> int:
+        """File pages the run maps on top of the peak when memory allows (the text encoder on the CPU)."""
+        return max((c.nbytes for c in self.components if c.where == "host" and c.reclaimable), default=0)
+
+    @property
+    def host_fits(self) -> bool | None:
+        """Whether the host peak plus its headroom fits the host budget (None: no budget known)."""
+        if self.host_budget_bytes is None:
+            return None
+        return self.predicted_host_peak_bytes + self.host_headroom_bytes <= self.host_budget_bytes
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -85,7 +109,10 @@ class Plan:
 
     def refusal(self) -> str:
         nearest = "; ".join(self.nearest) if self.nearest else "none of the smaller standard settings"
-        return (f"{self.workload.describe()} does not fit {self.budget_source}: {self.reason}. "
+        budgets = self.budget_source
+        if self.host_budget_bytes is not None:
+            budgets += f" and {format_gib(self.host_budget_bytes)} of host memory"
+        return (f"{self.workload.describe()} does not fit {budgets}: {self.reason}. "
                 f"Nearest setting that fits: {nearest}.")
 
     def to_json(self) -> dict:
@@ -101,8 +128,14 @@ class Plan:
             "placement": self.placement.to_json(),
             "phases_gib": {phase: gib(n) for phase, n in self.phases.items()},
             "components": [c.to_json() for c in self.components],
+            "predicted_host_peak_gib": gib(self.predicted_host_peak_bytes),
+            "host_fits": self.host_fits,
+            "host_phases_gib": {phase: gib(n) for phase, n in self.host_phases.items()},
             "host_pinned_gib": gib(self.host_pinned_bytes),
+            "host_reclaimable_gib": gib(self.host_reclaimable_bytes),
             "host_budget_gib": gib(self.host_budget_bytes),
+            "host_headroom_gib": gib(self.host_headroom_bytes),
+            "notes": self.notes,
             "forward_s": round(self.speed.forward_s, 4),
             "fps": round(self.speed.fps, 3),
             "slowdown": round(self.slowdown, 3),
@@ -120,7 +153,7 @@ class Plan:
 
 
 class MemoryPlanError(LiveAvatarError):
-    """No placement fits the GPU; the message has the numbers and the nearest setting that fits."""
+    """No placement fits the GPU and the host; the message has the numbers and the nearest setting that fits."""
 
 
 def format_gib(n: int | None) -> str:
@@ -133,10 +166,13 @@ def default_headroom(budget_bytes: int) -> int:
 
 
 def default_host_budget() -> int | None:
-    """Pinned host memory a run on this machine's GPU may take: 90% of what is available, or None (unlimited)
-    when that is unknown."""
+    """Host memory a run in this process may use: what this machine (or the process's cgroup) has available
+    now plus what the process already holds, since the planner predicts the process's whole footprint; None
+    (unlimited) when that is unknown."""
+    from liveavatar.runtime.progress import host_rss_bytes
+
     available = available_host_memory()
-    return None if available is None else int(0.9 * available)
+    return None if available is None else available + host_rss_bytes()
 
 
 def resolve_budget(*, vram_budget: int | None = None, gpu_memory: int | None = None,
@@ -170,14 +206,16 @@ def resolve_budget(*, vram_budget: int | None = None, gpu_memory: int | None = N
 def make_plan(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int | None, *,
               budget_source: str = "", headroom_bytes: int | None = None, host_budget_bytes: int | None = None,
               pins: Pins = Pins(), suggest: bool = True) -> Plan:
-    """The fastest placement that fits `budget_bytes` of GPU memory (None: unlimited), or a refusal with
-    the nearest setting that fits."""
+    """The fastest placement that fits `budget_bytes` of GPU memory and `host_budget_bytes` of host memory
+    (None: unlimited), or a refusal with the numbers and the nearest setting that fits."""
     headroom = default_headroom(budget_bytes or 0) if headroom_bytes is None else headroom_bytes
+    budgets = _Budgets(budget_bytes, headroom, host_budget_bytes,
+                       0 if host_budget_bytes is None else default_headroom(host_budget_bytes))
     fastest_weights = "fp8" if hw.has_fp8_matmul else "bf16"
     baseline_placement = Placement(weight_dtype=pins.weight_dtype or fastest_weights)
     baseline = estimate_speed(inv, work, baseline_placement, hw)
 
-    candidates = []
+    candidates, host_bound = [], []
     for weight_dtype in _choices(pins.weight_dtype, ("bf16", "fp8")):
         for kv_dtype in _choices(pins.kv_dtype, ("bf16", "fp8")):
             for kv_location in _choices(pins.kv_location, ("gpu", "host")):
@@ -187,48 +225,67 @@ def make_plan(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int
                         placement = Placement(weight_dtype=weight_dtype, kv_dtype=kv_dtype, kv_location=kv_location,
                                               cond_location=cond_location,
                                               streamed_layers=streamed_layer_choice(inv, weight_dtype, count))
-                        components, phases, fits, _ = _evaluate(inv, work, hw, placement, budget_bytes, headroom,
-                                                                host_budget_bytes)
-                        if fits:
+                        check = _evaluate(inv, work, hw, placement, budgets)
+                        if check.fits_gpu and check.fits_host:
                             candidates.append((estimate_speed(inv, work, placement, hw), placement))
-                            break  # more streaming is never faster
+                        elif check.fits_gpu:
+                            host_bound.append((check.host_peak, placement))
+                        if check.fits_gpu:
+                            break  # more streaming is never faster, and only takes more host memory
     if candidates:
         # An FP8 KV cache changes the numerics beyond the reference's own FP8 scheme, so unless pinned it
         # is a memory measure only: used when no bf16 KV placement fits, never just for speed.
         lossless = [(speed, p) for speed, p in candidates if p.kv_dtype == "bf16"]
+        notes = [] if lossless or pins.kv_dtype else [
+            "KV sets in FP8 (e4m3, one scale per token): no placement with bf16 KV sets fits "
+            + _budget_words(budget_source, host_budget_bytes)]
         candidates = lossless or candidates
         best_s = min(speed.block_s for speed, _ in candidates)
         near_best = [(speed, p) for speed, p in candidates if speed.block_s <= best_s * 1.01]
         speed, placement = min(near_best, key=lambda sp: (
             sp[1].kv_location == "host", sp[1].cond_location == "host",
             len(sp[1].streamed_layers), sp[0].block_s))
-        placement = _with_text_encoder(inv, work, hw, placement, budget_bytes, headroom, host_budget_bytes, pins)
-        components, phases, fits, fits_setup = _evaluate(inv, work, hw, placement, budget_bytes, headroom,
-                                                         host_budget_bytes)
-        reason = "" if fits_setup else "the set-up (text encoder) does not fit even on the CPU"
-        return Plan(work, hw, placement, fits and fits_setup, budget_bytes, budget_source, headroom, components,
-                    phases, host_budget_bytes, speed, baseline, reason)
+        placement = _with_text_encoder(inv, work, hw, placement, budgets, pins)
+        check = _evaluate(inv, work, hw, placement, budgets)
+        reason = "" if check.fits_setup else "the set-up (text encoder) does not fit even on the CPU"
+        return Plan(work, hw, placement, check.fits and check.fits_setup, budget_bytes, budget_source, headroom,
+                    check.components, check.phases, host_budget_bytes, speed, baseline, reason,
+                    host_headroom_bytes=budgets.host_headroom, notes=notes)
 
-    # Nothing fits: report the leanest placement's numbers.
+    # Nothing fits: report the leanest placement's numbers (or, when placements fit the GPU but not the
+    # host, the one of them that needs the least host memory).
     leanest = Placement(weight_dtype=pins.weight_dtype or "fp8", kv_dtype=pins.kv_dtype or "fp8",
                         kv_location=pins.kv_location or "host", cond_location=pins.cond_location or "host",
                         streamed_layers=streamed_layer_choice(
                             inv, pins.weight_dtype or "fp8",
                             inv.num_layers if pins.streamed_layers is None else pins.streamed_layers),
                         text_encoder=pins.text_encoder or "cpu")
-    components, phases, _, _ = _evaluate(inv, work, hw, leanest, budget_bytes, headroom, host_budget_bytes)
-    plan = Plan(work, hw, leanest, False, budget_bytes, budget_source, headroom, components, phases,
-                host_budget_bytes, estimate_speed(inv, work, leanest, hw), baseline)
-    needed = _run_reserved_bytes(phases) + headroom
-    plan.reason = f"even the leanest placement ({leanest.describe()}) needs {format_gib(int(needed))} " \
-                  f"incl. {format_gib(headroom)} headroom"
-    if host_budget_bytes is not None and plan.host_pinned_bytes > host_budget_bytes:
-        plan.reason += (f" and {format_gib(plan.host_pinned_bytes)} of pinned host memory "
-                        f"(available {format_gib(host_budget_bytes)})")
+    if host_bound:
+        leanest = replace(min(host_bound, key=lambda hp: hp[0])[1], text_encoder=pins.text_encoder or "cpu")
+    check = _evaluate(inv, work, hw, leanest, budgets)
+    plan = Plan(work, hw, leanest, False, budget_bytes, budget_source, headroom, check.components, check.phases,
+                host_budget_bytes, estimate_speed(inv, work, leanest, hw), baseline,
+                host_headroom_bytes=budgets.host_headroom)
+    if host_bound:
+        plan.reason = (f"the placements that fit the GPU need at least {format_gib(check.host_peak)} of host "
+                       f"memory at their peak ({format_gib(plan.host_pinned_bytes)} pinned; "
+                       f"{leanest.describe()}) plus {format_gib(budgets.host_headroom)} headroom")
+    else:
+        needed = _run_reserved_bytes(check.phases) + headroom
+        plan.reason = f"even the leanest placement ({leanest.describe()}) needs {format_gib(int(needed))} " \
+                      f"incl. {format_gib(headroom)} headroom"
+        if not check.fits_host:
+            plan.reason += (f" and {format_gib(check.host_peak)} of host memory ({format_gib(plan.host_pinned_bytes)} "
+                            f"pinned) plus {format_gib(budgets.host_headroom)} headroom")
     if suggest:
         plan.nearest = nearest_fitting(inv, work, hw, budget_bytes, headroom=headroom,
                                        host_budget_bytes=host_budget_bytes, pins=pins)
     return plan
+
+
+def _budget_words(budget_source: str, host_budget_bytes: int | None) -> str:
+    host = "" if host_budget_bytes is None else f" and {format_gib(host_budget_bytes)} of host memory"
+    return (budget_source or "the GPU budget") + host
 
 
 def plan_cpu_run(inv: DiTInventory, work: Workload, pins: Pins) -> Plan:
@@ -238,26 +295,35 @@ def plan_cpu_run(inv: DiTInventory, work: Workload, pins: Pins) -> Plan:
 
 def nearest_fitting(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int, *, headroom: int,
                     host_budget_bytes: int | None, pins: Pins) -> list[str]:
-    """Closest settings that fit: the planner's own choice instead of the pinned placements, fewer frames
-    per clip, or the next smaller standard --size (same aspect ratio)."""
+    """Closest settings that fit, as the refusal names them (see `nearest_fitting_plans`)."""
+    return [text for text, _ in nearest_fitting_plans(inv, work, hw, budget_bytes, headroom=headroom,
+                                                      host_budget_bytes=host_budget_bytes, pins=pins)]
+
+
+def nearest_fitting_plans(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int, *, headroom: int,
+                          host_budget_bytes: int | None, pins: Pins) -> list[tuple[str, Plan]]:
+    """Closest settings that fit, each with its plan: the planner's own choice instead of the pinned
+    placements, fewer frames per clip, or the next smaller standard --size (same aspect ratio)."""
 
     def fits(candidate_work: Workload, candidate_pins: Pins) -> Plan | None:
         plan = make_plan(inv, candidate_work, hw, budget_bytes, headroom_bytes=headroom,
                          host_budget_bytes=host_budget_bytes, pins=candidate_pins, suggest=False)
         return plan if plan.fits else None
 
+    def peaks(plan: Plan) -> str:
+        host = "" if host_budget_bytes is None else f", {format_gib(plan.predicted_host_peak_bytes)} host"
+        return f"{format_gib(plan.predicted_peak_bytes)}{host}, {plan.placement.describe()}"
+
     suggestions = []
     if pins.pinned():
         plan = fits(work, Pins())
         if plan:
             flags = ", ".join(f"{k}={v}" for k, v in pins.pinned().items())
-            suggestions.append(f"drop the pinned {flags} (the planner's choice fits: "
-                               f"{plan.placement.describe()}, {format_gib(plan.predicted_peak_bytes)})")
+            suggestions.append((f"drop the pinned {flags} (the planner's choice fits: {peaks(plan)})", plan))
     for frames in range(work.infer_frames - FRAMES_PER_BLOCK, 0, -FRAMES_PER_BLOCK):
         plan = fits(replace(work, infer_frames=frames), pins)
         if plan:
-            suggestions.append(f"--infer_frames {frames} ({format_gib(plan.predicted_peak_bytes)}, "
-                               f"{plan.placement.describe()})")
+            suggestions.append((f"--infer_frames {frames} ({peaks(plan)})", plan))
             break
     area = work.height * work.width
     for size_w, size_h in STANDARD_SIZES:
@@ -266,8 +332,7 @@ def nearest_fitting(inv: DiTInventory, work: Workload, hw: Hardware, budget_byte
         height, width = size_for_area(work.height, work.width, size_w * size_h)
         plan = fits(replace(work, height=height, width=width), pins)
         if plan:
-            suggestions.append(f"--size {size_w}*{size_h} -> {width}x{height} "
-                               f"({format_gib(plan.predicted_peak_bytes)}, {plan.placement.describe()})")
+            suggestions.append((f"--size {size_w}*{size_h} -> {width}x{height} ({peaks(plan)})", plan))
             break
     return suggestions
 
@@ -291,14 +356,37 @@ def _choices(pinned, options):
     return (pinned,) if pinned is not None else options
 
 
-def _evaluate(inv, work, hw, placement, budget, headroom, host_budget):
-    components = memory_components(inv, work, placement, hw)
+@dataclass(frozen=True)
+class _Budgets:
+    gpu: int | None
+    gpu_headroom: int
+    host: int | None
+    host_headroom: int
+
+
+@dataclass(frozen=True)
+class _Check:
+    components: list[Component]
+    phases: dict[str, int]
+    host_peak: int
+    fits_gpu: bool  # every phase but the set-up (whose text encoder can move to the CPU)
+    fits_host: bool
+    fits_setup: bool
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_gpu and self.fits_host
+
+
+def _evaluate(inv, work, hw, placement, budgets: _Budgets) -> _Check:
+    components = memory_components(inv, work, placement, hw) + host_components(inv, work, placement, hw)
     phases = phase_peaks(components)
+    host_peak = max(phase_peaks(components, "host").values())
     reserved = max(phases.values()) * (1 + ALLOCATOR_FRAGMENTATION)
-    fits_run = budget is None or _run_reserved_bytes(phases) + headroom <= budget
-    fits_setup = budget is None or reserved + headroom <= budget
-    fits_host = host_budget is None or host_pinned_bytes(components) <= host_budget
-    return components, phases, fits_run and fits_host, fits_setup
+    fits_gpu = budgets.gpu is None or _run_reserved_bytes(phases) + budgets.gpu_headroom <= budgets.gpu
+    fits_setup = budgets.gpu is None or reserved + budgets.gpu_headroom <= budgets.gpu
+    fits_host = budgets.host is None or host_peak + budgets.host_headroom <= budgets.host
+    return _Check(components, phases, host_peak, fits_gpu, fits_host, fits_setup)
 
 
 def _run_reserved_bytes(phases: dict[str, int]) -> float:
@@ -306,10 +394,11 @@ def _run_reserved_bytes(phases: dict[str, int]) -> float:
     return max(n for phase, n in phases.items() if phase != "setup") * (1 + ALLOCATOR_FRAGMENTATION)
 
 
-def _with_text_encoder(inv, work, hw, placement, budget, headroom, host_budget, pins) -> Placement:
+def _with_text_encoder(inv, work, hw, placement, budgets: _Budgets, pins) -> Placement:
     if pins.text_encoder is not None:
         return replace(placement, text_encoder=pins.text_encoder)
     on_gpu = replace(placement, text_encoder="gpu_then_free")
-    if _evaluate(inv, work, hw, on_gpu, budget, headroom, host_budget)[3]:
+    check = _evaluate(inv, work, hw, on_gpu, budgets)
+    if check.fits_setup and check.fits_host:
         return on_gpu
     return replace(placement, text_encoder="cpu")

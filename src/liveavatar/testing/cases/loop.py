@@ -85,7 +85,9 @@ def _trace_names(manifest: dict) -> dict[tuple[int, int, int], str]:
     return names
 
 
-def run(fixture: Fixture, ranks: int | None = None) -> Iterator[Comparison]:
+def run(fixture: Fixture, ranks: int | None = None, placement: Placement = Placement()) -> Iterator[Comparison]:
+    """The fixture's comparisons; ``placement`` changes how the caches are stored (an FP8 KV run measures
+    its error against the float32 results)."""
     manifest = fixture.manifest
     kwargs = manifest["generate_kwargs"]
     tpp = "world_size" in manifest
@@ -136,7 +138,7 @@ def run(fixture: Fixture, ranks: int | None = None) -> Iterator[Comparison]:
     with _executor_factory(fixture, geometry, fixture["in.context"], schedule.num_steps, ranks) as factory:
         steps = factory.local_steps(schedule.num_steps) if hasattr(factory, "local_steps") else \
             range(schedule.num_steps)
-        caches = build_caches(model, Placement(), geometry, steps, device="cpu", dtype=dtype) if steps else None
+        caches = build_caches(model, placement, geometry, steps, device="cpu", dtype=dtype) if steps else None
         executor = _RecordingExecutor(factory(model, caches, schedule, model.text_kv(fixture["in.context"]),
                                               ref_rope_offset=draws, on_forward=record_forward),
                                       blocks_per_clip=geometry.blocks_per_clip)
