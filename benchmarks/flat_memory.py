@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args)
         return 0
 
-    from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
+    from liveavatar.models.tiny import make_tiny_checkpoints
 
     results = []
     with tempfile.TemporaryDirectory() as work:

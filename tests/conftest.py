@@ -37,7 +37,7 @@ def media_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """`make_tiny_checkpoints` once per session (its layout); a module may make its own."""
-    from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
+    from liveavatar.models.tiny import make_tiny_checkpoints
 
     return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
 

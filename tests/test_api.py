@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from liveavatar.api import LiveAvatarPipeline
-from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
+from liveavatar.models.tiny import make_tiny_checkpoints
 from liveavatar.cli.generate import generate_from_settings
 from liveavatar.errors import InputError
 from liveavatar.runtime.progress import Progress, host_rss_bytes

@@ -8,7 +8,8 @@ import pytest
 from liveavatar.checkpoints import lora, safetensors_io
 from liveavatar.errors import CheckpointError
 from liveavatar.models.checkpoint_check import check_transformer_checkpoint
-from liveavatar.models.transformer import TransformerConfig, save_tiny_lora, save_tiny_transformer
+from liveavatar.models.tiny import save_tiny_lora, save_tiny_transformer
+from liveavatar.models.transformer import TransformerConfig
 
 CONFIG = TransformerConfig.tiny()
 

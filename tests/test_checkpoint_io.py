@@ -7,7 +7,8 @@ from safetensors.torch import load_file, save_file
 
 from liveavatar.checkpoints.safetensors_io import read_header
 from liveavatar.errors import CheckpointError
-from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig, save_tiny_transformer
+from liveavatar.models.tiny import save_tiny_transformer
+from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
+from liveavatar.models.tiny import make_tiny_checkpoints
 from liveavatar.cli.generate import COMPATIBILITY_FLAGS
 from liveavatar.cli.main import COMMANDS, build_parser, main
 

@@ -10,8 +10,8 @@ import torch
 
 from liveavatar.checkpoints.safetensors_io import checkpoint_files, checkpoint_shapes
 from liveavatar.geometry import ClipGeometry
-from liveavatar.models.transformer import (CausalS2VTransformer, TransformerConfig, save_tiny_lora,
-                                           save_tiny_transformer)
+from liveavatar.models.tiny import save_tiny_lora, save_tiny_transformer
+from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
 from liveavatar.runtime import loading, pinned_chunks
 from liveavatar.runtime.caches import build_caches
 from liveavatar.runtime.bench import random_init_

@@ -8,7 +8,8 @@ import torch
 from liveavatar.geometry import ClipGeometry
 from liveavatar.models.regions import EAGER
 from liveavatar.models.rope import GridRotation, block_positions, rotation
-from liveavatar.models.transformer import CausalS2VTransformer, save_tiny_transformer
+from liveavatar.models.tiny import save_tiny_transformer
+from liveavatar.models.transformer import CausalS2VTransformer
 from liveavatar.runtime.caches import build_caches
 from liveavatar.runtime.compile import (
     COMPILE_ENV,

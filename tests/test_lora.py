@@ -4,12 +4,8 @@ from safetensors.torch import load_file, save_file
 
 from liveavatar.checkpoints.lora import lora_target_modules, merge_lora
 from liveavatar.errors import CheckpointError
-from liveavatar.models.transformer import (
-    CausalS2VTransformer,
-    TransformerConfig,
-    save_tiny_lora,
-    save_tiny_transformer,
-)
+from liveavatar.models.tiny import save_tiny_lora, save_tiny_transformer
+from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
 from liveavatar.testing import parity
 
 RANK, ALPHA = 4, 2.0  # the release's ratio alpha = rank / 2, also written in the file's metadata

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
+from liveavatar.models.tiny import make_tiny_checkpoints
 from liveavatar.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]

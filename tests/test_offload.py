@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from liveavatar.geometry import ClipGeometry
-from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig, save_tiny_transformer
+from liveavatar.models.tiny import save_tiny_transformer
+from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
 from liveavatar.runtime.caches import HostKVCache, KVCache, build_caches
 from liveavatar.runtime.caches.host import _complement
 from liveavatar.runtime.layer_streaming import place_dit
@@ -159,7 +160,7 @@ def test_ring_complement_and_layer_spreading():
 
 
 def test_load_placed_dit_merges_the_lora_and_places_the_blocks(tmp_path, inputs):
-    from liveavatar.models.transformer import save_tiny_lora
+    from liveavatar.models.tiny import save_tiny_lora
     from liveavatar.runtime.loading import load_placed_dit
 
     folder = save_tiny_transformer(tmp_path / "dit", seed=2)

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("fastapi")
 
 from liveavatar.api import LiveAvatarPipeline
-from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
+from liveavatar.models.tiny import make_tiny_checkpoints
 from liveavatar.io.media import load_audio, load_image
 from liveavatar.runtime.progress import host_rss_bytes
 from liveavatar.serve.backend import Backend

@@ -5,7 +5,8 @@ import torch
 
 from liveavatar.geometry import FRAMEPACK_BUCKETS, ClipGeometry
 from liveavatar.models.rope import apply_rotation, block_positions, condition_positions, rotation
-from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig, save_tiny_transformer
+from liveavatar.models.tiny import save_tiny_transformer
+from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
 from liveavatar.runtime.caches import CondCache, KVCache
 from liveavatar.testing import parity
 

@@ -41,7 +41,7 @@ def add_make_tiny_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_make_tiny(args: argparse.Namespace) -> int:
-    from liveavatar.checkpoints.make_tiny import make_tiny_checkpoints
+    from liveavatar.models.tiny import make_tiny_checkpoints
 
     layout = make_tiny_checkpoints(args.dir, seed=args.seed)
     print(f"base model: {layout.ckpt_dir}\nLoRA: {layout.lora}")

@@ -37,16 +37,10 @@ from typing import Callable, ClassVar, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from liveavatar.checkpoints.lora import LORA_KEY_FORMAT, lora_target_modules, merge_lora
-from liveavatar.checkpoints.safetensors_io import (
-    checkpoint_files,
-    checkpoint_shapes,
-    load_into,
-    save_sharded,
-)
+from liveavatar.checkpoints.lora import merge_lora
+from liveavatar.checkpoints.safetensors_io import checkpoint_files, checkpoint_shapes, load_into
 from liveavatar.errors import CheckpointError
 from liveavatar.models.attention import AttentionProjections, CrossAttention, attention
 from liveavatar.models.audio_injection import AudioInjector, CausalAudioEncoder
@@ -574,52 +568,3 @@ class CausalS2VTransformer(nn.Module):
                                     ref_rope_offset=ref_rope_offset)
         return self.run_block(x, self.time_vectors(timestep), text_kv, audio_tokens, kv_cache, cond_cache, inputs,
                               cond_states)
-
-
-# ----------------------------------------------------------------------------------------------------
-# tiny checkpoints for tests
-
-
-def _random_tensor(key: str, shape: torch.Size, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """Seeded weights that exercise every path: matrices N(0, 1/fan_in), biases N(0, 0.05²),
-    norm gains 1 + N(0, 0.1²), modulations N(0, 1/dim)."""
-    noise = torch.randn(shape, generator=generator)
-    if key.endswith("modulation"):
-        return noise * dim ** -0.5
-    if key.endswith("bias"):
-        return noise * 0.05
-    if len(shape) == 1:
-        return 1 + noise * 0.1
-    return noise * shape[1:].numel() ** -0.5
-
-
-def save_tiny_transformer(out_dir: str | Path, config: TransformerConfig | None = None, *, seed: int = 0,
-                          num_shards: int = 2) -> Path:
-    """Write a DiT checkpoint folder (config.json, shards, index) with seeded random weights."""
-    config = config or TransformerConfig.tiny()
-    out_dir = Path(out_dir)
-    with torch.device("meta"):
-        shapes = {key: value.shape for key, value in CausalS2VTransformer(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
-    state_dict = {key: _random_tensor(key, shape, config.dim, generator) for key, shape in shapes.items()}
-    save_sharded(state_dict, out_dir, stem=WEIGHTS_STEM, num_shards=num_shards)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
-    return out_dir
-
-
-def save_tiny_lora(path: str | Path, config: TransformerConfig, *, rank: int, alpha: float, seed: int) -> Path:
-    """Write a LoRA for ``config`` in the release's key layout (``<module>.lora_A.default.weight`` [rank, in],
-    ``…lora_B.default.weight`` [out, rank]) covering every targeted module, with rank/alpha metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        targets = lora_target_modules(CausalS2VTransformer(config))
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, layer in targets.items():
-        down = torch.randn(rank, layer.in_features, generator=generator) * layer.in_features ** -0.5
-        up = torch.randn(layer.out_features, rank, generator=generator) * rank ** -0.5
-        tensors[LORA_KEY_FORMAT.format(module=name, which="A")] = down
-        tensors[LORA_KEY_FORMAT.format(module=name, which="B")] = up
-    save_file(tensors, str(path), metadata={"format": "pt", "rank": str(rank), "alpha": str(alpha)})
-    return path
