@@ -308,9 +308,9 @@ def main() -> int:
         if cuda:
             command += ["--memory-cap", f"{cap:g}GiB", "--host-memory", f"{args.host_limit:g}GiB",
                         "--h2d-gbps", f"{min(link['h2d_gbps'], link['d2h_gbps']):.1f}"]
-        else:
-            command += ["--dtype", "float32", "--weights", "fp8", "--kv-location", "host", "--kv-dtype", "fp8",
-                        "--stream-layers", "2"]
+        else:  # the tiny VAE too: a full-size VAE decode at this size takes minutes on a CPU
+            command += ["--config", "tiny", "--dtype", "float32", "--weights", "fp8", "--kv-location", "host",
+                        "--kv-dtype", "fp8", "--stream-layers", "2"]
         limit = MemoryLimit(int(args.host_limit * GiB), args.limit_mode)
         try:
             result = run_child(command, limit, timeout_s=300, env_extra=fast_path)
