@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liveavatar.devices import configure_cuda_allocator
+from liveavatar.devices import configure_cuda_allocator, resolve_dtype
 from liveavatar.geometry import size_for_area
 from liveavatar.io.video_writer import pixels_to_uint8
 from liveavatar.runtime.bench import bench_phase_peaks, random_dit, random_vae, synthetic_request
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     counts = [int(n) for n in args.ranks.split(",")]
     if device.type == "cuda" and max(counts) > torch.cuda.device_count():
         parser.error(f"--ranks {max(counts)}: this machine has {torch.cuda.device_count()} GPUs")
-    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    dtype = resolve_dtype(args.dtype, device)
     torch.set_grad_enabled(False)
     width, height = (int(n) for n in re.findall(r"\d+", args.size)[:2])
     height, width = size_for_area(height, width, parse_size(args.size))

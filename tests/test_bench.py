@@ -26,9 +26,21 @@ def test_bench_tiny_json_reports_speed_and_memory(capsys):
 
 def test_bench_serves_several_requests_on_one_engine(capsys):
     assert main(TINY + ["--no-compile", "--requests", "2"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    report = json.loads(out)
     assert report["requests"] == 2 and report["first_request_ttff_s"] > 0 and report["ttff_s"] > 0
     assert report["fast_path"] == "eager (turned off)" and not report["decode_overlapped"]
+    # Progress on stderr, a line per phase and per decoded block of each request (the JSON stays clean).
+    lines = err.splitlines()
+    assert lines[0].startswith("bench: 64x64, float32 on cpu") and "building random weights" in lines[0]
+    assert sum(" frames after " in line for line in lines) == 2 * 2
+
+
+def test_bench_on_the_cpu_runs_float32_like_generate_and_quiet_silences_it(capsys):
+    without_dtype = [arg for arg in TINY if arg not in ("--dtype", "float32")]
+    assert main(without_dtype + ["--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["dtype"] == "float32" and err == ""
 
 
 def test_bench_refuses_bad_counts_and_the_full_model_on_the_cpu(capsys):

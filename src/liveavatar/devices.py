@@ -46,10 +46,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def dtype_name(dtype: str | torch.dtype | None, device: torch.device) -> str:
-    """``bfloat16`` or ``float32``: the given name or dtype, else bfloat16 on CUDA and float32 elsewhere."""
+def dtype_name(dtype: str | torch.dtype | None, device_type: str) -> str:
+    """``bfloat16`` or ``float32``: the given name or dtype, else the default of ``device_type`` (``cuda``:
+    bfloat16 as the reference; anything else float32, which CPUs run faster and the fixtures are made in)."""
     if dtype is None:
-        return "bfloat16" if device.type == "cuda" else "float32"
+        return "bfloat16" if device_type == "cuda" else "float32"
     if not isinstance(dtype, str):
         for name, value in _torch_dtypes().items():
             if value == dtype:
@@ -62,7 +63,7 @@ def dtype_name(dtype: str | torch.dtype | None, device: torch.device) -> str:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    return _torch_dtypes()[dtype_name(dtype, device)]
+    return _torch_dtypes()[dtype_name(dtype, device.type)]
 
 
 def dtype_bytes(name: str) -> int:

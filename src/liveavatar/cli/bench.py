@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from liveavatar.cli.flags import add_flag, add_no_compile_flag, byte_amount
 from liveavatar.cli.plan import add_plan_arguments, inventory_from_args, plan_from_args, workload_from_args
 from liveavatar.errors import InputError
 from liveavatar.runtime.bench import run_benchmark
 from liveavatar.runtime.compile import GRAPHS_ENV
+from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.planner.policy import Pins, Plan, plan_cpu_run
 
 
@@ -28,6 +30,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(bench, "requests", type=int, default=1, metavar="N",
              help="requests run one after the other on the same engine; the figures are the last one's "
                   "(default 1; 2 measures a warm engine)")
+    add_flag(bench, "quiet", action="store_true", help="no progress lines on stderr, only the report")
     add_no_compile_flag(bench)
     add_flag(bench, "no-cuda-graphs", action="store_true",
              help=f"compiled forwards without CUDA graph replays (also {GRAPHS_ENV}=0)")
@@ -77,12 +80,17 @@ def bench_from_args(args: argparse.Namespace) -> dict:
                          config_name=args.config, ckpt_dir=args.ckpt_dir, seed=args.seed,
                          compile=False if args.no_compile else None,
                          cuda_graphs=False if args.no_cuda_graphs else None, requests=args.requests,
-                         weights_dir=args.ckpt_dir if args.load_weights else None, lora=args.lora)
+                         weights_dir=args.ckpt_dir if args.load_weights else None, lora=args.lora,
+                         say=None if args.quiet else _say)
+
+
+def _say(line: str) -> None:
+    print(f"bench: {line}", file=sys.stderr, flush=True)
 
 
 def _cpu_plan(args: argparse.Namespace) -> Plan:
     """On the CPU the placement is what the flags pin (default: everything resident); no GPU budget."""
-    work = workload_from_args(args, num_gpus=1)
+    work = workload_from_args(args, num_gpus=1, device_type="cpu")
     pins = Pins(weight_dtype=args.weights or "bf16", kv_dtype=args.kv_dtype or "bf16",
                 kv_location=args.kv_location or "gpu", cond_location=args.cond_location or "gpu",
                 streamed_layers=args.stream_layers or 0, text_encoder=args.text_encoder)
@@ -96,7 +104,7 @@ def format_report(report: dict) -> str:
     lines = [
         f"bench: {report['config']} DiT, {report['width']}x{report['height']}, {report['infer_frames']}-frame clips, "
         f"{report['sample_steps']} steps, {report['dtype']} on {report['device']} (torch {report['torch']})",
-        f"placement: {report['placement']}",
+        f"placement: {Placement(**report['placement']).describe()}",
         f"loop: {report['loop']}",
         f"video FPS: {report['fps']:.2f} over {report['measured_blocks']} blocks after {report['warmup_blocks']} "
         f"warm-up blocks ({report['block_s']:.3f} s per block)",

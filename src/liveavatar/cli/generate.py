@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from liveavatar.cli.flags import add_bool_flag, add_flag, add_no_compile_flag, bool_arg, byte_amount
 from liveavatar.cli.launch import (REFERENCE_MULTI_GPU_FLAGS, check_launch, generate_on_ranks, idle_rank_notices,
                                    is_quiet_rank, layout_report, rank_count, reference_gpus)
-from liveavatar.devices import dtype_bytes
+from liveavatar.devices import dtype_bytes, dtype_name
 from liveavatar.errors import InputError
 from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES, ClipGeometry
 from liveavatar.io.video_writer import check_output_path
@@ -295,7 +295,7 @@ def plan_for(*, ckpt_dir: Path, device: str | None, dtype: str | None, weights: 
 
     on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     work = Workload(geometry.height, geometry.width, geometry.infer_frames, sample_steps, 1, mode,
-                    dtype_bytes(dtype or ("float32" if on_cpu else "bfloat16")), audio_seconds=audio_seconds)
+                    dtype_bytes(dtype_name(dtype, "cpu" if on_cpu else "cuda")), audio_seconds=audio_seconds)
     inventory = dit_inventory(transformer_config_for(ckpt_dir))
     pins = Pins(weight_dtype=None if weights == "auto" else weights, text_encoder="cpu" if t5_cpu else None)
     if on_cpu:

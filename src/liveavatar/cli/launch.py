@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from liveavatar.devices import dtype_name
 from liveavatar.errors import InputError
 from liveavatar.request import Request
 from liveavatar.settings import GenerationSettings
@@ -102,7 +103,7 @@ def plan_ranks(settings: GenerationSettings, request: Request, world_size: int, 
     from liveavatar.runtime.planner.pipeline import plan_pipeline
     from liveavatar.runtime.planner.policy import Pins, default_host_budget, resolve_budget
 
-    dtype = settings.dtype or ("float32" if on_cpu else "bfloat16")
+    dtype = dtype_name(settings.dtype, "cpu" if on_cpu else "cuda")
     g = request.geometry
     work = Workload(g.height, g.width, g.infer_frames, request.sample_steps, world_size, request.mode,
                     dtype_bytes(dtype))
@@ -172,7 +173,7 @@ def _torchrun_rank(settings: GenerationSettings, request: Request, output_path: 
         raise
     if not output:
         spec = StageSpec(str(settings.checkpoint_layout.dit_dir), plan.ranks[rank].placement, str(device),
-                         settings.dtype or ("float32" if on_cpu else "bfloat16"),
+                         dtype_name(settings.dtype, device.type),
                          lora=None if settings.checkpoint_layout.lora is None else str(settings.checkpoint_layout.lora),
                          lora_alpha=settings.lora_alpha, compile=None if settings.compile else False)
         if run_rank(group, run_stage, spec):

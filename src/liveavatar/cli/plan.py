@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from liveavatar.cli.flags import add_flag, byte_amount
 from liveavatar.cli.generate import DEFAULTS
-from liveavatar.devices import dtype_bytes
+from liveavatar.devices import dtype_bytes, dtype_name
 from liveavatar.errors import InputError
 from liveavatar.geometry import DEFAULT_SIZE, MODES, size_for_area
 from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB, detect_hardware
@@ -37,7 +37,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
              help="GPUs of the timestep pipeline (N>1: each GPU runs a share of the steps, the last one "
                   "decodes; default 1); the budget flags are per GPU")
     add_flag(shape, "mode", default=DEFAULTS["mode"], choices=MODES, help="pipeline behaviour")
-    add_flag(shape, "dtype", default="bfloat16", choices=("bfloat16", "float32"), help="run dtype")
+    add_flag(shape, "dtype", choices=("bfloat16", "float32"), help="run dtype (default bfloat16; bench on the "
+             "CPU: float32, as generate)")
     add_flag(shape, "config", choices=("14b", "tiny"), help="DiT size (default: --ckpt_dir's config.json, "
              "else the 14B release)")
     add_flag(shape, "ckpt_dir", metavar="DIR", help="checkpoint folder whose config.json to read")
@@ -101,13 +102,14 @@ def plan_from_args(args: argparse.Namespace, *, pipeline: bool = False) -> Plan 
                    headroom_bytes=byte_amount("headroom", args.headroom), host_budget_bytes=host, pins=pins)
 
 
-def workload_from_args(args: argparse.Namespace, *, num_gpus: int) -> Workload:
+def workload_from_args(args: argparse.Namespace, *, num_gpus: int, device_type: str = "cuda") -> Workload:
     height, width = _dims_from_size(args.size, args.image)
     if num_gpus < 1:
         raise InputError(f"--num_gpus {num_gpus}: must be at least 1")
     if args.audio_seconds < 0:
         raise InputError(f"--audio-seconds {args.audio_seconds}: must be at least 0")
-    return Workload(height, width, args.infer_frames, args.sample_steps, num_gpus, args.mode, dtype_bytes(args.dtype),
+    return Workload(height, width, args.infer_frames, args.sample_steps, num_gpus, args.mode,
+                    dtype_bytes(dtype_name(args.dtype, device_type)),
                     audio_seconds=args.audio_seconds)
 
 

@@ -21,6 +21,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from liveavatar.geometry import DROPPED_LEADING_FRAMES, LATENT_CHANNELS
 from liveavatar.runtime.planner.hardware import GiB
@@ -150,20 +151,21 @@ def synthetic_request(config, vae, work, *, device, dtype, total_blocks: int, se
 
 def run_benchmark(plan, *, device, blocks: int, warmup_blocks: int, config_name: str | None = None,
                   ckpt_dir=None, seed: int = 0, compile: bool | None = None, cuda_graphs: bool | None = None,
-                  requests: int = 1, overlap_decode: bool | None = None, weights_dir=None, lora=None) -> dict:
+                  requests: int = 1, overlap_decode: bool | None = None, weights_dir=None, lora=None,
+                  say: Callable[[str], None] | None = None) -> dict:
     """Build the full-size engine under `plan.placement` (random weights, or the DiT of ``weights_dir`` with
     ``lora`` merged), run ``requests`` requests of warm-up + measured blocks through the sampling loop,
     return the measurements of the last one (see the module docstring) with the compiler's counters and the
-    first request's time to first frame."""
+    first request's time to first frame. ``say`` gets a line per phase and per decoded block."""
     with RssSampler() as rss:
         return _run_benchmark(plan, rss, device=device, blocks=blocks, warmup_blocks=warmup_blocks,
                               config_name=config_name, ckpt_dir=ckpt_dir, seed=seed, compile=compile,
                               cuda_graphs=cuda_graphs, requests=requests, overlap_decode=overlap_decode,
-                              weights_dir=weights_dir, lora=lora)
+                              weights_dir=weights_dir, lora=lora, say=say or (lambda line: None))
 
 
 def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, config_name, ckpt_dir, seed,
-                   compile, cuda_graphs, requests, overlap_decode, weights_dir, lora) -> dict:
+                   compile, cuda_graphs, requests, overlap_decode, weights_dir, lora, say) -> dict:
     import torch
 
     from liveavatar.models.vae import VAEConfig
@@ -179,6 +181,8 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
         torch.cuda.reset_peak_memory_stats(device)
     host_start = rss.take()
     vae_config = VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig()
+    say(f"{work.width}x{work.height}, {str(dtype).removeprefix('torch.')} on {device}, {placement.describe()}; "
+        + (f"loading the DiT from {weights_dir}" if weights_dir is not None else "building random weights"))
     if weights_dir is not None:
         start = time.perf_counter()
         model, layer_streamer = load_placed_dit(weights_dir, placement, device=device, dtype=dtype, lora=lora)
@@ -195,8 +199,9 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
     engine = Engine(model, vae, None, None, placement=placement, device=device, dtype=dtype,
                     layer_streamer=layer_streamer, overlap_decode=overlap_decode,
                     fast_path=resolve_fast_path(device, compile=compile, cuda_graphs=cuda_graphs))
+    say(f"built in {build_s:.1f} s; {requests} x ({warmup_blocks} warm-up + {blocks} measured blocks)")
     runs = [measure_request(engine, synthetic.request, synthetic.conditioning(model, device, dtype),
-                            warmup_blocks=warmup_blocks, total_blocks=synthetic.total_blocks, rss=rss)
+                            warmup_blocks=warmup_blocks, total_blocks=synthetic.total_blocks, rss=rss, say=say)
             for _ in range(requests)]
     last = runs[-1]
     last.pop("latents")
@@ -261,7 +266,8 @@ def engine_report(engine) -> dict:
 
 
 def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_blocks: int,
-                    decode: bool = True, keep_latents: bool = False, rss: RssSampler | None = None) -> dict:
+                    decode: bool = True, keep_latents: bool = False, rss: RssSampler | None = None,
+                    say: Callable[[str], None] = lambda line: None) -> dict:
     """One request through ``engine.run``: its timings (per block after the warm-up: between decoded
     frame batches, or with ``decode=False`` between clean blocks on the GPU's clock, also as a median),
     per-window peaks (of the host's RSS too, with a running ``rss`` sampler), the compiler's counters
@@ -321,6 +327,7 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
             continue
         event.uint8()  # a consumer needs the frames on the host; this also synchronises
         frame_marks.append((time.perf_counter(), event.start + event.count))
+        say(f"{event.start + event.count}/{all_frames} frames after {frame_marks[-1][0] - loop_start:.1f} s")
         if event.start + event.count >= all_frames:
             break
     events.close()
