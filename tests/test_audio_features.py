@@ -36,7 +36,8 @@ def test_fixture_d_audio_through_runner(fixtures_dir):
 
 
 def _bucket_as_specified(features: torch.Tensor, infer_frames: int, fps: int, rate: int):
-    """text_audio_encoders.md §2.3 step 2, frame by frame."""
+    """The reference's bucketing (`get_audio_embed_bucket_fps` in wan_2_2/modules/s2v/audio_encoder.py, m=0)
+    written out frame by frame: whole clips, frame k takes index round(k*30/25), zeros past the end."""
     length = features.shape[1]
     clips = int(length / (infer_frames * rate / fps)) + 1
     frames = []

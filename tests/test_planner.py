@@ -43,7 +43,7 @@ def test_canonical_704x384_numbers_match_the_reference(inventory):
     kv = component(components, "KV sets")
     assert kv.nbytes == 4 * 10_380_902_400 == 41_523_609_600 and kv.where == "gpu"
     assert component(components, "cond cache").nbytes == 2640 * 819_200
-    assert vae_state_elements(48, 88) == 639_209_472  # vae.md §7: ~639 M elements
+    assert vae_state_elements(48, 88) == 639_209_472  # the decoder's causal-conv caches: 2 input frames per conv
 
     fp8 = memory_components(inventory, work, Placement(weight_dtype="fp8"), H100)
     assert component(fp8, "DiT weights").nbytes == 15_938_355_200 + 4 * 460 + 2 * 357_400_409

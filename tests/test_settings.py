@@ -28,7 +28,8 @@ def test_bad_size_names_the_accepted_forms(text):
     assert str(error.value).startswith("size ")
 
 
-# pipeline.md §2 table and SPEC.md parity checkpoint 1: (size, image w×h) -> W×H.
+# The reference's size search (`--size` is an area; the aspect ratio follows the image, 64-pixel steps):
+# (size, image w×h) -> W×H, as the reference chooses them.
 @pytest.mark.parametrize("size, image_wh, expected_wh", [
     ("704*384", (720, 400), (704, 384)),
     ("704*384", (400, 720), (384, 704)),

@@ -27,7 +27,7 @@ def test_fixture_c_passes(fixtures_dir):
 
 
 def test_full_size_layout_matches_the_release_checkpoint():
-    # checkpoints.md §4: Wan2.1_VAE.pth has 194 keys and 126,892,531 parameters.
+    # The release's Wan2.1_VAE.pth has 194 keys and 126,892,531 parameters.
     with torch.device("meta"):
         state = WanVAE(VAEConfig()).state_dict()
     assert len(state) == 194
