@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from liveavatar.checkpoints.download import BASE_IGNORE, HUB_REVISIONS, download_checkpoints
 from liveavatar.checkpoints.files import check_torch_file
 from liveavatar.checkpoints.layout import CheckpointLayout, resolve_lora
+from liveavatar.cli import main
 from liveavatar.errors import CheckpointError, LiveAvatarError
 
 
@@ -243,6 +244,10 @@ def test_download_pins_and_prints_both_revisions(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().err
     for repo, revision in HUB_REVISIONS.items():
         assert f"downloading {repo} at revision {revision} into" in printed
+    # A user pins other revisions from the command line.
+    assert main(["download", str(tmp_path / "ckpt"), "--base-revision", "0123abc", "--lora-revision", "v1"]) == 0
+    printed = capsys.readouterr().err
+    assert "Wan-AI/Wan2.2-S2V-14B at revision 0123abc" in printed and "Live-Avatar at revision v1" in printed
 
 
 def test_download_skips_what_inference_never_reads():

@@ -18,15 +18,18 @@ from liveavatar.errors import LiveAvatarError
 
 # The Hub commit each repo is fetched at. The commit hashes could not be looked up where this was written
 # (no Hub access), so "main" is pinned explicitly: replace both with the hashes of a download that passed
-# `liveavatar doctor`, so that a later push to either repo cannot change what `download` fetches.
+# `liveavatar doctor`, so that a later push to either repo cannot change what `download` fetches. Until
+# then a user pins them with `download --base-revision SHA --lora-revision SHA`.
 HUB_REVISIONS = {BASE_REPO: "main", LORA_REPO: "main"}
 
 BASE_IGNORE = ["assets/*", "examples/*", "*.msgpack", "*.h5", "*.ot", f"{WAV2VEC2_DIR}/pytorch_model.bin",
                f"{WAV2VEC2_DIR}/language_model/*", f"{WAV2VEC2_DIR}/alphabet.json"]
 
 
-def download_checkpoints(target_dir: str | Path, *, progress: bool = True) -> CheckpointLayout:
-    """Fetch (or resume) both repos, then check the result; returns the layout ``generate`` will use."""
+def download_checkpoints(target_dir: str | Path, *, progress: bool = True,
+                         revisions: dict[str, str | None] | None = None) -> CheckpointLayout:
+    """Fetch (or resume) both repos, then check the result; returns the layout ``generate`` will use.
+    ``revisions`` (repo id -> commit, branch or tag) overrides ``HUB_REVISIONS``."""
     import huggingface_hub
     from huggingface_hub.utils import disable_progress_bars
 
@@ -36,7 +39,7 @@ def download_checkpoints(target_dir: str | Path, *, progress: bool = True) -> Ch
     if not progress:
         disable_progress_bars()
     for repo_id, local_dir, patterns in jobs:
-        revision = HUB_REVISIONS[repo_id]
+        revision = (revisions or {}).get(repo_id) or HUB_REVISIONS[repo_id]
         if progress:
             print(f"downloading {repo_id} at revision {revision} into {local_dir}", file=sys.stderr, flush=True)
         try:

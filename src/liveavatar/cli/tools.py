@@ -24,12 +24,18 @@ def run_doctor(args: argparse.Namespace) -> int:
 def add_download_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", nargs="?", default="ckpt", help="target folder (default ./ckpt)")
     add_flag(parser, "quiet", action="store_true", help="no progress bars")
+    add_flag(parser, "base-revision", metavar="REV", help="commit, branch or tag of Wan-AI/Wan2.2-S2V-14B "
+             "(default: the pinned one, printed)")
+    add_flag(parser, "lora-revision", metavar="REV", help="commit, branch or tag of Quark-Vision/Live-Avatar "
+             "(default: the pinned one, printed)")
 
 
 def run_download(args: argparse.Namespace) -> int:
     from liveavatar.checkpoints.download import download_checkpoints
+    from liveavatar.checkpoints.layout import BASE_REPO, LORA_REPO
 
-    layout = download_checkpoints(args.dir, progress=not args.quiet)
+    layout = download_checkpoints(args.dir, progress=not args.quiet,
+                                  revisions={BASE_REPO: args.base_revision, LORA_REPO: args.lora_revision})
     print(f"base model: {layout.ckpt_dir}\nLoRA: {layout.lora}")
     print(f"next: liveavatar generate --ckpt_dir {layout.ckpt_dir} --image IMAGE --audio AUDIO")
     return 0
