@@ -1,4 +1,4 @@
-"""End to end on tiny checkpoints (`make_tiny_checkpoints`) and the shared media: mp4 output, frame counts
+"""End to end on tiny checkpoints (`make_tiny_checkpoints`) and the example media: mp4 output, frame counts
 and sizes, determinism, Ctrl-C, flat memory, and request validation."""
 import ctypes
 import io
