@@ -38,6 +38,7 @@ from liveavatar.devices import configure_cuda_allocator, resolve_dtype
 from liveavatar.geometry import size_for_area
 from liveavatar.io.video_writer import pixels_to_uint8
 from liveavatar.runtime.bench import bench_phase_peaks, random_dit, random_vae, synthetic_request
+from liveavatar.runtime.compile import resolve_fast_path
 from liveavatar.runtime.distributed import LocalRanks, PipelineFailure
 from liveavatar.runtime.engine import Engine
 from liveavatar.runtime.executors.pipeline import Pipeline
@@ -66,6 +67,7 @@ class RandomStage:
     dtype: str
     seed: int
     threads: int | None = None
+    compile: bool | None = None
 
     def load(self, device, dtype):
         config = transformer_config_for(None, self.config_name)
@@ -151,7 +153,7 @@ def measure_pipeline(ranks: int, args, work: Workload, hardware, budget, source,
     started = time.perf_counter()
     local = LocalRanks(ranks, ranks - 1, bench_rank, {
         rank: (RandomStage(args.config, plan.ranks[rank].placement, str(devices[rank]), dtype_name, args.seed,
-                           threads),) for rank in range(ranks - 1)}, timeout=timedelta(minutes=5))
+                           threads, compile=args.compile),) for rank in range(ranks - 1)}, timeout=timedelta(minutes=5))
     output_device = devices[-1]
     if output_device.type == "cuda":
         torch.cuda.set_device(output_device)
@@ -165,7 +167,8 @@ def measure_pipeline(ranks: int, args, work: Workload, hardware, budget, source,
     vae = random_vae(vae_config(args.config), device=output_device, dtype=dtype,
                      generator=torch.Generator(output_device).manual_seed(args.seed + 1))
     engine = Engine(model, vae, None, None, placement=output_placement, device=output_device, dtype=dtype,
-                    layer_streamer=streamer, pipeline=pipeline)
+                    layer_streamer=streamer, pipeline=pipeline,
+                    fast_path=resolve_fast_path(output_device, compile=args.compile))
     synthetic = synthetic_request(config, vae, work, device=output_device, dtype=dtype,
                                   total_blocks=args.warmup_blocks + args.blocks, seed=args.seed)
     request, conditioning = synthetic.request, synthetic.conditioning(model, output_device, dtype)
@@ -231,7 +234,7 @@ def one_gpu_frames(args, work: Workload, hardware, budget, source, dtype, device
     vae = random_vae(vae_config(args.config), device=device, dtype=dtype,
                      generator=torch.Generator(device).manual_seed(args.seed + 1))
     engine = Engine(model, vae, None, None, placement=plan.placement, device=device, dtype=dtype,
-                    layer_streamer=streamer)
+                    layer_streamer=streamer, fast_path=resolve_fast_path(device, compile=args.compile))
     synthetic = synthetic_request(config, vae, work, device=device, dtype=dtype,
                                   total_blocks=args.warmup_blocks + args.blocks, seed=args.seed)
     request, conditioning = synthetic.request, synthetic.conditioning(model, device, dtype)
@@ -253,6 +256,8 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", type=int, default=8, help="measured blocks (default 8)")
     parser.add_argument("--warmup-blocks", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                        help="every rank eager (default: the compiled fast path on GPUs, as generate)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

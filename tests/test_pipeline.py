@@ -185,3 +185,23 @@ def test_plan_command_prints_every_rank_and_the_pipeline_fps(capsys):
     assert report["num_gpus"] == 2 and [rank["role"] for rank in report["ranks"]] == \
         ["steps 0-1", "steps 2-3 + decode + output"]
     assert report["fps"] > 0 and all(rank["fits"] for rank in report["ranks"])
+
+
+def test_the_multi_gpu_benchmark_runs_on_cpu_processes(tmp_path):
+    """benchmarks/gpu_pipeline.py waits for a multi-GPU machine; its CPU form keeps it runnable meanwhile:
+    the pipeline's frames equal one device's, and the kill drill brings every rank down."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu_pipeline.py"), "--config", "tiny",
+                             "--device", "cpu", "--ranks", "2", "--size", "64*64", "--blocks", "2",
+                             "--warmup-blocks", "1"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(repo / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_pipeline.json").read_text())
+    row = report["pipelines"][0]
+    assert row["ranks"] == 2 and row["fps"] > 0 and row["ttff_s"] > 0
+    assert row["frame_diff"]["max_abs"] == 0  # one torch thread per rank: the same bits as one device
+    assert row["drill"]["left"] == 0 and "killed by SIGKILL" in row["drill"]["message"]
