@@ -2,7 +2,7 @@
 with 32 GiB of host RAM, loaded from a full-size checkpoint on disk.
 
     PYTHONPATH=src python3 benchmarks/desktop_fit.py [--dir DIR] [--caps 22,12] [--host-limit 32]
-    PYTHONPATH=src python3 benchmarks/desktop_fit.py --config tiny --device cpu   # the harness, on a CPU
+    PYTHONPATH=src python3 benchmarks/desktop_fit.py --config tiny --device cpu --size 64*64   # on a CPU
 
 One invocation (about 5 minutes on an H200 with a local disk; it stops adding steps past --time-budget-s):
 1. Disk: a 1 GiB probe file gives the write and the cold read rate (read after fsync and

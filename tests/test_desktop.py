@@ -1,7 +1,8 @@
 """Issue 14, on the CPU: the streaming DiT load (bit-identical to loading whole, one checkpoint tensor at a
 time on the host), the host-memory plan and its refusals, pinned bytes predicted exactly as the arenas take
-them, FP8 KV storage and its error, the lazily mapped text encoder, and the desktop_fit harness's pieces."""
+them, FP8 KV storage and its error, the lazily mapped text encoder, and the desktop_fit harness (its pieces, and its CPU form end to end)."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -246,3 +247,25 @@ def test_desktop_fit_writes_a_loadable_release_layout_and_limits_a_child(tmp_pat
     assert "passed the" in hog["error"] and hog["limit_mode"] == "rss watch"
     fine = desktop_fit.run_child([sys.executable, "-c", "print('{\"ok\": 1}')"], limit, timeout_s=30)
     assert fine["ok"] == 1 and fine["watched_rss_peak_gib"] < 0.2
+
+
+def test_the_desktop_fit_harness_runs_end_to_end_on_the_cpu(tmp_path):
+    """benchmarks/desktop_fit.py waits for a GPU; its CPU form runs every step (checkpoint on disk, one
+    limited child per cap, the FP8-vs-bf16 KV drift) so that it stays runnable meanwhile."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "desktop_fit.py"), "--config", "tiny",
+                             "--device", "cpu", "--dir", str(tmp_path / "ckpt"), "--size", "64*64", "--blocks", "1",
+                             "--warmup-blocks", "1", "--drift-clips", "2"], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OUT": str(tmp_path / "out"),
+                                              "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "desktop_fit.json").read_text())
+    assert [row["cap_gib"] for row in report["rows"]] == [22.0, 12.0]
+    for row in report["rows"]:
+        assert "error" not in row["result"], row["result"]
+        assert row["result"]["fps"] > 0 and row["result"]["placement"]["kv_dtype"] == "fp8"
+    drift = report["kv_fp8_drift"]
+    # 2 clips x 4 blocks x 4 steps velocities; 2 x 48 frames less the 3 dropped ones.
+    assert (drift["forwards"], drift["frames"]) == (32, 93), drift
+    assert 0 < drift["velocity_rel_l2_mean"] < 1e-2 and 0 < drift["frame_rel_l2_max"] < 1e-2

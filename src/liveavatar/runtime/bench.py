@@ -394,7 +394,7 @@ def kv_fp8_drift(work, *, weight_dtype: str, device, config_name: str | None = N
                                            config=transformer_config_for(None, config_name), device=device,
                                            dtype=dtype, seed=seed,
                                            vae_config=VAEConfig(base_dim=8) if config_name == "tiny" else VAEConfig())
-    synthetic = synthetic_request(model, vae, work, device=device, dtype=dtype, seed=seed,
+    synthetic = synthetic_request(model.config, vae, work, device=device, dtype=dtype, seed=seed,
                                   total_blocks=num_clips * work.geometry.blocks_per_clip)
     conditioning = synthetic.conditioning(model, device, dtype)  # one prompt for both runs
     runs = {}
