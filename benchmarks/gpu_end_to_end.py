@@ -39,11 +39,16 @@ GiB = 2**30
 
 
 class RandomTextContext:
-    """Stands in for the prompt-cached umT5: a fixed random context [L, 4096]."""
+    """Stands in for the prompt-cached umT5 (`TextEncoder`): a fixed random context [L, 4096], always a cache
+    hit, so no encoder is loaded and the engine keeps its caches."""
 
     def __init__(self, width: int, device, dtype, tokens: int = 32):
         generator = torch.Generator("cpu").manual_seed(1)
+        self.device = torch.device(device)
         self.context = torch.randn(tokens, width, generator=generator).to(device, dtype)
+
+    def is_cached(self, prompt: str) -> bool:
+        return True
 
     def encode(self, prompt: str) -> torch.Tensor:
         return self.context

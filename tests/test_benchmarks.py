@@ -1,0 +1,19 @@
+"""The GPU benchmark scripts' CPU forms (tiny random models), so that a script a GPU session depends on
+does not break unnoticed between the sessions that have a GPU. The multi-GPU pipeline's and the desktop
+harness's are in test_pipeline.py and test_desktop.py."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_the_end_to_end_benchmark_streams_and_writes_on_the_cpu():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_end_to_end.py"), "--config", "tiny",
+                             "--device", "cpu", "--size", "128*64"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["width"], report["height"], report["clips"], report["frames"]) == (128, 64, 2, 93)
+    assert report["video_fps"] > 0 and report["ttff_s"] > 0 and len(report["block_s"]) >= 1
