@@ -17,3 +17,17 @@ def test_the_end_to_end_benchmark_streams_and_writes_on_the_cpu():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert (report["width"], report["height"], report["clips"], report["frames"]) == (128, 64, 2, 93)
     assert report["video_fps"] > 0 and report["ttff_s"] > 0 and len(report["block_s"]) >= 1
+
+
+def test_the_fast_path_benchmark_times_every_path_on_the_cpu(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_fast_path.py"), "--config", "tiny",
+                             "--device", "cpu", "--size", "64*64", "--budget-s", "600"], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "fast_path.json").read_text())
+    assert report["errors"] == [] and report["skipped"] == []
+    assert [row["weights"] for row in report["rows"]] == ["bf16", "fp8"]
+    for row in report["rows"]:
+        assert set(row["paths"]) == {"eager", "graphs", "compiled"}
+        # The compiled regions against eager, per block: the same numbers up to float32 reassociation.
+        assert max(block["max"] for block in row["paths"]["compiled"]["vs_eager"]) < 1e-3
