@@ -61,6 +61,9 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--warmup-blocks", type=int, default=2)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("no CUDA GPU here: this script measures GPU memory caps (on a CPU, `liveavatar bench "
+                     "--config tiny` runs the same loop)")
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 
     h2d, d2h = bandwidth_gbps()

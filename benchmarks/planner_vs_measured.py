@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -66,6 +68,9 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--warmup-blocks", type=int, default=2)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("no CUDA GPU here: this script measures GPU peaks against the planner (on a CPU, `liveavatar bench "
+                     "--config tiny` runs the same loop)")
     chosen = [int(i) for i in args.only.split(",")] if args.only else range(1, len(CONFIGS) + 1)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     rows = []
