@@ -11,6 +11,7 @@ relative L2 error of the recorded velocities and the mean / max |error| of veloc
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -61,7 +62,12 @@ def measure(fixture_path: Path, dims) -> dict[str, tuple[float, float, float]]:
 
 
 def main() -> int:
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "tests/data/fixtures"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("fixtures", nargs="?", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/fixtures",
+                        help="folder holding B_loop_tpp.json (default tests/data/fixtures)")
+    folder = parser.parse_args().fixtures
+    if not (folder / "B_loop_tpp.json").is_file():
+        parser.error(f"{folder}: no B_loop_tpp.json there")
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     print("| one scale per | velocities rel. L2 | velocities mean / max abs | latents clip 1 mean abs | video max abs |")
