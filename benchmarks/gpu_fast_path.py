@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", help="one size instead of the suite's (e.g. 64*64 with --config tiny)")
     parser.add_argument("--weights", default="bf16", help="warm-start only: bf16 or fp8")
     parser.add_argument("--paths", default=None, help="comma list of eager, compiled, graphs")
+    parser.add_argument("--suite-weights", choices=["bf16", "fp8"], help="only the suite's rows with these weights "
+                        "(e.g. the FP8 rows of --suite more, when its bf16 rows are recorded)")
     parser.add_argument("--config", choices=["14b", "tiny"], default="14b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--blocks", type=int, default=5, help="measured blocks (steady: ring full, sink refreshed)")
@@ -436,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(run)
         return 0
     rows = SUITES[args.suite] if not args.size else [(w, args.size, s) for w, _, s in SUITES[args.suite]]
+    rows = [row for row in rows if args.suite_weights in (None, row[0])]
     paths = args.paths.split(",") if args.paths else (["eager", "graphs", "compiled"] if args.suite == "main"
                                                        else ["eager", "graphs"])
     tiny = args.config == "tiny"
