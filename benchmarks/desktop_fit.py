@@ -15,8 +15,8 @@ One invocation (about 5 minutes on an H200 with a local disk; it stops adding st
 2. The host->GPU bandwidth (pinned, 1 GiB copies) in its own process.
 3. One row per --caps entry: `liveavatar bench --memory-cap CAP --host-memory LIMIT --load-weights` in its
    own process under a host memory limit of --host-limit GiB: a cgroup (v2 memory.max, else v1
-   memory.limit_in_bytes) when this machine allows one, else the parent watches the child's RSS and kills
-   it past the limit ("rss watch"); the report names the mode. If the planner refuses the size at a cap,
+   memory.limit_in_bytes) when this machine allows one, else the parent watches the RSS of the child and
+   its descendants and kills it past the limit ("rss watch"); the report names the mode. If the planner refuses the size at a cap,
    the refusal is recorded and the first setting it names as fitting is run instead.
 4. FP8 vs bf16 KV sets: the same 2-clip run (random full-size weights, FP8 linears, everything resident)
    with each, relative L2 difference of every velocity and decoded frame (max, mean).
@@ -135,8 +135,25 @@ class MemoryLimit:
         self.path = None
 
 
+def tree_rss(pid: int) -> int:
+    """VmRSS of a process and all its descendants (Inductor's compile workers included): what a desktop
+    must hold. Pages a forked child shares with its parent count twice, so this bounds from above."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/status") as handle:
+                total += next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    pending.extend(int(child) for child in handle.read().split())
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
 def run_child(command: list[str], limit: MemoryLimit, timeout_s: float, env_extra: dict | None = None) -> dict:
-    """Run ``command`` (its last stdout line is JSON) under ``limit``, watching its RSS every 20 ms."""
+    """Run ``command`` (its last stdout line is JSON) under ``limit``, watching its process tree's RSS every 20 ms."""
     env = {**os.environ, **(env_extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     process = subprocess.Popen(limit.wrap(command), env=env, cwd=REPO, stdout=subprocess.PIPE,
@@ -145,11 +162,7 @@ def run_child(command: list[str], limit: MemoryLimit, timeout_s: float, env_extr
 
     def watch():
         while process.poll() is None:
-            try:
-                with open(f"/proc/{process.pid}/status") as handle:
-                    rss = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
-            except (OSError, StopIteration):
-                rss = 0
+            rss = tree_rss(process.pid)
             watched["peak"] = max(watched["peak"], rss)
             if limit.mode == "rss watch" and rss > limit.limit:
                 watched["killed"] = True
