@@ -374,7 +374,8 @@ def _row_line(row: dict) -> str:
     return (f"cap {row['cap_gib']:g} GiB, {row['size']} {row['infer_frames']}-frame clips: {_placement(r)}\n"
             f"    VRAM peak {r['peak_gib'] or 0:.2f} GiB (pred {r['predicted_peak_gib']:.2f}), host RSS peak "
             f"{r['host_rss_peak_gib']:.2f} GiB (pred {r['predicted_host_peak_gib']:.2f}; watched "
-            f"{r['watched_rss_peak_gib']:.2f}, {r['limit_mode']}; taken from the machine "
+            f"{r['watched_rss_peak_gib']:.2f} with its descendants (pred "
+            f"{r['predicted_host_peak_gib'] + r['predicted_compile_workers_gib']:.2f}), {r['limit_mode']}; taken from the machine "
             f"{r['host_taken_from_machine_gib']:.2f}), pinned {r['pinned_gib']:.2f} GiB (pred "
             f"{r['predicted_pinned_gib']:.2f}); {r['fps']:.2f} FPS, TTFF {r['ttff_s']:.1f} s, load {r['build_s']:.1f} s")
 
@@ -388,14 +389,14 @@ def _table(report: dict) -> str:
              + (f"{link['h2d_gbps']:.1f} GB/s up, {link['d2h_gbps']:.1f} down" if "h2d_gbps" in link else "n/a")
              + f"; DiT {report['fast_path']}",
              "", "| GPU cap | host limit (how) | setting | placement | VRAM peak (predicted, error) | host RSS peak "
-             "(predicted, error) | pinned (predicted) | FPS (predicted) | TTFF | load | RTX 4090 predicted FPS | "
-             "RTX 4070-class predicted FPS |", "|" + "---|" * 12]
+             "(predicted, error) | with compile workers (predicted) | pinned (predicted) | FPS (predicted) | TTFF | "
+             "load | RTX 4090 predicted FPS | RTX 4070-class predicted FPS |", "|" + "---|" * 13]
     for row in report["rows"]:
         r = row.get("result", {})
         if "error" in r or not r:
             lines.append(f"| {row['cap_gib']:g} GiB | {report['host_limit_gib']:g} GiB | "
                          f"{'refused' if row['refused'] else 'failed'} | {row.get('refused') or r.get('error')} |"
-                         + " |" * 8)
+                         + " |" * 9)
             continue
         desk = row["desktop"]
         lines.append(
@@ -406,6 +407,7 @@ def _table(report: dict) -> str:
             f"{r['peak_gib'] or 0:.2f} GiB ({r['predicted_peak_gib']:.2f}, {_within(r['peak_gib'], r['predicted_peak_gib'])}) | "
             f"{r['host_rss_peak_gib']:.2f} GiB ({r['predicted_host_peak_gib']:.2f}, "
             f"{_within(r['host_rss_peak_gib'], r['predicted_host_peak_gib'])}) | "
+            f"{r['watched_rss_peak_gib']:.2f} GiB ({r['predicted_host_peak_gib'] + r['predicted_compile_workers_gib']:.2f}) | "
             f"{r['pinned_gib']:.2f} GiB ({r['predicted_pinned_gib']:.2f}) | {r['fps']:.2f} "
             f"({r['predicted_fps'] or 0:.2f}) | {r['ttff_s']:.1f} s | {r['build_s']:.1f} s | "
             f"{desk['rtx4090']['fps'] if desk['rtx4090']['fits'] else 'does not fit'} | "

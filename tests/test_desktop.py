@@ -4,6 +4,7 @@ them, FP8 KV storage and its error, the lazily mapped text encoder, and the desk
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from liveavatar.runtime.caches.storage import KVStorage
 from liveavatar.runtime.layer_streaming import place_dit
 from liveavatar.runtime.loading import load_placed_dit
 from liveavatar.runtime.placement import Placement
-from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB
+from liveavatar.runtime.planner.hardware import CPU_HARDWARE, HARDWARE_PRESETS, GiB
+from liveavatar.runtime.planner.host import COMPILE_WORKERS_NAME, compile_worker_bytes
 from liveavatar.runtime.planner.memory import Workload, dit_inventory
 from liveavatar.runtime.planner.policy import Pins, make_plan, nearest_fitting_plans
 from liveavatar.runtime.transfer import PinnedArena
@@ -169,6 +171,38 @@ def test_host_phases_count_the_text_encoder_only_while_encoding(inventory):
     fp32 = make_plan(inventory, Workload(384, 704, run_dtype_bytes=4), RTX4090, 22 * GiB, budget_source="22 GiB",
                      host_budget_bytes=256 * GiB, pins=Pins(text_encoder="cpu"))
     assert not next(c for c in fp32.components if c.name.startswith("text encoder on the CPU")).reclaimable
+
+
+def _workers(plan):
+    (pool,) = [c for c in plan.components if c.name.startswith(COMPILE_WORKERS_NAME)]
+    return pool
+
+
+def test_the_compile_workers_are_budgeted_and_cut_to_fit_the_host(inventory, monkeypatch):
+    work = Workload(384, 704)
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "16")  # a 16-CPU desktop: Inductor's default pool of 16
+    # Without a host budget (planning for another machine) the default pool is reported at its size.
+    unknown = make_plan(inventory, work, RTX4090, 22 * GiB, budget_source="22 GiB")
+    assert unknown.placement.compile_workers is None and _workers(unknown).nbytes == compile_worker_bytes(16)
+    # 64 GiB holds the default pool next to the run: nothing is set.
+    roomy = make_plan(inventory, work, RTX4090, 22 * GiB, budget_source="22 GiB", host_budget_bytes=64 * GiB)
+    assert roomy.placement.compile_workers is None and roomy.host_fits
+    # 32 GiB: fewer workers, as many as fit; the placement itself is the one chosen without a pool.
+    desktop = make_plan(inventory, work, RTX4090, 22 * GiB, budget_source="22 GiB", host_budget_bytes=32 * GiB)
+    workers = desktop.placement.compile_workers
+    assert 2 <= workers < 16 and desktop.host_fits
+    assert _workers(desktop).nbytes == compile_worker_bytes(workers) and f"{workers} compile workers" in \
+        desktop.placement.describe()
+    one_more = replace(desktop.placement, compile_workers=workers + 1)
+    assert (desktop.predicted_host_peak_bytes - _workers(desktop).nbytes + compile_worker_bytes(workers + 1)
+            + desktop.host_headroom_bytes > 32 * GiB), f"{one_more.describe()} would have fitted too"
+    # So little room that no pool fits: the kernels compile in the process.
+    tight = make_plan(inventory, work, RTX4090, 22 * GiB, budget_source="22 GiB", host_budget_bytes=27 * GiB)
+    assert tight.fits and tight.placement.compile_workers == 0 and _workers(tight).nbytes == 0
+    assert "compiles in-process" in tight.placement.describe()
+    # A CPU plan compiles nothing by default: no pool counted.
+    cpu = make_plan(inventory, work, CPU_HARDWARE, None, host_budget_bytes=32 * GiB)
+    assert not [c for c in cpu.components if c.name.startswith(COMPILE_WORKERS_NAME)]
 
 
 def test_plan_json_reports_the_host(capsys):

@@ -14,6 +14,7 @@ from liveavatar.runtime.caches import build_caches
 from liveavatar.runtime.compile import (
     COMPILE_ENV,
     GRAPHS_ENV,
+    FastPath,
     compile_counters,
     compile_regions,
     configure_compiler,
@@ -163,3 +164,20 @@ def test_speed_model_gives_resident_placements_graphs():
     assert forward_path(Placement(kv_location="host")) == "compiled"
     assert forward_path(Placement(), compiled=False) == "eager"
     assert EAGER.map(lambda name, function: function) == EAGER
+
+
+def test_the_engine_gives_inductor_the_planned_compile_workers(folder, tmp_path, monkeypatch):
+    """`Placement.compile_workers` reaches Inductor before anything compiles: 0 is one compile thread (no
+    worker pool, the kernels compile in this process), None leaves Inductor's own count."""
+    import torch._inductor.config as inductor
+
+    from liveavatar.runtime.engine import Engine
+
+    monkeypatch.setenv("LIVEAVATAR_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the engine points it at the cache; restored
+    monkeypatch.setattr(inductor, "compile_threads", 7)
+    compiled = FastPath(compile=True, cuda_graphs=False)
+    for workers, threads in ((0, 1), (6, 6), (None, 6)):
+        Engine(_model(folder), None, None, None, placement=Placement(compile_workers=workers),
+               device=torch.device("cpu"), dtype=torch.float32, fast_path=compiled)
+        assert inductor.compile_threads == threads

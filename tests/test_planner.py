@@ -118,7 +118,7 @@ def test_plan_json_has_the_agreed_keys(capsys):
     assert {"fits", "predicted_peak_gib", "placement", "headroom_gib", "fps", "slowdown"} <= set(report)
     assert report["predicted_peak_gib"] + report["headroom_gib"] <= 24 - 0.6
     assert set(report["placement"]) == {"weight_dtype", "streamed_layers", "kv_dtype", "kv_location",
-                                        "cond_location", "text_encoder"}
+                                        "cond_location", "text_encoder", "compile_workers"}
 
 
 def test_plan_refuses_with_exit_status_1(capsys):

@@ -100,8 +100,10 @@ def resolve_fast_path(device: "torch.device | str", *, compile: bool | None = No
     return FastPath(True, device.type == "cuda" and graphs is not False)
 
 
-def configure_compiler(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Inductor's settings for the fast path; returns the artefact cache folder. Call before compiling."""
+def configure_compiler(cache_dir: str | os.PathLike | None = None, *, workers: int | None = None) -> Path:
+    """Inductor's settings for the fast path; returns the artefact cache folder. Call before compiling.
+    ``workers``: Inductor's compile worker processes (`Placement.compile_workers`; None: its default, 0: none,
+    the kernels compile in this process)."""
     import torch._inductor.config as inductor
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
 
@@ -117,6 +119,8 @@ def configure_compiler(cache_dir: str | os.PathLike | None = None) -> Path:
     import torch._dynamo.config as dynamo
 
     inductor.fx_graph_cache = True
+    if workers is not None:
+        inductor.compile_threads = max(1, workers)  # 1 thread: Inductor starts no worker pool
     if hasattr(inductor, "emulate_precision_casts"):
         inductor.emulate_precision_casts = True  # keep the reference's explicit bf16 roundings
     # A region has two shapes per clip size and weight type (block, sink): several sizes in one process

@@ -98,7 +98,7 @@ class Engine:
         if transformer is None:  # an output rank that only decodes: no DiT to compile
             pass
         elif self.fast_path.compile:
-            self.compile_cache = configure_compiler()
+            self.compile_cache = configure_compiler(workers=placement.compile_workers)
             self.compile_fallback = compile_regions(transformer)
         else:
             transformer.regions = EAGER

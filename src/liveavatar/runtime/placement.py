@@ -6,6 +6,7 @@ and location). It is deliberately a plain, frozen, JSON-friendly value.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 WEIGHT_DTYPES = ("bf16", "fp8")
@@ -30,6 +31,10 @@ class Placement:
     text_encoder: "gpu_then_free" loads the 11.4 GB text encoder onto the GPU to encode the prompt and
         frees it before denoising (skipped on a prompt-cache hit); "cpu" encodes on the CPU, for cards that
         cannot hold it next to the DiT.
+    compile_workers: Inductor's compile worker processes while the first block of a clip size compiles
+        (None: Inductor's default, `default_compile_workers`; 0: compile inside this process). Each takes
+        host memory (`liveavatar.runtime.planner.host`), so the planner lowers the count where the host
+        budget cannot hold the default pool next to the run; fewer workers only make the compile slower.
     """
 
     weight_dtype: str = "bf16"
@@ -38,6 +43,7 @@ class Placement:
     kv_location: str = "gpu"
     cond_location: str = "gpu"
     text_encoder: str = "gpu_then_free"
+    compile_workers: int | None = None
 
     def __post_init__(self):
         _check_choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
@@ -49,6 +55,8 @@ class Placement:
         if len(set(layers)) != len(layers) or any(i < 0 for i in layers):
             raise ValueError(f"streamed_layers must be distinct non-negative block indices, got {layers}")
         object.__setattr__(self, "streamed_layers", tuple(sorted(layers)))
+        if self.compile_workers is not None and self.compile_workers < 0:
+            raise ValueError(f"compile_workers must be >= 0 (0: compile in-process), got {self.compile_workers}")
 
     @property
     def streams_layers(self) -> bool:
@@ -67,12 +75,25 @@ class Placement:
         """One line for logs: `fp8 weights, 12 layers streamed, KV bf16 on host, cond on gpu, ...`."""
         return (f"{self.weight_dtype} weights, {len(self.streamed_layers)} layers streamed, "
                 f"KV {self.kv_dtype} on {self.kv_location}, cond on {self.cond_location}, "
-                f"text encoder {self.text_encoder}")
+                f"text encoder {self.text_encoder}" + ("" if self.compile_workers is None else
+                                                       ", compiles in-process" if self.compile_workers == 0 else
+                                                       f", {self.compile_workers} compile workers"))
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["streamed_layers"] = list(self.streamed_layers)
         return data
+
+
+def default_compile_workers() -> int:
+    """The worker processes Inductor starts by default: its ``compile_threads`` (torch/_inductor/config.py,
+    ``decide_compile_threads``: TORCHINDUCTOR_COMPILE_THREADS, else one per usable CPU up to 32), mirrored
+    so the planner counts them without importing torch. A count of 1 starts no pool (0 workers)."""
+    if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"):
+        threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
+    else:
+        threads = min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return threads if threads > 1 else 0
 
 
 def spread_layers(count: int, num_layers: int) -> tuple[int, ...]:

@@ -12,14 +12,17 @@ Host memory is budgeted like GPU memory, phase by phase (``memory.PHASES``):
 * set-up onwards: the waveform and its whole-file audio features (for ``Workload.audio_seconds``);
 * the caches on the host (pinned, in ``memory``), from the sink prefill on, and during the set-up too when
   the text encoder runs on the CPU (the engine then keeps an earlier request's caches);
-* decode: the decoded frames of a block and the mp4 encoder's buffers.
+* decode: the decoded frames of a block and the mp4 encoder's buffers;
+* on a GPU, from the first forward on: Inductor's compile worker processes (the fast path compiles the
+  first block of a clip size; the pool stays up for the next size). ``Placement.compile_workers`` sets
+  their count; the planner lowers it where the default pool does not fit next to the run.
 
 Constants marked CALIBRATED are fitted to ``benchmarks/desktop_fit.py``; ESTIMATE ones are not measured.
 """
 from __future__ import annotations
 
 from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
-from liveavatar.runtime.placement import Placement
+from liveavatar.runtime.placement import Placement, default_compile_workers
 from liveavatar.runtime.planner.hardware import CPU_HARDWARE, GiB, MiB, Hardware
 from liveavatar.runtime.planner.memory import (AFTER_LOAD, AUDIO_ENCODER_PARAMS, PHASES, STEADY, TEXT_ENCODER_PARAMS,
                                                VAE_PARAMS, Component, DiTInventory, Workload)
@@ -34,6 +37,16 @@ TEXT_ENCODER_LARGEST_ELEMENTS = 256_384 * 4_096
 # ESTIMATE: PyAV/x264 frame queue and lookahead of the mp4 writer at 704x384.
 MP4_ENCODER_BYTES = 64 * MiB
 CHECKPOINT_DTYPE_BYTES = 2  # the release's DiT and text encoder are stored in bf16
+# ESTIMATE (a lower bound): RSS of one Inductor compile worker process (Python with torch and Triton). The
+# compiled 22 GiB row of benchmarks/desktop_fit.py on a 16-CPU H200 host passed its 32 GiB limit with the
+# default pool (16 workers and their parent) over the eager row's 24.8 GiB: at least 7.2 / 17 GiB each.
+COMPILE_WORKER_BYTES = int(0.45 * GiB)
+COMPILE_WORKERS_NAME = "Inductor compile workers"
+
+
+def compile_worker_bytes(workers: int) -> int:
+    """Host bytes of a pool of ``workers`` compile processes (Inductor runs them under one parent process)."""
+    return (workers + 1) * COMPILE_WORKER_BYTES if workers else 0
 
 
 def host_components(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware) -> list[Component]:
@@ -42,6 +55,10 @@ def host_components(inv: DiTInventory, work: Workload, placement: Placement, hw:
     run_dtype = {2: "bf16", 4: "fp32"}.get(b, f"{8 * b}-bit")
     components = [Component("process (Python, PyTorch, CUDA runtime)", "host", "-",
                             PROCESS_BYTES_CPU if hw == CPU_HARDWARE else PROCESS_BYTES_CUDA, PHASES)]
+    if work.holds_dit and hw != CPU_HARDWARE:
+        workers = default_compile_workers() if placement.compile_workers is None else placement.compile_workers
+        components.append(Component(f"{COMPILE_WORKERS_NAME} ({workers}; the fast path's first block)", "host", "-",
+                                    compile_worker_bytes(workers), STEADY))
     if work.holds_dit:
         components.append(Component("checkpoint read buffer (largest DiT tensor)", "host", "bf16",
                                     inv.largest_tensor_elements * CHECKPOINT_DTYPE_BYTES, ("load",), sequential=True))

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.geometry import FRAMES_PER_BLOCK, size_for_area
-from liveavatar.runtime.placement import Placement, spread_layers
+from liveavatar.runtime.placement import Placement, default_compile_workers, spread_layers
 from liveavatar.runtime.planner.hardware import CPU_HARDWARE, GiB, MiB, Hardware, available_host_memory
-from liveavatar.runtime.planner.host import host_components
+from liveavatar.runtime.planner.host import COMPILE_WORKER_BYTES, compile_worker_bytes, host_components
 from liveavatar.runtime.planner.memory import (ALLOCATOR_FRAGMENTATION, Component, DiTInventory, Workload,
                                                host_pinned_bytes, memory_components, phase_peaks)
 from liveavatar.runtime.planner.speed import SpeedEstimate, estimate_speed
@@ -222,9 +222,12 @@ def make_plan(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int
                 for cond_location in _choices(pins.cond_location, ("gpu", "host")):
                     counts = range(inv.num_layers + 1) if pins.streamed_layers is None else [pins.streamed_layers]
                     for count in counts:
+                        # The compile pool is elastic: placements are compared without it (see
+                        # `_with_compile_workers`).
                         placement = Placement(weight_dtype=weight_dtype, kv_dtype=kv_dtype, kv_location=kv_location,
                                               cond_location=cond_location,
-                                              streamed_layers=streamed_layer_choice(inv, weight_dtype, count))
+                                              streamed_layers=streamed_layer_choice(inv, weight_dtype, count),
+                                              compile_workers=0)
                         check = _evaluate(inv, work, hw, placement, budgets)
                         if check.fits_gpu and check.fits_host:
                             candidates.append((estimate_speed(inv, work, placement, hw), placement))
@@ -246,6 +249,7 @@ def make_plan(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int
             sp[1].kv_location == "host", sp[1].cond_location == "host",
             len(sp[1].streamed_layers), sp[0].block_s))
         placement = _with_text_encoder(inv, work, hw, placement, budgets, pins)
+        placement = _with_compile_workers(inv, work, hw, placement, budgets)
         check = _evaluate(inv, work, hw, placement, budgets)
         reason = "" if check.fits_setup else "the set-up (text encoder) does not fit even on the CPU"
         return Plan(work, hw, placement, check.fits and check.fits_setup, budget_bytes, budget_source, headroom,
@@ -259,7 +263,7 @@ def make_plan(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int
                         streamed_layers=streamed_layer_choice(
                             inv, pins.weight_dtype or "fp8",
                             inv.num_layers if pins.streamed_layers is None else pins.streamed_layers),
-                        text_encoder=pins.text_encoder or "cpu")
+                        text_encoder=pins.text_encoder or "cpu", compile_workers=0)
     if host_bound:
         leanest = replace(min(host_bound, key=lambda hp: hp[0])[1], text_encoder=pins.text_encoder or "cpu")
     check = _evaluate(inv, work, hw, leanest, budgets)
@@ -392,6 +396,19 @@ def _evaluate(inv, work, hw, placement, budgets: _Budgets) -> _Check:
 def _run_reserved_bytes(phases: dict[str, int]) -> float:
     """Reserved GPU bytes at the peak of every phase but the set-up (whose text encoder can move to the CPU)."""
     return max(n for phase, n in phases.items() if phase != "setup") * (1 + ALLOCATOR_FRAGMENTATION)
+
+
+def _with_compile_workers(inv, work, hw, placement: Placement, budgets: _Budgets) -> Placement:
+    """``placement`` with as many of Inductor's compile workers as the host budget holds next to it: the
+    default pool (None) when it fits or no budget is known, else fewer, else none (compiled in-process)."""
+    if budgets.host is None or hw == CPU_HARDWARE:
+        return replace(placement, compile_workers=None)
+    free = budgets.host - budgets.host_headroom - _evaluate(inv, work, hw, placement, budgets).host_peak
+    default = default_compile_workers()
+    if compile_worker_bytes(default) <= free:
+        return replace(placement, compile_workers=None)
+    fitting = max(0, free // COMPILE_WORKER_BYTES - 1)  # the pool's parent process counts too
+    return replace(placement, compile_workers=int(fitting) if fitting >= 2 else 0)
 
 
 def _with_text_encoder(inv, work, hw, placement, budgets: _Budgets, pins) -> Placement:
