@@ -37,10 +37,12 @@ TEXT_ENCODER_LARGEST_ELEMENTS = 256_384 * 4_096
 # ESTIMATE: PyAV/x264 frame queue and lookahead of the mp4 writer at 704x384.
 MP4_ENCODER_BYTES = 64 * MiB
 CHECKPOINT_DTYPE_BYTES = 2  # the release's DiT and text encoder are stored in bf16
-# ESTIMATE (a lower bound): RSS of one Inductor compile worker process (Python with torch and Triton). The
-# compiled 22 GiB row of benchmarks/desktop_fit.py on a 16-CPU H200 host passed its 32 GiB limit with the
-# default pool (16 workers and their parent) over the eager row's 24.8 GiB: at least 7.2 / 17 GiB each.
-COMPILE_WORKER_BYTES = int(0.45 * GiB)
+# CALIBRATED: RSS of one Inductor compile worker process (Python with torch and Triton) while the DiT's
+# regions compile. benchmarks/desktop_fit.py --compile, 22 GiB row on a 16-CPU H200 host (RESULTS.md): with
+# the default pool (16 workers and their parent) the process tree passed its 32 GiB limit and was killed;
+# with the 11 workers the planner then gave it, the tree peaked 5.55 GiB above the process's own 24.87 GiB,
+# 0.46 GiB for each of the 12 processes.
+COMPILE_WORKER_BYTES = int(0.46 * GiB)
 COMPILE_WORKERS_NAME = "Inductor compile workers"
 
 
