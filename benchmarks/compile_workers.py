@@ -20,27 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-GiB = 1024 ** 3
-
-
-def process_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
-
-
-def descendants(pid: int) -> list[int]:
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    children = [int(child) for child in handle.read().split()]
-                found += children
-                pending += children
-        except OSError:
-            continue
-    return found
+from desktop_fit import descendants, process_rss
+from full_size_checkpoint import GiB
 
 
 def measure(workers: int, device: str) -> dict:

@@ -135,19 +135,35 @@ class MemoryLimit:
         self.path = None
 
 
-def tree_rss(pid: int) -> int:
-    """VmRSS of a process and all its descendants (Inductor's compile workers included): what a desktop
-    must hold. Pages a forked child shares with its parent count twice, so this bounds from above."""
-    total, pending = 0, [pid]
+def process_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    found, pending = [], [pid]
     while pending:
         current = pending.pop()
         try:
-            with open(f"/proc/{current}/status") as handle:
-                total += next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as handle:
-                    pending.extend(int(child) for child in handle.read().split())
-        except (OSError, StopIteration):
+                    children = [int(child) for child in handle.read().split()]
+                found += children
+                pending += children
+        except OSError:
+            continue
+    return found
+
+
+def tree_rss(pid: int) -> int:
+    """VmRSS of a process and all its descendants (Inductor's compile workers included): what a desktop
+    must hold. Pages a forked child shares with its parent count twice, so this bounds from above."""
+    total = 0
+    for process in [pid, *descendants(pid)]:
+        try:
+            total += process_rss(process)
+        except (OSError, StopIteration):  # gone since it was listed
             continue
     return total
 

@@ -31,3 +31,17 @@ def test_the_fast_path_benchmark_times_every_path_on_the_cpu(tmp_path):
         assert set(row["paths"]) == {"eager", "graphs", "compiled"}
         # The compiled regions against eager, per block: the same numbers up to float32 reassociation.
         assert max(block["max"] for block in row["paths"]["compiled"]["vs_eager"]) < 1e-3
+
+
+def test_the_compile_worker_probe_measures_a_pool_on_the_cpu(tmp_path):
+    """What calibrates `COMPILE_WORKER_BYTES`: with two compile threads Inductor's compile runs in processes
+    below the probe, whose RSS it reports; the same compile with one thread is timed in the process."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compile_workers.py"), "--device", "cpu",
+                             "--workers", "2,1"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO / "src"),
+                                 "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})  # compiles, no cache hit
+    assert result.returncode == 0, result.stderr[-2000:]
+    pool, single = json.loads((tmp_path / "compile_workers.json").read_text())
+    assert (pool["workers_set"], single["workers_set"]) == (2, 1) and "error" not in pool and "error" not in single
+    assert pool["descendant_processes"] >= 1 and 0.01 < pool["per_process_gib"] < 4
+    assert pool["compile_s"] > 0 and single["compile_s"] > 0
