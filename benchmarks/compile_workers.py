@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from desktop_fit import descendants, process_rss
+from desktop_fit import descendants, process_rss, tree_rss
 from full_size_checkpoint import GiB
 
 
@@ -35,15 +35,11 @@ def measure(workers: int, device: str) -> dict:
 
     def sample():
         while not done.is_set():
-            total, count = 0, 0
-            for child in descendants(os.getpid()):
-                try:
-                    total, count = total + process_rss(child), count + 1
-                except (OSError, StopIteration):
-                    pass
-            if total > peak["children"]:
-                peak.update(children=total, count=count)
-            peak["own"] = max(peak["own"], process_rss(os.getpid()))
+            own = process_rss(os.getpid())
+            children = tree_rss(os.getpid()) - own
+            if children > peak["children"]:
+                peak.update(children=children, count=len(descendants(os.getpid())))
+            peak["own"] = max(peak["own"], own)
             time.sleep(0.02)
 
     def many_kernels(x):

@@ -16,8 +16,9 @@ One invocation (about 5 minutes on an H200 with a local disk; it stops adding st
 3. One row per --caps entry: `liveavatar bench --memory-cap CAP --host-memory LIMIT --load-weights` in its
    own process under a host memory limit of --host-limit GiB: a cgroup (v2 memory.max, else v1
    memory.limit_in_bytes) when this machine allows one, else the parent watches the RSS of the child and
-   its descendants and kills it past the limit ("rss watch"); the report names the mode. If the planner refuses the size at a cap,
-   the refusal is recorded and the first setting it names as fitting is run instead.
+   its descendants and kills it past the limit ("rss watch"); the report names the mode. If the planner
+   refuses the size at a cap, the refusal is recorded and the first setting it names as fitting is run
+   instead.
 4. FP8 vs bf16 KV sets: the same 2-clip run (random full-size weights, FP8 linears, everything resident)
    with each, relative L2 difference of every velocity and decoded frame (max, mean).
 Every child runs eager (LIVEAVATAR_COMPILE=0) unless --compile is given: the compile's time and the host
@@ -169,7 +170,8 @@ def tree_rss(pid: int) -> int:
 
 
 def run_child(command: list[str], limit: MemoryLimit, timeout_s: float, env_extra: dict | None = None) -> dict:
-    """Run ``command`` (its last stdout line is JSON) under ``limit``, watching its process tree's RSS every 20 ms."""
+    """Run ``command`` (its last stdout line is JSON) under ``limit``, watching its process tree's RSS every
+    20 ms."""
     env = {**os.environ, **(env_extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     process = subprocess.Popen(limit.wrap(command), env=env, cwd=REPO, stdout=subprocess.PIPE,
@@ -383,6 +385,11 @@ def _within(measured, predicted) -> str:
     return f"{error:+.1%} {'ok' if abs(error) <= 0.10 else 'OFF'}"
 
 
+def _predicted_tree_gib(result: dict) -> float:
+    """The planner's host peak for the child's whole process tree: its own and its compile workers'."""
+    return result["predicted_host_peak_gib"] + result["predicted_compile_workers_gib"]
+
+
 def _row_line(row: dict) -> str:
     r = row["result"]
     if "error" in r:
@@ -390,8 +397,8 @@ def _row_line(row: dict) -> str:
     return (f"cap {row['cap_gib']:g} GiB, {row['size']} {row['infer_frames']}-frame clips: {_placement(r)}\n"
             f"    VRAM peak {r['peak_gib'] or 0:.2f} GiB (pred {r['predicted_peak_gib']:.2f}), host RSS peak "
             f"{r['host_rss_peak_gib']:.2f} GiB (pred {r['predicted_host_peak_gib']:.2f}; watched "
-            f"{r['watched_rss_peak_gib']:.2f} with its descendants (pred "
-            f"{r['predicted_host_peak_gib'] + r['predicted_compile_workers_gib']:.2f}), {r['limit_mode']}; taken from the machine "
+            f"{r['watched_rss_peak_gib']:.2f} with its descendants (pred {_predicted_tree_gib(r):.2f}), "
+            f"{r['limit_mode']}; taken from the machine "
             f"{r['host_taken_from_machine_gib']:.2f}), pinned {r['pinned_gib']:.2f} GiB (pred "
             f"{r['predicted_pinned_gib']:.2f}); {r['fps']:.2f} FPS, TTFF {r['ttff_s']:.1f} s, load {r['build_s']:.1f} s")
 
@@ -423,7 +430,7 @@ def _table(report: dict) -> str:
             f"{r['peak_gib'] or 0:.2f} GiB ({r['predicted_peak_gib']:.2f}, {_within(r['peak_gib'], r['predicted_peak_gib'])}) | "
             f"{r['host_rss_peak_gib']:.2f} GiB ({r['predicted_host_peak_gib']:.2f}, "
             f"{_within(r['host_rss_peak_gib'], r['predicted_host_peak_gib'])}) | "
-            f"{r['watched_rss_peak_gib']:.2f} GiB ({r['predicted_host_peak_gib'] + r['predicted_compile_workers_gib']:.2f}) | "
+            f"{r['watched_rss_peak_gib']:.2f} GiB ({_predicted_tree_gib(r):.2f}) | "
             f"{r['pinned_gib']:.2f} GiB ({r['predicted_pinned_gib']:.2f}) | {r['fps']:.2f} "
             f"({r['predicted_fps'] or 0:.2f}) | {r['ttff_s']:.1f} s | {r['build_s']:.1f} s | "
             f"{desk['rtx4090']['fps'] if desk['rtx4090']['fits'] else 'does not fit'} | "

@@ -233,7 +233,7 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
         "pinned_gib": pinned / GiB,
         "predicted_host_phase_peaks_gib": {k: v / GiB for k, v in predicted_host.items()},
         "predicted_host_peak_gib": max(predicted_host.values()) / GiB,
-        "predicted_compile_workers_gib": (compile_workers_bytes(plan) if engine.fast_path.compile else 0) / GiB,
+        "predicted_compile_workers_gib": (planned_compile_worker_bytes(plan) if engine.fast_path.compile else 0) / GiB,
         "predicted_pinned_gib": plan.host_pinned_bytes / GiB,
         "predicted_peak_gib": max(predicted.values()) / GiB,
         "predicted_fps": plan.speed.fps if plan.budget_bytes is not None else None,
@@ -373,13 +373,13 @@ def bench_phase_peaks(plan, where: str = "gpu", *, loads_checkpoint: bool = Fals
     """The planner's peaks (GPU, or host) for what the benchmark's own process allocates: every phase but
     the set-up (encoders), without the pieces it does not have (`NOT_BENCHED`; the checkpoint's read
     buffer only when it loads one) and without Inductor's compile workers (other processes:
-    `compile_workers_bytes`)."""
+    `planned_compile_worker_bytes`)."""
     kept = [c for c in plan.components if not c.name.startswith((*NOT_BENCHED, COMPILE_WORKERS_NAME))
             and (loads_checkpoint or not c.name.startswith("checkpoint read buffer"))]
     return {phase: peak for phase, peak in phase_peaks(kept, where).items() if phase != "setup"}
 
 
-def compile_workers_bytes(plan) -> int:
+def planned_compile_worker_bytes(plan) -> int:
     """The host bytes the plan gives Inductor's compile worker processes (0 on the CPU)."""
     return sum(c.nbytes for c in plan.components if c.name.startswith(COMPILE_WORKERS_NAME))
 
