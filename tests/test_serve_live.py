@@ -59,6 +59,31 @@ def test_live_session_gives_generates_frames_one_block_per_0_48_s(server, backen
     assert result.frames[:len(expected)] == expected
 
 
+def test_audio_after_end_is_ignored_with_one_notice_and_the_session_ends_with_its_audio(server, media_dir, speech):
+    from websockets.sync.client import connect
+
+    image = base64.b64encode((media_dir / "cyclops_baker.jpg").read_bytes()).decode()
+    notices, blocks = [], []
+    with connect(server.ws_url) as ws:
+        ws.send(json.dumps({"type": "start", "image": image, "realtime": False, **SMALL}))
+        assert json.loads(ws.recv())["type"] == "ready"
+        ws.send(to_pcm16(speech[:32000]))  # 2 s
+        ws.send(json.dumps({"type": "end"}))
+        ws.send(to_pcm16(speech[32000:32100]))  # a stray chunk after end
+        ws.send(to_pcm16(speech[32100:32200]))
+        for message in ws:
+            if isinstance(message, bytes):
+                blocks.append(unpack_block(message)[0])
+                continue
+            item = json.loads(message)
+            if item["type"] == "done":
+                assert item == {"type": "done", "reason": "end", "blocks": 5}
+                break
+            notices.append(item)
+    assert notices == [{"type": "notice", "message": "audio after 'end' is ignored; start a new session for new audio"}]
+    assert len(blocks) == 5 and blocks[-1]["input_samples"][1] == 32000  # 50 frames + 3 dropped -> 5 blocks
+
+
 def test_audio_running_dry_idles_on_silence_paced_to_real_time_until_the_idle_limit(server, media_dir, speech):
     result = stream_file(server.ws_url, media_dir / "cyclops_baker.jpg", speech[:24000], pace=1.0, send_end=False,
                          idle_limit_s=1.5, **SMALL)
@@ -81,9 +106,9 @@ def test_interrupt_drops_queued_audio_and_the_avatar_stops_within_a_block(server
     image = base64.b64encode((media_dir / "cyclops_baker.jpg").read_bytes()).decode()
     blocks = []
     with connect(server.ws_url) as ws:
-        ws.send(json.dumps({"type": "start", "image": image, "idle_limit_s": 1.0, **SMALL}))
+        ws.send(json.dumps({"type": "start", "image": image, "idle_limit_s": 1.0, "lag_bound_s": 10, **SMALL}))
         assert json.loads(ws.recv())["type"] == "ready"
-        ws.send(to_pcm16(speech))  # 2.5 s queued at once
+        ws.send(to_pcm16(speech))  # 2.5 s queued at once, within the lag bound
         blocks.append(unpack_block(ws.recv()))
         ws.send(json.dumps({"type": "interrupt"}))
         for message in ws:
@@ -121,7 +146,13 @@ def test_a_live_client_that_disconnects_stops_its_session_within_a_block_and_a_j
 
 @pytest.mark.parametrize("start, message", [
     ({"type": "start", "colour": "red"}, "unknown field 'colour' in the start message; accepted: type, image, "
-                                         "image_id, prompt, size, steps, seed, realtime, idle_limit_s, jpeg_quality"),
+                                         "image_id, prompt, size, steps, seed, realtime, idle_limit_s, jpeg_quality, "
+                                         "lag_bound_s"),
+    (b"\x00\x01", 'the first message must be the JSON text {"type": "start", ...} (see the README\'s live protocol); '
+                  'got a binary message'),
+    ("hello", 'the first message is not JSON (\'hello\'...); send {"type": "start", ...} (see the README\'s live '
+              'protocol)'),
+    ({"type": "start", "image": "IMAGE", "prompt": "x" * 5000}, "field 'prompt': longer than 4096 bytes"),
     ({"type": "start", "image": "%%%"}, "--image: the start message's 'image' is not valid base64"),
     ({"type": "start", "image_id": "nope"}, "image_id 'nope': no such upload (or it expired); POST the image to "
                                             "/v1/images again"),
@@ -131,14 +162,14 @@ def test_a_live_client_that_disconnects_stops_its_session_within_a_block_and_a_j
     ({"type": "start", "image": "IMAGE", "idle_limit_s": 999}, "idle_limit_s 999: must be in (0, 30] on this "
                                                                "server (--live-idle-limit)"),
 ])
-def test_bad_start_messages_are_refused_with_one_line_and_the_server_keeps_serving(server, media_dir, start,
+def test_bad_first_messages_are_refused_with_one_line_and_the_server_keeps_serving(server, media_dir, start,
                                                                                    message):
     from websockets.sync.client import connect
 
-    if start.get("image") == "IMAGE":
+    if isinstance(start, dict) and start.get("image") == "IMAGE":
         start["image"] = base64.b64encode((media_dir / "cyclops_baker.jpg").read_bytes()).decode()
     with connect(server.ws_url) as ws:
-        ws.send(json.dumps(start))
+        ws.send(json.dumps(start) if isinstance(start, dict) else start)
         assert json.loads(ws.recv()) == {"type": "error", "message": message}
         with pytest.raises(Exception):
             ws.recv()
