@@ -12,6 +12,7 @@ from pathlib import Path
 from liveavatar.cli.flags import add_bool_flag, add_flag
 from liveavatar.cli.generate import DEFAULTS, plan_for
 from liveavatar.errors import InputError
+from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 
 TOKEN_ENV = "LIVEAVATAR_TOKEN"
 
@@ -49,6 +50,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(limits, "live-idle-limit", type=float, default=60.0, metavar="SECONDS",
              help="a live session ends after this much silence-only output (default 60 s; a session may ask for less)")
 
+    live = parser.add_argument_group("live sessions")
+    add_flag(live, "live", default="auto", choices=("auto", "strict"),
+             help="auto (default): sessions run at the largest size and steps the speed model predicts at >= 1.15x "
+                  "real time on this GPU, and one that asks for a setting that falls behind gets a warning; strict: "
+                  "such a session is refused")
+    add_flag(live, "live-size", help="pin the live setting's size (default: chosen as --live says)")
+    add_flag(live, "live-steps", type=int, help="pin the live setting's steps (default: chosen as --live says)")
+    add_flag(live, "live-lag-bound", type=float, default=2.0, metavar="SECONDS",
+             help="most audio a live session lets wait before it catches up: it skips queued silence, then drops "
+                  "the oldest queued speech, and tells the client (default 2 s; a session may ask for another)")
+    add_flag(live, "tts-command", default=DEFAULT_TTS_COMMAND, metavar="COMMAND",
+             help="speaks a session's 'say' text: reads the text on stdin, writes a WAV on stdout "
+                  "(default: %(default)s)")
+
 
 def check_host(host: str, token: str | None) -> None:
     """Loopback needs no token; anything reachable from other machines does."""
@@ -66,9 +81,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from liveavatar.geometry import ClipGeometry, size_for_area
+    from liveavatar.geometry import ClipGeometry
     from liveavatar.serve.app import ServerState, StoppingServer, create_app
     from liveavatar.serve.backend import Backend
+    from liveavatar.serve.live_setting import choose_live_setting, describe, landscape, live_predictor
     from liveavatar.serve.uploads import Limits
     from liveavatar.settings import parse_size, parse_vram_budget
 
@@ -81,8 +97,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.max_steps < 1 or args.max_queued_per_client < 1 or args.retention < 0 or args.live_idle_limit <= 0:
         raise InputError("--max-steps and --max-queued-per-client must be >= 1, --retention >= 0, "
                          "--live-idle-limit > 0")
+    if args.live_lag_bound < 0.5:
+        raise InputError(f"--live-lag-bound {args.live_lag_bound:g}: must be at least 0.5 s (a block is 0.48 s)")
+    if args.live_size is not None:
+        parse_size(args.live_size)
     # Placed for the largest request the server accepts (its landscape size at --max-steps).
-    largest = ClipGeometry(*size_for_area(9, 16, limits.max_area), 48)
+    largest = ClipGeometry(*landscape(limits.max_area), 48)
     plan = plan_for(ckpt_dir=Path(args.ckpt_dir), device=args.device, dtype=args.dtype,
                     weights={None: "auto", True: "fp8", False: "bf16"}[args.fp8],
                     t5_cpu=bool(args.t5_cpu), vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget else None,
@@ -94,9 +114,18 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         backend = Backend.load(ckpt_dir=args.ckpt_dir, lora=args.lora_path_dmd, device=args.device, dtype=args.dtype,
                                placement=plan.placement)
+        live = choose_live_setting(live_predictor(plan, Path(args.ckpt_dir), backend), max_area=limits.max_area,
+                                   max_steps=limits.max_steps, policy=args.live, size=args.live_size,
+                                   steps=args.live_steps)
+        print(describe(live), file=sys.stderr, flush=True)
+        if plan.budget_bytes is not None:
+            print(f"warming the live setting (compile, CUDA graphs) before the first session", file=sys.stderr,
+                  flush=True)
+            backend.warm(live.size, live.sample_steps)
         state = ServerState(backend=backend, root=root, limits=limits,
                             retention_s=args.retention, max_per_client=args.max_queued_per_client,
-                            live_idle_limit_s=args.live_idle_limit, token=token)
+                            live_idle_limit_s=args.live_idle_limit, token=token, live=live,
+                            live_lag_bound_s=args.live_lag_bound, tts_command=args.tts_command)
         server = StoppingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                                timeout_graceful_shutdown=10,
                                                ws_max_size=limits.upload_bytes * 4 // 3 + 2**20),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from liveavatar.errors import InputError
-from liveavatar.geometry import FPS, ClipGeometry, size_for_area
+from liveavatar.geometry import FPS, size_for_area
 from liveavatar.request import parse_size
 
 LADDER = ("704*384", "688*368", "384*256")
@@ -26,13 +26,25 @@ POLICIES = ("auto", "strict")
 RatePredictor = Callable[[int, int], "float | None"]
 
 
+def live_predictor(plan, ckpt_dir, backend) -> RatePredictor | None:
+    """The speed model for the server's GPU, placement and fast path (None on the CPU: no model there)."""
+    from liveavatar.runtime.planner.memory import dit_inventory, transformer_config_for
+
+    if plan.budget_bytes is None:
+        return None
+    fast = backend.pipe.engine.fast_path
+    path = "graphs" if fast.cuda_graphs and plan.placement.resident else "compiled" if fast.compile else "eager"
+    return speed_model_predictor(dit_inventory(transformer_config_for(ckpt_dir)), plan.placement, plan.hardware,
+                                 run_dtype_bytes=plan.workload.run_dtype_bytes, path=path)
+
+
 def speed_model_predictor(inventory, placement, hardware, *, run_dtype_bytes: int, path: str) -> RatePredictor:
     """The speed model's real-time factor of one live session at (area, steps) on this placement."""
     from liveavatar.runtime.planner.memory import Workload
     from liveavatar.runtime.planner.speed import estimate_speed
 
     def predict(area: int, steps: int) -> float:
-        height, width = size_for_area(9, 16, area)  # the server plans for landscape portraits, as serve does
+        height, width = landscape(area)
         work = Workload(height, width, 48, steps, 1, "streaming", run_dtype_bytes, audio_seconds=0.0)
         return estimate_speed(inventory, work, placement, hardware, path=path).fps / FPS
 
@@ -99,8 +111,14 @@ def choose_live_setting(predict: RatePredictor | None, *, max_area: int, max_ste
                                                       f"setting ({rtf:.2f}x) falls behind", predict)
 
 
+def landscape(area: int) -> tuple[int, int]:
+    """(height, width) of an area for a landscape portrait (the reference's 704x384 examples): what the
+    server plans and predicts for."""
+    return size_for_area(384, 704, area)
+
+
 def _smallest(max_area: int) -> str:
-    height, width = size_for_area(9, 16, max_area)
+    height, width = landscape(max_area)
     return f"{width}*{height}"
 
 
@@ -110,7 +128,3 @@ def describe(setting: LiveSetting) -> str:
     return (f"live setting: {setting.size}, {setting.sample_steps} steps{rtf} ({setting.reason}; "
             f"--live {setting.policy})")
 
-
-def warm_geometry(setting: LiveSetting) -> ClipGeometry:
-    height, width = size_for_area(9, 16, parse_size(setting.size))
-    return ClipGeometry(height, width, 48)
