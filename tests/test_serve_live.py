@@ -16,16 +16,20 @@ pytest.importorskip("fastapi")
 
 from liveavatar.io.media import load_audio
 from liveavatar.serve.client import main as client_main, stream_file
+from liveavatar.serve.live_setting import choose_live_setting
 from liveavatar.serve.local import LocalServer
 from liveavatar.serve.protocol import from_pcm16, to_pcm16, unpack_block
 from test_serve_jobs import backend, short_wav, submit, tiny, wait  # noqa: F401 (module fixtures)
 
 SMALL = {"size": "64*64", "steps": 1, "seed": 5}
+# A stand-in speed model: 64*64 at one step keeps up, anything more falls behind at 0.5x real time.
+LIVE = choose_live_setting(lambda area, steps: 2.0 if area <= 64 * 64 and steps == 1 else 0.5, max_area=704 * 384,
+                           max_steps=4, size="64*64", steps=1)
 
 
 @pytest.fixture
 def server(backend, tiny):
-    with LocalServer(backend, live_idle_limit_s=30) as running:
+    with LocalServer(backend, live_idle_limit_s=30, live=LIVE) as running:
         yield running
 
 
@@ -51,6 +55,11 @@ def test_live_session_gives_generates_frames_one_block_per_0_48_s(server, backen
     assert [b["frame_start"] for b in result.blocks] == [0] + [9 + 12 * i for i in range(len(result.blocks) - 1)]
     assert all(b["audio_start"] == b["frame_start"] / 25 for b in result.blocks)
     assert [b["input_samples"] for b in result.blocks][0] == [0, 9 * 640]
+    assert result.ready["setting"] == {"size": "64*64", "sample_steps": 1, "predicted_rtf": 2.0}
+    for block in result.blocks:  # the timing accounts for the whole latency, stage by stage
+        parts = [value for value in block["timing"].values() if value is not None]
+        assert len(parts) == 7 and all(value >= 0 for value in parts) and block["rtf"] > 0
+        assert abs(sum(parts) - block["latency_ms"]) < 1.0, block
     # The same frames as generate on the whole file in its streamed-audio mode (same seed).
     generated = backend.pipe.stream(image, speech, "", size="64*64", sample_steps=1, base_seed=5, num_clip=2,
                                     streamed_audio_features=True)
@@ -191,3 +200,92 @@ def test_an_uploaded_image_id_starts_a_session_and_the_client_writes_an_mp4(serv
     with av.open(str(out)) as container:
         assert container.streams.audio[0].codec_context.name == "aac"
         assert sum(1 for _ in container.decode(video=0)) == 45
+
+
+def test_past_the_lag_bound_queued_silence_goes_first_then_the_oldest_speech_with_one_lag_event(server, media_dir,
+                                                                                                 speech):
+    from websockets.sync.client import connect
+
+    image = base64.b64encode((media_dir / "cyclops_baker.jpg").read_bytes()).decode()
+    tone = from_pcm16(to_pcm16(0.2 * np.sin(np.arange(40000) * 2 * np.pi * 220 / 16000)))  # never quiet
+    silence_then_speech = np.concatenate([np.zeros(16000, np.float32), tone])  # 1 s + 2.5 s at once
+    events, blocks = [], []
+    with connect(server.ws_url) as ws:
+        ws.send(json.dumps({"type": "start", "image": image, "lag_bound_s": 1.0, "idle_limit_s": 0.5, **SMALL}))
+        assert json.loads(ws.recv())["lag_bound_s"] == 1.0
+        ws.send(to_pcm16(silence_then_speech))
+        ws.send(json.dumps({"type": "end"}))
+        for message in ws:
+            if isinstance(message, bytes):
+                blocks.append(unpack_block(message)[0])
+            elif json.loads(message)["type"] == "done":
+                break
+            else:
+                events.append(json.loads(message))
+    assert events == [{"type": "lag", "lag_s": 3.5, "dropped_s": 2.5, "policy": "dropped the oldest queued speech"}]
+    carried = [b["input_samples"] for b in blocks if b["input_samples"]]
+    assert carried[0][0] == 16000 + 24000 and carried[-1][1] == len(silence_then_speech)  # the newest 1 s, in order
+    assert all(a[1] == b[0] for a, b in zip(carried, carried[1:]))
+
+
+def test_say_speaks_text_on_the_server_and_a_bad_or_failing_say_is_one_error_while_the_session_goes_on(
+        backend, tiny, media_dir):
+    from liveavatar.serve.tts import synthesize
+
+    spoken = len(synthesize("Hello there."))
+    with LocalServer(backend, live=LIVE) as running:
+        result = stream_file(running.ws_url, media_dir / "cyclops_baker.jpg", "Hello there.", realtime=False, **SMALL)
+    assert result.error is None and result.done["reason"] == "end"
+    carried = [b["input_samples"] for b in result.blocks if b["input_samples"]]
+    assert carried[0][0] == 0 and carried[-1][1] == spoken
+    with LocalServer(backend, live=LIVE, tts_command="false") as running:
+        from websockets.sync.client import connect
+
+        image = base64.b64encode((media_dir / "cyclops_baker.jpg").read_bytes()).decode()
+        with connect(running.ws_url) as ws:
+            ws.send(json.dumps({"type": "start", "image": image, "realtime": False, **SMALL}))
+            assert json.loads(ws.recv())["type"] == "ready"
+            ws.send(json.dumps({"type": "say", "text": ""}))
+            assert json.loads(ws.recv()) == {"type": "error", "message": "say: 'text' must be non-empty text"}
+            ws.send(json.dumps({"type": "say", "text": "hi"}))
+            assert json.loads(ws.recv()) == {"type": "error", "message": "say: the TTS command 'false' failed "
+                                                                         "(exit 1: no message)"}
+            ws.send(to_pcm16(np.zeros(8000, np.float32)))
+            ws.send(json.dumps({"type": "end"}))
+            assert isinstance(ws.recv(), bytes)  # the session goes on
+
+
+def test_a_setting_that_falls_behind_gets_a_warning_and_strict_refuses_it(backend, tiny, media_dir):
+    from dataclasses import replace
+
+    from websockets.sync.client import connect
+
+    image = base64.b64encode((media_dir / "cyclops_baker.jpg").read_bytes()).decode()
+    start = {"type": "start", "image": image, "size": "64*64", "steps": 2}
+    with LocalServer(backend, live=LIVE) as running:
+        with connect(running.ws_url) as ws:
+            ws.send(json.dumps(start))
+            ready = json.loads(ws.recv())
+    assert ready["setting"] == {"size": "64*64", "sample_steps": 2, "predicted_rtf": 0.5}
+    assert ready["warning"] == ("size 64*64 at 2 steps is predicted at 0.50x real time on this server: the avatar "
+                                "falls 30 s further behind per minute of speech (the lag bound then drops audio); "
+                                "this server keeps up at 64*64, 1 steps")
+    with LocalServer(backend, live=replace(LIVE, policy="strict")) as running:
+        with connect(running.ws_url) as ws:
+            ws.send(json.dumps(start))
+            assert json.loads(ws.recv())["message"] == ready["warning"] + " (--live strict refuses it)"
+
+
+def test_the_client_prints_one_error_line_when_refused_or_when_no_server_runs(server, media_dir, short_wav, tmp_path,
+                                                                            capsys):
+    arguments = ["--image", str(media_dir / "cyclops_baker.jpg"), "--audio", str(short_wav), "--output",
+                 str(tmp_path / "a.mp4")]
+    assert client_main(["--url", server.ws_url, "--size", "2000*2000", *arguments]) == 2
+    assert capsys.readouterr().err == ("error: --size '2000*2000': the area 4000000 is above this server's limit "
+                                       "270336 (--max-size)\n")
+    from liveavatar.serve.local import free_port
+
+    url = f"ws://127.0.0.1:{free_port()}/v1/live"
+    assert client_main(["--url", url, *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot open a live session at {url} (") and err.count("\n") == 1

@@ -13,7 +13,7 @@ as it comes: the server's session) blocks are paced to playback, and a block who
 by its deadline is made from silence: the avatar keeps moving, idle, instead of freezing. Without one the
 loop waits for audio as long as it takes (batch use, exact comparisons with ``generate``).
 
-Catch-up: with ``lag_bound_s``, when more than that much audio waits at the start of a block, queued
+Catch-up: with ``lag_bound_s``, whenever more than that much audio waits for the next block, queued
 silence is skipped first, then the oldest queued speech is dropped, down to the bound; `on_lag` is told.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from liveavatar.errors import InputError
-from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS, SAMPLES_PER_FRAME, ClipGeometry
+from liveavatar.geometry import AUDIO_SAMPLE_RATE, DROPPED_LEADING_FRAMES, FPS, SAMPLES_PER_FRAME, ClipGeometry
 from liveavatar.io.media import waveform_from_array
 from liveavatar.models.audio_features import StreamingAudioFeatures
 from liveavatar.runtime.live_ledger import OutputAudio, SpeechLedger
@@ -65,6 +65,7 @@ class LiveAudio:
         self.next_block = 0
         self._ready: deque[tuple[torch.Tensor, float]] = deque()  # (features, when their window was complete)
         self._finished = False
+        self._feature_shape = (0, 0)  # (hidden states, channels) of the engine's wav2vec2
 
     # ------------------------------------------------------------------------------------ client side
 
@@ -122,6 +123,7 @@ class LiveAudio:
         self.streamer = StreamingAudioFeatures(extractor, frames_per_block=geometry.frames_per_block, fps=FPS,
                                                lookahead_seconds=self.lookahead_s)
         self.frames_per_block = geometry.frames_per_block
+        self._feature_shape = (extractor.num_layers + 1, extractor.hidden_size)
         return self
 
     def block(self, clip: int, block: int) -> torch.Tensor | None:
@@ -132,13 +134,13 @@ class LiveAudio:
             self.on_first_block()
         if self.pacer is not None:
             self._wait(until=self.pacer.earliest_start(index), for_audio=False)
-        self._catch_up()
         while not self._ready:
             if self._closed:
                 return None
             if self._cut_pending:
                 self._cut()
                 continue
+            self._catch_up()
             piece = self._take_piece()
             if piece is not None:
                 self._feed(*piece)
@@ -151,9 +153,16 @@ class LiveAudio:
                 self._make_from_silence(index)
             else:
                 self._wait(until=None if self.pacer is None else self.pacer.deadline(index), for_audio=True)
-        if not self._ready or self._closed:
+        if self._closed:
             return None
-        features, window_done = self._ready.popleft()
+        if self._ready:
+            features, window_done = self._ready.popleft()
+        elif self._covered(index) < self.ledger.clock:
+            # The streamer makes no block whose first frame lies past the audio's 30 Hz frames; the video
+            # still covers every sample, on zero features as the whole-file path pads its last clip.
+            features, window_done = torch.zeros(1, *self._feature_shape, self.frames_per_block), self.now()
+        else:
+            return None
         self.ledger.block_handed(index, window_done, self.now())
         self.next_block += 1
         return features
@@ -168,6 +177,10 @@ class LiveAudio:
         return 0.0 if waiting else self.ledger.silent_seconds(output_frames)
 
     # ------------------------------------------------------------------------------------ internals
+
+    def _covered(self, index: int) -> int:
+        """Clock samples the output frames of the blocks before ``index`` show."""
+        return max(0, index * self.frames_per_block - DROPPED_LEADING_FRAMES) * SAMPLES_PER_FRAME
 
     def _wait(self, *, until: float | None, for_audio: bool) -> None:
         with self._lock:
