@@ -29,7 +29,7 @@ LIVE = choose_live_setting(lambda area, steps: 2.0 if area <= 64 * 64 and steps 
 
 @pytest.fixture
 def server(backend, tiny):
-    with LocalServer(backend, live_idle_limit_s=30, live=LIVE) as running:
+    with LocalServer(backend, live_idle_limit_s=30, live_setting=LIVE) as running:
         yield running
 
 
@@ -233,12 +233,12 @@ def test_say_speaks_text_on_the_server_and_a_bad_or_failing_say_is_one_error_whi
     from liveavatar.serve.tts import synthesize
 
     spoken = len(synthesize("Hello there."))
-    with LocalServer(backend, live=LIVE) as running:
+    with LocalServer(backend, live_setting=LIVE) as running:
         result = stream_file(running.ws_url, media_dir / "cyclops_baker.jpg", "Hello there.", realtime=False, **SMALL)
     assert result.error is None and result.done["reason"] == "end"
     carried = [b["input_samples"] for b in result.blocks if b["input_samples"]]
     assert carried[0][0] == 0 and carried[-1][1] == spoken
-    with LocalServer(backend, live=LIVE, tts_command="false") as running:
+    with LocalServer(backend, live_setting=LIVE, tts_command="false") as running:
         from websockets.sync.client import connect
 
         image = base64.b64encode((media_dir / "cyclops_baker.jpg").read_bytes()).decode()
@@ -262,7 +262,7 @@ def test_a_setting_that_falls_behind_gets_a_warning_and_strict_refuses_it(backen
 
     image = base64.b64encode((media_dir / "cyclops_baker.jpg").read_bytes()).decode()
     start = {"type": "start", "image": image, "size": "64*64", "steps": 2}
-    with LocalServer(backend, live=LIVE) as running:
+    with LocalServer(backend, live_setting=LIVE) as running:
         with connect(running.ws_url) as ws:
             ws.send(json.dumps(start))
             ready = json.loads(ws.recv())
@@ -270,7 +270,7 @@ def test_a_setting_that_falls_behind_gets_a_warning_and_strict_refuses_it(backen
     assert ready["warning"] == ("size 64*64 at 2 steps is predicted at 0.50x real time on this server: the avatar "
                                 "falls 30 s further behind per minute of speech (the lag bound then drops audio); "
                                 "this server keeps up at 64*64, 1 steps")
-    with LocalServer(backend, live=replace(LIVE, policy="strict")) as running:
+    with LocalServer(backend, live_setting=replace(LIVE, policy="strict")) as running:
         with connect(running.ws_url) as ws:
             ws.send(json.dumps(start))
             assert json.loads(ws.recv())["message"] == ready["warning"] + " (--live strict refuses it)"

@@ -124,7 +124,7 @@ def run_serve(args: argparse.Namespace) -> int:
             backend.warm(live.size, live.sample_steps)
         state = ServerState(backend=backend, root=root, limits=limits,
                             retention_s=args.retention, max_per_client=args.max_queued_per_client,
-                            live_idle_limit_s=args.live_idle_limit, token=token, live=live,
+                            live_idle_limit_s=args.live_idle_limit, token=token, live_setting=live,
                             live_lag_bound_s=args.live_lag_bound, tts_command=args.tts_command)
         server = StoppingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                                timeout_graceful_shutdown=10,

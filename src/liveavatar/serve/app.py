@@ -44,15 +44,15 @@ class ServerState:
     max_per_client: int
     live_idle_limit_s: float
     token: str | None = None
-    live: LiveSetting | None = None  # the live sessions' setting (None: chosen without a speed model)
+    live_setting: LiveSetting | None = None  # the live sessions' setting (None: chosen without a speed model)
     live_lag_bound_s: float = 2.0
     tts_command: str = DEFAULT_TTS_COMMAND
     queue: WorkQueue = field(init=False)
     images: "ImageStore" = field(init=False)
 
     def __post_init__(self):
-        if self.live is None:
-            self.live = choose_live_setting(None, max_area=self.limits.max_area, max_steps=self.limits.max_steps)
+        if self.live_setting is None:
+            self.live_setting = choose_live_setting(None, max_area=self.limits.max_area, max_steps=self.limits.max_steps)
         self.queue = WorkQueue(self.backend, self.root, retention_s=self.retention_s,
                                max_per_client=self.max_per_client)
         self.images = ImageStore(self.root / "images", self.retention_s)

@@ -32,7 +32,7 @@ def parse_start(message: dict, server) -> tuple[Request, LiveOptions, dict]:
     for name, value in message.items():
         if name != "image" and isinstance(value, str) and len(value.encode()) > MAX_TEXT_FIELD:
             raise UploadTooLarge(f"field {name!r}: longer than {MAX_TEXT_FIELD} bytes")
-    setting = server.live
+    setting = server.live_setting
     fields = {"size": setting.size, "steps": setting.sample_steps}
     fields.update({key: str(value) for key, value in message.items() if key in ("prompt", "size", "steps", "seed")})
     arguments = request_arguments(fields, server.limits)

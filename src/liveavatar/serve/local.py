@@ -28,7 +28,7 @@ class LocalServer:
                  max_per_client: int = 8, live_idle_limit_s: float = 30.0, default_size: str = "64*64",
                  max_area: int = 704 * 384, max_steps: int = 4, upload_mb: float = 50.0, max_audio_s: float = 600.0,
                  **live):
-        """``live``: the `ServerState`'s live fields (live, live_lag_bound_s, tts_command)."""
+        """``live``: the `ServerState`'s live fields (live_setting, live_lag_bound_s, tts_command)."""
         self.root = Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
         limits = Limits(upload_bytes=int(upload_mb * 2**20), audio_seconds=max_audio_s, max_area=max_area,
                         max_steps=max_steps, default_size=default_size)
