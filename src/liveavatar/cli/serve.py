@@ -76,20 +76,11 @@ def check_host(host: str, token: str | None) -> None:
                          f"only your clients reach the GPU")
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import shutil
-
-    import uvicorn
-
-    from liveavatar.geometry import ClipGeometry
-    from liveavatar.serve.app import ServerState, StoppingServer, create_app
-    from liveavatar.serve.backend import Backend
-    from liveavatar.serve.live_setting import choose_live_setting, describe, landscape, live_predictor
+def serve_limits(args: argparse.Namespace):
+    """The request limits the flags set, checked (one line for a bad flag)."""
     from liveavatar.serve.uploads import Limits
-    from liveavatar.settings import parse_size, parse_vram_budget
+    from liveavatar.settings import parse_size
 
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    check_host(args.host, token)
     limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), audio_seconds=args.max_audio_s,
                     max_area=parse_size(args.max_size), max_steps=args.max_steps, default_size=args.size)
     if parse_size(args.size) > limits.max_area:
@@ -101,7 +92,15 @@ def run_serve(args: argparse.Namespace) -> int:
         raise InputError(f"--live-lag-bound {args.live_lag_bound:g}: must be at least 0.5 s (a block is 0.48 s)")
     if args.live_size is not None:
         parse_size(args.live_size)
-    # Placed for the largest request the server accepts (its landscape size at --max-steps).
+    return limits
+
+
+def plan_serve(args: argparse.Namespace, limits):
+    """The placement for the largest request the server accepts (its landscape size at --max-steps)."""
+    from liveavatar.geometry import ClipGeometry
+    from liveavatar.serve.live_setting import landscape
+    from liveavatar.settings import parse_vram_budget
+
     largest = ClipGeometry(*landscape(limits.max_area), 48)
     plan = plan_for(ckpt_dir=Path(args.ckpt_dir), device=args.device, dtype=args.dtype,
                     weights={None: "auto", True: "fp8", False: "bf16"}[args.fp8],
@@ -110,18 +109,47 @@ def run_serve(args: argparse.Namespace) -> int:
     if plan.budget_bytes is not None:
         print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
               f"({plan.budget_source})", file=sys.stderr)
+    return plan
+
+
+def load_backend(args: argparse.Namespace, limits, plan=None):
+    """Load every model once, placed as ``plan`` (default: `plan_serve`) says: the single-process server's
+    engine, and each cluster replica's."""
+    from liveavatar.serve.backend import Backend
+
+    plan = plan or plan_serve(args, limits)
+    return Backend.load(ckpt_dir=args.ckpt_dir, lora=args.lora_path_dmd, device=args.device, dtype=args.dtype,
+                        placement=plan.placement)
+
+
+def prepare_live(args: argparse.Namespace, limits, plan, backend):
+    """The live setting (`liveavatar.serve.live_setting`), printed, and warmed on a GPU before any session."""
+    from liveavatar.serve.live_setting import choose_live_setting, describe, live_predictor
+
+    live = choose_live_setting(live_predictor(plan, Path(args.ckpt_dir), backend), max_area=limits.max_area,
+                               max_steps=limits.max_steps, policy=args.live, size=args.live_size, steps=args.live_steps)
+    print(describe(live), file=sys.stderr, flush=True)
+    if plan.budget_bytes is not None:
+        print("warming the live setting (compile, CUDA graphs) before the first session", file=sys.stderr, flush=True)
+        backend.warm(live.size, live.sample_steps)
+    return live
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import shutil
+
+    import uvicorn
+
+    from liveavatar.serve.app import ServerState, StoppingServer, create_app
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_host(args.host, token)
+    limits = serve_limits(args)
     root = Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
     try:
-        backend = Backend.load(ckpt_dir=args.ckpt_dir, lora=args.lora_path_dmd, device=args.device, dtype=args.dtype,
-                               placement=plan.placement)
-        live = choose_live_setting(live_predictor(plan, Path(args.ckpt_dir), backend), max_area=limits.max_area,
-                                   max_steps=limits.max_steps, policy=args.live, size=args.live_size,
-                                   steps=args.live_steps)
-        print(describe(live), file=sys.stderr, flush=True)
-        if plan.budget_bytes is not None:
-            print(f"warming the live setting (compile, CUDA graphs) before the first session", file=sys.stderr,
-                  flush=True)
-            backend.warm(live.size, live.sample_steps)
+        plan = plan_serve(args, limits)
+        backend = load_backend(args, limits, plan)
+        live = prepare_live(args, limits, plan, backend)
         state = ServerState(backend=backend, root=root, limits=limits,
                             retention_s=args.retention, max_per_client=args.max_queued_per_client,
                             live_idle_limit_s=args.live_idle_limit, token=token, live_setting=live,
