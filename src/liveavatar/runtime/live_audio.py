@@ -13,8 +13,11 @@ as it comes: the server's session) blocks are paced to playback, and a block who
 by its deadline is made from silence: the avatar keeps moving, idle, instead of freezing. Without one the
 loop waits for audio as long as it takes (batch use, exact comparisons with ``generate``).
 
-Catch-up: with ``lag_bound_s``, whenever more than that much audio waits for the next block, queued
-silence is skipped first, then the oldest queued speech is dropped, down to the bound; `on_lag` is told.
+Catch-up: the lag is how far behind real time the queued audio will end: every pushed chunk is due at
+``max(its arrival, the end of the audio before it)``, so audio pushed ahead of time (a TTS burst) is not
+lag, and ``lag = now + queued - due end of the last queued sample``. With ``lag_bound_s``, whenever the
+lag passes the bound, queued silence is skipped first, then the oldest queued speech is dropped, down to
+the bound; `on_lag` is told.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ class LiveAudio:
         self.pacer = pacer
         self.lookahead_s = lookahead_s
         self.max_queued = int(max_queued_s * AUDIO_SAMPLE_RATE)
-        self.lag_bound = None if lag_bound_s is None else int(lag_bound_s * AUDIO_SAMPLE_RATE)
+        self.lag_bound = lag_bound_s
         self.now = clock
         self.on_first_block = lambda: None  # the loop asks for audio: the model is ready to listen
         self.on_lag = lambda lag_s, dropped_s, policy: None
@@ -58,6 +61,7 @@ class LiveAudio:
         self._lock = threading.Condition()
         self._queue: deque[tuple[np.ndarray, int, float]] = deque()  # (samples, input offset, arrival)
         self._queued = 0
+        self._due_end = 0.0  # when the pushed audio would end if played in real time from its arrival
         self._ended = self._closed = self._cut_pending = False
         # engine thread only
         self.streamer: StreamingAudioFeatures | None = None
@@ -73,7 +77,7 @@ class LiveAudio:
         if self.received or self.streamer is not None or self._ended:
             raise TypeError("a LiveAudio in use cannot be copied to another process; send it before any push")
         return {"pacer": self.pacer, "lookahead_s": self.lookahead_s, "max_queued_s": self.max_queued / AUDIO_SAMPLE_RATE,
-                "lag_bound_s": None if self.lag_bound is None else self.lag_bound / AUDIO_SAMPLE_RATE}
+                "lag_bound_s": self.lag_bound}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -91,7 +95,9 @@ class LiveAudio:
                 raise InputError(f"audio chunk: more than {self.max_queued / AUDIO_SAMPLE_RATE:g} s of audio is "
                                  f"waiting to be spoken; send the audio in real time (or interrupt to drop it)")
             if len(chunk):
-                self._queue.append((chunk, self.received, self.now()))
+                now = self.now()
+                self._due_end = max(now, self._due_end) + len(chunk) / AUDIO_SAMPLE_RATE
+                self._queue.append((chunk, self.received, now))
                 self._queued += len(chunk)
                 self.received += len(chunk)
                 self._lock.notify_all()
@@ -108,6 +114,7 @@ class LiveAudio:
             self.dropped += self._queued
             self._queue.clear()
             self._queued = 0
+            self._due_end = 0.0
             self._cut_pending = True
             self._lock.notify_all()
 
@@ -124,6 +131,16 @@ class LiveAudio:
     @property
     def queued_seconds(self) -> float:
         return self._queued / AUDIO_SAMPLE_RATE
+
+    def lag_seconds(self) -> float:
+        """How far behind real time the queued audio will end (0 when it is on time or ahead)."""
+        with self._lock:
+            return self._lag()
+
+    def _lag(self) -> float:
+        if not self._queued:
+            return 0.0
+        return max(0.0, self.now() + self._queued / AUDIO_SAMPLE_RATE - self._due_end)
 
     # ------------------------------------------------------------------------------------ engine side
 
@@ -249,14 +266,15 @@ class LiveAudio:
         if self.lag_bound is None:
             return
         with self._lock:
-            lag = self._queued
-            if lag <= self.lag_bound:
+            lag = self._lag()
+            excess = int((lag - self.lag_bound) * AUDIO_SAMPLE_RATE)
+            if excess <= 0:
                 return
-            silence = self._drop_queued(lag - self.lag_bound, silent_only=True)
-            speech = self._drop_queued(self._queued - self.lag_bound, silent_only=False)
+            silence = self._drop_queued(excess, silent_only=True)
+            speech = self._drop_queued(excess - silence, silent_only=False)
             self.dropped += silence + speech
         policy = "dropped the oldest queued speech" if speech else "skipped queued silence"
-        self.on_lag(lag / AUDIO_SAMPLE_RATE, (silence + speech) / AUDIO_SAMPLE_RATE, policy)
+        self.on_lag(lag, (silence + speech) / AUDIO_SAMPLE_RATE, policy)
 
     def _drop_queued(self, amount: int, *, silent_only: bool) -> int:
         """Drop up to ``amount`` queued samples, oldest first: only silent 10 ms pieces, or anything."""

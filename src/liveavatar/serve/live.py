@@ -46,6 +46,7 @@ class _Block:
     frames: Frames
     audio: OutputAudio
     queued_s: float
+    lag_s: float
     window_done: float  # its features' window was complete (audio + lookahead there)
     handed: float  # the loop took its features: compute starts
     latents_at: float  # denoised
@@ -106,7 +107,7 @@ class LiveSession:
         number = (frames.start + DROPPED_LEADING_FRAMES) // self.request.geometry.frames_per_block
         window_done, handed = self.audio.ledger.blocks.pop(number)
         block = _Block(index, frames, self.audio.take_output(frames.start, len(frames.frames)), self.audio.queued_seconds,
-                       window_done, handed, self._latents_at.pop(number, now), now)
+                       self.audio.lag_seconds(), window_done, handed, self._latents_at.pop(number, now), now)
         if self.audio.pacer is not None:
             self.audio.pacer.block_sent(now - handed)
         return block
@@ -145,7 +146,8 @@ class LiveSession:
                   "input_samples": list(out.input_range) if out.input_range else None, "speech": speech,
                   "latency_ms": _ms(sent_at - out.first_arrival) if speech else None,
                   "compute_ms": timing["compute_ms"], "rtf": round(block_seconds / max(compute_s, 1e-6), 3),
-                  "timing": timing, "queued_audio_s": round(block.queued_s, 3), "blocks_done": block.index + 1}
+                  "timing": timing, "queued_audio_s": round(block.queued_s, 3), "lag_s": round(block.lag_s, 3),
+                  "blocks_done": block.index + 1}
         return pack_block(header, jpegs, to_pcm16(out.samples))
 
 
