@@ -16,13 +16,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 from pipecat.frames.frames import (CancelFrame, EndFrame, Frame, InterruptionFrame, OutputAudioRawFrame,
-                                   OutputImageRawFrame, StartFrame, TTSAudioRawFrame)
+                                   OutputImageRawFrame, StartFrame, TextFrame, TTSAudioRawFrame)
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from liveavatar.agents.session import AvatarSession, check_audio_format
+from liveavatar.agents.session import AvatarSession, SessionError, check_audio_format
 from liveavatar.errors import InputError
 from liveavatar.geometry import AUDIO_SAMPLE_RATE
+from liveavatar.serve.protocol import to_pcm16
+from liveavatar.serve.tts import DEFAULT_TTS_COMMAND, synthesize
+
+TTS_FRAME_S = 0.02  # a TTS service's usual frame: 20 ms
 
 
 class LiveAvatarVideo(FrameProcessor):
@@ -74,15 +79,47 @@ class LiveAvatarVideo(FrameProcessor):
         await self.session.push(frame.audio)
 
     async def _read(self) -> None:
-        async for block in self.session.blocks():
-            self.blocks.append(block.header)
-            height, width = block.frames[0].shape[:2]
-            for index, pixels in enumerate(block.frames):
-                await self.push_frame(OutputImageRawFrame(image=pixels.tobytes(), size=(width, height), format="RGB"))
-                await self.push_frame(OutputAudioRawFrame(audio=block.frame_audio(index),
-                                                          sample_rate=AUDIO_SAMPLE_RATE, num_channels=1))
+        try:
+            async for block in self.session.blocks():
+                self.blocks.append(block.header)
+                height, width = block.frames[0].shape[:2]
+                for index, pixels in enumerate(block.frames):
+                    await self.push_frame(OutputImageRawFrame(image=pixels.tobytes(), size=(width, height),
+                                                              format="RGB"))
+                    await self.push_frame(OutputAudioRawFrame(audio=block.frame_audio(index),
+                                                              sample_rate=AUDIO_SAMPLE_RATE, num_channels=1))
+        except SessionError as error:
+            await self.push_error(str(error), exception=error)
 
     async def _stop(self) -> None:
         if self._reader is not None and not self._reader.done():
             await self.cancel_task(self._reader)
         await self.session.close()
+
+
+class CommandTTS(FrameProcessor):
+    """Speaks each ``TextFrame`` with a local command (espeak-ng by default, offline; any command that reads
+    text on stdin and writes a WAV on stdout) as 16 kHz mono ``TTSAudioRawFrame``s of 20 ms: a way to try
+    the avatar without a cloud TTS, and the TTS of the tests."""
+
+    def __init__(self, command: str = DEFAULT_TTS_COMMAND):
+        super().__init__()
+        self.command = command
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if not isinstance(frame, TextFrame) or direction != FrameDirection.DOWNSTREAM:
+            await self.push_frame(frame, direction)
+            return
+        import asyncio
+
+        try:
+            samples = await asyncio.to_thread(synthesize, frame.text, self.command)
+        except InputError as error:
+            await self.push_error(str(error), exception=error)
+            return
+        pcm = to_pcm16(samples)
+        step = 2 * int(TTS_FRAME_S * AUDIO_SAMPLE_RATE)
+        for offset in range(0, len(pcm), step):
+            await self.push_frame(TTSAudioRawFrame(audio=pcm[offset:offset + step], sample_rate=AUDIO_SAMPLE_RATE,
+                                                   num_channels=1))
