@@ -62,6 +62,7 @@ class LiveAudio:
         self._queue: deque[tuple[np.ndarray, int, float]] = deque()  # (samples, input offset, arrival)
         self._queued = 0
         self._due_end = 0.0  # when the pushed audio would end if played in real time from its arrival
+        self._ended_at = 0.0  # the last blocks' windows are complete once the end is known
         self._ended = self._closed = self._cut_pending = False
         # engine thread only
         self.streamer: StreamingAudioFeatures | None = None
@@ -105,7 +106,8 @@ class LiveAudio:
 
     def end(self) -> None:
         with self._lock:
-            self._ended = True
+            if not self._ended:
+                self._ended, self._ended_at = True, self.now()
             self._lock.notify_all()
 
     def interrupt(self) -> None:
@@ -175,7 +177,7 @@ class LiveAudio:
             elif self._drained():
                 if not self._finished:
                     self._finished = True
-                    self._ready.extend((features, self.now()) for features in self.streamer.finish())
+                    self._ready.extend((features, self._ended_at) for features in self.streamer.finish())
                 break
             elif self.pacer is not None and self.now() >= self.pacer.deadline(index):
                 self._make_from_silence(index)
@@ -260,7 +262,7 @@ class LiveAudio:
         self.ledger.cut(cut)
         self._ready.clear()
         if self._finished:
-            self._ready.extend((features, self.now()) for features in self.streamer.finish())
+            self._ready.extend((features, self._ended_at) for features in self.streamer.finish())
 
     def _catch_up(self) -> None:
         if self.lag_bound is None:
