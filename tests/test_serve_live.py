@@ -21,7 +21,9 @@ from liveavatar.serve.local import LocalServer
 from liveavatar.serve.protocol import from_pcm16, to_pcm16, unpack_block
 from test_serve_jobs import backend, short_wav, submit, tiny, wait  # noqa: F401 (module fixtures)
 
-SMALL = {"size": "64*64", "steps": 1, "seed": 5}
+# The tiny model keeps up with real time, but a loaded CI machine may not: no catch-up may drop audio here
+# (the catch-up policy has its own test in test_live_audio.py).
+SMALL = {"size": "64*64", "steps": 1, "seed": 5, "lag_bound_s": 60}
 # A stand-in speed model: 64*64 at one step keeps up, anything more falls behind at 0.5x real time.
 LIVE = choose_live_setting(lambda area, steps: 2.0 if area <= 64 * 64 and steps == 1 else 0.5, max_area=704 * 384,
                            max_steps=4, size="64*64", steps=1)
@@ -122,8 +124,10 @@ def test_interrupt_drops_queued_audio_and_the_avatar_stops_within_a_block(server
         ws.send(json.dumps({"type": "interrupt"}))
         for message in ws:
             if isinstance(message, str):
-                assert json.loads(message)["reason"] == "idle"
-                break
+                if json.loads(message)["type"] == "done":
+                    assert json.loads(message)["reason"] == "idle"
+                    break
+                continue
             blocks.append(unpack_block(message))
     # The server silences from the block after the one it is making when the interrupt arrives; the client
     # may not have read that one yet when it sends the interrupt, so blocks 1 and 2 may still speak.
