@@ -79,7 +79,7 @@ class EngineReplica:
         job = Job(spec=request, client="ingress", folder=self.queue.new_job_folder(), id=job_id)
         position = self.queue.submit(job)
         yield {"type": "assigned", "replica": self.id, "position": position}
-        sent, blocks, frames, reported = 0, 0, 0, None
+        sent, blocks, frames, reported, said = 0, 0, 0, None, time.monotonic()
         try:
             while True:
                 finished = job.state in FINISHED
@@ -96,8 +96,8 @@ class EngineReplica:
                 progress = {"type": "progress", "state": job.state, "position": self.queue.position(job),
                             "blocks_done": job.blocks_done, "blocks_total": job.blocks_total,
                             "frames_done": job.frames_done, "started_at": job.started}
-                if progress != reported:
-                    reported = progress
+                if progress != reported or time.monotonic() - said > KEEPALIVE_S:
+                    reported, said = progress, time.monotonic()
                     yield progress
                 if finished:
                     yield {"type": "end", "state": job.state, "error": job.error, "finished_at": job.finished}
