@@ -2,8 +2,11 @@
 each job to the engine deployment. It has `WorkQueue`'s interface, so the single-process app serves it
 unchanged (``ServerState(queue=ClusterQueue(...))``); the engines run in the replicas.
 
-Each job is one streaming call to the engine deployment (the router sends it to the replica with the
-shortest queue); the replica streams back the job's progress and its fragmented MP4, which the ingress
+New work (a job, a live session) goes to the replica with the shortest queue: the fewest jobs and sessions
+this ingress sent it that have not ended (every piece of work passes through here, so the count is exact
+and is taken when the work is sent, with no race between two at once); the call names that replica for
+`routing.PinnedOrShortestQueue`. Each job is one streaming call to the engine deployment; the replica
+streams back the job's progress and its fragmented MP4, which the ingress
 writes into the job's folder in its store, so ``/stream`` and ``/content`` read a local file as in the
 single-process server, and a finished video never depends on the replica that made it. The store keeps a
 ``record.json`` per job: an ingress that Ray restarts reloads every finished job (its video included)
@@ -26,10 +29,11 @@ from pathlib import Path
 from liveavatar.errors import LiveAvatarError
 from liveavatar.serve.jobs import FINISHED, Job, QueueFull, ServerBusy
 
-WATCHDOG_S = 5.0  # replicas send something at least every second while they hold work
-ASSIGN_TIMEOUT_S = 30.0  # how long a new job or session may wait for any replica to take it
+WATCHDOG_S = 8.0  # replicas send something at least every second while they hold work
+ASSIGN_TIMEOUT_S = 10.0  # how long a replica may take to accept work sent to it (it accepts at once)
+NO_REPLICA_TIMEOUT_S = 60.0  # how long new work waits for a first replica (the cluster is starting)
 DISPATCH_ATTEMPTS = 3
-STALE_S = 5.0  # a replica not heard from for this long is no longer listed
+STALE_S = 10.0  # a replica not heard from for this long is no longer listed
 RETRY_AFTER_S = 10
 RECORD = "record.json"
 RECORDED = ("id", "client", "state", "error", "created", "started", "finished", "blocks_done", "blocks_total",
@@ -48,6 +52,10 @@ class ReplicaBook:
 
     def heard(self, info: dict) -> None:
         self.seen[info["id"]] = (time.monotonic(), info)
+
+    def forget(self, replica: str) -> None:
+        """A replica that failed a call: not offered new work unless it is heard from again."""
+        self.seen.pop(replica, None)
 
     def live(self) -> list[dict]:
         now = time.monotonic()
@@ -68,6 +76,7 @@ class ClusterQueue:
         self.replicas = ReplicaBook()
         self.placed: dict[str, str] = {}  # job id -> the replica that took it
         self.live_waiting = 0  # live sessions dispatched whose engine has not started them
+        self.load: dict[str, int] = {}  # replica -> jobs and sessions sent to it that have not ended
         self._positions: dict[str, int | None] = {}
         self._calls: dict[str, object] = {}  # job id -> its streaming call, to cancel it
         self._tasks: set[asyncio.Task] = set()
@@ -144,7 +153,23 @@ class ClusterQueue:
     # ---------------------------------------------------------------- the cluster's part
 
     def replicas_info(self) -> list[dict]:
-        return self.replicas.live()
+        return [{**info, "open": self.load.get(info["id"], 0)} for info in self.replicas.live()]
+
+    async def take_replica(self) -> str:
+        """The replica new work goes to (the shortest queue), counted as holding it until `release`."""
+        deadline = time.monotonic() + NO_REPLICA_TIMEOUT_S
+        while not (replicas := self.replicas.live()):
+            if time.monotonic() > deadline:
+                raise ReplicaLost(f"no engine replica came up within {NO_REPLICA_TIMEOUT_S:g} s")
+            await asyncio.sleep(0.2)
+        replica = min((info["id"] for info in replicas), key=lambda rid: (self.load.get(rid, 0), rid))
+        self.load[replica] = self.load.get(replica, 0) + 1
+        return replica
+
+    def release(self, replica: str) -> None:
+        self.load[replica] -= 1
+        if not self.load[replica]:
+            del self.load[replica]
 
     async def _run(self, job: Job) -> None:
         for attempt in range(1, DISPATCH_ATTEMPTS + 1):
@@ -163,7 +188,7 @@ class ClusterQueue:
                 if job.state == "queued" and attempt < DISPATCH_ATTEMPTS and not job._cancel.is_set():
                     continue  # it never started: another replica takes it
                 _finish(job, "failed", f"the engine replica {'running' if job.state == 'running' else 'taking'} it "
-                                       f"stopped ({_cause(error)}); submit it again")
+                                       f"stopped ({cause_line(error)}); submit it again")
                 break
         self._calls.pop(job.id, None)
         self._positions.pop(job.id, None)
@@ -174,14 +199,20 @@ class ClusterQueue:
         self._save(job)
 
     async def _attempt(self, job: Job) -> None:
-        call = self.engine.options(stream=True).run_job.remote(job.id, job.spec)
+        replica = await self.take_replica()
+        call = self.engine.options(stream=True).run_job.remote(job.id, job.spec, replica=replica)
         self._calls[job.id] = call
+        self.placed[job.id] = replica
         job.stream_bytes = 0
         try:
             await self._follow(job, call)
-        except BaseException:
+        except BaseException as error:
             call.cancel()
+            if not isinstance(error, asyncio.CancelledError) and not _cancelled(error):
+                self.replicas.forget(replica)
             raise
+        finally:
+            self.release(replica)
 
     async def _follow(self, job: Job, call) -> None:
         with open(job.video, "wb") as video:
@@ -194,7 +225,6 @@ class ClusterQueue:
                     video.flush()
                     job.stream_bytes += len(event)
                 elif event["type"] == "assigned":
-                    self.placed[job.id] = event["replica"]
                     self._positions[job.id] = event["position"]
                 elif event["type"] == "progress":
                     self._positions[job.id] = event["position"]
@@ -257,7 +287,7 @@ def _cancelled(error: Exception) -> bool:
     return isinstance(error, RequestCancelledError)
 
 
-def _cause(error: BaseException) -> str:
+def cause_line(error: BaseException) -> str:
     if isinstance(error, asyncio.TimeoutError):
         return f"no answer for {WATCHDOG_S:g} s"
     text = " ".join(str(error).split())[:200]

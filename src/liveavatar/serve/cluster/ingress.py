@@ -48,8 +48,11 @@ class Ingress:
 
         @app.get("/v1/info")
         async def info():
+            import ray
+
             return {"mode": "cluster", "replicas": queue.replicas_info(), "waiting": queue.waiting,
-                    "max_waiting": queue.max_waiting}
+                    "max_waiting": queue.max_waiting,
+                    "ingress": {"node": ray.util.get_node_ip_address(), "pid": os.getpid()}}
 
         return app
 

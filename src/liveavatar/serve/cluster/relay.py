@@ -16,7 +16,7 @@ import secrets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from liveavatar.errors import InputError
-from liveavatar.serve.cluster.dispatch import ASSIGN_TIMEOUT_S, WATCHDOG_S, _cause
+from liveavatar.serve.cluster.dispatch import ASSIGN_TIMEOUT_S, WATCHDOG_S, cause_line
 from liveavatar.serve.jobs import ServerBusy, error_line
 from liveavatar.serve.live import BAD_INPUT_CLOSE, INTERNAL_CLOSE, parse_start
 from liveavatar.serve.protocol import CONTROL_TYPES
@@ -45,13 +45,14 @@ async def relay_live(websocket: WebSocket, server) -> None:
                      TRY_AGAIN_LATER_CLOSE)
         return
     session_id = secrets.token_hex(8)
-    call = queue.engine.options(stream=True).live.remote(session_id, spec, options)
     queue.live_waiting += 1
     waiting = True
     inbox: asyncio.Queue = asyncio.Queue()
     reader = asyncio.create_task(_read_client(websocket, inbox))
-    forwarder = None
+    forwarder = call = replica = None
     try:
+        replica = await queue.take_replica()
+        call = queue.engine.options(stream=True).live.remote(session_id, spec, options, replica=replica)
         first = True
         position = None
         while True:
@@ -74,7 +75,7 @@ async def relay_live(websocket: WebSocket, server) -> None:
                 continue
             kind = event["type"]
             if kind == "assigned":
-                forwarder = asyncio.create_task(_forward(queue.engine, session_id, event["replica"], inbox))
+                forwarder = asyncio.create_task(_forward(queue.engine, session_id, replica, inbox))
             if kind in ("assigned", "alive"):
                 if event["position"] and event["position"] != position:
                     await websocket.send_json({"type": "queued", "position": event["position"]})
@@ -90,8 +91,10 @@ async def relay_live(websocket: WebSocket, server) -> None:
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away mid-send
     except Exception as error:
+        if replica is not None:
+            queue.replicas.forget(replica)
         await _close(websocket, {"type": "error", "message": f"the engine replica serving this session stopped "
-                                                             f"({_cause(error)}); start a new session"},
+                                                             f"({cause_line(error)}); start a new session"},
                      INTERNAL_CLOSE)
     finally:
         if waiting:
@@ -99,7 +102,10 @@ async def relay_live(websocket: WebSocket, server) -> None:
         for task in (reader, forwarder):
             if task is not None:
                 task.cancel()
-        call.cancel()
+        if call is not None:
+            call.cancel()
+        if replica is not None:
+            queue.release(replica)
 
 
 async def _read_client(websocket: WebSocket, inbox: asyncio.Queue) -> str | None:

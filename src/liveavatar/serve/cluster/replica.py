@@ -1,7 +1,8 @@
 """An engine replica: one `Engine` (through the server's `Backend`) on its GPU(s), running jobs and live
 sessions one at a time from its own `WorkQueue`, exactly as the single-process server does.
 
-The ingress reaches it only through Ray Serve calls (`routing.PinnedOrShortestQueue` picks the replica):
+The ingress reaches it only through Ray Serve calls, each naming the replica in its ``replica`` keyword
+(which `routing.PinnedOrShortestQueue` reads; the methods need not):
 
 * ``run_job``: a streaming call; the job's resolved `Request` (portrait and waveform included) arrives as
   the call's argument, through Ray's object store, so no filesystem is shared; it yields the job's progress
@@ -75,7 +76,7 @@ class EngineReplica:
         self.queue.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    async def run_job(self, job_id: str, request):
+    async def run_job(self, job_id: str, request, *, replica: str):
         job = Job(spec=request, client="ingress", folder=self.queue.new_job_folder(), id=job_id)
         position = self.queue.submit(job)
         yield {"type": "assigned", "replica": self.id, "position": position}
@@ -108,7 +109,7 @@ class EngineReplica:
                 self.queue.cancel(job)
             asyncio.get_running_loop().create_task(self._remove_when_finished(job))
 
-    async def live(self, session_id: str, spec: LiveSpec, options: LiveOptions):
+    async def live(self, session_id: str, spec: LiveSpec, options: LiveOptions, *, replica: str):
         geometry = self.backend.live_geometry(spec)
         audio = PushedAudio(self.backend.audio_encoder(), geometry, realtime=options.realtime)
         session = LiveSession("ingress", spec, options, audio, asyncio.get_running_loop())
