@@ -7,6 +7,8 @@ import base64
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,6 +22,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from liveavatar.cli.serve import add_serve_arguments
+from liveavatar.errors import InputError
 from liveavatar.io.media import load_audio
 from liveavatar.serve.client import stream_file
 from liveavatar.serve.cluster.config import APP_NAME, app_builder
@@ -237,3 +240,49 @@ def test_an_ingress_restart_keeps_every_finished_video(cluster, media_dir, short
         time.sleep(0.25)
     assert cluster.client.get(f"/v1/videos/{job_id}").json()["state"] == "done"
     assert cluster.client.get(f"/v1/videos/{job_id}/content").content == before
+
+
+def _parse(*flags) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(["--cluster", *flags])
+
+
+def test_the_serve_deploy_config_carries_the_replica_layout_and_never_the_token(tmp_path):
+    import yaml
+
+    from liveavatar.serve.cluster.launch import run_cluster
+
+    path = tmp_path / "serve.yaml"
+    assert run_cluster(_parse("--write-config", str(path), "--min-replicas", "2", "--max-replicas", "8",
+                              "--gpus-per-replica", "2", "--host", "0.0.0.0", "--token", "secret")) == 0
+    text = path.read_text()
+    assert "secret" not in text
+    app = yaml.safe_load(text)["applications"][0]
+    assert app["import_path"] == "liveavatar.serve.cluster.config:app_builder" and app["args"]["require_token"]
+    engine, ingress = app["deployments"]
+    assert engine["autoscaling_config"]["min_replicas"] == 2 and engine["autoscaling_config"]["max_replicas"] == 8
+    assert engine["ray_actor_options"]["num_gpus"] == 2
+    assert engine["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 2}]
+    assert engine["request_router_config"]["request_router_class"].endswith("routing:PinnedOrShortestQueue")
+    assert ingress["num_replicas"] == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replicas", "2", "--max-replicas", "3"], "--replicas: give either a fixed count or --min-replicas/"
+                                                 "--max-replicas, not both"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 --max-replicas 2: need 1 <= min <= max"),
+    (["--gpus-per-replica", "0"], "--gpus-per-replica 0: must be >= 1 for a GPU device (0 only with --device cpu)"),
+])
+def test_bad_cluster_flags_get_one_line(flags, message):
+    with pytest.raises(InputError) as refused:
+        cluster_flags(_parse(*flags))
+    assert str(refused.value) == message
+
+
+def test_a_cluster_address_that_is_not_ray_client_gets_one_line():
+    result = subprocess.run([sys.executable, "-m", "liveavatar", "serve", "--cluster", "tcp://head:6379"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --cluster tcp://head:6379: expected auto or ray://HOST:PORT (Ray Client's address, port 10001 by "
+        "default)")

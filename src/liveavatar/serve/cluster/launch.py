@@ -21,6 +21,9 @@ def cluster_flags(args: argparse.Namespace) -> dict:
     from liveavatar.cli.serve import serve_limits
 
     serve_limits(args)  # one line for a bad limit, before anything starts
+    if args.cluster not in (None, "auto") and not args.cluster.startswith("ray://"):
+        raise InputError(f"--cluster {args.cluster}: expected auto or ray://HOST:PORT (Ray Client's address, port "
+                         f"10001 by default)")
     fixed, low, high = args.replicas, args.min_replicas, args.max_replicas
     if fixed is not None and (low is not None or high is not None):
         raise InputError("--replicas: give either a fixed count or --min-replicas/--max-replicas, not both")
@@ -36,7 +39,7 @@ def cluster_flags(args: argparse.Namespace) -> dict:
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 0 if args.device == "cpu" else 1
-    if gpus < 0 or (gpus == 0 and args.device not in ("cpu", None)):
+    if gpus < 0 or (gpus == 0 and args.device != "cpu"):
         raise InputError(f"--gpus-per-replica {gpus}: must be >= 1 for a GPU device (0 only with --device cpu)")
     if gpus > 1 and args.device not in (None, "cuda"):
         raise InputError(f"--gpus-per-replica {gpus}: a pipeline replica places its ranks itself; drop --device")
@@ -44,7 +47,7 @@ def cluster_flags(args: argparse.Namespace) -> dict:
         raise InputError("--max-waiting and --cpus-per-replica must be >= 0")
     flags = {key: value for key, value in vars(args).items() if key not in NOT_FLAGS and not callable(value)}
     flags.update(replicas=fixed, min_replicas=low, max_replicas=high, gpus_per_replica=gpus,
-                 device="cpu" if gpus == 0 else args.device, store=args.store or default_store(),
+                 store=args.store or default_store(),
                  require_token=not is_loopback(args.host), torch_threads=None)
     return flags
 
@@ -98,8 +101,5 @@ def _connect(address: str) -> bool:
                   file=sys.stderr)
             ray.init(log_to_driver=False)
             return True
-    if not address.startswith("ray://"):
-        raise InputError(f"--cluster {address}: expected auto or ray://HOST:PORT (Ray Client's address, port 10001 "
-                         f"by default)")
     ray.init(address=address)
     return False
