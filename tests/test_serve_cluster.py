@@ -25,7 +25,7 @@ from liveavatar.cli.serve import add_serve_arguments
 from liveavatar.errors import InputError
 from liveavatar.io.media import load_audio
 from liveavatar.serve.client import stream_file
-from liveavatar.serve.cluster.config import APP_NAME, app_builder
+from liveavatar.serve.cluster.config import APP_NAME, build_app
 from liveavatar.serve.cluster.launch import cluster_flags
 from liveavatar.serve.local import free_port
 from liveavatar.serve.protocol import from_pcm16, to_pcm16
@@ -89,7 +89,7 @@ def cluster(tiny, tmp_path_factory):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(app_builder(flags), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(flags), name=APP_NAME, route_prefix="/")
         running = Cluster(f"http://127.0.0.1:{port}", store)
         running.replicas(2)
         yield running
@@ -249,8 +249,12 @@ def _parse(*flags) -> argparse.Namespace:
 
 
 def test_the_serve_deploy_config_carries_the_replica_layout_and_never_the_token(tmp_path):
-    import yaml
+    import inspect
 
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from liveavatar.serve.cluster.config import app_builder
     from liveavatar.serve.cluster.launch import run_cluster
 
     path = tmp_path / "serve.yaml"
@@ -266,6 +270,8 @@ def test_the_serve_deploy_config_carries_the_replica_layout_and_never_the_token(
     assert engine["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 2}]
     assert engine["request_router_config"]["request_router_class"].endswith("routing:PinnedOrShortestQueue")
     assert ingress["num_replicas"] == 1
+    ServeDeploySchema.model_validate(yaml.safe_load(text))  # what `serve deploy` checks first
+    assert list(inspect.signature(app_builder).parameters) == ["flags"]  # Serve's builders take one argument
 
 
 @pytest.mark.parametrize("flags, message", [

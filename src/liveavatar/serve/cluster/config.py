@@ -64,14 +64,19 @@ def ingress_options() -> dict:
 
 
 def app_builder(flags: dict):
-    """The application for ``serve.run`` and for ``serve deploy`` (``import_path`` in the YAML config,
-    the flags as its ``args``)."""
+    """The application ``serve deploy`` builds (``import_path`` in the YAML config, the flags as its ``args``:
+    Serve's builders take exactly one argument)."""
+    return build_app(flags)
+
+
+def build_app(flags: dict, replica_class=None):
+    """The application for ``serve.run``; ``replica_class``: an `EngineReplica` subclass (default: itself)."""
     from ray import serve
 
     from liveavatar.serve.cluster.ingress import Ingress
     from liveavatar.serve.cluster.replica import EngineReplica
 
-    engine = serve.deployment(EngineReplica).options(**engine_options(flags)).bind(flags, INGRESS)
+    engine = serve.deployment(replica_class or EngineReplica).options(**engine_options(flags)).bind(flags, INGRESS)
     return serve.deployment(serve.ingress()(Ingress)).options(**ingress_options()).bind(engine, flags)
 
 

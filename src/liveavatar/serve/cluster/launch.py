@@ -11,7 +11,7 @@ from pathlib import Path
 
 from liveavatar.errors import InputError
 from liveavatar.serve.cluster import cluster_extra_status
-from liveavatar.serve.cluster.config import APP_NAME, app_builder, default_store, is_loopback, write_serve_config
+from liveavatar.serve.cluster.config import APP_NAME, build_app, default_store, is_loopback, write_serve_config
 
 NOT_FLAGS = ("command", "cluster", "write_config", "host", "port")
 
@@ -76,7 +76,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
-        serve.run(app_builder(flags), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(flags), name=APP_NAME, route_prefix="/")
         print(f"serving on http://{args.host}:{args.port}/ through Ray Serve (live: /live, API: /v1, "
               f"metrics: /metrics)", file=sys.stderr, flush=True)
         stop.wait()

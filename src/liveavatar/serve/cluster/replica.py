@@ -58,7 +58,7 @@ class EngineReplica:
 
             torch.set_num_threads(args.torch_threads)
         self.settings = _settings(args)
-        self.backend = await asyncio.to_thread(_load, args)
+        self.backend = await asyncio.to_thread(self.load, args)
         context = serve.get_replica_context()
         self.id = context.replica_id.unique_id
         self.root = Path(tempfile.mkdtemp(prefix="liveavatar-replica-"))
@@ -171,6 +171,22 @@ class EngineReplica:
                               else "running", **entry.meter.figures()}
                              for session_id, entry in list(self.sessions.items())]}
 
+    @staticmethod
+    def load(args: argparse.Namespace):
+        """The replica's `Backend`, planned and loaded as ``liveavatar serve`` does (a subclass may load
+        something else: the latency benchmark's random weights)."""
+        from liveavatar.cli.serve import load_backend, serve_limits
+
+        if args.gpus_per_replica > 1:
+            # A timestep pipeline over this replica's GPUs: its ranks are this process's children, on this node.
+            from liveavatar.api import LiveAvatarPipeline
+            from liveavatar.serve.backend import Backend
+
+            devices = [f"cuda:{index}" for index in range(args.gpus_per_replica)]
+            return Backend(LiveAvatarPipeline.from_pretrained(args.ckpt_dir, lora=args.lora_path_dmd, dtype=args.dtype,
+                                                              devices=devices, sample_steps=args.max_steps))
+        return load_backend(args, serve_limits(args))
+
     async def _beat(self) -> None:
         while True:
             try:
@@ -190,20 +206,6 @@ def _settings(args: argparse.Namespace) -> dict:
     return {"device": args.device or "auto", "dtype": args.dtype or "auto", "gpus": args.gpus_per_replica,
             "max_size": args.max_size, "max_steps": args.max_steps, "default_size": args.size,
             "live_idle_limit_s": args.live_idle_limit}
-
-
-def _load(args: argparse.Namespace):
-    from liveavatar.cli.serve import load_backend, serve_limits
-
-    if args.gpus_per_replica > 1:
-        # A timestep pipeline over this replica's GPUs: its ranks are this process's children, on this node.
-        from liveavatar.api import LiveAvatarPipeline
-        from liveavatar.serve.backend import Backend
-
-        devices = [f"cuda:{index}" for index in range(args.gpus_per_replica)]
-        return Backend(LiveAvatarPipeline.from_pretrained(args.ckpt_dir, lora=args.lora_path_dmd, dtype=args.dtype,
-                                                          devices=devices, sample_steps=args.max_steps))
-    return load_backend(args, serve_limits(args))
 
 
 def _read(path: Path, offset: int, size: int) -> bytes:
