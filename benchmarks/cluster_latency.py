@@ -30,7 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_end_to_end import write_audio  # noqa: E402
-from serve_latency import blocks_per_second, random_backend  # noqa: E402
+from serve_latency import blocks_per_second, parse_arguments, random_backend  # noqa: E402
 
 from liveavatar.io.media import load_audio  # noqa: E402
 from liveavatar.serve.client import stream_file  # noqa: E402
@@ -113,19 +113,8 @@ def cluster(args, image: Path, waveform: np.ndarray, settings: dict, store: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt_dir", help="a checkpoint set (default: full-size random weights)")
-    parser.add_argument("--lora_path_dmd")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype")
-    parser.add_argument("--fp8", action="store_true")
-    parser.add_argument("--size", default="704*384")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--live-seconds", type=float, default=20.0, help="audio streamed to each live session")
-    parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(json.dumps({"error": "no CUDA GPU here; pass --device cpu with tiny checkpoints for a smoke test"}))
+    args = parse_arguments(__doc__.splitlines()[0], argv)
+    if args is None:
         return 2
     if args.device == "cpu" and not args.ckpt_dir:
         print(json.dumps({"error": "--device cpu needs --ckpt_dir (tiny checkpoints): random 14B weights are GPU-only"}))
