@@ -16,6 +16,7 @@ JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -34,15 +35,6 @@ from serve_latency import blocks_per_second, parse_arguments, random_backend  # 
 
 from liveavatar.io.media import load_audio  # noqa: E402
 from liveavatar.serve.client import stream_file  # noqa: E402
-from liveavatar.serve.cluster.replica import EngineReplica  # noqa: E402
-
-
-class RandomWeightsReplica(EngineReplica):
-    """A replica around the full-size random weights (no checkpoint on the benchmark machine)."""
-
-    @staticmethod
-    def load(args):
-        return random_backend(args.device or "cuda", bool(args.fp8))
 
 
 def live_figures(ws_url: str, image: Path, waveform: np.ndarray, settings: dict) -> dict:
@@ -83,8 +75,8 @@ def cluster(args, image: Path, waveform: np.ndarray, settings: dict, store: Path
     from ray import serve
 
     from liveavatar.cli.serve import add_serve_arguments
-    from liveavatar.serve.cluster.config import APP_NAME, build_app
-    from liveavatar.serve.cluster.launch import cluster_flags
+    from liveavatar.cli.serve_cluster import application, cluster_flags
+    from liveavatar.serve.cluster.config import APP_NAME
     from liveavatar.serve.local import free_port
 
     parser = argparse.ArgumentParser()
@@ -102,7 +94,9 @@ def cluster(args, image: Path, waveform: np.ndarray, settings: dict, store: Path
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         started = time.perf_counter()
-        serve.run(build_app(flags, None if args.ckpt_dir else RandomWeightsReplica), name=APP_NAME, route_prefix="/")
+        # Without a checkpoint each replica builds the full-size random weights (none on a benchmark machine).
+        load = None if args.ckpt_dir else functools.partial(random_backend, args.device, args.fp8)
+        serve.run(application(flags, load), name=APP_NAME, route_prefix="/")
         deploy_s = time.perf_counter() - started
         ws_url = f"ws://127.0.0.1:{port}/v1/live"
         stream_file(ws_url, image, waveform[:16000 * 3], pace=0.0, realtime=False, **settings)  # warm-up

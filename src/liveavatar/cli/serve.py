@@ -120,10 +120,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from liveavatar.serve.app import ServerState, StoppingServer, create_app
 
-    if args.cluster is not None or args.write_config is not None:
-        from liveavatar.serve.cluster.launch import run_cluster
-
-        return run_cluster(args)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_host(args.host, token)
     limits = serve_limits(args)

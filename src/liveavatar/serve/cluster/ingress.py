@@ -3,9 +3,9 @@ endpoint, token gate, limits) on a `ClusterQueue` and `relay_live`, plus ``/metr
 ``/v1/info``. One replica, on the head node (its store must outlive it: see `dispatch`)."""
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi.responses import PlainTextResponse
@@ -15,24 +15,34 @@ from liveavatar.serve.app import ServerState, create_app
 from liveavatar.serve.cluster.dispatch import ClusterQueue
 from liveavatar.serve.cluster.metrics import prometheus_text
 from liveavatar.serve.cluster.relay import relay_live
+from liveavatar.serve.uploads import Limits
 
 TOKEN_ENV = "LIVEAVATAR_TOKEN"
 
 
-class Ingress:
-    def __init__(self, engine, flags: dict):
-        from liveavatar.cli.serve import serve_limits
+@dataclass(frozen=True)
+class IngressSettings:
+    limits: Limits
+    retention_s: float
+    max_per_client: int
+    live_idle_limit_s: float
+    max_waiting: int
+    store: str  # the job store's folder on the ingress's node
+    token: str | None  # None: read $LIVEAVATAR_TOKEN on the ingress's node
+    require_token: bool  # the HTTP proxy listens beyond loopback
 
-        args = argparse.Namespace(**flags)
-        token = args.token or os.environ.get(TOKEN_ENV) or None
-        if args.require_token and not token:
+
+class Ingress:
+    def __init__(self, engine, settings: IngressSettings):
+        token = settings.token or os.environ.get(TOKEN_ENV) or None
+        if settings.require_token and not token:
             raise InputError(f"the ingress listens beyond loopback: set ${TOKEN_ENV} in the environment of "
                              f"`ray start` on its node")
-        self.queue = ClusterQueue(engine, Path(args.store), retention_s=args.retention,
-                                  max_per_client=args.max_queued_per_client, max_waiting=args.max_waiting)
+        self.queue = ClusterQueue(engine, Path(settings.store), retention_s=settings.retention_s,
+                                  max_per_client=settings.max_per_client, max_waiting=settings.max_waiting)
         self.state = ServerState(backend=None, root=Path(tempfile.mkdtemp(prefix="liveavatar-ingress-")),
-                                 limits=serve_limits(args), retention_s=args.retention,
-                                 max_per_client=args.max_queued_per_client, live_idle_limit_s=args.live_idle_limit,
+                                 limits=settings.limits, retention_s=settings.retention_s,
+                                 max_per_client=settings.max_per_client, live_idle_limit_s=settings.live_idle_limit_s,
                                  token=token, queue=self.queue, live=relay_live)
 
     def __serve_build_asgi_app__(self):

@@ -18,7 +18,6 @@ Leaving a streaming call (Serve cancels it on the replica) stops its work within
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import shutil
@@ -26,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from liveavatar.serve.cluster.metrics import Meter
 from liveavatar.serve.jobs import FINISHED, Job, WorkQueue, error_line
@@ -49,16 +49,15 @@ class _OpenSession:
 
 
 class EngineReplica:
-    async def __init__(self, flags: dict, ingress_name: str):
+    async def __init__(self, load_backend: Callable, settings: dict, ingress_name: str, torch_threads: int | None):
         from ray import serve
 
-        args = argparse.Namespace(**flags)
-        if args.torch_threads:
+        if torch_threads:
             import torch
 
-            torch.set_num_threads(args.torch_threads)
-        self.settings = _settings(args)
-        self.backend = await asyncio.to_thread(self.load, args)
+            torch.set_num_threads(torch_threads)
+        self.settings = settings
+        self.backend = await asyncio.to_thread(load_backend)
         context = serve.get_replica_context()
         self.id = context.replica_id.unique_id
         self.root = Path(tempfile.mkdtemp(prefix="liveavatar-replica-"))
@@ -171,22 +170,6 @@ class EngineReplica:
                               else "running", **entry.meter.figures()}
                              for session_id, entry in list(self.sessions.items())]}
 
-    @staticmethod
-    def load(args: argparse.Namespace):
-        """The replica's `Backend`, planned and loaded as ``liveavatar serve`` does (a subclass may load
-        something else: the latency benchmark's random weights)."""
-        from liveavatar.cli.serve import load_backend, serve_limits
-
-        if args.gpus_per_replica > 1:
-            # A timestep pipeline over this replica's GPUs: its ranks are this process's children, on this node.
-            from liveavatar.api import LiveAvatarPipeline
-            from liveavatar.serve.backend import Backend
-
-            devices = [f"cuda:{index}" for index in range(args.gpus_per_replica)]
-            return Backend(LiveAvatarPipeline.from_pretrained(args.ckpt_dir, lora=args.lora_path_dmd, dtype=args.dtype,
-                                                              devices=devices, sample_steps=args.max_steps))
-        return load_backend(args, serve_limits(args))
-
     async def _beat(self) -> None:
         while True:
             try:
@@ -199,13 +182,6 @@ class EngineReplica:
         while job.state not in FINISHED:
             await asyncio.sleep(POLL_S)
         self.queue.delete(job)
-
-
-def _settings(args: argparse.Namespace) -> dict:
-    """What /v1/info shows of a replica's setup (its plan is printed to the replica's log)."""
-    return {"device": args.device or "auto", "dtype": args.dtype or "auto", "gpus": args.gpus_per_replica,
-            "max_size": args.max_size, "max_steps": args.max_steps, "default_size": args.size,
-            "live_idle_limit_s": args.live_idle_limit}
 
 
 def _read(path: Path, offset: int, size: int) -> bytes:
