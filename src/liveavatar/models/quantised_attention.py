@@ -55,24 +55,25 @@ def _quantise_blocks(x: torch.Tensor, block: int, mode: str) -> tuple[torch.Tens
     return quantised.view(batch, heads, -1, dim)[:, :, :length], scale
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, *,
+                        block_n: int = BLOCK_N) -> torch.Tensor:
     """The quantised attention in PyTorch: q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D] in
-    q's dtype (see the module docstring)."""
+    q's dtype (see the module docstring); ``block_n`` keys per K scale and per step."""
     if mode not in ("int8", "fp8"):
         raise ValueError(f"reference_attention quantises int8 or fp8, not {mode!r}")
     dtype = q.dtype
     q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     k = k - k.mean(dim=2, keepdim=True)
     q_quant, q_scale = _quantise_blocks(q, BLOCK_M, mode)
-    k_quant, k_scale = _quantise_blocks(k, BLOCK_N, mode)
+    k_quant, k_scale = _quantise_blocks(k, block_n, mode)
     v_scale = v.abs().amax(dim=2).clamp_min(AMAX_FLOOR) / FP8_MAX  # [B, H, D]
     v_quant = (v / v_scale[:, :, None]).to(torch.float8_e4m3fn).float()
     row_scale = q_scale.repeat_interleave(BLOCK_M, dim=-1)[..., :q.shape[2], None] * (q.shape[-1] ** -0.5 * LOG2E)
     running_max = q.new_full(q.shape[:3], -math.inf)
     row_sum = q.new_zeros(q.shape[:3])
     acc = torch.zeros_like(q)
-    for block, start in enumerate(range(0, k.shape[2], BLOCK_N)):
-        keys = slice(start, start + BLOCK_N)
+    for block, start in enumerate(range(0, k.shape[2], block_n)):
+        keys = slice(start, start + block_n)
         scores = (q_quant @ k_quant[:, :, keys].transpose(-1, -2)) * (row_scale * k_scale[..., block, None, None])
         new_max = torch.maximum(running_max, scores.amax(dim=-1))
         p = torch.exp2(scores - new_max[..., None])

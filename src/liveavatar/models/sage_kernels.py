@@ -10,6 +10,8 @@ one head per program with an online softmax in fp32.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -59,7 +61,7 @@ def _quantise_blocks(X, MEAN, OUT, SCALE, L, H, stride_b, stride_l, stride_h, sc
     else:
         quantised = _to_e4m3(scaled, EMULATE)
     tl.store(OUT + bh * L * D + rows[:, None] * D + cols[None, :], quantised, mask=inside)
-    tl.store(SCALE + bh * tl.cdiv(L, BLOCK) + block, scale * scale_factor)
+    tl.store(SCALE + bh * ((L + BLOCK - 1) // BLOCK) + block, scale * scale_factor)
 
 
 @triton.jit
@@ -117,8 +119,8 @@ def _attention(Q, K, VT, QS, KS, VAMAX, OUT, Lq, Lk, H, padded_l, stride_ob, str
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
-    q_scale = tl.load(QS + bh * tl.cdiv(Lq, BLOCK_M) + start)
-    k_base, v_base, ks_base = K + bh * Lk * D, VT + bh * D * padded_l, KS + bh * tl.cdiv(Lk, BLOCK_N)
+    q_scale = tl.load(QS + bh * ((Lq + BLOCK_M - 1) // BLOCK_M) + start)
+    k_base, v_base, ks_base = K + bh * Lk * D, VT + bh * D * padded_l, KS + bh * ((Lk + BLOCK_N - 1) // BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -135,38 +137,77 @@ def _attention(Q, K, VT, QS, KS, VAMAX, OUT, Lq, Lk, H, padded_l, stride_ob, str
              out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < Lq)
 
 
-def quantised_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8: bool, *,
-                        num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
-    """q [B, Lq, H, D], k and v [B, Lk, H, D] (last dim contiguous) -> [B, Lq, H, D] in q's dtype; the
-    method of `liveavatar.models.quantised_attention`."""
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and pipelining of the attention kernel; ``block_n`` is also K's quantisation block."""
+
+    block_n: int = BLOCK_N
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+class Quantised(NamedTuple):
+    """One call's quantised operands: Q and K [B, H, L, D] with their per-block scales [B, H, blocks], V
+    transposed [B, H, D, L_pad] (FP8) with its per-channel absolute maxima [B, H, D]."""
+
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    v: torch.Tensor
+    v_amax: torch.Tensor
+
+
+def _emulate() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def quantise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8: bool,
+             config: KernelConfig = DEFAULT_CONFIG) -> Quantised:
+    """The three quantisation passes: q [B, Lq, H, D], k and v [B, Lk, H, D], last dim contiguous."""
     batch, lq, heads, dim = q.shape
-    lk = k.shape[1]
-    qdtype = torch.int8 if int8 else torch.float8_e4m3fn
-    qmax = INT8_MAX if int8 else FP8_MAX
-    device = q.device
-    emulate = os.environ.get("TRITON_INTERPRET") == "1"
-    q_blocks, k_blocks = triton.cdiv(lq, BLOCK_M), triton.cdiv(lk, BLOCK_N)
+    lk, block_n = k.shape[1], config.block_n
+    qdtype, qmax = (torch.int8, INT8_MAX) if int8 else (torch.float8_e4m3fn, FP8_MAX)
+    device, emulate = q.device, _emulate()
+    q_blocks, k_blocks = triton.cdiv(lq, BLOCK_M), triton.cdiv(lk, block_n)
     k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
     v_amax = torch.linalg.vector_norm(v, float("inf"), dim=1, dtype=torch.float32).contiguous()
-    q_quant = torch.empty(batch, heads, lq, dim, device=device, dtype=qdtype)
-    k_quant = torch.empty(batch, heads, lk, dim, device=device, dtype=qdtype)
-    padded = k_blocks * BLOCK_N
-    v_quant = torch.empty(batch, heads, dim, padded, device=device, dtype=torch.float8_e4m3fn)
-    q_scale = torch.empty(batch, heads, q_blocks, device=device, dtype=torch.float32)
-    k_scale = torch.empty(batch, heads, k_blocks, device=device, dtype=torch.float32)
-    softmax_scale = dim ** -0.5 * LOG2E
+    quantised = Quantised(torch.empty(batch, heads, lq, dim, device=device, dtype=qdtype),
+                          torch.empty(batch, heads, q_blocks, device=device, dtype=torch.float32),
+                          torch.empty(batch, heads, lk, dim, device=device, dtype=qdtype),
+                          torch.empty(batch, heads, k_blocks, device=device, dtype=torch.float32),
+                          torch.empty(batch, heads, dim, k_blocks * block_n, device=device, dtype=torch.float8_e4m3fn),
+                          v_amax)
     _quantise_blocks[(q_blocks, batch * heads)](
-        q, k_mean, q_quant, q_scale, lq, heads, q.stride(0), q.stride(1), q.stride(2), softmax_scale,
-        BLOCK=BLOCK_M, D=dim, SMOOTH=False, INT8=int8, QMAX=qmax, FLOOR=AMAX_FLOOR, EMULATE=emulate)
+        q, k_mean, quantised.q, quantised.q_scale, lq, heads, q.stride(0), q.stride(1), q.stride(2),
+        dim ** -0.5 * LOG2E, BLOCK=BLOCK_M, D=dim, SMOOTH=False, INT8=int8, QMAX=qmax, FLOOR=AMAX_FLOOR,
+        EMULATE=emulate)
     _quantise_blocks[(k_blocks, batch * heads)](
-        k, k_mean, k_quant, k_scale, lk, heads, k.stride(0), k.stride(1), k.stride(2), 1.0,
-        BLOCK=BLOCK_N, D=dim, SMOOTH=True, INT8=int8, QMAX=qmax, FLOOR=AMAX_FLOOR, EMULATE=emulate)
+        k, k_mean, quantised.k, quantised.k_scale, lk, heads, k.stride(0), k.stride(1), k.stride(2), 1.0,
+        BLOCK=block_n, D=dim, SMOOTH=True, INT8=int8, QMAX=qmax, FLOOR=AMAX_FLOOR, EMULATE=emulate)
     _quantise_v[(k_blocks, batch * heads)](
-        v, v_amax, v_quant, lk, heads, v.stride(0), v.stride(1), v.stride(2), padded,
-        BLOCK=BLOCK_N, D=dim, VMAX=FP8_MAX, FLOOR=AMAX_FLOOR, EMULATE=emulate)
-    out = torch.empty_like(q)
-    _attention[(q_blocks, batch * heads)](
-        q_quant, k_quant, v_quant, q_scale, k_scale, v_amax, out, lq, lk, heads, padded,
-        out.stride(0), out.stride(1), out.stride(2), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=dim, INT8=int8,
-        PSCALE=P_SCALE, VMAX=FP8_MAX, FLOOR=AMAX_FLOOR, EMULATE=emulate, num_warps=num_warps, num_stages=num_stages)
+        v, v_amax, quantised.v, lk, heads, v.stride(0), v.stride(1), v.stride(2), quantised.v.shape[-1],
+        BLOCK=block_n, D=dim, VMAX=FP8_MAX, FLOOR=AMAX_FLOOR, EMULATE=emulate)
+    return quantised
+
+
+def attend(quantised: Quantised, out: torch.Tensor, config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """The attention kernel over quantised operands into ``out`` [B, Lq, H, D] (any float dtype)."""
+    batch, heads, lq, dim = quantised.q.shape
+    lk = quantised.k.shape[2]
+    _attention[(triton.cdiv(lq, BLOCK_M), batch * heads)](
+        quantised.q, quantised.k, quantised.v, quantised.q_scale, quantised.k_scale, quantised.v_amax, out, lq, lk,
+        heads, quantised.v.shape[-1], out.stride(0), out.stride(1), out.stride(2), BLOCK_M=BLOCK_M,
+        BLOCK_N=config.block_n, D=dim, INT8=quantised.q.dtype == torch.int8, PSCALE=P_SCALE, VMAX=FP8_MAX,
+        FLOOR=AMAX_FLOOR, EMULATE=_emulate(), num_warps=config.num_warps, num_stages=config.num_stages)
     return out
+
+
+def quantised_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8: bool,
+                        config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """q [B, Lq, H, D], k and v [B, Lk, H, D] (last dim contiguous) -> [B, Lq, H, D] in q's dtype; the
+    method of `liveavatar.models.quantised_attention`."""
+    return attend(quantise(q, k, v, int8, config), torch.empty_like(q), config)
