@@ -36,7 +36,7 @@ FP8_MAX = 448.0  # e4m3's largest finite value
 P_SCALE = FP8_MAX  # P in [0, 1] is scaled onto e4m3's range before its cast (SageAttention2)
 LOG2E = 1.4426950408889634  # the kernel's softmax uses exp2
 AMAX_FLOOR = 1e-12  # an all-zero block gets a finite scale
-KERNEL_HEAD_DIMS = (64, 128)
+KERNEL_HEAD_DIMS = (32, 64, 128)  # powers of two (tl.arange), multiples of 32 (the INT8/FP8 MMA's K)
 FP8_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) on; INT8 Q·Kᵀ alone needs sm_80
 
 
