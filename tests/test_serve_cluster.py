@@ -292,3 +292,12 @@ def test_a_cluster_address_that_is_not_ray_client_gets_one_line():
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: --cluster tcp://head:6379: expected auto or ray://HOST:PORT (Ray Client's address, port 10001 by "
         "default)")
+
+
+def test_an_ingress_beyond_loopback_refuses_to_start_without_a_token(tiny, tmp_path, monkeypatch):
+    from liveavatar.serve.cluster.ingress import Ingress
+
+    monkeypatch.delenv("LIVEAVATAR_TOKEN", raising=False)
+    flags = {**cluster_flags(_parse("--host", "0.0.0.0", "--store", str(tmp_path))), "token": None}
+    with pytest.raises(InputError, match=r"set \$LIVEAVATAR_TOKEN in the environment of `ray start`"):
+        Ingress(None, flags)
