@@ -26,12 +26,12 @@ from liveavatar.runtime.live_audio import LiveAudio
 from liveavatar.runtime.live_ledger import OutputAudio
 from liveavatar.serve.backend import Backend, BlockDone, Frames
 from liveavatar.serve.jobs import error_line
+from liveavatar.serve.live_input import SessionInput, client_message
 from liveavatar.serve.live_start import LiveOptions, parse_start
-from liveavatar.serve.protocol import CONTROL_TYPES, from_pcm16, pack_block, to_pcm16
-from liveavatar.serve.tts import check_text, synthesize
+from liveavatar.serve.protocol import pack_block, to_pcm16
 
 BAD_INPUT_CLOSE = 4400  # WebSocket close codes 4000-4999 are the application's; 4400 mirrors HTTP 400
-SAY_CHUNK_S = 0.1  # spoken text is pushed as a real-time source would push it
+INTERNAL_CLOSE = 1011
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -157,7 +157,7 @@ async def serve_live(websocket: WebSocket, server) -> None:
         first = await websocket.receive()
         if first["type"] == "websocket.disconnect":
             return
-        request, options, ready = await asyncio.to_thread(parse_start, _start_message(first), server)
+        request, options, ready = await asyncio.to_thread(parse_start, start_message(first), server)
     except InputError as error:
         await _refuse(websocket, error_line(error))
         return
@@ -168,7 +168,7 @@ async def serve_live(websocket: WebSocket, server) -> None:
     position = server.queue.submit_live(session)
     if position:
         await websocket.send_json({"type": "queued", "position": position})
-    receiver = asyncio.create_task(_Receiver(websocket, session, server.tts_command).run())
+    receiver = asyncio.create_task(_receive(websocket, SessionInput(session)))
     try:
         while True:
             getter = asyncio.create_task(session.outbox.get())
@@ -197,7 +197,7 @@ async def serve_live(websocket: WebSocket, server) -> None:
         session.cancel()
 
 
-def _start_message(message: dict) -> dict:
+def start_message(message: dict) -> dict:
     """The first message as a start message's fields; InputError for anything else."""
     if message.get("text") is None:
         raise InputError('the first message must be the JSON text {"type": "start", ...} (see the README\'s live '
@@ -212,91 +212,23 @@ def _start_message(message: dict) -> dict:
     return start
 
 
-class _Receiver:
-    """Feeds the client's messages to the session; `run` returns a message for a protocol error, None on
-    disconnect. Text to speak is synthesised in a thread and pushed at real-time pace, one ``say`` after
-    the other; ``end`` takes effect after the pending ``say``s, ``interrupt`` drops them."""
-
-    def __init__(self, websocket: WebSocket, session: LiveSession, tts_command: str):
-        self.websocket, self.session, self.tts_command = websocket, session, tts_command
-        self.audio = session.audio
-        self.speaking: asyncio.Task | None = None
-        self.noticed_after_end = False
-
-    async def run(self) -> str | None:
-        leftover = b""
-        try:
-            while True:
-                message = await self.websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    return None
-                if message.get("bytes") is not None:
-                    data = leftover + message["bytes"]
-                    even = len(data) - len(data) % 2
-                    leftover = data[even:]
-                    try:
-                        self._push(from_pcm16(data[:even]))
-                    except InputError as error:
-                        return error_line(error)
-                    continue
-                try:
-                    control = json.loads(message.get("text") or "")
-                    kind = control.get("type")
-                except (ValueError, AttributeError):
-                    kind = None
-                if kind == "end":
-                    self._after_speech(self.audio.end)
-                elif kind == "interrupt":
-                    if self.speaking is not None:
-                        self.speaking.cancel()
-                    self.audio.interrupt()
-                elif kind == "say":
-                    self._say(control.get("text"))
-                else:
-                    return (f"unexpected message {(message.get('text') or '')[:60]!r} after start; send binary "
-                            f"PCM16 audio or one of {', '.join(CONTROL_TYPES)} as {{\"type\": ...}}")
-        except WebSocketDisconnect:
-            return None
-        finally:
-            if self.speaking is not None:
-                self.speaking.cancel()
-
-    def _push(self, samples) -> None:
-        if not self.audio.push(samples) and not self.noticed_after_end:
-            self.noticed_after_end = True
-            self.session.outbox.put_nowait({"type": "notice", "message": "audio after 'end' is ignored; start a "
-                                                                         "new session for new audio"})
-
-    def _say(self, text) -> None:
-        try:
-            text = check_text(text)
-        except InputError as error:
-            self.session.outbox.put_nowait({"type": "error", "message": error_line(error)})
-            return
-        previous = self.speaking
-
-        async def speak():
+async def _receive(websocket: WebSocket, feed: SessionInput) -> str | None:
+    """The client's messages into the session; a message for a protocol error, None on disconnect."""
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
             try:
-                samples = await asyncio.to_thread(synthesize, text, self.tts_command)
+                problem = feed.handle(client_message(message))
             except InputError as error:
-                samples = None
-                self.session.outbox.put_nowait({"type": "error", "message": error_line(error)})
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            if samples is None:
-                return
-            chunk, began = int(SAY_CHUNK_S * AUDIO_SAMPLE_RATE), time.monotonic()
-            for offset in range(0, len(samples), chunk):
-                self._push(samples[offset:offset + chunk])
-                await asyncio.sleep(max(0.0, began + (offset + chunk) / AUDIO_SAMPLE_RATE - time.monotonic()))
-
-        self.speaking = asyncio.create_task(speak())
-
-    def _after_speech(self, action) -> None:
-        if self.speaking is None or self.speaking.done():
-            action()
-            return
-        self.speaking.add_done_callback(lambda task: action())
+                problem = error_line(error)
+            if problem is not None:
+                return problem
+    except WebSocketDisconnect:
+        return None
+    finally:
+        feed.close()
 
 
 async def _refuse(websocket: WebSocket, message: str) -> None:

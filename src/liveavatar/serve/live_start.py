@@ -22,6 +22,7 @@ LOOKAHEAD_S = 1.0  # the feature window's lookahead (StreamingAudioFeatures)
 class LiveOptions:
     idle_limit_s: float
     jpeg_quality: int
+    tts_command: str  # speaks the session's ``say`` text
 
 
 def parse_start(message: dict, server) -> tuple[Request, LiveOptions, dict]:
@@ -63,7 +64,7 @@ def parse_start(message: dict, server) -> tuple[Request, LiveOptions, dict]:
                          "predicted_rtf": None if predicted_rtf is None else round(predicted_rtf, 2)}}
     if warning:
         ready["warning"] = warning
-    return request, LiveOptions(idle_limit_s=idle, jpeg_quality=quality), ready
+    return request, LiveOptions(idle_limit_s=idle, jpeg_quality=quality, tts_command=server.tts_command), ready
 
 
 def _number(message: dict, name: str, default: float) -> float:
