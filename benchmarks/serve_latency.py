@@ -97,8 +97,10 @@ def blocks_per_second(blocks: list[dict]) -> float:
     return (len(blocks) - 2) / span
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(description: str, argv: list[str] | None) -> argparse.Namespace | None:
+    """The serving benchmarks' flags (this script's and cluster_latency.py's); None (after one JSON line)
+    when a CUDA device is asked for on a machine without one."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--ckpt_dir", help="a checkpoint set (default: full-size random weights)")
     parser.add_argument("--lora_path_dmd")
     parser.add_argument("--device", default="cuda")
@@ -106,11 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--size", default="704*384")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--live-seconds", type=float, default=20.0, help="audio streamed to the live session")
+    parser.add_argument("--live-seconds", type=float, default=20.0, help="audio streamed to each live session")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA GPU here; pass --device cpu with tiny checkpoints for a smoke test"}))
+        return None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(__doc__.splitlines()[0], argv)
+    if args is None:
         return 2
 
     with tempfile.TemporaryDirectory() as work:

@@ -49,6 +49,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(limits, "live-idle-limit", type=float, default=60.0, metavar="SECONDS",
              help="a live session ends after this much silence-only output (default 60 s; a session may ask for less)")
 
+    cluster = parser.add_argument_group("cluster (the `cluster` extra: Ray Serve; README's 'Serve on a Ray cluster')")
+    add_flag(cluster, "cluster", nargs="?", const="auto", metavar="auto|ray://HOST:PORT",
+             help="serve as a Ray Serve application: an ingress and engine replicas; 'auto' joins the Ray cluster "
+                  "of this machine (or starts a local one), ray://HOST:PORT a remote one through Ray Client")
+    add_flag(cluster, "replicas", type=int, help="engine replicas, fixed (default 1 unless --min/--max-replicas)")
+    add_flag(cluster, "min-replicas", type=int, help="autoscaling: fewest engine replicas (default 1)")
+    add_flag(cluster, "max-replicas", type=int, help="autoscaling: most engine replicas; scales on open live "
+             "sessions and queued jobs, one per replica")
+    add_flag(cluster, "gpus-per-replica", type=int, help="GPUs of each replica: 1, or k > 1 for a timestep pipeline "
+             "over k GPUs of one node (default 1; 0 with --device cpu)")
+    add_flag(cluster, "cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    add_flag(cluster, "max-waiting", type=int, default=16, help="jobs and live sessions that may wait for an engine "
+             "across the cluster; past it: 503 with Retry-After / a 'busy' answer (default 16)")
+    add_flag(cluster, "store", metavar="DIR", help="the ingress's folder of jobs and videos, on the head node; it "
+             "outlives the ingress (default: liveavatar-cluster-store in the temp folder)")
+    add_flag(cluster, "write-config", metavar="FILE", help="write Ray Serve's YAML config for `serve deploy` "
+             "and exit")
+
 
 def check_host(host: str, token: str | None) -> None:
     """Loopback needs no token; anything reachable from other machines does."""

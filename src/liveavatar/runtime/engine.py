@@ -23,6 +23,7 @@ from liveavatar.models.audio_features import (
     StreamingAudioFeatures,
     video_rate_features,
 )
+from liveavatar.models.quantised_attention import SelfAttention, resolve_self_attention
 from liveavatar.models.regions import EAGER
 from liveavatar.models.text_encoder import TEXT_LEN, TextEncoder
 from liveavatar.models.vae import WanVAE
@@ -112,6 +113,7 @@ class Engine:
         else:
             transformer.regions = EAGER
         self.graphs: ForwardGraphs | None = None
+        self._self_attention: dict[str, SelfAttention] = {}
         self.requests_run = 0
         # The overlapped decode holds its activations next to the DiT's: default for resident placements
         # only (the large-memory case; the planner budgets the decode after the forward).
@@ -138,6 +140,14 @@ class Engine:
         audio_encoder = AudioFeatureExtractor.from_pretrained(layout.wav2vec2, device=device, dtype=dtype)
         return cls(transformer, vae, text_encoder, audio_encoder, placement=placement, device=device, dtype=dtype,
                    layer_streamer=layer_streamer, fast_path=fast_path, pipeline=pipeline)
+
+    def self_attention(self, mode: str) -> SelfAttention:
+        """The blocks' self-attention for an attention mode (`liveavatar.models.quantised_attention`) on this
+        engine's device, resolved once per mode: a fallback's notice is given once."""
+        if mode not in self._self_attention:
+            head_dim = self.transformer.config.head_dim if self.transformer is not None else None
+            self._self_attention[mode] = resolve_self_attention(mode, self.device, head_dim=head_dim)
+        return self._self_attention[mode]
 
     @property
     def cache_set(self) -> CacheSet | None:

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.serve.backend import Backend
 from liveavatar.serve.fmp4 import MIME_TYPE
-from liveavatar.serve.jobs import FINISHED, Job, QueueFull, WorkQueue, error_line
+from liveavatar.serve.jobs import FINISHED, Job, QueueFull, ServerBusy, WorkQueue, error_line
 from liveavatar.serve.live import serve_live
 from liveavatar.serve.uploads import (FILE_FIELDS, TEXT_FIELDS, Limits, MultipartReader, UploadTooLarge, job_request,
                                       read_image)
@@ -113,7 +113,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def refused(request, error: LiveAvatarError):
         status = 413 if isinstance(error, UploadTooLarge) else 429 if isinstance(error, QueueFull) else \
             400 if isinstance(error, InputError) else 503
-        return JSONResponse({"error": error_line(error)}, status_code=status)
+        headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, ServerBusy) else None
+        return JSONResponse({"error": error_line(error)}, status_code=status, headers=headers)
 
     @app.get("/", response_class=HTMLResponse)
     async def jobs_page():

@@ -33,6 +33,14 @@ class QueueFull(LiveAvatarError):
     """The client already has as many jobs waiting as the server allows (HTTP 429)."""
 
 
+class ServerBusy(LiveAvatarError):
+    """Every engine is busy and the server's waiting line is full (HTTP 503 with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Work(Protocol):
     client: str
 
