@@ -295,10 +295,11 @@ def test_a_cluster_address_that_is_not_ray_client_gets_one_line():
 
 def test_an_ingress_beyond_loopback_refuses_to_start_without_a_token(tiny, tmp_path, monkeypatch):
     from liveavatar.cli.serve import serve_limits
-    from liveavatar.serve.cluster.ingress import Ingress, IngressSettings
+    from liveavatar.serve.cluster.ingress import Ingress
+    from liveavatar.serve.cluster.settings import ClusterSettings
 
     monkeypatch.delenv("LIVEAVATAR_TOKEN", raising=False)
-    settings = IngressSettings(limits=serve_limits(_parse()), retention_s=60, max_per_client=8, live_idle_limit_s=30,
+    settings = ClusterSettings(limits=serve_limits(_parse()), retention_s=60, max_per_client=8, live_idle_limit_s=30,
                                max_waiting=4, store=str(tmp_path), token=None, require_token=True)
     with pytest.raises(InputError, match=r"set \$LIVEAVATAR_TOKEN in the environment of `ray start`"):
         Ingress(None, settings)

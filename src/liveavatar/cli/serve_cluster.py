@@ -18,8 +18,8 @@ from pathlib import Path
 from liveavatar.cli.serve import TOKEN_ENV, check_host, load_backend, run_serve, serve_limits
 from liveavatar.errors import InputError
 from liveavatar.serve.cluster import cluster_extra_status
-from liveavatar.serve.cluster.config import (APP_NAME, ReplicaLayout, build_app, default_store, is_loopback,
-                                             serve_config)
+from liveavatar.serve.cluster.config import APP_NAME, build_app, default_store, is_loopback, serve_config
+from liveavatar.serve.cluster.settings import ClusterSettings, ReplicaLayout
 
 BUILDER = "liveavatar.cli.serve_cluster:app_builder"
 NOT_FLAGS = ("command", "cluster", "write_config", "host", "port")
@@ -74,10 +74,8 @@ def app_builder(flags: dict):
 def application(flags: dict, load=None):
     """The application the flags describe; ``load`` (default: `replica_backend` on the flags) gives each
     engine replica its `Backend`."""
-    from liveavatar.serve.cluster.ingress import IngressSettings
-
     args = argparse.Namespace(**flags)
-    ingress = IngressSettings(limits=serve_limits(args), retention_s=args.retention,
+    settings = ClusterSettings(limits=serve_limits(args), retention_s=args.retention,
                               max_per_client=args.max_queued_per_client, live_idle_limit_s=args.live_idle_limit,
                               max_waiting=args.max_waiting, store=args.store, token=args.token,
                               require_token=args.require_token, live_policy=args.live, live_size=args.live_size,
@@ -86,7 +84,7 @@ def application(flags: dict, load=None):
     shown = {"device": args.device or "auto", "dtype": args.dtype or "auto", "gpus": args.gpus_per_replica,
              "max_size": args.max_size, "max_steps": args.max_steps, "default_size": args.size,
              "live_idle_limit_s": args.live_idle_limit}
-    return build_app(_layout(flags), ingress, load or functools.partial(replica_backend, flags), shown,
+    return build_app(_layout(flags), settings, load or functools.partial(replica_backend, flags), shown,
                      args.torch_threads)
 
 

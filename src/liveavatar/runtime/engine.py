@@ -96,9 +96,13 @@ class Engine:
         self.compile_fallback = self.compile_cache = self.decoder_fallback = None
         if self.fast_path.compile:
             self.compile_cache = configure_compiler(workers=placement.compile_workers)
-        if self.fast_path.compile and vae is not None:  # None: a rank that only runs denoising steps
+        if vae is None:  # a rank that only runs denoising steps
+            pass
+        elif self.fast_path.compile:
             # The decoder's graph keeps its activations in a pool of its own: resident placements only.
             self.decoder_fallback = compile_decoder(vae, cuda_graphs=self.fast_path.cuda_graphs and placement.resident)
+        else:
+            vae.steady_decoder = None
         if transformer is None:  # an output rank that only decodes: no DiT to compile
             pass
         elif self.fast_path.compile:

@@ -72,17 +72,6 @@ class LiveAudio:
         self._finished = False
         self._feature_shape = (0, 0)  # (hidden states, channels) of the engine's wav2vec2
 
-    def __getstate__(self) -> dict:
-        """A source not yet pushed into travels as its settings (a request resolved in one process and run
-        in another, as the cluster's ingress does); one in use does not travel."""
-        if self.received or self.streamer is not None or self._ended:
-            raise TypeError("a LiveAudio in use cannot be copied to another process; send it before any push")
-        return {"pacer": self.pacer, "lookahead_s": self.lookahead_s, "max_queued_s": self.max_queued / AUDIO_SAMPLE_RATE,
-                "lag_bound_s": self.lag_bound}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
-
     # ------------------------------------------------------------------------------------ client side
 
     def push(self, samples) -> bool:
