@@ -37,6 +37,11 @@ from liveavatar.io.media import load_audio  # noqa: E402
 from liveavatar.serve.client import stream_file  # noqa: E402
 
 
+def random_replica(device: str, fp8: bool):
+    """A replica's (backend, live setting): the random weights, and the setting the flags pin (--live-size/-steps)."""
+    return random_backend(device, fp8), None
+
+
 def live_figures(ws_url: str, image: Path, waveform: np.ndarray, settings: dict) -> dict:
     session = stream_file(ws_url, image, waveform, chunk_s=0.1, pace=1.0, **settings)
     if session.error:
@@ -84,6 +89,7 @@ def cluster(args, image: Path, waveform: np.ndarray, settings: dict, store: Path
     cpu = args.device == "cpu"
     serve_args = parser.parse_args(
         ["--cluster", "--replicas", "1", "--size", args.size, "--max-size", args.size, "--max-steps", str(args.steps),
+         "--live-size", args.size, "--live-steps", str(args.steps),
          "--store", str(store), "--gpus-per-replica", "0" if cpu else "1", "--device", args.device]
         + (["--ckpt_dir", args.ckpt_dir] if args.ckpt_dir else [])
         + (["--lora_path_dmd", args.lora_path_dmd] if args.lora_path_dmd else [])
@@ -95,7 +101,7 @@ def cluster(args, image: Path, waveform: np.ndarray, settings: dict, store: Path
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         started = time.perf_counter()
         # Without a checkpoint each replica builds the full-size random weights (none on a benchmark machine).
-        load = None if args.ckpt_dir else functools.partial(random_backend, args.device, args.fp8)
+        load = None if args.ckpt_dir else functools.partial(random_replica, args.device, args.fp8)
         serve.run(application(flags, load), name=APP_NAME, route_prefix="/")
         deploy_s = time.perf_counter() - started
         ws_url = f"ws://127.0.0.1:{port}/v1/live"
