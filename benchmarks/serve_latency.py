@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -74,6 +73,8 @@ def random_backend(device: str, fp8: bool) -> Backend:
 
 
 def first_frame_latency(server: LocalServer, image: Path, audio: Path, fields: dict) -> tuple[float, float]:
+    import httpx  # here: live_sustained.py imports this module on machines without httpx
+
     with httpx.Client(base_url=server.url, timeout=600) as client:
         files = {"image": ("image.png", image.read_bytes()), "audio": ("speech.wav", audio.read_bytes())}
         submitted = time.perf_counter()

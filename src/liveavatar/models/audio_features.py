@@ -262,8 +262,8 @@ class StreamingAudioFeatures:
 
     def next_block_padded(self) -> torch.Tensor:
         """The next block now, with zeros for whatever of its window has not arrived (a live source whose
-        audio ran dry must make it by its deadline). The zeros are not kept: later pushes continue where the
-        audio really is, so speech that comes after a pause is not delayed by a lookahead of silence."""
+        audio is late must make it by its deadline). The zeros are not kept: later pushes continue where the
+        audio really is, so no silence is put inside the speech."""
         end = self._window_end(self._next_block)
         kept = self._buffer
         self._buffer = np.concatenate([kept, np.zeros(max(0, end - self._received), np.float32)])

@@ -233,12 +233,16 @@ class LiveAudio:
         self._ready.extend((features, arrival) for features in self.streamer.push(samples))
 
     def _make_from_silence(self, index: int) -> None:
-        """The block is due and its audio has not come: silence up to its last frame, and its lookahead
-        padded with zeros that stay off the clock (speech that comes next follows right after the block)."""
+        """The block is due and its audio has not come. Mid-speech (the clock ends in the client's audio, a
+        chunk is late): silence only up to the block's last frame and its lookahead padded with zeros kept
+        off the clock, so no silence is put inside the speech. Idle (the clock ends in silence): silence up to
+        the end of its window, so that the speech that comes next still gets the whole lookahead; it then
+        plays as late as speech always does (its block waits for the lookahead), no later."""
         now = self.now()
-        missing = self.streamer.block_audio_end(index) - self.ledger.clock
-        if missing > 0:
-            self._feed(np.zeros(missing, np.float32), None, now)
+        idle = self.ledger.last_speech_end < self.ledger.clock or self.ledger.clock == 0
+        end = self.streamer.block_audio_end(index) + (self.streamer.lookahead_samples if idle else 0)
+        if end > self.ledger.clock:
+            self._feed(np.zeros(end - self.ledger.clock, np.float32), None, now)
         if not self._ready:
             self._ready.append((self.streamer.next_block_padded(), now))
 
@@ -264,17 +268,20 @@ class LiveAudio:
             silence = self._drop_queued(excess, silent_only=True)
             speech = self._drop_queued(excess - silence, silent_only=False)
             self.dropped += silence + speech
+        if not silence + speech:
+            return
         policy = "dropped the oldest queued speech" if speech else "skipped queued silence"
         self.on_lag(lag, (silence + speech) / AUDIO_SAMPLE_RATE, policy)
 
     def _drop_queued(self, amount: int, *, silent_only: bool) -> int:
-        """Drop up to ``amount`` queued samples, oldest first: only silent 10 ms pieces, or anything."""
+        """Drop at least ``amount`` queued samples (whole 10 ms pieces), oldest first: only silent pieces, or
+        any; fewer when the queue has no more."""
         dropped, kept = 0, deque()
         for samples, offset, arrival in self._queue:
             for start in range(0, len(samples), PIECE):
                 piece = samples[start:start + PIECE]
                 quiet = float(np.sqrt(np.mean(piece ** 2))) < SILENCE_RMS
-                if dropped + len(piece) <= amount and (quiet or not silent_only):
+                if dropped < amount and (quiet or not silent_only):
                     dropped += len(piece)
                 elif kept and kept[-1][2] == arrival and kept[-1][1] + len(kept[-1][0]) == offset + start:
                     kept[-1] = (np.concatenate([kept[-1][0], piece]), kept[-1][1], kept[-1][2])
