@@ -146,6 +146,8 @@ def test_six_jobs_spread_over_both_replicas_and_come_back_as_mp4s(cluster, media
     assert len(set(placed)) == 2 and max(placed.count(r) for r in set(placed)) <= 4, placed
     video = cluster.client.get(f"/v1/videos/{ids[-1]}/content")
     assert video.status_code == 200 and probe(video.content)["frames"] == 40
+    # Each replica lists its live setting, chosen on its own device (the tiny model's: the ladder's smallest).
+    assert all(r["settings"]["live"]["size"] == "64*64" for r in cluster.info()["replicas"])
     metrics = cluster.client.get("/metrics").text
     assert "liveavatar_replicas 2" in metrics and 'liveavatar_jobs{state="done"}' in metrics
     rates = [line for line in metrics.splitlines() if line.startswith("liveavatar_replica_blocks_per_second{")]
@@ -295,10 +297,11 @@ def test_a_cluster_address_that_is_not_ray_client_gets_one_line():
 
 def test_an_ingress_beyond_loopback_refuses_to_start_without_a_token(tiny, tmp_path, monkeypatch):
     from liveavatar.cli.serve import serve_limits
-    from liveavatar.serve.cluster.ingress import Ingress, IngressSettings
+    from liveavatar.serve.cluster.ingress import Ingress
+    from liveavatar.serve.cluster.settings import ClusterSettings
 
     monkeypatch.delenv("LIVEAVATAR_TOKEN", raising=False)
-    settings = IngressSettings(limits=serve_limits(_parse()), retention_s=60, max_per_client=8, live_idle_limit_s=30,
+    settings = ClusterSettings(limits=serve_limits(_parse()), retention_s=60, max_per_client=8, live_idle_limit_s=30,
                                max_waiting=4, store=str(tmp_path), token=None, require_token=True)
     with pytest.raises(InputError, match=r"set \$LIVEAVATAR_TOKEN in the environment of `ray start`"):
         Ingress(None, settings)

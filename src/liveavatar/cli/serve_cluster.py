@@ -18,8 +18,8 @@ from pathlib import Path
 from liveavatar.cli.serve import TOKEN_ENV, check_host, load_backend, run_serve, serve_limits
 from liveavatar.errors import InputError
 from liveavatar.serve.cluster import cluster_extra_status
-from liveavatar.serve.cluster.config import (APP_NAME, ReplicaLayout, build_app, default_store, is_loopback,
-                                             serve_config)
+from liveavatar.serve.cluster.config import APP_NAME, build_app, default_store, is_loopback, serve_config
+from liveavatar.serve.cluster.settings import ClusterSettings, ReplicaLayout
 
 BUILDER = "liveavatar.cli.serve_cluster:app_builder"
 NOT_FLAGS = ("command", "cluster", "write_config", "host", "port")
@@ -73,33 +73,39 @@ def app_builder(flags: dict):
 
 def application(flags: dict, load=None):
     """The application the flags describe; ``load`` (default: `replica_backend` on the flags) gives each
-    engine replica its `Backend`."""
-    from liveavatar.serve.cluster.ingress import IngressSettings
-
+    engine replica its `Backend` and live setting."""
     args = argparse.Namespace(**flags)
-    ingress = IngressSettings(limits=serve_limits(args), retention_s=args.retention,
+    settings = ClusterSettings(limits=serve_limits(args), retention_s=args.retention,
                               max_per_client=args.max_queued_per_client, live_idle_limit_s=args.live_idle_limit,
                               max_waiting=args.max_waiting, store=args.store, token=args.token,
-                              require_token=args.require_token)
+                              require_token=args.require_token, live_policy=args.live, live_size=args.live_size,
+                              live_steps=args.live_steps, live_lag_bound_s=args.live_lag_bound,
+                              tts_command=args.tts_command)
     shown = {"device": args.device or "auto", "dtype": args.dtype or "auto", "gpus": args.gpus_per_replica,
              "max_size": args.max_size, "max_steps": args.max_steps, "default_size": args.size,
              "live_idle_limit_s": args.live_idle_limit}
-    return build_app(_layout(flags), ingress, load or functools.partial(replica_backend, flags), shown,
+    return build_app(_layout(flags), settings, load or functools.partial(replica_backend, flags), shown,
                      args.torch_threads)
 
 
 def replica_backend(flags: dict):
-    """One engine replica's `Backend`, planned and loaded as ``liveavatar serve`` does; with k > 1 GPUs the
-    timestep pipeline over them, its ranks being the replica's child processes on its node."""
+    """One engine replica's `Backend` and live setting, planned, loaded, chosen and warmed on its own GPU as
+    ``liveavatar serve`` does; with k > 1 GPUs the timestep pipeline over them (its ranks being the replica's
+    child processes on its node) and the live setting the flags pin or the ladder's smallest (None)."""
+    from liveavatar.cli.serve import plan_serve, prepare_live
+
     args = argparse.Namespace(**flags)
+    limits = serve_limits(args)
     if args.gpus_per_replica > 1:
         from liveavatar.api import LiveAvatarPipeline
         from liveavatar.serve.backend import Backend
 
         devices = [f"cuda:{index}" for index in range(args.gpus_per_replica)]
         return Backend(LiveAvatarPipeline.from_pretrained(args.ckpt_dir, lora=args.lora_path_dmd, dtype=args.dtype,
-                                                          devices=devices, sample_steps=args.max_steps))
-    return load_backend(args, serve_limits(args))
+                                                          devices=devices, sample_steps=args.max_steps)), None
+    plan = plan_serve(args, limits)
+    backend = load_backend(args, limits, plan)
+    return backend, prepare_live(args, limits, plan, backend)
 
 
 def write_config(path: Path, flags: dict, *, host: str, port: int) -> None:

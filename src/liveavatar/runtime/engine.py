@@ -27,7 +27,7 @@ from liveavatar.models.quantised_attention import SelfAttention, resolve_self_at
 from liveavatar.models.regions import EAGER
 from liveavatar.models.text_encoder import TEXT_LEN, TextEncoder
 from liveavatar.models.vae import WanVAE
-from liveavatar.request import LiveAudio, LiveSource, Request
+from liveavatar.request import LiveSource, Request
 from liveavatar.runtime.caches import CacheSet, build_caches
 from liveavatar.runtime.conditioning import (
     ReferenceLatents,
@@ -47,9 +47,6 @@ from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.sampler import BlockAudio, LoopEvent, NoDecoder, make_decoder, ref_rope_offsets, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
 
-# How long one wait for live audio lasts before the loop looks again (it keeps waiting: the session decides
-# when silence is pushed and when the audio ends).
-LIVE_AUDIO_POLL_S = 0.05
 REFERENCE_CACHE_SIZE = 4
 
 
@@ -253,8 +250,5 @@ class Engine:
             return WholeFileAudio(features.to("cpu", self.dtype), geometry)
         streamer = StreamingAudioFeatures(self.audio_encoder, frames_per_block=geometry.frames_per_block, fps=FPS)
         shape = (self.audio_encoder.num_layers + 1, self.audio_encoder.hidden_size)
-        if isinstance(audio, LiveAudio):
-            return StreamedAudio(streamer, lambda: audio.take(LIVE_AUDIO_POLL_S), geometry, feature_shape=shape,
-                                 pad_past_end=False)
         return StreamedAudio(streamer, waveform_chunks(audio.samples), geometry, feature_shape=shape,
                              pad_past_end=True)

@@ -28,6 +28,8 @@ from liveavatar.serve.backend import Backend
 from liveavatar.serve.fmp4 import MIME_TYPE
 from liveavatar.serve.jobs import FINISHED, Job, QueueFull, ServerBusy, WorkQueue, error_line
 from liveavatar.serve.live import serve_live
+from liveavatar.serve.live_setting import LiveSetting, choose_live_setting
+from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 from liveavatar.serve.uploads import (FILE_FIELDS, TEXT_FIELDS, Limits, MultipartReader, UploadTooLarge, job_request,
                                       read_image)
 
@@ -43,6 +45,9 @@ class ServerState:
     max_per_client: int
     live_idle_limit_s: float
     token: str | None = None
+    live_setting: LiveSetting | None = None  # the live sessions' setting (None: chosen without a speed model)
+    live_lag_bound_s: float = 2.0
+    tts_command: str = DEFAULT_TTS_COMMAND
     # Where jobs and live sessions run, the one pluggable part: by default a `WorkQueue` on `backend` in this
     # process and `serve_live` on it; the cluster's ingress passes its own (same interface, engines elsewhere).
     queue: WorkQueue | None = None
@@ -50,6 +55,8 @@ class ServerState:
     images: "ImageStore" = field(init=False)
 
     def __post_init__(self):
+        if self.live_setting is None:
+            self.live_setting = choose_live_setting(None, max_area=self.limits.max_area, max_steps=self.limits.max_steps)
         if self.queue is None:
             self.queue = WorkQueue(self.backend, self.root, retention_s=self.retention_s,
                                    max_per_client=self.max_per_client)

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-if TYPE_CHECKING:
-    from liveavatar.serve.cluster.ingress import IngressSettings
+from liveavatar.serve.cluster.settings import ClusterSettings, ReplicaLayout
 
 APP_NAME = "liveavatar"
 ENGINE = "Engine"
@@ -31,17 +29,6 @@ INGRESS_MAX_ONGOING = 4096
 DRAIN_S = 600.0
 # No access-log line per call: a live session pushes audio ten times a second.
 QUIET = {"enable_access_log": False}
-
-
-@dataclass(frozen=True)
-class ReplicaLayout:
-    """How many engine replicas, and what each reserves."""
-
-    replicas: int | None  # a fixed count, or None: autoscale between the two below
-    min_replicas: int | None
-    max_replicas: int | None
-    gpus: int
-    cpus: float
 
 
 def default_store() -> str:
@@ -78,7 +65,7 @@ def ingress_options() -> dict:
             "ray_actor_options": {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}}
 
 
-def build_app(layout: ReplicaLayout, ingress: "IngressSettings", load_backend: Callable, replica_settings: dict,
+def build_app(layout: ReplicaLayout, settings: ClusterSettings, load_backend: Callable, replica_settings: dict,
               torch_threads: int | None = None):
     """The application: ``load_backend()`` (picklable: it travels to every replica) gives each replica its
     `Backend`; ``replica_settings`` is what ``/v1/info`` shows of them."""
@@ -88,8 +75,8 @@ def build_app(layout: ReplicaLayout, ingress: "IngressSettings", load_backend: C
     from liveavatar.serve.cluster.replica import EngineReplica
 
     engine = serve.deployment(EngineReplica).options(**engine_options(layout)).bind(
-        load_backend, replica_settings, INGRESS, torch_threads)
-    return serve.deployment(serve.ingress()(Ingress)).options(**ingress_options()).bind(engine, ingress)
+        load_backend, settings, replica_settings, INGRESS, torch_threads)
+    return serve.deployment(serve.ingress()(Ingress)).options(**ingress_options()).bind(engine, settings)
 
 
 def serve_config(builder: str, args: dict, layout: ReplicaLayout, *, host: str, port: int) -> dict:

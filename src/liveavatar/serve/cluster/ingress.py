@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi.responses import PlainTextResponse
@@ -15,25 +14,13 @@ from liveavatar.serve.app import ServerState, create_app
 from liveavatar.serve.cluster.dispatch import ClusterQueue
 from liveavatar.serve.cluster.metrics import prometheus_text
 from liveavatar.serve.cluster.relay import relay_live
-from liveavatar.serve.uploads import Limits
+from liveavatar.serve.cluster.settings import ClusterSettings
 
 TOKEN_ENV = "LIVEAVATAR_TOKEN"
 
 
-@dataclass(frozen=True)
-class IngressSettings:
-    limits: Limits
-    retention_s: float
-    max_per_client: int
-    live_idle_limit_s: float
-    max_waiting: int
-    store: str  # the job store's folder on the ingress's node
-    token: str | None  # None: read $LIVEAVATAR_TOKEN on the ingress's node
-    require_token: bool  # the HTTP proxy listens beyond loopback
-
-
 class Ingress:
-    def __init__(self, engine, settings: IngressSettings):
+    def __init__(self, engine, settings: ClusterSettings):
         token = settings.token or os.environ.get(TOKEN_ENV) or None
         if settings.require_token and not token:
             raise InputError(f"the ingress listens beyond loopback: set ${TOKEN_ENV} in the environment of "
@@ -43,7 +30,7 @@ class Ingress:
         self.state = ServerState(backend=None, root=Path(tempfile.mkdtemp(prefix="liveavatar-ingress-")),
                                  limits=settings.limits, retention_s=settings.retention_s,
                                  max_per_client=settings.max_per_client, live_idle_limit_s=settings.live_idle_limit_s,
-                                 token=token, queue=self.queue, live=relay_live)
+                                 token=token, queue=self.queue, live=relay_live, **settings.live_state())
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.state)
