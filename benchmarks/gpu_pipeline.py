@@ -274,8 +274,8 @@ def main(argv=None) -> int:
     counts = [int(n) for n in args.ranks.split(",")]
     if args.share_gpu and (device.type != "cuda" or not args.vram_budget):
         parser.error("--share-gpu needs --device cuda and a --vram-budget per rank (e.g. 36GiB for 2 ranks on 80 GB)")
-    shared_total = max(counts) * parse_vram_budget(args.vram_budget) if args.share_gpu else 0
-    if shared_total > torch.cuda.get_device_properties(0).total_memory:
+    if args.share_gpu and max(counts) * parse_vram_budget(args.vram_budget) > \
+            torch.cuda.get_device_properties(0).total_memory:
         parser.error(f"--share-gpu: {max(counts)} ranks x --vram-budget {args.vram_budget} exceed GPU 0's memory")
     if device.type == "cuda" and not args.share_gpu and max(counts) > torch.cuda.device_count():
         parser.error(f"--ranks {max(counts)}: this machine has {torch.cuda.device_count()} GPUs")
