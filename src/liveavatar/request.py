@@ -43,6 +43,7 @@ MAX_SEED = 2**63 - 1
 # Audio longer than this gets its wav2vec2 features block by block (bounded memory) instead of in one pass
 # over the whole file as the reference does (whose attention cost grows with the square of the length).
 WHOLE_FILE_AUDIO_LIMIT_S = 300.0
+DEFAULT_SAMPLE_STEPS = 4  # the LoRA is distilled for 4
 ONLINE_DECODE_IGNORED = ("enable_online_decode: ignored, it belongs to mode single_gpu; the streaming pipeline "
                          "always refreshes the sink from the first generated latent")
 
@@ -233,7 +234,7 @@ def resolve_online_decode(mode: str, enable_online_decode: bool) -> tuple[bool, 
 
 
 def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: int | str = DEFAULT_SIZE,
-                    infer_frames: int = 48, sample_steps: int = 4, num_clip: int | None = None,
+                    infer_frames: int = 48, sample_steps: int = DEFAULT_SAMPLE_STEPS, num_clip: int | None = None,
                     base_seed: int = 420, mode: str = "streaming", enable_online_decode: bool = False,
                     ref_rope_offset: str | int = "seeded", streamed_audio_features: bool = False) -> Request:
     """Check every argument, decode the image and the audio once, and fix the geometry and the length.
