@@ -117,8 +117,11 @@ def create_app(state: ServerState) -> FastAPI:
             await asyncio.to_thread(state.queue.join)
             shutil.rmtree(state.root, ignore_errors=True)
 
+    # OpenAPI 3.0: the Swagger UI that swagger-ui-bundle ships (4.15) renders 3.0 documents, not 3.1 ones; this
+    # API's description uses nothing of 3.1.
     app = FastAPI(title="liveavatar serve", lifespan=lifespan, docs_url=None, openapi_url="/v1/openapi.json",
                   redoc_url=None)
+    app.openapi_version = "3.0.3"
     app.state.server = state
     if state.token:
         app.add_middleware(TokenGate, token=state.token)
@@ -138,15 +141,15 @@ def create_app(state: ServerState) -> FastAPI:
                 405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, str(error.detail))
         return JSONResponse({"error": line}, status_code=error.status_code, headers=error.headers)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def jobs_page():
         return _page("index.html")
 
-    @app.get("/live", response_class=HTMLResponse)
+    @app.get("/live", response_class=HTMLResponse, include_in_schema=False)
     async def live_page():
         return _page("live.html")
 
-    @app.get("/assets/{name}")
+    @app.get("/assets/{name}", include_in_schema=False)
     async def asset(name: str):
         if name in PAGE_ASSETS:
             return Response(_page(name), media_type={"css": "text/css", "js": "text/javascript",
@@ -156,12 +159,12 @@ def create_app(state: ServerState) -> FastAPI:
             return FileResponse(swagger / name, headers={"Cache-Control": "max-age=86400"})
         raise HTTPException(404)
 
-    @app.get("/favicon.ico")
+    @app.get("/favicon.ico", include_in_schema=False)
     async def favicon():
         return Response(_page("favicon.svg"), media_type="image/svg+xml")
 
     if swagger is not None:
-        @app.get("/v1/docs", response_class=HTMLResponse)
+        @app.get("/v1/docs", response_class=HTMLResponse, include_in_schema=False)
         async def docs():
             return _page("docs.html")
 
@@ -206,12 +209,14 @@ def create_app(state: ServerState) -> FastAPI:
     async def status(job_id: str):
         return state.queue.status(_job(job_id))
 
-    @app.api_route("/v1/videos/{job_id}/content", methods=["GET", "HEAD"])
+    @app.get("/v1/videos/{job_id}/content")
     async def content(job_id: str):
         job = _job(job_id)
         if job.state != "done":
             return _no_video(job)
         return FileResponse(job.video, media_type="video/mp4", filename=f"liveavatar-{job.id}.mp4")
+
+    app.add_api_route("/v1/videos/{job_id}/content", content, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/v1/videos/{job_id}/stream")
     async def stream(job_id: str, cancel_on_disconnect: bool = False):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from PIL import Image
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from liveavatar.errors import InputError
+from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
 from liveavatar.serve.backend import Backend, Frames, LiveSpec
 from liveavatar.serve.jobs import error_line
@@ -179,7 +179,11 @@ async def serve_live(websocket: WebSocket, server) -> None:
     audio = PushedAudio(server.backend.audio_encoder(), geometry, realtime=options.realtime)
     session = LiveSession(websocket.client.host if websocket.client else "?", spec, options, audio,
                           asyncio.get_running_loop())
-    position = server.queue.submit_live(session)
+    try:
+        position = server.queue.submit_live(session)
+    except LiveAvatarError as error:  # over the per-client cap, or shutting down
+        await _refuse(websocket, error_line(error))
+        return
     if position:
         await websocket.send_json({"type": "queued", "position": position})
     receiver = asyncio.create_task(_receive(websocket, audio))
