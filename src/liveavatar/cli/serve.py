@@ -81,6 +81,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from liveavatar.devices import resolve_device
     from liveavatar.geometry import ClipGeometry, size_for_area
     from liveavatar.serve.app import ServerState, StoppingServer, create_app, swagger_folder
     from liveavatar.serve.backend import Backend
@@ -89,6 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_host(args.host, token)
+    if args.device is not None:
+        resolve_device(args.device)  # a GPU this machine lacks: refused before the planner asks for its memory
     limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), audio_seconds=args.max_audio_s,
                     max_area=parse_size(args.max_size), max_steps=args.max_steps, default_size=args.size)
     if parse_size(args.size) > limits.max_area:
