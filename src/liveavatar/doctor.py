@@ -11,6 +11,7 @@ from liveavatar import __version__
 from liveavatar.checkpoints.layout import CheckpointLayout
 from liveavatar.errors import CheckpointError
 from liveavatar.serve import ui_extra_status
+from liveavatar.serve.cluster import cluster_extra_status
 from liveavatar.settings import DEFAULT_SIZE, GenerationSettings
 
 _PACKAGES = ("av", "soxr", "Pillow", "safetensors", "transformers", "huggingface_hub")
@@ -51,6 +52,7 @@ def report_lines(ckpt_dir: Path, lora: str | None) -> tuple[list[str], bool]:
     lines.append(f"checkpoints: {layout.ckpt_dir}: " + ("complete" if not problems else f"{len(problems)} problem(s)"))
     lines.extend(f"  - {problem}" for problem in problems)
     lines.append(ui_extra_status()[1])
+    lines.append(cluster_extra_status()[1])
     lines.append(f"LoRA: {layout.lora or 'not found'}" + (f" (from {lora})" if lora and str(layout.lora) != lora else ""))
     defaults = {field.name: field.default for field in fields(GenerationSettings)}
     dtype = defaults["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32")

@@ -55,6 +55,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(limits, "live-idle-limit", type=float, default=60.0, metavar="SECONDS",
              help="a live session ends after this much silence-only output (default 60 s; a session may ask for less)")
 
+    cluster = parser.add_argument_group("cluster (the `cluster` extra: Ray Serve; README's 'Serve on a Ray cluster')")
+    add_flag(cluster, "cluster", nargs="?", const="auto", metavar="auto|ray://HOST:PORT",
+             help="serve as a Ray Serve application: an ingress and engine replicas; 'auto' joins the Ray cluster "
+                  "of this machine (or starts a local one), ray://HOST:PORT a remote one through Ray Client")
+    add_flag(cluster, "replicas", type=int, help="engine replicas, fixed (default 1 unless --min/--max-replicas)")
+    add_flag(cluster, "min-replicas", type=int, help="autoscaling: fewest engine replicas (default 1)")
+    add_flag(cluster, "max-replicas", type=int, help="autoscaling: most engine replicas; scales on open live "
+             "sessions and queued jobs, one per replica")
+    add_flag(cluster, "gpus-per-replica", type=int, help="GPUs of each replica: 1, or k > 1 for a timestep pipeline "
+             "over k GPUs of one node (default 1; 0 with --device cpu)")
+    add_flag(cluster, "cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    add_flag(cluster, "max-waiting", type=int, default=16, help="jobs and live sessions that may wait for an engine "
+             "across the cluster; past it: 503 with Retry-After / a 'busy' answer (default 16)")
+    add_flag(cluster, "store", metavar="DIR", help="the ingress's folder of jobs and videos, on the head node; it "
+             "outlives the ingress (default: liveavatar-cluster-store in the temp folder)")
+    add_flag(cluster, "write-config", metavar="FILE", help="write Ray Serve's YAML config for `serve deploy` "
+             "and exit")
+
 
 def check_host(host: str, token: str | None) -> None:
     """Loopback needs no token; anything reachable from other machines does. A token given is long enough."""
@@ -76,22 +94,11 @@ def server_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import shutil
-
-    import uvicorn
-
-    from liveavatar.devices import resolve_device
-    from liveavatar.geometry import ClipGeometry, size_for_area
-    from liveavatar.serve.app import ServerState, StoppingServer, create_app, swagger_folder
-    from liveavatar.serve.backend import Backend
+def serve_limits(args: argparse.Namespace):
+    """The request limits the flags set, checked (one line for a bad flag)."""
     from liveavatar.serve.uploads import Limits
-    from liveavatar.settings import parse_size, parse_vram_budget
+    from liveavatar.settings import parse_size
 
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    check_host(args.host, token)
-    if args.device is not None:
-        resolve_device(args.device)  # a GPU this machine lacks: refused before the planner asks for its memory
     limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), audio_seconds=args.max_audio_s,
                     max_area=parse_size(args.max_size), max_steps=args.max_steps, default_size=args.size)
     if parse_size(args.size) > limits.max_area:
@@ -100,7 +107,16 @@ def run_serve(args: argparse.Namespace) -> int:
             args.retention < 0 or args.live_idle_limit <= 0:
         raise InputError("--max-steps, --max-queued-per-client, --max-queued and --max-live-per-client must be >= 1, "
                          "--retention >= 0, --live-idle-limit > 0")
-    # Placed for the largest request the server accepts (its landscape size at --max-steps).
+    return limits
+
+
+def load_backend(args: argparse.Namespace, limits):
+    """Plan the placement for the largest request the server accepts (its landscape size at --max-steps),
+    then load every model once: the single-process server's engine, and each cluster replica's."""
+    from liveavatar.geometry import ClipGeometry, size_for_area
+    from liveavatar.serve.backend import Backend
+    from liveavatar.settings import parse_vram_budget
+
     largest = ClipGeometry(*size_for_area(9, 16, limits.max_area), 48)
     plan = plan_for(ckpt_dir=Path(args.ckpt_dir), device=args.device, dtype=args.dtype,
                     weights={None: "auto", True: "fp8", False: "bf16"}[args.fp8],
@@ -109,10 +125,30 @@ def run_serve(args: argparse.Namespace) -> int:
     if plan.budget_bytes is not None:
         print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
               f"({plan.budget_source})", file=sys.stderr)
+    return Backend.load(ckpt_dir=args.ckpt_dir, lora=args.lora_path_dmd, device=args.device, dtype=args.dtype,
+                        placement=plan.placement)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import shutil
+
+    import uvicorn
+
+    from liveavatar.devices import resolve_device
+    from liveavatar.serve.app import ServerState, StoppingServer, create_app, swagger_folder
+
+    if args.cluster is not None or args.write_config is not None:
+        from liveavatar.serve.cluster.launch import run_cluster
+
+        return run_cluster(args)
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_host(args.host, token)
+    if args.device is not None:
+        resolve_device(args.device)  # a GPU this machine lacks: refused before the planner asks for its memory
+    limits = serve_limits(args)
     root = Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
     try:
-        backend = Backend.load(ckpt_dir=args.ckpt_dir, lora=args.lora_path_dmd, device=args.device, dtype=args.dtype,
-                               placement=plan.placement)
+        backend = load_backend(args, limits)
         state = ServerState(backend=backend, root=root, limits=limits,
                             retention_s=args.retention, max_per_client=args.max_queued_per_client,
                             live_idle_limit_s=args.live_idle_limit, token=token, max_queued=args.max_queued,

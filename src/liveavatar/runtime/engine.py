@@ -36,7 +36,8 @@ from liveavatar.runtime.conditioning import (
     encode_reference,
     waveform_chunks,
 )
-from liveavatar.runtime.compile import FastPath, compile_regions, configure_compiler, resolve_fast_path
+from liveavatar.runtime.compile import (FastPath, compile_decoder, compile_regions, configure_compiler,
+                                       resolve_fast_path)
 from liveavatar.runtime.decoding import OverlappedDecoder
 from liveavatar.runtime.executors import BlockExecutor, ForwardGraphs, ForwardHook, SequentialExecutor, graphs_allowed
 from liveavatar.runtime.layer_streaming import LayerStreamer
@@ -74,7 +75,7 @@ class Engine:
     ``transformer`` is None when this rank runs none of them.
 
     The fast path (`liveavatar.runtime.compile`): ``fast_path`` (default: `resolve_fast_path`) compiles the
-    DiT's regions once here; with everything resident the forwards replay CUDA graphs kept across requests;
+    DiT's regions and the VAE's steady decode step once here; with everything resident the forwards replay CUDA graphs kept across requests;
     on CUDA with a resident placement, streaming mode decodes each block on a second stream while the
     next one denoises (``overlap_decode``)."""
 
@@ -94,11 +95,15 @@ class Engine:
         self._caches: CacheSet | None = None
         self._references: OrderedDict[tuple, ReferenceLatents] = OrderedDict()
         self.fast_path = fast_path if fast_path is not None else resolve_fast_path(device)
-        self.compile_fallback = self.compile_cache = None
+        self.compile_fallback = self.compile_cache = self.decoder_fallback = None
+        if self.fast_path.compile:
+            self.compile_cache = configure_compiler(workers=placement.compile_workers)
+        if self.fast_path.compile and vae is not None:  # None: a rank that only runs denoising steps
+            # The decoder's graph keeps its activations in a pool of its own: resident placements only.
+            self.decoder_fallback = compile_decoder(vae, cuda_graphs=self.fast_path.cuda_graphs and placement.resident)
         if transformer is None:  # an output rank that only decodes: no DiT to compile
             pass
         elif self.fast_path.compile:
-            self.compile_cache = configure_compiler(workers=placement.compile_workers)
             self.compile_fallback = compile_regions(transformer)
         else:
             transformer.regions = EAGER

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import anyio
 import uvicorn
@@ -28,7 +29,7 @@ from starlette.exceptions import HTTPException
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.serve.backend import Backend
 from liveavatar.serve.fmp4 import MIME_TYPE
-from liveavatar.serve.jobs import FINISHED, Job, QueueFull, WorkQueue, error_line
+from liveavatar.serve.jobs import FINISHED, Job, QueueFull, ServerBusy, WorkQueue, error_line
 from liveavatar.serve.live import serve_live
 from liveavatar.serve.uploads import (FILE_FIELDS, MAX_TEXT_FIELD, TEXT_FIELDS, Limits, MultipartReader, UploadTooLarge,
                                       job_request, read_image)
@@ -41,7 +42,7 @@ PUBLIC_PREFIXES = ("/assets/", "/favicon.ico")  # library code and an icon: no t
 
 @dataclass
 class ServerState:
-    backend: Backend
+    backend: Backend | None  # None where the engines run in other processes (`liveavatar.serve.cluster`)
     root: Path  # the server's own temp folder: every file it writes is below it
     limits: Limits
     retention_s: float
@@ -50,13 +51,19 @@ class ServerState:
     token: str | None = None
     max_queued: int = 32  # jobs waiting, all clients together
     max_live_per_client: int = 2
-    queue: WorkQueue = field(init=False)
+    # Where jobs and live sessions run, the one pluggable part: by default a `WorkQueue` on `backend` in this
+    # process and `serve_live` on it; the cluster's ingress passes its own (same interface, engines elsewhere),
+    # and what ``/v1/info`` adds about it (``extra_info``: its replicas).
+    queue: WorkQueue | None = None
+    live: Callable[[WebSocket, "ServerState"], Awaitable[None]] = serve_live
+    extra_info: Callable[[], dict] | None = None
     images: "ImageStore" = field(init=False)
 
     def __post_init__(self):
-        self.queue = WorkQueue(self.backend, self.root, retention_s=self.retention_s,
-                               max_per_client=self.max_per_client, max_queued=self.max_queued,
-                               max_live_per_client=self.max_live_per_client)
+        if self.queue is None:
+            self.queue = WorkQueue(self.backend, self.root, retention_s=self.retention_s,
+                                   max_per_client=self.max_per_client, max_queued=self.max_queued,
+                                   max_live_per_client=self.max_live_per_client)
         self.images = ImageStore(self.root / "images", self.retention_s)
 
 
@@ -131,7 +138,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def refused(request, error: LiveAvatarError):
         status = 413 if isinstance(error, UploadTooLarge) else 429 if isinstance(error, QueueFull) else \
             400 if isinstance(error, InputError) else 503
-        headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, QueueFull) else None
+        headers = {"Retry-After": str(error.retry_after_s)} \
+            if isinstance(error, (QueueFull, ServerBusy)) and error.retry_after_s is not None else None
         return JSONResponse({"error": error_line(error)}, status_code=status, headers=headers)
 
     @app.exception_handler(HTTPException)
@@ -179,7 +187,8 @@ def create_app(state: ServerState) -> FastAPI:
         return {"sizes": limits.sizes(), "default_size": limits.default_size, "default_steps": limits.default_steps,
                 "max_steps": limits.max_steps, "max_upload_bytes": limits.upload_bytes,
                 "max_audio_s": limits.audio_seconds, "max_prompt_chars": MAX_TEXT_FIELD,
-                "token_required": state.token is not None, "live": _live_setting(), "replicas": None}
+                "token_required": state.token is not None, "live": _live_setting(), "replicas": None,
+                **(state.extra_info() if state.extra_info is not None else {})}
 
     def _live_setting() -> dict:
         return {"size": state.limits.default_size, "sample_steps": state.limits.default_steps,
@@ -203,7 +212,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/videos")
     async def my_jobs(request: Request):
         """This client's jobs (by address), oldest first: how a client that lost an id finds or cancels it."""
-        return {"jobs": [state.queue.status(job) for job in state.queue.client_jobs(_client(request))]}
+        mine = sorted((job for job in list(state.queue.jobs.values()) if job.client == _client(request)),
+                      key=lambda job: job.created)
+        return {"jobs": [state.queue.status(job) for job in mine]}
 
     @app.get("/v1/videos/{job_id}")
     async def status(job_id: str):
@@ -260,7 +271,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.websocket("/v1/live")
     async def live(websocket: WebSocket):
-        await serve_live(websocket, state)
+        await state.live(websocket, state)
 
     def _job(job_id: str) -> Job:
         job = state.queue.jobs.get(job_id)

@@ -30,7 +30,16 @@ FINISHED = ("done", "failed", "cancelled")
 
 
 class QueueFull(LiveAvatarError):
-    """The server or this client already has as much work waiting as allowed (HTTP 429, with ``Retry-After``)."""
+    """The server or this client already has as much work waiting as allowed (HTTP 429, with ``Retry-After``
+    when it is known)."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ServerBusy(LiveAvatarError):
+    """Every engine is busy and the server's waiting line is full (HTTP 503 with ``Retry-After``)."""
 
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)
@@ -212,10 +221,6 @@ class WorkQueue:
         running = self.running
         eta = running.status(None, None)["progress"]["eta_s"] if isinstance(running, Job) else None
         return max(1, round(eta if eta is not None else 10))
-
-    def client_jobs(self, client: str) -> list[Job]:
-        with self._lock:
-            return sorted((job for job in self.jobs.values() if job.client == client), key=lambda job: job.created)
 
     def position(self, work: Work) -> int | None:
         """How many items run before this waiting one (the running one included); None once it started."""
