@@ -268,7 +268,8 @@ def _retained_rss() -> int:
 
 def test_fifty_sequential_jobs_keep_memory_flat_and_leave_no_files(backend, tiny, media_dir, short_wav):
     """Retention 1 s: at the end only the last second's outputs may remain; RSS after job 50 may exceed the
-    RSS after job 10 only by allocator noise (a leak of a job's frames, 0.5 MiB, would add 20 MiB)."""
+    RSS after job 10 only by allocator noise (measured 13.6 MiB on the 2-core CI machine; the old 100-job form
+    allowed 48 MiB over 90 jobs, the same rate); leaking one job's frames (0.5 MiB) would add 21 MiB more."""
     rss = {}
     with LocalServer(backend, retention_s=1.0) as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:
@@ -283,5 +284,4 @@ def test_fifty_sequential_jobs_keep_memory_flat_and_leave_no_files(backend, tiny
         assert client.get(f"/v1/videos/{job['id']}").status_code == 404  # expired with its video
         assert [p for p in server.root.rglob("*") if p.is_file()] == []
     growth = rss[50] - rss[10]
-    print(f"RSS growth from job 10 to job 50: {growth / 2**20:.1f} MiB")
-    assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB from job 10 to job 50"
+    assert growth < 24 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB from job 10 to job 50"
