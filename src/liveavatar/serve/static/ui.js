@@ -56,7 +56,13 @@ function previewPortrait(input, img, placeholder) {
 }
 
 // The status card: a coloured pill (the state), a title, a detail line, optional progress (a fraction, or
-// "busy" for an indeterminate bar) and an action button.
+// "busy" for an indeterminate bar) and an action button; both pages have an empty #status for it.
+$("status").innerHTML = `
+  <div class="line"><span id="status-pill" class="pill"></span><span id="status-title" class="title"></span></div>
+  <progress id="status-progress" max="1" hidden></progress>
+  <div id="status-detail" class="detail"></div>
+  <div><button id="status-action" type="button" hidden></button></div>`;
+
 function showStatus({state, title, detail = "", progress = null, action = null}) {
   const card = $("status");
   card.dataset.state = state;
