@@ -3,6 +3,7 @@ and cut-off streams that read as errors, the job list and the queue caps, error 
 served without a CDN and usable with a token. A real uvicorn server on the tiny checkpoints."""
 import base64
 import json
+import shutil
 
 import httpx
 import pytest
@@ -24,7 +25,8 @@ def test_info_offers_only_what_the_server_accepts(backend, tiny):
     assert (info["default_size"], info["default_steps"], info["max_steps"]) == ("64*64", 2, 2)
     assert (info["max_upload_bytes"], info["max_audio_s"], info["max_prompt_chars"]) == (3 * 2**20, 20, 4096)
     assert info["token_required"] is False and info["replicas"] is None
-    assert info["live"]["size"] == "64*64" and info["live"]["sample_steps"] == 2
+    assert info["live"] == server.state.live_setting.info()  # the server's live setting (--live auto)
+    assert info["tts"] is (shutil.which("espeak-ng") is not None)  # the default --tts-command
     limits = server.state.limits
     for size in info["sizes"]:  # every offered size passes the server's own checks, at the default steps
         assert request_arguments({"size": size}, limits)["sample_steps"] == 2  # not 4: above --max-steps 2

@@ -165,12 +165,20 @@ def test_the_live_page_streams_a_file_shows_its_metrics_and_sends_nothing_after_
     with LocalServer(backend) as server:
         page.goto(server.url + "/live")
         wait_state(page, "idle")
+        assert page.input_value("#size") == "auto"  # the server's live setting, offered first
         page.set_input_files("#image", str(media_dir / "cyclops_baker.jpg"))
         page.select_option("#source", "file")
         page.set_input_files("#audio", str(short_wav))
+        page.select_option("#size", "64*64")
         page.fill("#steps", "1")
         shots(page, "live-idle")
         page.click("#start")
+        wait_state(page, "preparing", "playing")
+        tts = httpx.get(server.url + "/v1/info").json()["tts"]
+        assert page.is_visible("#say-box") is tts
+        if tts:  # typed text for the server to speak
+            page.fill("#say-text", "hi")
+            page.click("#say")
         wait_state(page, "playing")
         page.wait_for_function("document.querySelector('#m-latency b').textContent.endsWith(' ms')", timeout=120_000)
         shots(page, "live-playing")
@@ -179,6 +187,7 @@ def test_the_live_page_streams_a_file_shows_its_metrics_and_sends_nothing_after_
         shots(page, "live-done")
         sent = page.evaluate("window.sent")
     assert sent[0] == "start" and sent.count("end") == 1 and "audio" not in sent[sent.index("end"):], sent
+    assert ("say" in sent) is tts
     assert page.problems == []
 
 

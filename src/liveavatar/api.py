@@ -27,7 +27,8 @@ from liveavatar.devices import configure_cuda_allocator, resolve_device, resolve
 from liveavatar.errors import InputError
 from liveavatar.geometry import DEFAULT_SIZE, FPS
 from liveavatar.io.video_writer import BackgroundWriter, Mp4Writer
-from liveavatar.request import LiveAudio, Request, WaveformAudio, resolve_request
+from liveavatar.request import Request, WaveformAudio, resolve_request
+from liveavatar.runtime.live_audio import LiveAudio
 from liveavatar.runtime.engine import Engine
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.progress import Progress

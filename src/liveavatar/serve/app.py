@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shlex
 import shutil
 import time
 from contextlib import asynccontextmanager
@@ -31,6 +32,8 @@ from liveavatar.serve.backend import Backend
 from liveavatar.serve.fmp4 import MIME_TYPE
 from liveavatar.serve.jobs import FINISHED, Job, QueueFull, ServerBusy, WorkQueue, error_line
 from liveavatar.serve.live import serve_live
+from liveavatar.serve.live_setting import LiveSetting, choose_live_setting
+from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 from liveavatar.serve.uploads import (FILE_FIELDS, MAX_TEXT_FIELD, TEXT_FIELDS, Limits, MultipartReader, UploadTooLarge,
                                       job_request, read_image)
 
@@ -51,6 +54,9 @@ class ServerState:
     token: str | None = None
     max_queued: int = 32  # jobs waiting, all clients together
     max_live_per_client: int = 2
+    live_setting: LiveSetting | None = None  # the live sessions' setting (None: chosen without a speed model)
+    live_lag_bound_s: float = 2.0
+    tts_command: str = DEFAULT_TTS_COMMAND
     # Where jobs and live sessions run, the one pluggable part: by default a `WorkQueue` on `backend` in this
     # process and `serve_live` on it; the cluster's ingress passes its own (same interface, engines elsewhere),
     # and what ``/v1/info`` adds about it (``extra_info``: its replicas).
@@ -60,6 +66,8 @@ class ServerState:
     images: "ImageStore" = field(init=False)
 
     def __post_init__(self):
+        if self.live_setting is None:
+            self.live_setting = choose_live_setting(None, max_area=self.limits.max_area, max_steps=self.limits.max_steps)
         if self.queue is None:
             self.queue = WorkQueue(self.backend, self.root, retention_s=self.retention_s,
                                    max_per_client=self.max_per_client, max_queued=self.max_queued,
@@ -98,6 +106,12 @@ class ImageStore:
 
 def _page(name: str) -> str:
     return resources.files("liveavatar.serve").joinpath("static", name).read_text()
+
+
+def _installed(command: str) -> bool:
+    """Whether the live session's ``say`` can speak: its TTS command's program is on PATH."""
+    argv = shlex.split(command)
+    return bool(argv) and shutil.which(argv[0]) is not None
 
 
 def swagger_folder() -> Path | None:
@@ -187,12 +201,9 @@ def create_app(state: ServerState) -> FastAPI:
         return {"sizes": limits.sizes(), "default_size": limits.default_size, "default_steps": limits.default_steps,
                 "max_steps": limits.max_steps, "max_upload_bytes": limits.upload_bytes,
                 "max_audio_s": limits.audio_seconds, "max_prompt_chars": MAX_TEXT_FIELD,
-                "token_required": state.token is not None, "live": _live_setting(), "replicas": None,
+                "token_required": state.token is not None, "live": state.live_setting.info(),
+                "tts": _installed(state.tts_command), "replicas": None,
                 **(state.extra_info() if state.extra_info is not None else {})}
-
-    def _live_setting() -> dict:
-        return {"size": state.limits.default_size, "sample_steps": state.limits.default_steps,
-                "predicted_rtf": None, "policy": None}
 
     @app.post("/v1/videos", status_code=202)
     async def submit(request: Request):

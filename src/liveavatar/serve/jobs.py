@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Protocol
 
 from liveavatar.errors import ArgumentError, LiveAvatarError
-from liveavatar.geometry import FPS, audio_video_frames
+from liveavatar.geometry import FPS, SAMPLES_PER_FRAME, audio_video_frames
 from liveavatar.request import Request
 from liveavatar.serve.backend import Backend, BlockDone
 from liveavatar.serve.fmp4 import FragmentedMp4Writer
-from liveavatar.serve.live_audio import SAMPLES_PER_FRAME
 
 FINISHED = ("done", "failed", "cancelled")
 

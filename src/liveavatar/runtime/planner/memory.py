@@ -83,6 +83,7 @@ class Workload:
     run_dtype_bytes: int = 2
     role: RankRole | None = None
     audio_seconds: float = 60.0  # its waveform and whole-file audio features stay on the host for the run
+    attention: str = "bf16"  # the blocks' self-attention: bf16, int8 or fp8 (liveavatar.models.quantised_attention)
 
     @functools.cached_property
     def geometry(self) -> ClipGeometry:
