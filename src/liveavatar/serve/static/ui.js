@@ -46,14 +46,27 @@ function applyInfo(info, preferred = {}) {
   if ($("prompt")) $("prompt").maxLength = info.max_prompt_chars;
 }
 
-// The portrait as soon as it is chosen: the stage shows who will speak.
+// The portrait as soon as it is chosen: the stage shows who will speak (or says the browser cannot show it;
+// the server then says whether it reads it).
 function previewPortrait(input, img, placeholder) {
   const file = input.files[0];
   if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  placeholder.dataset.text ??= placeholder.innerHTML;
+  placeholder.innerHTML = placeholder.dataset.text;
+  img.dataset.broken = "";
+  img.onerror = () => {
+    img.dataset.broken = "yes";
+    img.hidden = true;
+    placeholder.hidden = false;
+    placeholder.textContent = "this file does not show as a picture here";
+  };
   img.hidden = !file;
+  placeholder.hidden = !!file;
   if (file) img.src = URL.createObjectURL(file);
-  if (placeholder) placeholder.hidden = !!file;
 }
+
+// Whether the stage should show the portrait (one is chosen and the browser could draw it).
+const portraitShows = (input, img) => input.files.length > 0 && img.dataset.broken !== "yes";
 
 // The status card: a coloured pill (the state), a title, a detail line, optional progress (a fraction, or
 // "busy" for an indeterminate bar) and an action button; both pages have an empty #status for it.
