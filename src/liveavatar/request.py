@@ -23,6 +23,7 @@ from liveavatar.geometry import (
     AUDIO_SAMPLE_RATE,
     DEFAULT_SIZE,
     DROPPED_LEADING_FRAMES,
+    FRAMES_PER_BLOCK,
     FPS,
     MIN_AREA,
     MODES,
@@ -41,6 +42,7 @@ MAX_SEED = 2**63 - 1
 # Audio longer than this gets its wav2vec2 features block by block (bounded memory) instead of in one pass
 # over the whole file as the reference does (whose attention cost grows with the square of the length).
 WHOLE_FILE_AUDIO_LIMIT_S = 300.0
+DEFAULT_SAMPLE_STEPS = 4  # the LoRA is distilled for 4
 ONLINE_DECODE_IGNORED = ("enable_online_decode: ignored, it belongs to mode single_gpu; the streaming pipeline "
                          "always refreshes the sink from the first generated latent")
 
@@ -149,6 +151,18 @@ class Request:
         }
 
 
+def _infer_frames_advice(asked) -> str:
+    """The valid clip lengths nearest to what was asked: the one below uses less memory, the nearest keeps the
+    length (the default, 48, when the value is no positive number)."""
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked <= 0:
+        return "use 48 (the default)"
+    below = max(FRAMES_PER_BLOCK, asked // FRAMES_PER_BLOCK * FRAMES_PER_BLOCK)
+    nearest = max(FRAMES_PER_BLOCK, (asked + FRAMES_PER_BLOCK // 2) // FRAMES_PER_BLOCK * FRAMES_PER_BLOCK)
+    if below == nearest:
+        return f"use {nearest} (the nearest, and less memory)"
+    return f"use {below} for less memory, or {nearest} for the nearest length"
+
+
 def parse_size(text: str) -> int:
     """``"704*384"`` (or x, X, ×, with spaces) -> the area 270336. Only the product is used."""
     match = _SIZE_RE.match(str(text))
@@ -180,7 +194,7 @@ def resolve_online_decode(mode: str, enable_online_decode: bool) -> tuple[bool, 
 
 
 def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: int | str = DEFAULT_SIZE,
-                    infer_frames: int = 48, sample_steps: int = 4, num_clip: int | None = None,
+                    infer_frames: int = 48, sample_steps: int = DEFAULT_SAMPLE_STEPS, num_clip: int | None = None,
                     base_seed: int = 420, mode: str = "streaming", enable_online_decode: bool = False,
                     ref_rope_offset: str | int = "seeded", streamed_audio_features: bool = False) -> Request:
     """Check every argument, decode the image and the audio once, and fix the geometry and the length.
@@ -194,9 +208,11 @@ def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: 
     area = parse_size(size) if isinstance(size, str) else size
     if isinstance(area, bool) or not isinstance(area, int) or area < MIN_AREA:
         raise ArgumentError("size", f"{size!r}: expected an area of at least 64*64, e.g. '704*384' or 270336")
-    if not isinstance(infer_frames, int) or infer_frames <= 0 or infer_frames % 12:
-        raise ArgumentError("infer_frames", f"{infer_frames}: must be a positive multiple of 12 (a block is 3 latent "
-                                            f"frames = 12 video frames); use 48")
+    if not isinstance(infer_frames, int) or infer_frames <= 0 or infer_frames % FRAMES_PER_BLOCK:
+        raise ArgumentError("infer_frames", f"{infer_frames}: must be a positive multiple of {FRAMES_PER_BLOCK}, as "
+                                            f"each block denoises 3 latent frames = {FRAMES_PER_BLOCK} video frames "
+                                            f"(the reference leaves a clip's leftover latent frames undenoised); "
+                                            f"{_infer_frames_advice(infer_frames)}")
     if not isinstance(sample_steps, int) or sample_steps < 1:
         raise ArgumentError("sample_steps", f"{sample_steps}: must be at least 1 (the LoRA is distilled for 4)")
     if num_clip is not None and (not isinstance(num_clip, int) or num_clip < 1):

@@ -16,11 +16,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from liveavatar.errors import ArgumentError, InputError
 from liveavatar.io.media import load_image
-from liveavatar.request import Request, parse_size, resolve_request
+from liveavatar.request import DEFAULT_SAMPLE_STEPS, Request, parse_size, resolve_request
 
 FILE_FIELDS = ("image", "audio")
 TEXT_FIELDS = ("prompt", "size", "steps", "seed", "mode", "num_clip")
 MAX_TEXT_FIELD = 4096
+# The sizes the pages offer (only the area matters: the portrait's aspect sets the shape), cut at --max-size.
+OFFERED_SIZES = ("704*384", "640*352", "576*320", "512*288", "448*256", "384*256", "320*192")
 
 
 class UploadTooLarge(InputError):
@@ -34,6 +36,16 @@ class Limits:
     max_area: int
     max_steps: int
     default_size: str
+
+    @property
+    def default_steps(self) -> int:
+        return min(DEFAULT_SAMPLE_STEPS, self.max_steps)
+
+    def sizes(self) -> list[str]:
+        """The offered sizes this server accepts, and its default size, largest first."""
+        accepted = {parse_size(size): size for size in OFFERED_SIZES if parse_size(size) <= self.max_area}
+        accepted[parse_size(self.default_size)] = self.default_size
+        return [accepted[area] for area in sorted(accepted, reverse=True)]
 
 
 def client_name(raw: str | None, field: str) -> str:
@@ -156,7 +168,7 @@ def request_arguments(fields: dict[str, str], limits: Limits) -> dict:
     if area > limits.max_area:
         raise ArgumentError("size", f"{size!r}: the area {area} is above this server's limit {limits.max_area} "
                                     f"(--max-size)")
-    steps = _as_int(fields, "steps", "sample_steps", 4)
+    steps = _as_int(fields, "steps", "sample_steps", limits.default_steps)
     if steps > limits.max_steps:
         raise ArgumentError("sample_steps", f"{steps}: above this server's limit of {limits.max_steps}")
     return dict(prompt=fields.get("prompt", ""), size=area, sample_steps=steps,
