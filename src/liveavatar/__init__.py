@@ -5,7 +5,7 @@
 """
 
 __version__ = "0.1.0"
-__all__ = ["LiveAvatarPipeline", "LiveAudio", "resolve_request"]
+__all__ = ["LiveAvatarPipeline", "LiveAudio", "RequestOptions", "resolve_request"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from liveavatar import request
 
         return getattr(request, name)
+    if name == "RequestOptions":
+        from liveavatar.options import RequestOptions
+
+        return RequestOptions
     raise AttributeError(f"module 'liveavatar' has no attribute {name!r}")

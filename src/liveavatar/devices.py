@@ -33,6 +33,13 @@ def _torch_dtypes() -> dict:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def runs_on_cpu(device: str | None) -> bool:
+    """Whether a run given ``--device`` (None: CUDA when available) runs on the CPU."""
+    import torch
+
+    return device == "cpu" or (device is None and not torch.cuda.is_available())
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """The run device, with a CUDA index: torch.cuda's memory and device calls reject a bare "cuda"."""
     import torch

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from liveavatar.geometry import ClipGeometry, size_for_area
+from liveavatar.options import RequestOptions
 from liveavatar.request import Request, resolve_request
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.sampler import BlockLatents
@@ -28,9 +29,7 @@ class LiveSpec:
 
     image: Image.Image
     prompt: str
-    size_area: int
-    sample_steps: int
-    base_seed: int
+    options: RequestOptions
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,8 @@ class Backend:
                    _events(self.pipe.engine.run(request), request.total_blocks))
 
     def live_geometry(self, spec: LiveSpec) -> ClipGeometry:
-        height, width = size_for_area(spec.image.height, spec.image.width, spec.size_area)
-        return ClipGeometry(height, width, 48)
+        height, width = size_for_area(spec.image.height, spec.image.width, spec.options.size)
+        return ClipGeometry(height, width, spec.options.infer_frames)
 
     def audio_encoder(self):
         return self.pipe.engine.audio_encoder
@@ -87,8 +86,7 @@ class Backend:
     def live(self, spec: LiveSpec, audio) -> Run:
         """An endless run driven by ``audio`` (a `live_audio.PushedAudio`): the streaming mode's loop with
         the pushed-audio features, block after block until the audio ends or the caller closes the events."""
-        request = resolve_request(spec.image, audio, spec.prompt, size=spec.size_area, sample_steps=spec.sample_steps,
-                                  base_seed=spec.base_seed, mode="streaming")
+        request = resolve_request(spec.image, audio, spec.prompt, spec.options)
         geometry = request.geometry
         return Run(geometry.width, geometry.height, None, _events(self.pipe.engine.run(request), None))
 

@@ -23,6 +23,7 @@ from PIL import Image
 
 from liveavatar.geometry import AUDIO_SAMPLE_RATE
 from liveavatar.io.media import load_audio
+from liveavatar.options import DEFAULT_SIZE, DEFAULTS
 from liveavatar.serve.protocol import from_pcm16, to_pcm16, unpack_block
 
 
@@ -122,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="mp4 to write what comes back to")
     parser.add_argument("--token", help="the server's --token")
     parser.add_argument("--prompt", default="")
-    parser.add_argument("--size", default="704*384")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=420)
+    parser.add_argument("--size", default=DEFAULT_SIZE)
+    parser.add_argument("--steps", type=int, default=DEFAULTS.sample_steps)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.base_seed)
     parser.add_argument("--chunk-ms", type=float, default=100.0, help="audio per message (default 100 ms)")
     args = parser.parse_args(argv)
     result = stream_file(args.url, args.image, args.audio, output=args.output, token=args.token,

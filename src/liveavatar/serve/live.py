@@ -19,11 +19,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from liveavatar.errors import InputError
 from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
+from liveavatar.options import RequestOptions
 from liveavatar.serve.backend import Backend, Frames, LiveSpec
 from liveavatar.serve.jobs import error_line
 from liveavatar.serve.live_audio import PLAYOUT_DELAY_S, PushedAudio, SessionClosed
 from liveavatar.serve.protocol import CONTROL_TYPES, START_FIELDS, from_pcm16, pack_block, to_pcm16
-from liveavatar.serve.uploads import read_image, request_arguments
+from liveavatar.serve.uploads import OPTION_FIELDS, form_options, read_image
 
 BAD_INPUT_CLOSE = 4400  # WebSocket close codes 4000-4999 are the application's; 4400 mirrors HTTP 400
 INTERNAL_CLOSE = 1011
@@ -141,8 +142,7 @@ def parse_start(message: dict, server) -> tuple[LiveSpec, LiveOptions]:
             image_path = folder / "image"
             image_path.write_bytes(data)
             name = "image"
-        fields = {key: str(value) for key, value in message.items() if key in ("prompt", "size", "steps", "seed")}
-        arguments = request_arguments(fields, server.limits)
+        request_options = start_options(message, server.limits)
         image = read_image(image_path, name)
     finally:
         for path in folder.iterdir():
@@ -155,12 +155,16 @@ def parse_start(message: dict, server) -> tuple[LiveSpec, LiveOptions]:
     quality = int(message.get("jpeg_quality", 80))
     if not 30 <= quality <= 95:
         raise InputError(f"jpeg_quality {quality}: must be in 30..95")
-    spec = LiveSpec(image=image, prompt=arguments["prompt"], size_area=arguments["size"],
-                    sample_steps=arguments["sample_steps"], base_seed=arguments["base_seed"])
+    spec = LiveSpec(image=image, prompt=str(message.get("prompt", "")), options=request_options)
     realtime = message.get("realtime", True)
     if not isinstance(realtime, bool):
         raise InputError(f"realtime {realtime!r}: must be true or false")
     return spec, LiveOptions(realtime=realtime, idle_limit_s=idle, jpeg_quality=quality)
+
+
+def start_options(message: dict, limits) -> RequestOptions:
+    """The `RequestOptions` a start message's option fields give (as the jobs' form fields, same limits)."""
+    return form_options({key: str(value) for key, value in message.items() if key in OPTION_FIELDS}, limits)
 
 
 async def serve_live(websocket: WebSocket, server) -> None:
