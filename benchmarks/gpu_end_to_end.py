@@ -60,8 +60,10 @@ class RandomTextContext:
         return None
 
 
-def random_wav2vec2(width: int, device, dtype):
-    """XLSR-53's structure (24 stable-layer-norm layers, 50 Hz conv front end) at the given width."""
+def random_wav2vec2(width: int, device, dtype, seed: int = 2):
+    """XLSR-53's structure (24 stable-layer-norm layers, 50 Hz conv front end) at the given width, with
+    weights drawn from ``seed`` (transformers draws them from the global generator: two runs must make the
+    same video)."""
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
     from liveavatar.models.audio_features import AudioFeatureExtractor
@@ -73,6 +75,7 @@ def random_wav2vec2(width: int, device, dtype):
                             feat_extract_norm="layer", do_stable_layer_norm=True,
                             num_conv_pos_embeddings=128 if full else 16, num_conv_pos_embedding_groups=16 if full else 4,
                             vocab_size=33)
+    torch.manual_seed(seed)
     with torch.device(device):
         model = Wav2Vec2ForCTC(config)
     model = model.to(dtype).eval().requires_grad_(False)

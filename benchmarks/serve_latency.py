@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -74,6 +73,8 @@ def random_backend(device: str, fp8: bool) -> Backend:
 
 
 def first_frame_latency(server: LocalServer, image: Path, audio: Path, fields: dict) -> tuple[float, float]:
+    import httpx  # here: live_sustained.py imports this module on machines without httpx
+
     with httpx.Client(base_url=server.url, timeout=600) as client:
         files = {"image": ("image.png", image.read_bytes()), "audio": ("speech.wav", audio.read_bytes())}
         submitted = time.perf_counter()
@@ -97,8 +98,10 @@ def blocks_per_second(blocks: list[dict]) -> float:
     return (len(blocks) - 2) / span
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(description: str, argv: list[str] | None) -> argparse.Namespace | None:
+    """The serving benchmarks' flags (this script's and cluster_latency.py's); None (after one JSON line)
+    when a CUDA device is asked for on a machine without one."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--ckpt_dir", help="a checkpoint set (default: full-size random weights)")
     parser.add_argument("--lora_path_dmd")
     parser.add_argument("--device", default="cuda")
@@ -106,11 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--size", default="704*384")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--live-seconds", type=float, default=20.0, help="audio streamed to the live session")
+    parser.add_argument("--live-seconds", type=float, default=20.0, help="audio streamed to each live session")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA GPU here; pass --device cpu with tiny checkpoints for a smoke test"}))
+        return None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(__doc__.splitlines()[0], argv)
+    if args is None:
         return 2
 
     with tempfile.TemporaryDirectory() as work:

@@ -127,3 +127,14 @@ def test_plan_refuses_with_exit_status_1(capsys):
     assert "DOES NOT FIT" in out and "refused:" in out and "--size 384*256" in out
     assert main(["plan", "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory 'lots'" in capsys.readouterr().err
+
+
+def test_speed_model_knows_the_attention_mode(inventory):
+    from liveavatar.runtime.planner.speed import estimate_speed
+
+    def block_s(attention, hardware):
+        return estimate_speed(inventory, Workload(384, 704, attention=attention), Placement(weight_dtype="fp8"),
+                              HARDWARE_PRESETS[hardware]).block_s
+
+    assert block_s("int8", "h200") < block_s("bf16", "h200")  # the self-attention at the FP8 rate
+    assert block_s("fp8", "a100") == block_s("bf16", "a100")  # no FP8 tensor cores: the bf16 fallback

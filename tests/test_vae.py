@@ -65,9 +65,9 @@ def test_stream_decoder_state_does_not_grow(tiny_vae):
     footprints = []
     for block in range(6):
         decoder.decode(_randn(1, 16, 3, 3, 5, seed=block))
-        footprints.append((len(decoder.state), decoder.state_nbytes()))
+        footprints.append((len(decoder.state.frames), decoder.state_nbytes()))
     assert len(set(footprints[1:])) == 1
-    for cached in decoder.state.values():
+    for cached in decoder.state.frames.values():
         if isinstance(cached, torch.Tensor):
             # at most the 2 frames a causal conv needs, owning its storage (no view of a bigger tensor)
             assert cached.shape[2] <= 2
@@ -160,4 +160,42 @@ def test_bfloat16_runs_on_cpu(tiny_vae_path, tiny_vae):
     assert frames.dtype == torch.float32 and frames.shape == (1, 3, 5, 16, 24)
     assert frames.abs().max() <= 1 and (frames - tiny_vae.decode(reference)).abs().mean() < 0.05
     # the carried state is kept in the conv compute dtype
-    assert {t.dtype for t in decoder.state.values() if isinstance(t, torch.Tensor)} == {torch.bfloat16}
+    assert {t.dtype for t in decoder.state.frames.values()} == {torch.bfloat16}
+
+
+def _blocks(decoder, z):
+    """The streaming schedule: 7 warm-up latents, then blocks of 3."""
+    return [decoder.decode(z[:, :, :7])] + [decoder.decode(z[:, :, s:s + 3]) for s in range(7, z.shape[2], 3)]
+
+
+def test_fixed_buffer_decoder_equals_the_eager_one_block_by_block(tiny_vae_path):
+    from liveavatar.runtime.decoding import SteadyDecoder
+
+    eager, fixed = WanVAE.from_checkpoint(tiny_vae_path), WanVAE.from_checkpoint(tiny_vae_path)
+    fixed.steady_decoder = SteadyDecoder(fixed)
+    for request in range(2):  # the second stream takes over the first one's buffers
+        z = _randn(1, 16, 7 + 4 * 3, 3, 5, seed=10 + request)
+        stream = fixed.stream_decoder()
+        for expected, got in zip(_blocks(eager.stream_decoder(), z), _blocks(stream, z)):
+            assert torch.equal(got, expected)
+        assert stream.steady is not None
+    assert len(fixed.steady_decoder.streams) == 1
+    fixed.stream_decoder().decode(z[:, :, :7])  # a newer stream settles and takes the buffers over
+    with pytest.raises(RuntimeError, match="taken over"):
+        stream.decode(z[:, :, :1])
+
+
+def test_compiled_decoder_has_one_graph_for_every_block_and_stream(tiny_vae_path):
+    from torch._dynamo.utils import counters
+
+    from liveavatar.runtime.compile import compile_decoder
+
+    eager, fast = WanVAE.from_checkpoint(tiny_vae_path), WanVAE.from_checkpoint(tiny_vae_path)
+    fallback = compile_decoder(fast, cuda_graphs=False, backend="aot_eager")  # the graph, not the codegen
+    before = counters["stats"]["unique_graphs"]
+    for request in range(2):
+        z = _randn(1, 16, 7 + 3 * 3, 3, 5, seed=20 + request)
+        for expected, got in zip(_blocks(eager.stream_decoder(), z), _blocks(fast.stream_decoder(), z)):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert fallback.error is None
+    assert counters["stats"]["unique_graphs"] - before == 1

@@ -13,10 +13,14 @@ def __getattr__(name: str):
         from liveavatar.api import LiveAvatarPipeline
 
         return LiveAvatarPipeline
-    if name in ("LiveAudio", "resolve_request"):
-        from liveavatar import request
+    if name == "LiveAudio":
+        from liveavatar.runtime.live_audio import LiveAudio
 
-        return getattr(request, name)
+        return LiveAudio
+    if name == "resolve_request":
+        from liveavatar.request import resolve_request
+
+        return resolve_request
     if name == "RequestOptions":
         from liveavatar.options import RequestOptions
 

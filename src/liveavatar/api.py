@@ -28,7 +28,8 @@ from liveavatar.errors import InputError
 from liveavatar.geometry import FPS
 from liveavatar.io.video_writer import BackgroundWriter, Mp4Writer
 from liveavatar.options import DEFAULTS, RequestOptions
-from liveavatar.request import LiveAudio, Request, WaveformAudio, resolve_request
+from liveavatar.request import Request, WaveformAudio, resolve_request
+from liveavatar.runtime.live_audio import LiveAudio
 from liveavatar.runtime.engine import Engine
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.progress import Progress

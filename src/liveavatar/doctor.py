@@ -12,6 +12,7 @@ from liveavatar.devices import dtype_name
 from liveavatar.errors import CheckpointError
 from liveavatar.options import DEFAULT_SIZE, DEFAULTS
 from liveavatar.serve import ui_extra_status
+from liveavatar.serve.cluster import cluster_extra_status
 
 _PACKAGES = ("av", "soxr", "Pillow", "safetensors", "transformers", "huggingface_hub")
 GiB = 1024**3
@@ -51,6 +52,7 @@ def report_lines(ckpt_dir: Path, lora: str | None) -> tuple[list[str], bool]:
     lines.append(f"checkpoints: {layout.ckpt_dir}: " + ("complete" if not problems else f"{len(problems)} problem(s)"))
     lines.extend(f"  - {problem}" for problem in problems)
     lines.append(ui_extra_status()[1])
+    lines.append(cluster_extra_status()[1])
     lines.append(f"LoRA: {layout.lora or 'not found'}" + (f" (from {lora})" if lora and str(layout.lora) != lora else ""))
     dtype = dtype_name(None, "cuda" if device.startswith("cuda") else "cpu")
     lines.append(f"generate would use: device {device}, {dtype}, --mode {DEFAULTS.mode}, "

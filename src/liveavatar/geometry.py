@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 FPS = 25
 AUDIO_SAMPLE_RATE = 16_000
+SAMPLES_PER_FRAME = AUDIO_SAMPLE_RATE // FPS  # audio samples one video frame shows
 # wav2vec2 frames: a 400-sample receptive field and a 320-sample hop (50 Hz at 16 kHz), resampled to 30 Hz
 # and then to the video rate (the reference's ``get_audio_embed_bucket_fps``).
 WAV2VEC_WINDOW, WAV2VEC_HOP, WAV2VEC_RATE, AUDIO_FEATURE_RATE = 400, 320, 50, 30

@@ -2,16 +2,14 @@
 the options (`liveavatar.options.RequestOptions`, with the seed drawn). The CLI, the Python API and the
 server build one with `resolve_request`; every later stage reads it and nothing re-derives or re-validates it.
 
-Audio sources: `WaveformAudio` (a whole file or array, decoded once), or a live source (samples pushed as
-they arrive; the run lasts until the source ends): `LiveAudio`, or any `LiveSource` such as the server's
-paced session audio, which computes its own features.
+Audio sources: `WaveformAudio` (a whole file or array, decoded once), or a `LiveSource` (samples pushed as
+they arrive; the run lasts until the source ends), which computes its own features:
+`liveavatar.runtime.live_audio.LiveAudio`.
 """
 from __future__ import annotations
 
 import os
 import secrets
-import threading
-from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, Union, runtime_checkable
@@ -58,58 +56,7 @@ class LiveSource(Protocol):
     def block_features(self, extractor, geometry: ClipGeometry): ...
 
 
-class LiveAudio:
-    """Audio pushed as it arrives (16 kHz mono), read by the engine as the blocks need it.
-
-    ``push`` appends samples, ``end`` says no more will come, ``interrupt`` drops what is queued and not
-    yet read (barge-in). Thread-safe: a session pushes from one thread while the engine reads in another.
-    """
-
-    def __init__(self):
-        self._chunks: deque[np.ndarray] = deque()
-        self._changed = threading.Condition()
-        self._ended = False
-        self.pushed_samples = 0
-        self.dropped_samples = 0
-
-    def push(self, samples) -> None:
-        chunk = waveform_from_array(samples, name="audio chunk")
-        with self._changed:
-            if self._ended:
-                raise InputError("audio chunk: the live audio has already ended")
-            if len(chunk):
-                self._chunks.append(chunk)
-                self.pushed_samples += len(chunk)
-                self._changed.notify_all()
-
-    def end(self) -> None:
-        with self._changed:
-            self._ended = True
-            self._changed.notify_all()
-
-    def interrupt(self) -> None:
-        with self._changed:
-            self.dropped_samples += sum(len(chunk) for chunk in self._chunks)
-            self._chunks.clear()
-
-    @property
-    def ended(self) -> bool:
-        with self._changed:
-            return self._ended and not self._chunks
-
-    def take(self, timeout: float | None = None) -> np.ndarray | None:
-        """The next queued samples (all of them), waiting for some; None once the audio has ended and
-        everything was read; an empty array if ``timeout`` passed first."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._chunks or self._ended, timeout)
-            if not self._chunks:
-                return None if self._ended else np.zeros(0, np.float32)
-            samples = np.concatenate(list(self._chunks))
-            self._chunks.clear()
-            return samples
-
-
-AudioSource = Union[WaveformAudio, LiveAudio, LiveSource]
+AudioSource = Union[WaveformAudio, LiveSource]
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,7 +166,7 @@ def resolve_request(image: ImageInput, audio, prompt: str | None = "",
         notices += (f"size {area}: larger than the image ({picture.width}x{picture.height}), which is not upscaled; "
                     f"the video is {width}x{height}",)
 
-    if isinstance(audio, (LiveAudio, LiveSource)):
+    if isinstance(audio, LiveSource):
         if options.mode != Mode.STREAMING:
             raise InputError("live audio runs in mode streaming (single_gpu decodes whole clips, which needs "
                              "the audio's length up front)")
@@ -244,4 +191,4 @@ def _waveform_audio(audio) -> WaveformAudio:
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio).expanduser().absolute()
         return WaveformAudio(load_audio(path), path)
-    raise InputError(f"audio: expected a file path, a 16 kHz mono waveform or LiveAudio, got {type(audio).__name__}")
+    raise InputError(f"audio: expected a file path, a 16 kHz mono waveform or a LiveAudio, got {type(audio).__name__}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from liveavatar.cli.flags import add_bool_flag, add_flag, add_no_compile_flag, bool_arg, byte_amount
 from liveavatar.cli.launch import (REFERENCE_MULTI_GPU_FLAGS, check_launch, generate_on_ranks, idle_rank_notices,
                                    is_quiet_rank, layout_report, rank_count, reference_gpus)
-from liveavatar.devices import runs_on_cpu
+from liveavatar.devices import dtype_bytes, dtype_name, runs_on_cpu
 from liveavatar.errors import InputError
 from liveavatar.geometry import FRAMES_PER_BLOCK, ClipGeometry
 from liveavatar.io.video_writer import check_output_path
@@ -297,7 +297,7 @@ def plan_for(*, ckpt_dir: Path, device: str | None, dtype: str | None, weights: 
     memory. A CPU run (``--device cpu``, or no GPU) gets a plan with no GPU budget. Call ``.check()`` on
     the result to refuse a run that does not fit."""
     on_cpu = runs_on_cpu(device)
-    work = Workload.of(geometry, options, dtype=dtype, device_type="cpu" if on_cpu else "cuda",
+    work = Workload.of(geometry, options, run_dtype_bytes=dtype_bytes(dtype_name(dtype, "cpu" if on_cpu else "cuda")),
                        audio_seconds=audio_seconds)
     inventory = dit_inventory(transformer_config_for(ckpt_dir))
     pins = Pins(weight_dtype=None if weights == "auto" else weights, text_encoder="cpu" if t5_cpu else None)

@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from liveavatar.devices import dtype_name, runs_on_cpu
+from liveavatar.devices import dtype_bytes, dtype_name, runs_on_cpu
 from liveavatar.errors import InputError
 from liveavatar.request import Request
 from liveavatar.settings import GenerationSettings
@@ -102,8 +102,8 @@ def plan_ranks(settings: GenerationSettings, request: Request, world_size: int, 
     from liveavatar.runtime.planner.pipeline import plan_pipeline
     from liveavatar.runtime.planner.policy import Pins, default_host_budget, resolve_budget
 
-    work = Workload.of(request.geometry, request.options, dtype=settings.dtype,
-                       device_type="cpu" if on_cpu else "cuda", num_gpus=world_size)
+    run_dtype_bytes = dtype_bytes(dtype_name(settings.dtype, "cpu" if on_cpu else "cuda"))
+    work = Workload.of(request.geometry, request.options, run_dtype_bytes=run_dtype_bytes, num_gpus=world_size)
     inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
     pins = Pins(weight_dtype=None if settings.weights == "auto" else settings.weights,
                 text_encoder="cpu" if settings.t5_cpu else None)

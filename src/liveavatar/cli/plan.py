@@ -11,6 +11,7 @@ import re
 from dataclasses import replace
 
 from liveavatar.cli.flags import add_flag, byte_amount
+from liveavatar.devices import dtype_bytes, dtype_name
 from liveavatar.errors import InputError
 from liveavatar.geometry import ClipGeometry, size_for_area
 from liveavatar.options import DEFAULT_SIZE, DEFAULTS, Mode, RequestOptions
@@ -108,8 +109,8 @@ def workload_from_args(args: argparse.Namespace, *, num_gpus: int, device_type: 
     if args.audio_seconds < 0:
         raise InputError(f"--audio-seconds {args.audio_seconds}: must be at least 0")
     geometry = ClipGeometry(*_dims_from_size(args.size, options.size, args.image), options.infer_frames)
-    return Workload.of(geometry, options, dtype=args.dtype, device_type=device_type, num_gpus=num_gpus,
-                       audio_seconds=args.audio_seconds)
+    return Workload.of(geometry, options, run_dtype_bytes=dtype_bytes(dtype_name(args.dtype, device_type)),
+                       num_gpus=num_gpus, audio_seconds=args.audio_seconds)
 
 
 def inventory_from_args(args: argparse.Namespace) -> DiTInventory:

@@ -13,6 +13,7 @@ from liveavatar.cli.flags import add_bool_flag, add_flag
 from liveavatar.cli.generate import SETTING_DEFAULTS, plan_for
 from liveavatar.errors import InputError
 from liveavatar.options import DEFAULT_SIZE, DEFAULTS, RequestOptions
+from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 
 TOKEN_ENV = "LIVEAVATAR_TOKEN"
 
@@ -51,6 +52,38 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(limits, "live-idle-limit", type=float, default=60.0, metavar="SECONDS",
              help="a live session ends after this much silence-only output (default 60 s; a session may ask for less)")
 
+    live = parser.add_argument_group("live sessions")
+    add_flag(live, "live", default="auto", choices=("auto", "strict"),
+             help="auto (default): sessions run at the largest size and steps the speed model predicts at >= 1.15x "
+                  "real time on this GPU, and one that asks for a setting that falls behind gets a warning; strict: "
+                  "such a session is refused")
+    add_flag(live, "live-size", help="pin the live setting's size (default: chosen as --live says)")
+    add_flag(live, "live-steps", type=int, help="pin the live setting's steps (default: chosen as --live says)")
+    add_flag(live, "live-lag-bound", type=float, default=2.0, metavar="SECONDS",
+             help="most audio a live session lets wait before it catches up: it skips queued silence, then drops "
+                  "the oldest queued speech, and tells the client (default 2 s; a session may ask for another)")
+    add_flag(live, "tts-command", default=DEFAULT_TTS_COMMAND, metavar="COMMAND",
+             help="speaks a session's 'say' text: reads the text on stdin, writes a WAV on stdout "
+                  "(default: %(default)s)")
+
+    cluster = parser.add_argument_group("cluster (the `cluster` extra: Ray Serve; README's 'Serve on a Ray cluster')")
+    add_flag(cluster, "cluster", nargs="?", const="auto", metavar="auto|ray://HOST:PORT",
+             help="serve as a Ray Serve application: an ingress and engine replicas; 'auto' joins the Ray cluster "
+                  "of this machine (or starts a local one), ray://HOST:PORT a remote one through Ray Client")
+    add_flag(cluster, "replicas", type=int, help="engine replicas, fixed (default 1 unless --min/--max-replicas)")
+    add_flag(cluster, "min-replicas", type=int, help="autoscaling: fewest engine replicas (default 1)")
+    add_flag(cluster, "max-replicas", type=int, help="autoscaling: most engine replicas; scales on open live "
+             "sessions and queued jobs, one per replica")
+    add_flag(cluster, "gpus-per-replica", type=int, help="GPUs of each replica: 1, or k > 1 for a timestep pipeline "
+             "over k GPUs of one node (default 1; 0 with --device cpu)")
+    add_flag(cluster, "cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    add_flag(cluster, "max-waiting", type=int, default=16, help="jobs and live sessions that may wait for an engine "
+             "across the cluster; past it: 503 with Retry-After / a 'busy' answer (default 16)")
+    add_flag(cluster, "store", metavar="DIR", help="the ingress's folder of jobs and videos, on the head node; it "
+             "outlives the ingress (default: liveavatar-cluster-store in the temp folder)")
+    add_flag(cluster, "write-config", metavar="FILE", help="write Ray Serve's YAML config for `serve deploy` "
+             "and exit")
+
 
 def check_host(host: str, token: str | None) -> None:
     """Loopback needs no token; anything reachable from other machines does."""
@@ -63,20 +96,11 @@ def check_host(host: str, token: str | None) -> None:
                          f"only your clients reach the GPU")
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import shutil
-
-    import uvicorn
-
-    from liveavatar.geometry import ClipGeometry, size_for_area
+def serve_limits(args: argparse.Namespace):
+    """The request limits the flags set, checked (one line for a bad flag)."""
     from liveavatar.options import parse_size
-    from liveavatar.serve.app import ServerState, StoppingServer, create_app
-    from liveavatar.serve.backend import Backend
     from liveavatar.serve.uploads import Limits
-    from liveavatar.settings import parse_vram_budget
 
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    check_host(args.host, token)
     limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), audio_seconds=args.max_audio_s,
                     max_area=parse_size(args.max_size), max_steps=args.max_steps, default_size=args.size)
     if parse_size(args.size) > limits.max_area:
@@ -84,23 +108,72 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.max_steps < 1 or args.max_queued_per_client < 1 or args.retention < 0 or args.live_idle_limit <= 0:
         raise InputError("--max-steps and --max-queued-per-client must be >= 1, --retention >= 0, "
                          "--live-idle-limit > 0")
-    # Placed for the largest request the server accepts (its landscape size at --max-steps).
+    if args.live_lag_bound < 0.5:
+        raise InputError(f"--live-lag-bound {args.live_lag_bound:g}: must be at least 0.5 s (a block is 0.48 s)")
+    if args.live_size is not None:
+        parse_size(args.live_size)
+    return limits
+
+
+def plan_serve(args: argparse.Namespace, limits):
+    """The placement for the largest request the server accepts (its landscape size at --max-steps)."""
+    from liveavatar.geometry import ClipGeometry
+    from liveavatar.serve.live_setting import landscape
+    from liveavatar.settings import parse_vram_budget
+
     largest = RequestOptions(size=limits.max_area, sample_steps=limits.max_steps)
     plan = plan_for(ckpt_dir=Path(args.ckpt_dir), device=args.device, dtype=args.dtype,
                     weights={None: "auto", True: "fp8", False: "bf16"}[args.fp8],
                     t5_cpu=bool(args.t5_cpu), vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget else None,
-                    geometry=ClipGeometry(*size_for_area(9, 16, largest.size), largest.infer_frames),
-                    options=largest).check()
+                    geometry=ClipGeometry(*landscape(largest.size), largest.infer_frames), options=largest).check()
     if plan.budget_bytes is not None:
         print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
               f"({plan.budget_source})", file=sys.stderr)
+    return plan
+
+
+def load_backend(args: argparse.Namespace, limits, plan=None):
+    """Load every model once, placed as ``plan`` (default: `plan_serve`) says: the single-process server's
+    engine, and each cluster replica's."""
+    from liveavatar.serve.backend import Backend
+
+    plan = plan or plan_serve(args, limits)
+    return Backend.load(ckpt_dir=args.ckpt_dir, lora=args.lora_path_dmd, device=args.device, dtype=args.dtype,
+                        placement=plan.placement)
+
+
+def prepare_live(args: argparse.Namespace, limits, plan, backend):
+    """The live setting (`liveavatar.serve.live_setting`), printed, and warmed on a GPU before any session."""
+    from liveavatar.serve.live_setting import choose_live_setting, describe, live_predictor
+
+    live = choose_live_setting(live_predictor(plan, Path(args.ckpt_dir), backend), max_area=limits.max_area,
+                               max_steps=limits.max_steps, policy=args.live, size=args.live_size, steps=args.live_steps)
+    print(describe(live), file=sys.stderr, flush=True)
+    if plan.budget_bytes is not None:
+        print("warming the live setting (compile, CUDA graphs) before the first session", file=sys.stderr, flush=True)
+        backend.warm(live.size, live.sample_steps)
+    return live
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import shutil
+
+    import uvicorn
+
+    from liveavatar.serve.app import ServerState, StoppingServer, create_app
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_host(args.host, token)
+    limits = serve_limits(args)
     root = Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
     try:
-        backend = Backend.load(ckpt_dir=args.ckpt_dir, lora=args.lora_path_dmd, device=args.device, dtype=args.dtype,
-                               placement=plan.placement)
+        plan = plan_serve(args, limits)
+        backend = load_backend(args, limits, plan)
+        live = prepare_live(args, limits, plan, backend)
         state = ServerState(backend=backend, root=root, limits=limits,
                             retention_s=args.retention, max_per_client=args.max_queued_per_client,
-                            live_idle_limit_s=args.live_idle_limit, token=token)
+                            live_idle_limit_s=args.live_idle_limit, token=token, live_setting=live,
+                            live_lag_bound_s=args.live_lag_bound, tts_command=args.tts_command)
         server = StoppingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                                timeout_graceful_shutdown=10,
                                                ws_max_size=limits.upload_bytes * 4 // 3 + 2**20),

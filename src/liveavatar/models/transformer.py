@@ -43,6 +43,7 @@ from liveavatar.checkpoints.lora import merge_lora
 from liveavatar.checkpoints.safetensors_io import checkpoint_files, checkpoint_shapes, load_into
 from liveavatar.errors import CheckpointError
 from liveavatar.models.attention import AttentionProjections, CrossAttention, attention
+from liveavatar.models.quantised_attention import SelfAttention
 from liveavatar.models.audio_injection import AudioInjector, CausalAudioEncoder
 from liveavatar.models.regions import EAGER, Regions
 from liveavatar.models.rope import GridRotation, condition_positions, rotation, rotation_dtype
@@ -324,6 +325,9 @@ class CausalS2VTransformer(nn.Module):
         self._injector_slot = {layer: slot for slot, layer in enumerate(c.audio_inject_layers)}
         # The functions the tensor work runs through; `liveavatar.runtime.compile` swaps in compiled ones.
         self.regions: Regions = EAGER
+        # The blocks' self-attention over the KV window and the condition tokens (the engine sets the one a
+        # request asked for: `liveavatar.models.quantised_attention`); the sink prefill's stays exact.
+        self.self_attention: SelfAttention = SelfAttention()
         self._grid_rotation: GridRotation | None = None
         self._motion_rotation: tuple | None = None  # (cond positions it was made for, cos, sin)
 
@@ -538,7 +542,7 @@ class CausalS2VTransformer(nn.Module):
             tokens = tokens + self._patchify(self.cond_encoder, cond_states[None])
         tokens = tokens + self.trainable_cond_mask.weight[0]
 
-        regions, modulation = self.regions, time.modulation
+        regions, modulation, self_attention = self.regions, time.modulation, self.self_attention
 
         def attend(layer: int, block: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
             q, k, v = regions.self_attention_qkv_roped(block, x, modulation, *inputs.block_rotation)
@@ -546,7 +550,7 @@ class CausalS2VTransformer(nn.Module):
             window_k, window_v = kv_cache.window(layer)
             cond_k, cond_v = cond_cache.entries(layer)
             keys = torch.cat([window_k, regions.rope(cond_k, *inputs.cond_rotation)], dim=1)
-            return attention(q, keys, torch.cat([window_v, cond_v], dim=1))
+            return self_attention(q, keys, torch.cat([window_v, cond_v], dim=1))
 
         hidden = self._run_blocks(tokens, modulation, attend, text_kv, audio=audio)
         out = self.head(hidden, time.embedding, regions)[0]

@@ -6,9 +6,13 @@ first frame (T = 1 + 4k pixel frames <-> 1 + k latent frames).
 Every temporal convolution is causal: it sees zero padding before the first frame and nothing after
 the current one. The reference feeds the encoder chunks of 1, 4, 4, ... pixel frames and the decoder
 one latent frame at a time, carrying for every causal convolution the last frames of its input
-between calls. Here that carried state is a plain dict (module -> tensor of at most 2 frames), owned
+between calls. Here that carried state is a `StreamState` (module -> tensor of at most 2 frames), owned
 by a ``StreamingDecoder`` / ``StreamingEncoder``; a whole ``decode`` / ``encode`` is one such stream
-started fresh. The state never grows, so a stream can run forever in constant memory.
+started fresh. The state never grows, so a stream can run forever in constant memory. Once every causal
+module of a decoder stream holds its full history (from the third latent frame on), the stream is steady:
+`FixedStreamState` holds the same frames in fixed buffers updated in place, so the fast path can run each
+latent frame as one compiled, graph-captured step (``WanVAE.steady_decoder``,
+`liveavatar.runtime.decoding`).
 
 Precision follows the reference: weights in the run dtype and, when that is not float32, every call
 under ``torch.autocast`` (convolutions in bf16, the normalisations and the nearest upsampling in
@@ -33,8 +37,65 @@ LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.55
 LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
-# Carried state of a stream: per causal module, the last input frames it needs (or a "seen" marker).
-StreamState = dict
+
+class StreamState:
+    """The carried state of a stream as it grows: per causal module, the last input frames it needs,
+    and which temporal upsamplers have seen their first frame."""
+
+    def __init__(self):
+        self.frames: dict[nn.Module, torch.Tensor] = {}
+        self.started: set[nn.Module] = set()
+
+    def carry(self, module: nn.Module, x: torch.Tensor, keep: int) -> tuple[torch.Tensor, int]:
+        """``x`` with ``module``'s carried frames in front, and how many of the ``keep`` frames it needs in
+        front are still missing (a stream's start); remembers the last ``keep`` frames for the next call."""
+        previous = self.frames.get(module)
+        if previous is not None:
+            x = torch.cat([previous, x], dim=2)
+        self.frames[module] = x[:, :, -keep:].clone()
+        return x, keep - (0 if previous is None else previous.shape[2])
+
+    def start(self, module: nn.Module) -> bool:
+        """Whether ``module`` has run before in this stream; marks it as having run."""
+        seen = module in self.started
+        self.started.add(module)
+        return seen
+
+    def settled(self, model: nn.Module) -> bool:
+        """True once every causal module of ``model`` holds its full history: from here on a call has the
+        same shapes and branches every time (`FixedStreamState`)."""
+        for module in model.modules():
+            if isinstance(module, CausalConv3d) and module.time_padding:
+                cached = self.frames.get(module)
+                if cached is None or cached.shape[2] != module.time_padding:
+                    return False
+            elif isinstance(module, Upsample) and module.temporal and module not in self.started:
+                return False
+        return True
+
+
+class FixedStreamState:
+    """A settled decoder stream's state in fixed buffers, each updated in place (`StreamState`'s steady
+    form): a step reads and writes the same memory with the same shapes every time, so one compiled
+    graph with no breaks serves every step of every stream of a size, and a CUDA graph can replay it."""
+
+    def __init__(self, settled: StreamState, memory_format: torch.memory_format = torch.contiguous_format):
+        self.buffers = {module: frames.clone(memory_format=memory_format)
+                        for module, frames in settled.frames.items()}
+
+    def load(self, settled: StreamState) -> None:
+        """Take over another settled stream of the same size (the buffers keep their addresses)."""
+        for module, buffer in self.buffers.items():
+            buffer.copy_(settled.frames[module])
+
+    def carry(self, module: nn.Module, x: torch.Tensor, keep: int) -> tuple[torch.Tensor, int]:
+        buffer = self.buffers[module]
+        x = torch.cat([buffer, x], dim=2)
+        buffer.copy_(x[:, :, -keep:])
+        return x, 0
+
+    def start(self, module: nn.Module) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -114,12 +175,7 @@ class CausalConv3d(nn.Conv3d):
         if state is not None and front > 0:
             # Caching in the dtype the conv computes in (bf16 under autocast) changes no value and
             # halves the state, as most conv inputs are float32 norm outputs.
-            x = x.to(_compute_dtype(x, self.weight))
-            previous = state.get(self)
-            if previous is not None:
-                x = torch.cat([previous, x], dim=2)
-                front -= previous.shape[2]
-            state[self] = x[:, :, -self.time_padding:].clone()
+            x, front = state.carry(self, x.to(_compute_dtype(x, self.weight)), front)
         return super().forward(F.pad(x, (*self.spatial_padding, front, 0)))
 
 
@@ -184,11 +240,10 @@ class Downsample(nn.Module):
         x = _per_frame(self.resample, x)
         if not self.temporal:
             return x
-        previous = state.get(self)
-        state[self] = x[:, :, -1:].clone()
-        if previous is None:  # the causal first frame keeps its own latent frame
+        x, missing = state.carry(self, x, 1)
+        if missing:  # the causal first frame keeps its own latent frame
             return x
-        return self.time_conv(torch.cat([previous, x], dim=2))
+        return self.time_conv(x)
 
 
 class _NearestUpsample2x(nn.Module):
@@ -212,14 +267,11 @@ class Upsample(nn.Module):
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
-        if self.temporal:
-            if self in state:
-                b, c, t, h, w = x.shape
-                # Output channels [0:c] and [c:2c] are the two frames each input frame becomes.
-                x = self.time_conv(x, state).reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5)
-                x = x.reshape(b, c, t * 2, h, w)
-            else:
-                state[self] = True
+        if self.temporal and state.start(self):
+            b, c, t, h, w = x.shape
+            # Output channels [0:c] and [c:2c] are the two frames each input frame becomes.
+            x = self.time_conv(x, state).reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5)
+            x = x.reshape(b, c, t * 2, h, w)
         return _per_frame(self.resample, x)
 
 
@@ -280,7 +332,14 @@ class Decoder3d(nn.Module):
 
 
 class WanVAE(nn.Module):
-    """The Wan 2.1 VAE; parameter names are those of ``Wan2.1_VAE.pth``."""
+    """The Wan 2.1 VAE; parameter names are those of ``Wan2.1_VAE.pth``.
+
+    ``steady_decoder``: None (every decode runs eagerly), or the fast path's runner of settled decoder
+    streams (`liveavatar.runtime.decoding.SteadyDecoder`): ``start(state, latent_shape)`` returns a step
+    ``z -> frames`` that continues a settled `StreamState`."""
+
+    steady_decoder = None
+    _latent_stats = None
 
     def __init__(self, config: VAEConfig = VAEConfig()):
         super().__init__()
@@ -325,11 +384,15 @@ class WanVAE(nn.Module):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, 1/std) as [1, z, 1, 1, 1] tensors of the run dtype; 1/std is taken in that dtype."""
-        shape = (1, self.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(LATENT_MEAN, dtype=self.dtype, device=self.device).view(shape)
-        inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=self.dtype, device=self.device).view(shape)
-        return mean, inv_std
+        """(mean, 1/std) as [1, z, 1, 1, 1] tensors of the run dtype; 1/std is taken in that dtype. Made once
+        per device and dtype: a host-to-device copy per call would break a CUDA-graph capture."""
+        key = (self.device, self.dtype)
+        if self._latent_stats is None or self._latent_stats[0] != key:
+            shape = (1, self.config.z_dim, 1, 1, 1)
+            mean = torch.tensor(LATENT_MEAN, dtype=self.dtype, device=self.device).view(shape)
+            inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=self.dtype, device=self.device).view(shape)
+            self._latent_stats = (key, mean, inv_std)
+        return self._latent_stats[1:]
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """video [b, 3, 1 + 4k, H, W] in [-1, 1] -> normalised latents [b, z, 1 + k, H/8, W/8] float32."""
@@ -354,7 +417,7 @@ class StreamingEncoder:
 
     def __init__(self, vae: WanVAE):
         self.vae = vae
-        self.state: StreamState = {}
+        self.state = StreamState()
         self.frames_seen = 0
 
     @torch.no_grad()
@@ -392,7 +455,8 @@ class StreamingDecoder:
 
     def __init__(self, vae: WanVAE):
         self.vae = vae
-        self.state: StreamState = {}
+        self.state = StreamState()
+        self.steady = None  # the fast path's step, once the stream has settled
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -400,15 +464,27 @@ class StreamingDecoder:
         if z.ndim != 5 or z.shape[1] != vae.config.z_dim:
             raise ValueError(f"latents must be [batch, {vae.config.z_dim}, frames, h, w], got {tuple(z.shape)}")
         z = z.to(vae.device)
-        with vae.run_precision():
-            mean, inv_std = vae.latent_stats()
-            x = vae.conv2((z / inv_std + mean).to(_compute_dtype(z, vae.conv2.weight)))
-            frames = [vae.decoder(x[:, :, i:i + 1], self.state) for i in range(x.shape[2])]
-        return torch.cat(frames, dim=2).float().clamp_(-1, 1)
+        return torch.cat([self._decode_frame(z[:, :, i:i + 1]) for i in range(z.shape[2])], dim=2)
+
+    def _decode_frame(self, z: torch.Tensor) -> torch.Tensor:
+        if self.steady is None and self.vae.steady_decoder is not None and self.state.settled(self.vae.decoder):
+            self.steady = self.vae.steady_decoder.start(self.state, z.shape)
+        if self.steady is not None:
+            return self.steady(z)
+        return decode_latent_frame(self.vae, z, self.state)
 
     def state_nbytes(self) -> int:
         """Bytes held by the carried causal state (constant once every module has seen two frames)."""
-        return sum(t.untyped_storage().nbytes() for t in self.state.values() if isinstance(t, torch.Tensor))
+        return sum(t.untyped_storage().nbytes() for t in self.state.frames.values())
+
+
+def decode_latent_frame(vae: WanVAE, z: torch.Tensor, state: StreamState | FixedStreamState) -> torch.Tensor:
+    """One normalised latent frame [b, z, 1, h, w] -> its pixel frames [b, 3, 1 or 4, 8h, 8w] float32 in
+    [-1, 1], continuing ``state``. With a `FixedStreamState` this is the fast path's compiled step."""
+    with vae.run_precision():
+        mean, inv_std = vae.latent_stats()
+        x = vae.conv2((z / inv_std + mean).to(_compute_dtype(z, vae.conv2.weight)))
+        return vae.decoder(x, state).float().clamp(-1, 1)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -265,7 +265,18 @@ def engine_report(engine) -> dict:
         "cuda_graphs": {"captures": graphs.captures, "replays": graphs.replays, "direct": graphs.direct,
                         "failed": graphs.failed} if graphs is not None else None,
         "decode_overlapped": engine.overlap_decode,
+        "decoder": _decoder_report(engine),
     }
+
+
+def _decoder_report(engine) -> dict | None:
+    """What the VAE decoder's fast path did (None when it is eager)."""
+    steady = engine.vae.steady_decoder if engine.vae is not None else None
+    if steady is None:
+        return None
+    return {"compile_fallback": engine.decoder_fallback.error if engine.decoder_fallback else None,
+            "sizes": len(steady.streams), "captures": steady.captures, "replays": steady.replays,
+            "graphs_failed": steady.failed}
 
 
 def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_blocks: int,
@@ -324,11 +335,13 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
                 latents.append(event.latents)
             if first_block_s is None:
                 first_block_s = _synchronized(cuda, loop_start)
-                at_first = counters() if counters else None
+                at_first = counters() if counters and not decode else at_first
             if not decode and len(block_marks) >= total_blocks:
                 break
             continue
         event.uint8()  # a consumer needs the frames on the host; this also synchronises
+        if at_first is None and counters:  # the first block's decode compiled the decoder's step
+            at_first = counters()
         frame_marks.append((time.perf_counter(), event.start + event.count))
         say(f"{event.start + event.count}/{all_frames} frames after {frame_marks[-1][0] - loop_start:.1f} s")
         if event.start + event.count >= all_frames:
@@ -363,6 +376,7 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
         "windows": windows,
         "host_windows": host_windows,
         "compiles": None if at_end is None else at_end["compiles"] - at_start["compiles"],
+        # After the first block (and its decode, when decoding): 0 once everything has compiled.
         "compiles_after_first_block": None if at_end is None else at_end["compiles"] - at_first["compiles"],
         "compile_s": None if at_end is None else round(at_end["compile_s"] - at_start["compile_s"], 2),
         "graph_breaks": None if at_end is None else at_end["graph_breaks"] - at_start["graph_breaks"],

@@ -17,6 +17,9 @@ Inductor generates C++). If the compiler fails on a machine, every region falls 
 notice. Artefacts are cached under ``LIVEAVATAR_COMPILE_CACHE`` (default ``~/.cache/liveavatar/compile``),
 so a new process loads instead of compiling. ``LIVEAVATAR_CUDA_GRAPHS=0`` keeps the compiled path but
 replays no graphs (for measuring).
+
+The streaming VAE decoder is compiled the same way (`compile_decoder`): a settled stream's step per latent
+frame, its causal cache in fixed buffers (`liveavatar.runtime.decoding.SteadyDecoder`).
 """
 from __future__ import annotations
 
@@ -133,7 +136,8 @@ def configure_compiler(cache_dir: str | os.PathLike | None = None, *, workers: i
 class _Fallback:
     """Shared by a model's compiled regions: once one fails to compile, all run eagerly (one notice)."""
 
-    def __init__(self):
+    def __init__(self, model: str = "the DiT"):
+        self.model = model
         self.error: str | None = None
 
     def wrap(self, name: str, eager: Callable, compiled: Callable) -> Callable:
@@ -147,7 +151,7 @@ class _Fallback:
                     raise
                 except Exception as error:  # a compiler that does not work here: regions are pure, rerun eagerly
                     self.error = f"{name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                    warnings.warn(f"torch.compile failed ({self.error}); the DiT runs eagerly", stacklevel=2)
+                    warnings.warn(f"torch.compile failed ({self.error}); {self.model} runs eagerly", stacklevel=2)
             return eager(*args)
 
         region.__name__ = name
@@ -171,6 +175,26 @@ def compile_regions(model: "torch.nn.Module", *, backend: str = "inductor") -> _
             name, function, torch.compile(function, backend=backend, dynamic=False, fullgraph=True)))
         _compiled[backend] = (regions, fallback)
     model.regions, fallback = _compiled[backend]
+    return fallback
+
+
+def compile_decoder(vae, *, cuda_graphs: bool, channels_last: bool = False, backend: str = "inductor") -> _Fallback:
+    """Give ``vae`` the fast path's steady decoder: the step compiled (static shapes, one graph), replayed as a
+    CUDA graph when ``cuda_graphs``; falls back to the eager step with one notice. ``channels_last``: the
+    decoder's Conv3d weights and the causal buffers in ``channels_last_3d``."""
+    import torch
+
+    from liveavatar.models.vae import decode_latent_frame
+    from liveavatar.runtime.decoding import SteadyDecoder
+
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    for module in vae.decoder.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=memory_format)
+    fallback = _Fallback("the VAE decoder")
+    step = fallback.wrap("vae_decode_step", decode_latent_frame,
+                         torch.compile(decode_latent_frame, backend=backend, dynamic=False, fullgraph=True))
+    vae.steady_decoder = SteadyDecoder(vae, step, cuda_graphs=cuda_graphs, memory_format=memory_format)
     return fallback
 
 

@@ -23,11 +23,12 @@ from liveavatar.models.audio_features import (
     StreamingAudioFeatures,
     video_rate_features,
 )
+from liveavatar.models.quantised_attention import SelfAttention, resolve_self_attention
 from liveavatar.models.regions import EAGER
 from liveavatar.models.text_encoder import TEXT_LEN, TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.options import Mode
-from liveavatar.request import LiveAudio, LiveSource, Request
+from liveavatar.request import LiveSource, Request
 from liveavatar.runtime.caches import CacheSet, build_caches
 from liveavatar.runtime.conditioning import (
     ReferenceLatents,
@@ -37,7 +38,8 @@ from liveavatar.runtime.conditioning import (
     encode_reference,
     waveform_chunks,
 )
-from liveavatar.runtime.compile import FastPath, compile_regions, configure_compiler, resolve_fast_path
+from liveavatar.runtime.compile import (FastPath, compile_decoder, compile_regions, configure_compiler,
+                                       resolve_fast_path)
 from liveavatar.runtime.decoding import OverlappedDecoder
 from liveavatar.runtime.executors import BlockExecutor, ForwardGraphs, ForwardHook, SequentialExecutor, graphs_allowed
 from liveavatar.runtime.layer_streaming import LayerStreamer
@@ -46,9 +48,6 @@ from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.sampler import BlockAudio, LoopEvent, NoDecoder, make_decoder, ref_rope_offsets, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
 
-# How long one wait for live audio lasts before the loop looks again (it keeps waiting: the session decides
-# when silence is pushed and when the audio ends).
-LIVE_AUDIO_POLL_S = 0.05
 REFERENCE_CACHE_SIZE = 4
 
 
@@ -75,7 +74,7 @@ class Engine:
     ``transformer`` is None when this rank runs none of them.
 
     The fast path (`liveavatar.runtime.compile`): ``fast_path`` (default: `resolve_fast_path`) compiles the
-    DiT's regions once here; with everything resident the forwards replay CUDA graphs kept across requests;
+    DiT's regions and the VAE's steady decode step once here; with everything resident the forwards replay CUDA graphs kept across requests;
     on CUDA with a resident placement, streaming mode decodes each block on a second stream while the
     next one denoises (``overlap_decode``)."""
 
@@ -95,15 +94,24 @@ class Engine:
         self._caches: CacheSet | None = None
         self._references: OrderedDict[tuple, ReferenceLatents] = OrderedDict()
         self.fast_path = fast_path if fast_path is not None else resolve_fast_path(device)
-        self.compile_fallback = self.compile_cache = None
+        self.compile_fallback = self.compile_cache = self.decoder_fallback = None
+        if self.fast_path.compile:
+            self.compile_cache = configure_compiler(workers=placement.compile_workers)
+        if vae is None:  # a rank that only runs denoising steps
+            pass
+        elif self.fast_path.compile:
+            # The decoder's graph keeps its activations in a pool of its own: resident placements only.
+            self.decoder_fallback = compile_decoder(vae, cuda_graphs=self.fast_path.cuda_graphs and placement.resident)
+        else:
+            vae.steady_decoder = None
         if transformer is None:  # an output rank that only decodes: no DiT to compile
             pass
         elif self.fast_path.compile:
-            self.compile_cache = configure_compiler(workers=placement.compile_workers)
             self.compile_fallback = compile_regions(transformer)
         else:
             transformer.regions = EAGER
         self.graphs: ForwardGraphs | None = None
+        self._self_attention: dict[str, SelfAttention] = {}
         self.requests_run = 0
         # The overlapped decode holds its activations next to the DiT's: default for resident placements
         # only (the large-memory case; the planner budgets the decode after the forward).
@@ -130,6 +138,14 @@ class Engine:
         audio_encoder = AudioFeatureExtractor.from_pretrained(layout.wav2vec2, device=device, dtype=dtype)
         return cls(transformer, vae, text_encoder, audio_encoder, placement=placement, device=device, dtype=dtype,
                    layer_streamer=layer_streamer, fast_path=fast_path, pipeline=pipeline)
+
+    def self_attention(self, mode: str) -> SelfAttention:
+        """The blocks' self-attention for an attention mode (`liveavatar.models.quantised_attention`) on this
+        engine's device, resolved once per mode: a fallback's notice is given once."""
+        if mode not in self._self_attention:
+            head_dim = self.transformer.config.head_dim if self.transformer is not None else None
+            self._self_attention[mode] = resolve_self_attention(mode, self.device, head_dim=head_dim)
+        return self._self_attention[mode]
 
     @property
     def cache_set(self) -> CacheSet | None:
@@ -237,8 +253,5 @@ class Engine:
             return WholeFileAudio(features.to("cpu", self.dtype), geometry)
         streamer = StreamingAudioFeatures(self.audio_encoder, frames_per_block=geometry.frames_per_block, fps=FPS)
         shape = (self.audio_encoder.num_layers + 1, self.audio_encoder.hidden_size)
-        if isinstance(audio, LiveAudio):
-            return StreamedAudio(streamer, lambda: audio.take(LIVE_AUDIO_POLL_S), geometry, feature_shape=shape,
-                                 pad_past_end=False)
         return StreamedAudio(streamer, waveform_chunks(audio.samples), geometry, feature_shape=shape,
                              pad_past_end=True)

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket
@@ -25,8 +26,10 @@ from starlette.concurrency import run_in_threadpool
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.serve.backend import Backend
 from liveavatar.serve.fmp4 import MIME_TYPE
-from liveavatar.serve.jobs import FINISHED, Job, QueueFull, WorkQueue, error_line
+from liveavatar.serve.jobs import FINISHED, Job, QueueFull, ServerBusy, WorkQueue, error_line
 from liveavatar.serve.live import serve_live
+from liveavatar.serve.live_setting import LiveSetting, choose_live_setting
+from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 from liveavatar.serve.uploads import (FILE_FIELDS, TEXT_FIELDS, Limits, MultipartReader, UploadTooLarge, job_request,
                                       read_image)
 
@@ -35,19 +38,28 @@ STREAM_POLL_S = 0.05
 
 @dataclass
 class ServerState:
-    backend: Backend
+    backend: Backend | None  # None where the engines run in other processes (`liveavatar.serve.cluster`)
     root: Path  # the server's own temp folder: every file it writes is below it
     limits: Limits
     retention_s: float
     max_per_client: int
     live_idle_limit_s: float
     token: str | None = None
-    queue: WorkQueue = field(init=False)
+    live_setting: LiveSetting | None = None  # the live sessions' setting (None: chosen without a speed model)
+    live_lag_bound_s: float = 2.0
+    tts_command: str = DEFAULT_TTS_COMMAND
+    # Where jobs and live sessions run, the one pluggable part: by default a `WorkQueue` on `backend` in this
+    # process and `serve_live` on it; the cluster's ingress passes its own (same interface, engines elsewhere).
+    queue: WorkQueue | None = None
+    live: Callable[[WebSocket, "ServerState"], Awaitable[None]] = serve_live
     images: "ImageStore" = field(init=False)
 
     def __post_init__(self):
-        self.queue = WorkQueue(self.backend, self.root, retention_s=self.retention_s,
-                               max_per_client=self.max_per_client)
+        if self.live_setting is None:
+            self.live_setting = choose_live_setting(None, max_area=self.limits.max_area, max_steps=self.limits.max_steps)
+        if self.queue is None:
+            self.queue = WorkQueue(self.backend, self.root, retention_s=self.retention_s,
+                                   max_per_client=self.max_per_client)
         self.images = ImageStore(self.root / "images", self.retention_s)
 
 
@@ -108,7 +120,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def refused(request, error: LiveAvatarError):
         status = 413 if isinstance(error, UploadTooLarge) else 429 if isinstance(error, QueueFull) else \
             400 if isinstance(error, InputError) else 503
-        return JSONResponse({"error": error_line(error)}, status_code=status)
+        headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, ServerBusy) else None
+        return JSONResponse({"error": error_line(error)}, status_code=status, headers=headers)
 
     @app.get("/", response_class=HTMLResponse)
     async def jobs_page():
@@ -202,7 +215,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.websocket("/v1/live")
     async def live(websocket: WebSocket):
-        await serve_live(websocket, state)
+        await state.live(websocket, state)
 
     def _job(job_id: str) -> Job:
         job = state.queue.jobs.get(job_id)

@@ -20,17 +20,24 @@ from pathlib import Path
 from typing import Protocol
 
 from liveavatar.errors import ArgumentError, LiveAvatarError
-from liveavatar.geometry import FPS, audio_video_frames
+from liveavatar.geometry import FPS, SAMPLES_PER_FRAME, audio_video_frames
 from liveavatar.request import Request
 from liveavatar.serve.backend import Backend, BlockDone
 from liveavatar.serve.fmp4 import FragmentedMp4Writer
-from liveavatar.serve.live_audio import SAMPLES_PER_FRAME
 
 FINISHED = ("done", "failed", "cancelled")
 
 
 class QueueFull(LiveAvatarError):
     """The client already has as many jobs waiting as the server allows (HTTP 429)."""
+
+
+class ServerBusy(LiveAvatarError):
+    """Every engine is busy and the server's waiting line is full (HTTP 503 with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Work(Protocol):

@@ -1,9 +1,9 @@
 """CUDA graphs of the DiT forward: with everything resident, a forward's tensor work is one graph replay.
 
 `ForwardGraphs.forward` has `run_block`'s signature. A graph is kept per (KV set, window length, cond
-cache, shapes): the KV set's ring, its write positions (`KVCache.write_index`, refreshed in place by
-`prepare_block`) and the cond cache are baked in by address; everything else a forward reads is copied
-into static buffers that all graphs share before each replay: the latents, the step's time vectors, the
+cache, shapes, the model's self-attention): the KV set's ring, its write positions (`KVCache.write_index`,
+refreshed in place by `prepare_block`) and the cond cache are baked in by address; everything else a forward
+reads is copied into static buffers that all graphs share before each replay: the latents, the step's time vectors, the
 block's audio tokens, the RoPE rotations, and the request's text K/V when the request changes. A key is
 captured the second time it comes up (the first run compiles and warms every kernel it uses), so a
 request's steady forwards replay from the second full-window block on, and the fill-phase forwards of the
@@ -66,10 +66,10 @@ class ForwardGraphs:
         self.failed: str | None = None
         self.captures = self.replays = self.direct = 0
 
-    @staticmethod
-    def key(x: torch.Tensor, kv, cond) -> tuple:
+    def key(self, x: torch.Tensor, kv, cond) -> tuple:
         return (id(kv), kv.storage.tensors[0].data_ptr(), kv.write_index.data_ptr(), kv.length,
-                id(cond), cond.storage.tensors[0].data_ptr(), cond.length, tuple(x.shape), x.dtype)
+                id(cond), cond.storage.tensors[0].data_ptr(), cond.length, tuple(x.shape), x.dtype,
+                self.model.self_attention)
 
     def forward(self, x: torch.Tensor, time: TimeVectors, text_kv, audio, kv, cond, inputs: BlockInputs
                 ) -> torch.Tensor:

@@ -26,7 +26,6 @@ import functools
 import os
 from dataclasses import astuple, dataclass
 
-from liveavatar.devices import dtype_bytes, dtype_name
 from liveavatar.geometry import ClipGeometry
 from liveavatar.options import DEFAULTS, Mode, RequestOptions
 from liveavatar.runtime.pinned_chunks import packed_bytes
@@ -88,14 +87,14 @@ class Workload:
     run_dtype_bytes: int = 2
     role: RankRole | None = None
     audio_seconds: float = DEFAULT_AUDIO_SECONDS  # its waveform and whole-file audio features stay on the host
+    attention: str = "bf16"  # the blocks' self-attention: bf16, int8 or fp8 (liveavatar.models.quantised_attention)
 
     @classmethod
-    def of(cls, geometry: ClipGeometry, options: RequestOptions, *, dtype: str | None, device_type: str,
-           num_gpus: int = 1, audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> "Workload":
-        """The workload of a request of ``geometry`` and ``options`` run in ``dtype`` (None: the default of
-        ``device_type``) on ``num_gpus`` ranks."""
+    def of(cls, geometry: ClipGeometry, options: RequestOptions, *, run_dtype_bytes: int, num_gpus: int = 1,
+           audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> "Workload":
+        """The workload of a request of ``geometry`` and ``options`` on ``num_gpus`` ranks."""
         return cls(geometry.height, geometry.width, geometry.infer_frames, options.sample_steps, num_gpus,
-                   options.mode, dtype_bytes(dtype_name(dtype, device_type)), audio_seconds=audio_seconds)
+                   options.mode, run_dtype_bytes, audio_seconds=audio_seconds)
 
     @functools.cached_property
     def geometry(self) -> ClipGeometry:

@@ -1,9 +1,9 @@
 """The speed model: seconds per forward and video frames per second of a placement.
 
-FLOPs per block (matmul at the FP8 or bf16 rate, attention at the bf16 rate, the element-wise traffic at
-the memory bandwidth) against the bytes each layer needs over the host link, simulated layer by layer with
-two prefetch slots per stream exactly as ``liveavatar.runtime.offload`` orders the copies. Hardware numbers
-are parameters (``Hardware``); constants marked CALIBRATED are fitted to the measurements of
+FLOPs per block (matmul at the FP8 or bf16 rate, attention at the bf16 rate or, quantised, at the FP8
+rate, the element-wise traffic at the memory bandwidth) against the bytes each layer needs over the host
+link, simulated layer by layer with two prefetch slots per stream exactly as ``liveavatar.runtime.offload``
+orders the copies. Hardware numbers are parameters (``Hardware``); constants marked CALIBRATED are fitted to the measurements of
 ``benchmarks/planner_vs_measured.py``.
 
 A placement's forwards take one of three paths (`forward_path`, `liveavatar.runtime.compile`): "eager";
@@ -55,6 +55,13 @@ COMPILED_FP8_MATMUL_EFFICIENCY = 0.70
 COMPILED_ATTENTION_EFFICIENCY = 0.57
 COMPILED_ELEMENTWISE_BYTES_PER_TOKEN_DIM = 80.0
 COMPILED_HOST_SECONDS_PER_LAYER = 0.001
+# MEASURED for the quantised self-attention (``--attention int8|fp8``, INT8/FP8 Q·Kᵀ and FP8 P·V): its
+# kernel's fraction of the FP8 peak at 704*384 (benchmarks/RESULTS.md, "Quantised attention"); its
+# passes over a call's tensors: Q read and written once at one byte, K and V read twice (mean / channel
+# maxima, then the cast) and written at one byte.
+QUANTISED_ATTENTION_EFFICIENCY = 0.40
+QUANTISE_QUERY_BYTES = 3
+QUANTISE_KEY_VALUE_BYTES = 10
 GRAPH_HOST_SECONDS_PER_LAYER = 0.0
 FORWARD_PATHS = ("eager", "compiled", "graphs")
 
@@ -79,8 +86,13 @@ def _layer_compute_s(inv: DiTInventory, work: Workload, placement: Placement, hw
     else:
         matmul_s = matmul_flops / (hw.bf16_flops * (MATMUL_EFFICIENCY if eager else COMPILED_MATMUL_EFFICIENCY))
         elementwise = (FP8_DEQUANT_BYTES + 5) * unit.fp8_elements if placement.weight_dtype == "fp8" else 0
-    attention_flops = 4 * tokens * keys * dim + 4 * tokens * inv.text_len * dim
-    attention_s = attention_flops / (hw.bf16_flops * (ATTENTION_EFFICIENCY if eager else COMPILED_ATTENTION_EFFICIENCY))
+    quantised = work.attention != "bf16" and hw.has_fp8_matmul  # elsewhere it falls back to bf16
+    self_flops, text_flops = 4 * tokens * keys * dim, 4 * tokens * inv.text_len * dim  # text: always bf16
+    attention_s = (text_flops + (0 if quantised else self_flops)) / (
+        hw.bf16_flops * (ATTENTION_EFFICIENCY if eager else COMPILED_ATTENTION_EFFICIENCY))
+    if quantised:
+        attention_s += self_flops / (hw.fp8_flops * QUANTISED_ATTENTION_EFFICIENCY)
+        elementwise += (QUANTISE_QUERY_BYTES * tokens + QUANTISE_KEY_VALUE_BYTES * keys) * dim
     per_token_dim = ELEMENTWISE_BYTES_PER_TOKEN_DIM if eager else COMPILED_ELEMENTWISE_BYTES_PER_TOKEN_DIM
     elementwise += per_token_dim * tokens * dim + 4 * work.run_dtype_bytes * keys * dim
     if placement.kv_dtype == "fp8":

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from liveavatar.geometry import ClipGeometry
+from liveavatar.models.quantised_attention import SelfAttention
 from liveavatar.models.transformer import CausalS2VTransformer
 from liveavatar.models.vae import WanVAE
 from liveavatar.options import Mode
@@ -86,9 +87,11 @@ def _trace_names(manifest: dict) -> dict[tuple[int, int, int], str]:
     return names
 
 
-def run(fixture: Fixture, ranks: int | None = None, placement: Placement = Placement()) -> Iterator[Comparison]:
-    """The fixture's comparisons; ``placement`` changes how the caches are stored (an FP8 KV run measures
-    its error against the float32 results)."""
+def run(fixture: Fixture, ranks: int | None = None, placement: Placement = Placement(),
+        self_attention: SelfAttention = SelfAttention()) -> Iterator[Comparison]:
+    """The fixture's comparisons; ``placement`` changes how the caches are stored, ``self_attention`` the
+    blocks' self-attention (an FP8 KV or a quantised-attention run measures its error against the float32
+    results)."""
     manifest = fixture.manifest
     kwargs = manifest["generate_kwargs"]
     tpp = "world_size" in manifest
@@ -112,6 +115,7 @@ def run(fixture: Fixture, ranks: int | None = None, placement: Placement = Place
 
     dtype = torch.float32
     model = CausalS2VTransformer.from_pretrained(fixture.path(DIT_WEIGHTS), device="cpu", dtype=dtype)
+    model.self_attention = self_attention
     vae = WanVAE.from_checkpoint(fixture.path(VAE_WEIGHTS), device="cpu", dtype=dtype)
 
     reference = encode_reference(vae, fixture["in.ref_pixel_values"].unsqueeze(0), mode)
