@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(e.g. the FP8 rows of --suite more, when its bf16 rows are recorded)")
     parser.add_argument("--config", choices=["14b", "tiny"], default="14b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--blocks", type=int, default=5, help="measured blocks (steady: ring full, sink refreshed)")
+    parser.add_argument("--blocks", type=int, default=4, help="measured blocks (steady: ring full, sink refreshed; "
+                        "a multiple of the 4 blocks of a clip weighs the sink refresh as a stream pays it)")
     parser.add_argument("--warmup-blocks", type=int, default=5, help="first clip + the sink-refresh block")
     parser.add_argument("--budget-s", type=float, default=510.0, help="wall-clock budget of the whole script")
     parser.add_argument("--no-decode", dest="decode", action="store_false")

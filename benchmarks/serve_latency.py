@@ -148,22 +148,33 @@ def main(argv: list[str] | None = None) -> int:
         if result.error:
             print(json.dumps({"error": result.error}))
             return 1
-    latencies = sorted(x for x in map(live.latency_of, live.blocks) if x is not None)
-    report = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
-        "weights": args.ckpt_dir or ("random 14B fp8" if args.fp8 else "random 14B bf16"),
-        "size": args.size, "steps": args.steps, "build_s": round(build_s, 1),
-        "submit_to_first_frame_s": round(first_frame, 3), "submit_to_first_fragment_s": round(first_fragment, 3),
-        "chunk_to_frames_p50_s": round(statistics.median(latencies), 3),
-        "chunk_to_frames_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
-        "live_blocks": len(live.blocks), "live_blocks_per_s": round(blocks_per_second(live.blocks), 3),
-        "live_capacity_blocks_per_s": round(blocks_per_second(capacity.blocks), 3),
-        "server_latency_ms_p50": statistics.median(b["latency_ms"] for b in live.blocks if b["latency_ms"] is not None),
-    }
-    print(json.dumps(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+    report = {**run_header(args), "build_s": round(build_s, 1),
+              "submit_to_first_frame_s": round(first_frame, 3), "submit_to_first_fragment_s": round(first_fragment, 3),
+              **live_figures(live), "live_capacity_blocks_per_s": round(blocks_per_second(capacity.blocks), 3)}
+    emit(report, args.json)
     return 0
+
+
+def live_figures(session) -> dict:
+    """A real-time live session's latency and pace, as a client saw them."""
+    latencies = sorted(x for x in map(session.latency_of, session.blocks) if x is not None)
+    return {"chunk_to_frames_p50_s": round(statistics.median(latencies), 3),
+            "chunk_to_frames_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
+            "live_blocks": len(session.blocks), "live_blocks_per_s": round(blocks_per_second(session.blocks), 3),
+            "server_latency_ms_p50": statistics.median(b["latency_ms"] for b in session.blocks
+                                                       if b["latency_ms"] is not None)}
+
+
+def run_header(args: argparse.Namespace) -> dict:
+    return {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+            "weights": args.ckpt_dir or ("random 14B fp8" if args.fp8 else "random 14B bf16"),
+            "size": args.size, "steps": args.steps}
+
+
+def emit(report: dict, path: Path | None) -> None:
+    print(json.dumps(report))
+    if path:
+        path.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

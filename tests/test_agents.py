@@ -121,6 +121,7 @@ def test_livekit_generator_driven_by_livekit_agents_types(server, media_dir):
     from liveavatar.agents.livekit import LiveAvatarVideoGenerator
 
     speech = to_pcm16(synthesize("Hello from LiveKit."))
+    answer = to_pcm16(synthesize(SPEECH + " " + SPEECH))
 
     async def main():
         generator = LiveAvatarVideoGenerator(url=server.ws_url, image=media_dir / "cyclops_baker.jpg", **SMALL)
@@ -129,34 +130,45 @@ def test_livekit_generator_driven_by_livekit_agents_types(server, media_dir):
         assert (options.video_width, options.video_fps, options.audio_sample_rate) == (64, 25, 16000)
         output = QueueAudioOutput(sample_rate=16000)  # the agent side's audio output, as the avatar IO uses it
         output.on("clear_buffer", lambda: asyncio.ensure_future(generator.clear_buffer()))
-        for offset in range(0, len(speech), 640):  # 20 ms frames
-            chunk = speech[offset:offset + 640]
-            await output.capture_frame(rtc.AudioFrame(chunk, 16000, 1, len(chunk) // 2))
-        output.flush()
-        received = []
+
+        async def say(pcm):
+            for offset in range(0, len(pcm), 640):  # 20 ms frames
+                chunk = pcm[offset:offset + 640]
+                await output.capture_frame(rtc.AudioFrame(chunk, 16000, 1, len(chunk) // 2))
+            output.flush()
 
         async def forward():
             async for frame in output:
                 await generator.push_audio(frame)
 
-        async def collect():
-            async for item in generator:
-                received.append(item)
-                if isinstance(item, AudioSegmentEnd):
-                    return
+        frames = generator.__aiter__()
+        received = []
+
+        async def until(done):
+            while not done():
+                received.append(await frames.__anext__())
 
         pump = asyncio.create_task(forward())
-        await asyncio.wait_for(collect(), 60)
+        await say(speech)
+        await asyncio.wait_for(until(lambda: received and isinstance(received[-1], AudioSegmentEnd)), 60)
+        segment = list(received)
+        await say(answer)
+        spoken = lambda: sum(1 for b in generator.blocks if b["input_samples"] and b["input_samples"][1] > len(speech) // 2)
+        await asyncio.wait_for(until(lambda: spoken() >= 2), 60)
+        output.clear_buffer()  # the agent is interrupted: the runner calls clear_buffer
+        cleared = len(generator.blocks)
+        await asyncio.wait_for(until(lambda: len(generator.blocks) >= cleared + 4), 60)
         with pytest.raises(Exception, match="48000 Hz with 2 channels"):
             await generator.push_audio(rtc.AudioFrame(bytes(3840), 48000, 2, 960))
         pump.cancel()
         await generator.aclose()
-        return received
+        return segment, generator.blocks, cleared
 
-    received = asyncio.run(main())
-    video = [f for f in received if isinstance(f, rtc.VideoFrame)]
-    audio = [f for f in received if isinstance(f, rtc.AudioFrame)]
+    segment, blocks, cleared = asyncio.run(main())
+    video = [f for f in segment if isinstance(f, rtc.VideoFrame)]
+    audio = [f for f in segment if isinstance(f, rtc.AudioFrame)]
     assert len(video) == len(audio) and all(a.samples_per_channel == 640 for a in audio)
     assert video[0].width == 64 and video[0].type == rtc.VideoBufferType.RGBA
     heard = np.concatenate([np.frombuffer(bytes(a.data), "<i2") for a in audio])
     assert np.array_equal(heard[:len(speech) // 2], np.frombuffer(speech, "<i2"))  # the segment, then its end
+    assert not any(b["speech"] for b in blocks[cleared + 2:])  # clear_buffer: silent within one block

@@ -45,3 +45,15 @@ def test_the_compile_worker_probe_measures_a_pool_on_the_cpu(tmp_path):
     assert (pool["workers_set"], single["workers_set"]) == (2, 1) and "error" not in pool and "error" not in single
     assert pool["descendant_processes"] >= 1 and 0.01 < pool["per_process_gib"] < 4
     assert pool["compile_s"] > 0 and single["compile_s"] > 0
+
+
+def test_the_decode_benchmark_compares_the_fixed_buffer_step_on_the_cpu(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_decode.py"), "--device", "cpu", "--tiny",
+                             "--dtype", "fp32", "--sizes", "32*32", "--variants", "eager,fixed", "--blocks", "1",
+                             "--warmup-blocks", "0"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["eager", "fixed"]
+    assert rows[1]["vs_eager"]["max_abs"] == 0 and rows[1]["second_stream_vs_eager"]["max_abs"] == 0
+    assert rows[0]["block_s"] > 0 and rows[1]["compiles"] == 0

@@ -347,13 +347,9 @@ class _ChunkStreamer:
 def test_streamed_audio_hands_out_blocks_in_order_and_zeros_past_the_end():
     geometry = ClipGeometry(64, 64, 48)
     audio = StreamedAudio(_ChunkStreamer(), waveform_chunks(np.zeros(4500, np.float32), 700), geometry,
-                          feature_shape=(25, 2), pad_past_end=True)
+                          feature_shape=(25, 2))
     got = [audio.block(clip, block) for clip in range(2) for block in range(4)]
     assert [g[0, 0, 0, 0].item() for g in got[:5]] == [0, 1, 2, 3, 4]  # 4 pushed + 1 from finish()
     assert all(g.shape == (1, 25, 2, 12) for g in got) and all(bool((g == 0).all()) for g in got[5:])
     with pytest.raises(ValueError, match="in order"):
         audio.block(0, 0)
-    live = StreamedAudio(_ChunkStreamer(), waveform_chunks(np.zeros(4500, np.float32), 700), geometry,
-                         feature_shape=(25, 2), pad_past_end=False)
-    assert [live.block(0, block) is None for block in range(4)] + [live.block(1, 0) is None, live.block(1, 1) is None] \
-        == [False] * 5 + [True]  # the run ends with the audio

@@ -146,6 +146,8 @@ def test_six_jobs_spread_over_both_replicas_and_come_back_as_mp4s(cluster, media
     assert len(set(placed)) == 2 and max(placed.count(r) for r in set(placed)) <= 4, placed
     video = cluster.client.get(f"/v1/videos/{ids[-1]}/content")
     assert video.status_code == 200 and probe(video.content)["frames"] == 40
+    # Each replica lists its live setting, chosen on its own device (the tiny model's: the ladder's smallest).
+    assert all(r["settings"]["live"]["size"] == "64*64" for r in cluster.info()["replicas"])
     metrics = cluster.client.get("/metrics").text
     assert "liveavatar_replicas 2" in metrics and 'liveavatar_jobs{state="done"}' in metrics
     rates = [line for line in metrics.splitlines() if line.startswith("liveavatar_replica_blocks_per_second{")]

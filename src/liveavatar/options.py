@@ -63,9 +63,10 @@ class RequestOptions:
             raise ArgumentError("size", f"{size!r}: expected an area of at least 64*64, e.g. '704*384' or 270336")
         frames = self.infer_frames
         if isinstance(frames, bool) or not isinstance(frames, int) or frames <= 0 or frames % FRAMES_PER_BLOCK:
-            raise ArgumentError("infer_frames", f"{frames}: must be a positive multiple of {FRAMES_PER_BLOCK} (a block "
-                                f"is {LATENT_FRAMES_PER_BLOCK} latent frames = {FRAMES_PER_BLOCK} video frames); "
-                                f"use 48")
+            raise ArgumentError("infer_frames", f"{frames}: must be a positive multiple of {FRAMES_PER_BLOCK}, as "
+                                f"each block denoises {LATENT_FRAMES_PER_BLOCK} latent frames = {FRAMES_PER_BLOCK} "
+                                f"video frames (the reference leaves a clip's leftover latent frames undenoised); "
+                                f"{_infer_frames_advice(frames)}")
         if isinstance(self.sample_steps, bool) or not isinstance(self.sample_steps, int) or self.sample_steps < 1:
             raise ArgumentError("sample_steps", f"{self.sample_steps}: must be at least 1 (the LoRA is distilled "
                                                 f"for 4)")
@@ -113,6 +114,18 @@ def option_from_text(name: str, text: str):
         except ValueError:
             raise ArgumentError(name, f"{text!r}: expected an integer") from None
     return _bool_option(name, text) if kind == "bool" else text
+
+
+def _infer_frames_advice(asked) -> str:
+    """The valid clip lengths nearest to what was asked: the one below uses less memory, the nearest keeps the
+    length (the default when the value is no positive number)."""
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked <= 0:
+        return f"use {RequestOptions.infer_frames} (the default)"
+    below = max(FRAMES_PER_BLOCK, asked // FRAMES_PER_BLOCK * FRAMES_PER_BLOCK)
+    nearest = max(FRAMES_PER_BLOCK, (asked + FRAMES_PER_BLOCK // 2) // FRAMES_PER_BLOCK * FRAMES_PER_BLOCK)
+    if below == nearest:
+        return f"use {nearest} (the nearest, and less memory)"
+    return f"use {below} for less memory, or {nearest} for the nearest length"
 
 
 def parse_size(text: str) -> int:

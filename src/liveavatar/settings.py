@@ -38,7 +38,7 @@ def split_audio_spec(spec: str) -> list[Path]:
         return [whole.absolute()]
     parts = spec.split("+")
     if any(not part.strip() for part in parts):
-        raise InputError(f"--audio {spec!r}: an empty name around '+'; join files as a.wav+b.wav")
+        raise InputError(f"--audio {spec!r}: an empty name around '+'; give one audio file")
     return [Path(part).expanduser().absolute() for part in parts]
 
 

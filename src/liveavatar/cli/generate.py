@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from liveavatar.cli.flags import add_bool_flag, add_flag, add_no_compile_flag, bool_arg, byte_amount
-from liveavatar.cli.launch import (REFERENCE_MULTI_GPU_FLAGS, check_launch, generate_on_ranks, idle_rank_notices,
-                                   is_quiet_rank, layout_report, rank_count, reference_gpus)
-from liveavatar.devices import dtype_bytes, dtype_name, runs_on_cpu
+from liveavatar.cli.launch import (REFERENCE_MULTI_GPU_FLAGS, check_launch, cpu_rank_notices, generate_on_ranks,
+                                   idle_rank_notices, is_quiet_rank, layout_report, rank_count, reference_gpus)
+from liveavatar.devices import dtype_bytes, dtype_name, resolve_device, runs_on_cpu
 from liveavatar.errors import InputError
 from liveavatar.geometry import FRAMES_PER_BLOCK, ClipGeometry
 from liveavatar.io.video_writer import check_output_path
@@ -72,8 +72,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag that shapes a generation: the reference's names (and dashed spellings) plus ours."""
     inputs = parser.add_argument_group("inputs")
     add_flag(inputs, "image", metavar="PATH", help="reference portrait (any format Pillow reads)")
-    add_flag(inputs, "audio", metavar="PATH", help="driving speech (any file with an audio track); "
-             "a.wav+b.wav joins files unless the whole string is an existing path")
+    add_flag(inputs, "audio", metavar="PATH", help="driving speech: one file with an audio track (the "
+             "reference's a.wav+b.wav, one file per actor, needs its SAM2 face routing and is refused)")
     add_flag(inputs, "prompt", default=SETTING_DEFAULTS["prompt"], help="text prompt describing the scene (default: empty)")
 
     model = parser.add_argument_group("checkpoints")
@@ -228,7 +228,7 @@ def run_generate(args: argparse.Namespace) -> int:
     _print_notices(notices, quiet)
     request = settings.request()
     _print_notices(list(request.notices), quiet)
-    _print_notices(idle_rank_notices(settings, request), quiet)
+    _print_notices(cpu_rank_notices(settings) + idle_rank_notices(settings, request), quiet)
     output = check_output_path(settings.output_path(request.geometry.width, request.geometry.height),
                                overwrite=settings.overwrite)
     checked = check_checkpoints(settings)
@@ -268,12 +268,18 @@ def check_checkpoints(settings: GenerationSettings) -> CheckedTransformer:
 
 
 def _configuration(settings: GenerationSettings, request) -> dict:
+    """What will run: the device, dtype and compilation resolved as the run resolves them (a CPU run is
+    float32 and eager), not the flags as given."""
+    from liveavatar.runtime.compile import resolve_fast_path
+
     layout = settings.checkpoint_layout
+    device = str(resolve_device("cpu" if runs_on_cpu(settings.device) else settings.device))
     return {
         "mode": request.options.mode, "enable_online_decode": request.options.online_decode,
         "sample_steps": request.options.sample_steps, "base_seed": request.options.base_seed,
-        "ref_rope_offset": request.options.ref_rope_offset, "dtype": settings.dtype, "device": settings.device,
-        "weights": settings.weights, "vram_budget": settings.vram_budget, "compile": settings.compile,
+        "ref_rope_offset": request.options.ref_rope_offset, "dtype": dtype_name(settings.dtype, device.split(":")[0]),
+        "device": device, "weights": settings.weights, "vram_budget": settings.vram_budget,
+        "compile": resolve_fast_path(device, compile=None if settings.compile else False).compile,
         "image": str(settings.image),
         "audio": [str(p) for p in settings.audio], "ckpt_dir": str(layout.ckpt_dir),
         "lora": str(layout.lora) if layout.lora else None,
@@ -282,8 +288,8 @@ def _configuration(settings: GenerationSettings, request) -> dict:
 
 def _configuration_line(report: dict) -> str:
     return (f"mode {report['mode']}, {report['sample_steps']} steps, seed {report['base_seed']}, "
-            f"rope offset {report['ref_rope_offset']}, {report['dtype'] or 'auto dtype'}, "
-            f"weights {report['weights']}, "
+            f"rope offset {report['ref_rope_offset']}, {report['dtype']} on {report['device']}, "
+            f"{'compiled' if report['compile'] else 'eager'}, weights {report['weights']}, "
             f"LoRA {report['lora'] or 'none'} -> {report['output']}")
 
 
@@ -326,18 +332,32 @@ def generate_from_settings(settings: GenerationSettings, request: Request, outpu
     status.phase("planning the memory")
     plan = plan_for(ckpt_dir=settings.ckpt_dir, device=settings.device, dtype=settings.dtype,
                     weights=settings.weights, t5_cpu=settings.t5_cpu, vram_budget=settings.vram_budget,
-                    geometry=request.geometry, options=request.options, host_memory=settings.host_memory, audio_seconds=request.audio_seconds or 0.0).check()
-    chosen = "the planner's choice" if settings.weights == "auto" else f"--weights {settings.weights}"
-    status.phase_done(f"{plan.placement.describe()} ({chosen}); predicted peak "
-                      f"{plan.predicted_peak_bytes / 2**30:.1f} GiB ({plan.budget_source}), host "
-                      f"{plan.predicted_host_peak_bytes / 2**30:.1f} GiB" + "".join(f"; {n}" for n in plan.notes))
+                    geometry=request.geometry, options=request.options, host_memory=settings.host_memory,
+                    audio_seconds=request.audio_seconds or 0.0).check()
+    notes = "".join(f"; {n}" for n in plan.notes)
+    if runs_on_cpu(settings.device):  # no GPU placement: the whole model and its caches in host memory
+        status.phase_done(f"CPU run: {dtype_name(settings.dtype, 'cpu')} weights and caches in host memory, eager"
+                          + notes)
+    else:
+        chosen = "the planner's choice" if settings.weights == "auto" else f"--weights {settings.weights}"
+        status.phase_done(f"{plan.placement.describe()} ({chosen}); predicted peak "
+                          f"{plan.predicted_peak_bytes / 2**30:.1f} GiB ({plan.budget_source}), host "
+                          f"{plan.predicted_host_peak_bytes / 2**30:.1f} GiB" + notes)
     layout = settings.checkpoint_layout
     size = layout.weight_bytes()
-    status.phase(f"loading {size / 1e9:.1f} GB of weights")
+    status.phase(f"loading {_amount(size)} of weights")
     began = time.perf_counter()
     pipe = LiveAvatarPipeline.from_layout(layout, device=settings.device, dtype=settings.dtype,
                                           placement=plan.placement, lora_alpha=settings.lora_alpha,
                                           compile=None if settings.compile else False)
-    status.phase_done(f"{size / 1e9 / max(time.perf_counter() - began, 1e-9):.2f} GB/s")
+    status.phase_done(f"{_amount(size / max(time.perf_counter() - began, 1e-9))}/s")
     return pipe.generate(request, output=output, keep_partial=settings.keep_partial, overwrite=settings.overwrite,
                          progress=status)
+
+
+def _amount(n_bytes: float) -> str:
+    """Bytes in the unit that reads: 1.2 GB, 85 MB, 40 kB (a tiny checkpoint is not "0.0 GB")."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.1f} {unit}" if n_bytes < 10 * size else f"{n_bytes / size:.0f} {unit}"
+    return f"{n_bytes:.0f} B"

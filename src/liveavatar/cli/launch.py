@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from liveavatar.devices import dtype_bytes, dtype_name, runs_on_cpu
+from liveavatar.devices import dtype_bytes, dtype_name, resolve_device, runs_on_cpu
 from liveavatar.errors import InputError
 from liveavatar.request import Request
 from liveavatar.settings import GenerationSettings
@@ -59,7 +59,10 @@ def reference_gpus(args) -> tuple[int | None, str | None]:
     else:
         meaning = f"runs as --num_gpus {asked}: each GPU runs a share of the steps, the last one decodes"
     if args.ulysses_size not in (None, 1):
-        meaning += "; sequence parallelism (ulysses) is not used"
+        meaning += (f"; --ulysses_size {args.ulysses_size} is not used: rather than splitting each step's tokens "
+                    f"{args.ulysses_size} ways, each GPU runs whole denoising steps on the whole sequence, so the "
+                    f"first frame comes no sooner than on one GPU and each GPU holds a whole step's activations "
+                    f"and KV cache")
     return asked, f"{spelled}: {meaning}"
 
 
@@ -78,6 +81,15 @@ def layout_report(settings: GenerationSettings, request: Request) -> dict:
         return {"num_gpus": 1}
     layout = PipelineLayout.for_steps(ranks, request.options.sample_steps)
     return {"num_gpus": ranks, "ranks": layout.roles(request.options.sample_steps)}
+
+
+def cpu_rank_notices(settings: GenerationSettings) -> list[str]:
+    """Several ranks on a machine without a GPU run on the CPU, as one process does: one notice says so."""
+    ranks = rank_count(settings)
+    if ranks == 1 or settings.device is not None or not runs_on_cpu(None):
+        return []
+    return [f"no CUDA GPU here: the {ranks} ranks run on the CPU (give --device cpu to say so, or run on a "
+            f"machine with GPUs)"]
 
 
 def idle_rank_notices(settings: GenerationSettings, request: Request) -> list[str]:
@@ -223,7 +235,9 @@ def _stopped_by_torchrun(group):
 
 
 def check_launch(settings: GenerationSettings) -> None:
-    """Launch flags that contradict torchrun's own launch."""
+    """A --device this machine lacks, and launch flags that contradict torchrun's own launch (dry runs too)."""
+    if settings.device is not None:
+        resolve_device(settings.device)
     if torchrun_world() is not None and (settings.num_gpus not in (None, 1) or settings.gpus is not None):
         raise InputError("--num_gpus/--gpus spawn ranks; under torchrun the ranks are torchrun's "
                          "(--nproc_per_node): leave them out")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from liveavatar.options import DEFAULT_SIZE, DEFAULTS, RequestOptions
 from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 
 TOKEN_ENV = "LIVEAVATAR_TOKEN"
+MIN_TOKEN_CHARS = 16  # a guessable token is no gate
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +49,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(limits, "max-audio-s", type=float, default=600.0, help="longest audio of a job (default 600 s)")
     add_flag(limits, "max-queued-per-client", type=int, default=8,
              help="jobs one client address may have queued or running (default 8)")
+    add_flag(limits, "max-queued", type=int, default=32,
+             help="jobs waiting, all clients together; past it a submission gets 429 with Retry-After (default 32)")
+    add_flag(limits, "max-live-per-client", type=int, default=2,
+             help="live sessions one client address may have waiting or running (default 2)")
     add_flag(limits, "retention", type=float, default=3600.0, metavar="SECONDS",
              help="how long a finished video (and a job's record) is kept (default 3600 s)")
     add_flag(limits, "live-idle-limit", type=float, default=60.0, metavar="SECONDS",
@@ -86,7 +92,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_host(host: str, token: str | None) -> None:
-    """Loopback needs no token; anything reachable from other machines does."""
+    """Loopback needs no token; anything reachable from other machines does. A token given is long enough."""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -94,6 +100,15 @@ def check_host(host: str, token: str | None) -> None:
     if not loopback and not token:
         raise InputError(f"--host {host}: listening beyond this machine needs --token T (or ${TOKEN_ENV}) so that "
                          f"only your clients reach the GPU")
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        chars = f"{len(token)} character{'s' if len(token) != 1 else ''}"
+        raise InputError(f"--token: {chars} is too short to keep anyone out; use at least {MIN_TOKEN_CHARS}, "
+                         f"e.g. --token {secrets.token_urlsafe(24)}")
+
+
+def server_url(host: str, port: int) -> str:
+    """The address to open; an IPv6 literal goes in brackets."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def serve_limits(args: argparse.Namespace):
@@ -105,9 +120,10 @@ def serve_limits(args: argparse.Namespace):
                     max_area=parse_size(args.max_size), max_steps=args.max_steps, default_size=args.size)
     if parse_size(args.size) > limits.max_area:
         raise InputError(f"--size {args.size}: larger than --max-size {args.max_size}")
-    if args.max_steps < 1 or args.max_queued_per_client < 1 or args.retention < 0 or args.live_idle_limit <= 0:
-        raise InputError("--max-steps and --max-queued-per-client must be >= 1, --retention >= 0, "
-                         "--live-idle-limit > 0")
+    if min(args.max_steps, args.max_queued_per_client, args.max_queued, args.max_live_per_client) < 1 or \
+            args.retention < 0 or args.live_idle_limit <= 0:
+        raise InputError("--max-steps, --max-queued-per-client, --max-queued and --max-live-per-client must be >= 1, "
+                         "--retention >= 0, --live-idle-limit > 0")
     if args.live_lag_bound < 0.5:
         raise InputError(f"--live-lag-bound {args.live_lag_bound:g}: must be at least 0.5 s (a block is 0.48 s)")
     if args.live_size is not None:
@@ -160,10 +176,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from liveavatar.serve.app import ServerState, StoppingServer, create_app
+    from liveavatar.devices import resolve_device
+    from liveavatar.serve.app import ServerState, StoppingServer, create_app, swagger_folder
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_host(args.host, token)
+    if args.device is not None:
+        resolve_device(args.device)  # a GPU this machine lacks: refused before the planner asks for its memory
     limits = serve_limits(args)
     root = Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
     try:
@@ -172,13 +191,15 @@ def run_serve(args: argparse.Namespace) -> int:
         live = prepare_live(args, limits, plan, backend)
         state = ServerState(backend=backend, root=root, limits=limits,
                             retention_s=args.retention, max_per_client=args.max_queued_per_client,
-                            live_idle_limit_s=args.live_idle_limit, token=token, live_setting=live,
+                            live_idle_limit_s=args.live_idle_limit, token=token, max_queued=args.max_queued,
+                            max_live_per_client=args.max_live_per_client, live_setting=live,
                             live_lag_bound_s=args.live_lag_bound, tts_command=args.tts_command)
         server = StoppingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                                timeout_graceful_shutdown=10,
                                                ws_max_size=limits.upload_bytes * 4 // 3 + 2**20),
                                 on_exit=state.queue.stop)
-        print(f"serving on http://{args.host}:{args.port}/ (live: /live, API: /v1, docs: /v1/docs)", file=sys.stderr,
+        docs = ", docs: /v1/docs" if swagger_folder() is not None else ""
+        print(f"serving on {server_url(args.host, args.port)} (live: /live, API: /v1{docs})", file=sys.stderr,
               flush=True)
         server.run()
     finally:

@@ -73,7 +73,7 @@ def app_builder(flags: dict):
 
 def application(flags: dict, load=None):
     """The application the flags describe; ``load`` (default: `replica_backend` on the flags) gives each
-    engine replica its `Backend`."""
+    engine replica its `Backend` and live setting."""
     args = argparse.Namespace(**flags)
     settings = ClusterSettings(limits=serve_limits(args), retention_s=args.retention,
                               max_per_client=args.max_queued_per_client, live_idle_limit_s=args.live_idle_limit,
@@ -89,17 +89,23 @@ def application(flags: dict, load=None):
 
 
 def replica_backend(flags: dict):
-    """One engine replica's `Backend`, planned and loaded as ``liveavatar serve`` does; with k > 1 GPUs the
-    timestep pipeline over them, its ranks being the replica's child processes on its node."""
+    """One engine replica's `Backend` and live setting, planned, loaded, chosen and warmed on its own GPU as
+    ``liveavatar serve`` does; with k > 1 GPUs the timestep pipeline over them (its ranks being the replica's
+    child processes on its node) and the live setting the flags pin or the ladder's smallest (None)."""
+    from liveavatar.cli.serve import plan_serve, prepare_live
+
     args = argparse.Namespace(**flags)
+    limits = serve_limits(args)
     if args.gpus_per_replica > 1:
         from liveavatar.api import LiveAvatarPipeline
         from liveavatar.serve.backend import Backend
 
         devices = [f"cuda:{index}" for index in range(args.gpus_per_replica)]
         return Backend(LiveAvatarPipeline.from_pretrained(args.ckpt_dir, lora=args.lora_path_dmd, dtype=args.dtype,
-                                                          devices=devices, sample_steps=args.max_steps))
-    return load_backend(args, serve_limits(args))
+                                                          devices=devices, sample_steps=args.max_steps)), None
+    plan = plan_serve(args, limits)
+    backend = load_backend(args, limits, plan)
+    return backend, prepare_live(args, limits, plan, backend)
 
 
 def write_config(path: Path, flags: dict, *, host: str, port: int) -> None:

@@ -469,12 +469,14 @@ class StreamingDecoder:
     def _decode_frame(self, z: torch.Tensor) -> torch.Tensor:
         if self.steady is None and self.vae.steady_decoder is not None and self.state.settled(self.vae.decoder):
             self.steady = self.vae.steady_decoder.start(self.state, z.shape)
+            self.state.frames.clear()  # the fixed buffers hold it from here on
         if self.steady is not None:
             return self.steady(z)
         return decode_latent_frame(self.vae, z, self.state)
 
     def state_nbytes(self) -> int:
-        """Bytes held by the carried causal state (constant once every module has seen two frames)."""
+        """Bytes held by the eager stream's carried causal state (constant once every module has seen two
+        frames; 0 once the fast path's fixed buffers carry it)."""
         return sum(t.untyped_storage().nbytes() for t in self.state.frames.values())
 
 

@@ -40,27 +40,25 @@ class WholeFileAudio:
 
 
 class StreamedAudio:
-    """Audio features made block by block (`StreamingAudioFeatures`) from samples that arrive in chunks:
-    a long file cut into pieces, or live input. Memory stays bounded however long the audio is. Blocks
-    must be asked for in order.
+    """Audio features made block by block (`StreamingAudioFeatures`) from a long file cut into pieces, so
+    that memory stays bounded however long the audio is (live input has its own source:
+    `liveavatar.runtime.live_audio`). Blocks must be asked for in order.
 
-    ``next_chunk()`` returns the next samples, an empty array when none are there yet (it may wait), or
-    None once the audio has ended. After the end, blocks are zeros when ``pad_past_end`` (a file whose
-    clip count covers more than its audio, as the whole-file path), else None (the run ends with the audio).
+    ``next_chunk()`` returns the next samples, or None once the audio has ended. After the end, blocks are
+    zeros (a file whose clip count covers more than its audio, as the whole-file path).
     """
 
     def __init__(self, streamer, next_chunk: Callable[[], np.ndarray | None], geometry: ClipGeometry, *,
-                 feature_shape: tuple[int, int], pad_past_end: bool):
+                 feature_shape: tuple[int, int]):
         self.streamer = streamer
         self.next_chunk = next_chunk
         self.geometry = geometry
         self.feature_shape = feature_shape  # (hidden states, channels)
-        self.pad_past_end = pad_past_end
         self.ready: deque[torch.Tensor] = deque()
         self.next_block = 0
         self.finished = False
 
-    def block(self, clip: int, block: int) -> torch.Tensor | None:
+    def block(self, clip: int, block: int) -> torch.Tensor:
         index = clip * self.geometry.blocks_per_clip + block
         if index != self.next_block:
             raise ValueError(f"streamed audio blocks must be read in order: asked for {index}, next is {self.next_block}")
@@ -74,8 +72,6 @@ class StreamedAudio:
                 self.ready.extend(self.streamer.push(chunk))
         if self.ready:
             return self.ready.popleft()
-        if not self.pad_past_end:
-            return None
         layers, channels = self.feature_shape
         return torch.zeros(1, layers, channels, self.geometry.frames_per_block)
 

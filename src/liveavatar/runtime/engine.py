@@ -253,5 +253,4 @@ class Engine:
             return WholeFileAudio(features.to("cpu", self.dtype), geometry)
         streamer = StreamingAudioFeatures(self.audio_encoder, frames_per_block=geometry.frames_per_block, fps=FPS)
         shape = (self.audio_encoder.num_layers + 1, self.audio_encoder.hidden_size)
-        return StreamedAudio(streamer, waveform_chunks(audio.samples), geometry, feature_shape=shape,
-                             pad_past_end=True)
+        return StreamedAudio(streamer, waveform_chunks(audio.samples), geometry, feature_shape=shape)

@@ -115,11 +115,6 @@ class LiveAudio:
             self._lock.notify_all()
 
     @property
-    def ended(self) -> bool:
-        with self._lock:
-            return self._ended
-
-    @property
     def queued_seconds(self) -> float:
         return self._queued / AUDIO_SAMPLE_RATE
 

@@ -56,13 +56,6 @@ class SpeechLedger:
     def block_handed(self, index: int, window_done: float, handed: float) -> None:
         self.blocks[index] = (window_done, handed)
 
-    def arrival_of(self, sample: int) -> float | None:
-        """When clock sample ``sample`` was there (None: not fed yet, or already sent out)."""
-        for piece in reversed(self._pieces):
-            if piece.clock_start <= sample < piece.clock_start + piece.length:
-                return piece.arrival
-        return None
-
     def cut(self, sample: int) -> None:
         """Barge-in: clock samples from ``sample`` on become silence (they stay on the clock)."""
         self._audio[max(0, sample - self._audio_start):] = 0

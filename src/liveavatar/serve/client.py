@@ -173,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     except LiveAvatarError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for event in result.events:
+        if event["type"] == "lag":
+            print(f"notice: the avatar fell {event['lag_s']:.1f} s behind real time; the server {event['policy']} "
+                  f"({event['dropped_s']:.2f} s)", file=sys.stderr)
+        elif event["type"] in ("notice", "warning"):
+            print(f"notice: {event['message']}", file=sys.stderr)
+    if result.ready and result.ready.get("warning"):
+        print(f"notice: {result.ready['warning']}", file=sys.stderr)
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from liveavatar.errors import ArgumentError, InputError
 from liveavatar.io.media import load_image
-from liveavatar.options import RequestOptions, option_from_text
+from liveavatar.options import DEFAULTS, RequestOptions, option_from_text, parse_size
 from liveavatar.request import Request, resolve_request
 
 FILE_FIELDS = ("image", "audio")
@@ -24,6 +24,8 @@ FILE_FIELDS = ("image", "audio")
 OPTION_FIELDS = {"size": "size", "steps": "sample_steps", "seed": "base_seed", "mode": "mode", "num_clip": "num_clip"}
 TEXT_FIELDS = ("prompt", *OPTION_FIELDS)
 MAX_TEXT_FIELD = 4096
+# The sizes the pages offer (only the area matters: the portrait's aspect sets the shape), cut at --max-size.
+OFFERED_SIZES = ("704*384", "640*352", "576*320", "512*288", "448*256", "384*256", "320*192")
 
 
 class UploadTooLarge(InputError):
@@ -37,6 +39,16 @@ class Limits:
     max_area: int
     max_steps: int
     default_size: str
+
+    @property
+    def default_steps(self) -> int:
+        return min(DEFAULTS.sample_steps, self.max_steps)
+
+    def sizes(self) -> list[str]:
+        """The offered sizes this server accepts, and its default size, largest first."""
+        accepted = {parse_size(size): size for size in OFFERED_SIZES if parse_size(size) <= self.max_area}
+        accepted[parse_size(self.default_size)] = self.default_size
+        return [accepted[area] for area in sorted(accepted, reverse=True)]
 
 
 def client_name(raw: str | None, field: str) -> str:
@@ -147,7 +159,7 @@ def form_options(fields: dict[str, str], limits: Limits) -> RequestOptions:
     field left empty keeps the server's default."""
     given = {OPTION_FIELDS[name]: option_from_text(OPTION_FIELDS[name], text.strip())
              for name, text in fields.items() if name in OPTION_FIELDS and text.strip()}
-    options = RequestOptions(**{"size": limits.default_size, **given})
+    options = RequestOptions(**{"size": limits.default_size, "sample_steps": limits.default_steps, **given})
     if options.size > limits.max_area:
         raise ArgumentError("size", f"{fields.get('size', '').strip() or limits.default_size!r}: the area "
                                     f"{options.size} is above this server's limit {limits.max_area} (--max-size)")

@@ -87,14 +87,14 @@ class RelayedSocket:
 class EngineReplica:
     async def __init__(self, load_backend: Callable, settings: ClusterSettings, shown: dict, ingress_name: str,
                        torch_threads: int | None):
+        """``load_backend()`` -> (the replica's `Backend`, its live setting or None for the flags' own)."""
         from ray import serve
 
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.settings = shown
-        backend = await asyncio.to_thread(load_backend)
+        backend, live_setting = await asyncio.to_thread(load_backend)
         context = serve.get_replica_context()
         self.id = context.replica_id.unique_id
         # The single-process server's state around this replica's engine (its WorkQueue included); jobs come
@@ -102,7 +102,9 @@ class EngineReplica:
         # its bytes went out (the retention is only the backstop for a call that vanished).
         self.state = ServerState(backend=backend, root=Path(tempfile.mkdtemp(prefix="liveavatar-replica-")),
                                  limits=settings.limits, retention_s=LEFTOVER_RETENTION_S, max_per_client=1 << 30,
-                                 live_idle_limit_s=settings.live_idle_limit_s, **settings.live_state())
+                                 live_idle_limit_s=settings.live_idle_limit_s,
+                                 **settings.live_state(live_setting))
+        self.settings = {**shown, "live": self.state.live_setting.info()}
         self.queue = self.state.queue
         self.queue.start()
         self.meter = Meter()

@@ -32,16 +32,17 @@ class ClusterSettings:
     store: str  # the job store's folder on the ingress's node
     token: str | None  # None: read $LIVEAVATAR_TOKEN on the ingress's node
     require_token: bool  # the HTTP proxy listens beyond loopback
-    # Live sessions (`liveavatar.serve.live_setting`): no speed model runs for the replicas' GPUs here, so the
-    # setting is the one pinned by --live-size/--live-steps, else the ladder's smallest.
+    # Live sessions (`liveavatar.serve.live_setting`): each replica chooses its setting with its own GPU's speed
+    # model; the ingress (no GPU) and a pipeline replica take the one pinned by --live-size/--live-steps, else
+    # the ladder's smallest.
     live_policy: str = "auto"
     live_size: str | None = None
     live_steps: int | None = None
     live_lag_bound_s: float = 2.0
     tts_command: str = DEFAULT_TTS_COMMAND
 
-    def live_state(self) -> dict:
-        """The `ServerState` fields of live sessions."""
-        setting = choose_live_setting(None, max_area=self.limits.max_area, max_steps=self.limits.max_steps,
-                                      policy=self.live_policy, size=self.live_size, steps=self.live_steps)
+    def live_state(self, setting=None) -> dict:
+        """The `ServerState` fields of live sessions; ``setting``: the one a replica chose on its GPU."""
+        setting = setting or choose_live_setting(None, max_area=self.limits.max_area, max_steps=self.limits.max_steps,
+                                                 policy=self.live_policy, size=self.live_size, steps=self.live_steps)
         return {"live_setting": setting, "live_lag_bound_s": self.live_lag_bound_s, "tts_command": self.tts_command}
