@@ -191,19 +191,26 @@ def test_the_live_page_streams_a_file_shows_its_metrics_and_sends_nothing_after_
     assert page.problems == []
 
 
-def test_the_live_page_can_start_again_after_an_error(browser_page, backend, tiny, media_dir, tmp_path, shots):
+def test_the_live_page_can_start_again_after_an_error_and_shows_a_lost_server(browser_page, backend, tiny,
+                                                                             media_dir, tmp_path, shots):
     page = browser_page
     (tmp_path / "notes.jpg").write_text("not a picture")
     with LocalServer(backend) as server:
         page.goto(server.url + "/live")
         wait_state(page, "idle")
         page.set_input_files("#image", str(tmp_path / "notes.jpg"))
+        page.wait_for_function("document.getElementById('placeholder').textContent === "
+                               "'this file does not show as a picture here'")  # no broken image on the stage
         page.click("#start")
         wait_state(page, "error")
         assert page.text_content("#status-detail") == "--image image: not an image file Pillow can read"
         page.wait_for_function("!document.getElementById('start').disabled")
         shots(page, "live-error")
-    assert page.problems == []
+    page.click("#start")  # the server is gone: the connection fails
+    wait_state(page, "offline")
+    assert page.is_visible("#status-action") and page.is_enabled("#start")
+    shots(page, "live-server-gone")
+    assert [p for p in page.problems if "WebSocket connection" not in p] == []
 
 
 def test_the_api_docs_render_offline_with_a_token(browser_page, backend, tiny):
