@@ -13,6 +13,7 @@ from liveavatar.models.tiny import make_tiny_checkpoints
 from liveavatar.cli.generate import generate_from_settings
 from liveavatar.errors import InputError
 from liveavatar.runtime.progress import Progress, host_rss_bytes
+from liveavatar.options import RequestOptions
 from liveavatar.settings import GenerationSettings
 
 from conftest import live_tensor_bytes
@@ -126,8 +127,8 @@ def test_memory_stays_flat_over_clips(pipe, media_dir):
 
 def test_generate_from_settings_names_the_file_and_logs_progress(tiny, media_dir, tmp_path, capsys):
     settings = GenerationSettings(image=media_dir / "dwarven_blacksmith.jpg", audio=media_dir / "dwarven_blacksmith.wav",
-                                  prompt="a dwarf", ckpt_dir=tiny.ckpt_dir, lora=str(tiny.lora), size_area=64 * 64,
-                                  num_clip=1, device="cpu", dtype="float32", save_dir=tmp_path / "out")
+                                  prompt="a dwarf", ckpt_dir=tiny.ckpt_dir, lora=str(tiny.lora),
+                                  options=RequestOptions(size=64 * 64, num_clip=1), device="cpu", dtype="float32", save_dir=tmp_path / "out")
     request = settings.request()
     out = generate_from_settings(settings, request, settings.output_path(64, 64), progress=True)
     assert out.parent == tmp_path / "out" and out.name.endswith("_64x64_4step_a_dwarf.mp4")

@@ -266,7 +266,7 @@ def test_generate_validates_then_calls_the_engine(inputs, tmp_path, fake_api, ca
     summary, saved = out.splitlines()
     assert summary.startswith("704x384") and saved.startswith("saved ")
     (settings, progress), = calls
-    assert progress is False and settings.prompt == "a dwarf" and settings.sample_steps == 4
+    assert progress is False and settings.prompt == "a dwarf" and settings.options.sample_steps == 4
     output = Path(saved.removeprefix("saved "))
     assert output.parent == tmp_path / "out" and output.name.endswith("_704x384_4step_a_dwarf.mp4")
 

@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 from liveavatar.cli.serve import check_host, server_url
 from liveavatar.errors import InputError
 from liveavatar.serve.local import LocalServer
-from liveavatar.serve.uploads import request_arguments
+from liveavatar.serve.uploads import form_options
 from test_serve_jobs import backend, server, short_wav, submit, tiny, wait  # noqa: F401 (module fixtures)
 
 
@@ -29,9 +29,9 @@ def test_info_offers_only_what_the_server_accepts(backend, tiny):
     assert info["tts"] is (shutil.which("espeak-ng") is not None)  # the default --tts-command
     limits = server.state.limits
     for size in info["sizes"]:  # every offered size passes the server's own checks, at the default steps
-        assert request_arguments({"size": size}, limits)["sample_steps"] == 2  # not 4: above --max-steps 2
+        assert form_options({"size": size}, limits).sample_steps == 2  # not 4: above --max-steps 2
     with pytest.raises(InputError, match="above this server's limit"):
-        request_arguments({"size": "384*256"}, limits)
+        form_options({"size": "384*256"}, limits)
 
 
 def test_a_watcher_leaving_never_cancels_and_the_other_watcher_gets_the_whole_video(server, media_dir, short_wav):

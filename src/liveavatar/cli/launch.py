@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from liveavatar.devices import dtype_name, resolve_device, runs_on_cpu
+from liveavatar.devices import dtype_bytes, dtype_name, resolve_device, runs_on_cpu
 from liveavatar.errors import InputError
 from liveavatar.request import Request
 from liveavatar.settings import GenerationSettings
@@ -79,8 +79,8 @@ def layout_report(settings: GenerationSettings, request: Request) -> dict:
     ranks = rank_count(settings)
     if ranks == 1:
         return {"num_gpus": 1}
-    layout = PipelineLayout.for_steps(ranks, request.sample_steps)
-    return {"num_gpus": ranks, "ranks": layout.roles(request.sample_steps)}
+    layout = PipelineLayout.for_steps(ranks, request.options.sample_steps)
+    return {"num_gpus": ranks, "ranks": layout.roles(request.options.sample_steps)}
 
 
 def cpu_rank_notices(settings: GenerationSettings) -> list[str]:
@@ -99,26 +99,23 @@ def idle_rank_notices(settings: GenerationSettings, request: Request) -> list[st
     ranks = rank_count(settings)
     if ranks == 1:
         return []
-    idle = PipelineLayout.for_steps(ranks, request.sample_steps).idle_ranks(request.sample_steps)
+    idle = PipelineLayout.for_steps(ranks, request.options.sample_steps).idle_ranks(request.options.sample_steps)
     if not idle:
         return []
     who = f"ranks {', '.join(map(str, idle))} only pass" if len(idle) > 1 else f"rank {idle[0]} only passes"
-    return [f"{ranks} ranks for {request.sample_steps} steps: {who} blocks on (one step per rank plus a decode "
-            f"rank is {request.sample_steps + 1} ranks; more are not faster)"]
+    return [f"{ranks} ranks for {request.options.sample_steps} steps: {who} blocks on (one step per rank plus a decode "
+            f"rank is {request.options.sample_steps + 1} ranks; more are not faster)"]
 
 
 def plan_ranks(settings: GenerationSettings, request: Request, world_size: int, *, on_cpu: bool):
     """Every rank's plan for this run, on GPUs like the current one (``--vram-budget`` caps each)."""
-    from liveavatar.devices import dtype_bytes
     from liveavatar.runtime.planner.hardware import CPU_HARDWARE, HARDWARE_PRESETS, detect_hardware
     from liveavatar.runtime.planner.memory import Workload, dit_inventory, transformer_config_for
     from liveavatar.runtime.planner.pipeline import plan_pipeline
     from liveavatar.runtime.planner.policy import Pins, default_host_budget, resolve_budget
 
-    dtype = dtype_name(settings.dtype, "cpu" if on_cpu else "cuda")
-    g = request.geometry
-    work = Workload(g.height, g.width, g.infer_frames, request.sample_steps, world_size, request.mode,
-                    dtype_bytes(dtype))
+    run_dtype_bytes = dtype_bytes(dtype_name(settings.dtype, "cpu" if on_cpu else "cuda"))
+    work = Workload.of(request.geometry, request.options, run_dtype_bytes=run_dtype_bytes, num_gpus=world_size)
     inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
     pins = Pins(weight_dtype=None if settings.weights == "auto" else settings.weights,
                 text_encoder="cpu" if settings.t5_cpu else None)
@@ -152,7 +149,7 @@ def generate_on_ranks(settings: GenerationSettings, request: Request, output: Pa
 
     pipe = LiveAvatarPipeline.from_layout(settings.checkpoint_layout, dtype=settings.dtype, devices=devices,
                                           placement=[rank.placement for rank in plan.ranks],
-                                          sample_steps=request.sample_steps, lora_alpha=settings.lora_alpha,
+                                          sample_steps=request.options.sample_steps, lora_alpha=settings.lora_alpha,
                                           compile=None if settings.compile else False)
     return _generate_and_close(pipe, settings, request, output, progress=progress)
 

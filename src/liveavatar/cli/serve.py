@@ -11,8 +11,9 @@ import tempfile
 from pathlib import Path
 
 from liveavatar.cli.flags import add_bool_flag, add_flag
-from liveavatar.cli.generate import DEFAULTS, plan_for
+from liveavatar.cli.generate import SETTING_DEFAULTS, plan_for
 from liveavatar.errors import InputError
+from liveavatar.options import DEFAULT_SIZE, DEFAULTS, RequestOptions
 from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 
 TOKEN_ENV = "LIVEAVATAR_TOKEN"
@@ -21,9 +22,9 @@ MIN_TOKEN_CHARS = 16  # a guessable token is no gate
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("checkpoints and device (as generate)")
-    add_flag(model, "ckpt_dir", default=str(DEFAULTS["ckpt_dir"]), metavar="DIR",
+    add_flag(model, "ckpt_dir", default=str(SETTING_DEFAULTS["ckpt_dir"]), metavar="DIR",
              help="the Wan2.2-S2V-14B folder (default: %(default)s)")
-    add_flag(model, "lora_path_dmd", default=DEFAULTS["lora"], metavar="PATH_OR_ID",
+    add_flag(model, "lora_path_dmd", default=SETTING_DEFAULTS["lora"], metavar="PATH_OR_ID",
              help="the Live-Avatar LoRA (default: %(default)s)")
     add_flag(model, "device", help="cuda, cuda:N or cpu (default: CUDA when available)")
     add_flag(model, "dtype", help="bfloat16 or float32 (default: bfloat16 on CUDA, float32 on the CPU)")
@@ -39,10 +40,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
              f"page's address); default: ${TOKEN_ENV}")
 
     limits = parser.add_argument_group("requests")
-    add_flag(limits, "size", default="704*384", help="size of a request that gives none (default %(default)s)")
-    add_flag(limits, "max-size", default="704*384", help="largest area a request may ask for; the planner places "
+    add_flag(limits, "size", default=DEFAULT_SIZE, help="size of a request that gives none (default %(default)s)")
+    add_flag(limits, "max-size", default=DEFAULT_SIZE, help="largest area a request may ask for; the planner places "
              "the models for it (default %(default)s)")
-    add_flag(limits, "max-steps", type=int, default=4, help="most denoising steps a request may ask for (default 4)")
+    add_flag(limits, "max-steps", type=int, default=DEFAULTS.sample_steps,
+             help="most denoising steps a request may ask for (default %(default)s)")
     add_flag(limits, "max-upload-mb", type=float, default=50.0, help="largest uploaded file (default 50 MiB)")
     add_flag(limits, "max-audio-s", type=float, default=600.0, help="longest audio of a job (default 600 s)")
     add_flag(limits, "max-queued-per-client", type=int, default=8,
@@ -111,8 +113,8 @@ def server_url(host: str, port: int) -> str:
 
 def serve_limits(args: argparse.Namespace):
     """The request limits the flags set, checked (one line for a bad flag)."""
+    from liveavatar.options import parse_size
     from liveavatar.serve.uploads import Limits
-    from liveavatar.settings import parse_size
 
     limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), audio_seconds=args.max_audio_s,
                     max_area=parse_size(args.max_size), max_steps=args.max_steps, default_size=args.size)
@@ -135,11 +137,11 @@ def plan_serve(args: argparse.Namespace, limits):
     from liveavatar.serve.live_setting import landscape
     from liveavatar.settings import parse_vram_budget
 
-    largest = ClipGeometry(*landscape(limits.max_area), 48)
+    largest = RequestOptions(size=limits.max_area, sample_steps=limits.max_steps)
     plan = plan_for(ckpt_dir=Path(args.ckpt_dir), device=args.device, dtype=args.dtype,
                     weights={None: "auto", True: "fp8", False: "bf16"}[args.fp8],
                     t5_cpu=bool(args.t5_cpu), vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget else None,
-                    geometry=largest, sample_steps=limits.max_steps, mode="streaming").check()
+                    geometry=ClipGeometry(*landscape(largest.size), largest.infer_frames), options=largest).check()
     if plan.budget_bytes is not None:
         print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
               f"({plan.budget_source})", file=sys.stderr)

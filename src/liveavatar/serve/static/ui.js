@@ -32,6 +32,20 @@ async function api(path, options = {}) {
   return body;
 }
 
+// The server's limits (/v1/info), or null once the status card says why not: no answer (offline, with a
+// retry) or a refusal.
+async function loadInfo(retry) {
+  showStatus({state: "connecting", title: "connecting to the server…", progress: "busy"});
+  try {
+    return await api("/v1/info");
+  } catch (error) {
+    if (error instanceof ServerGone) showStatus({state: "offline", title: "server unreachable", detail: error.message,
+                                                 action: {label: "retry", run: retry}});
+    else showStatus({state: "error", title: "the server refused the page", detail: error.message});
+    return null;
+  }
+}
+
 // Offer only what the server accepts: its sizes, its step limit, its prompt length.
 function applyInfo(info, preferred = {}) {
   const size = $("size"), steps = $("steps");
