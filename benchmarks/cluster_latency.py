@@ -49,7 +49,7 @@ def real_time_session(ws_url: str, image: Path, waveform: np.ndarray, settings: 
 
 
 def single_process(args, image: Path, waveform: np.ndarray, settings: dict) -> dict:
-    from liveavatar.request import parse_size
+    from liveavatar.options import parse_size
     from liveavatar.serve.backend import Backend
     from liveavatar.serve.local import LocalServer
     from liveavatar.runtime.placement import Placement

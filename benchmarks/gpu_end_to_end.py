@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from liveavatar.runtime.compile import resolve_fast_path
     from liveavatar.runtime.engine import Engine
     from liveavatar.runtime.placement import Placement
-    from liveavatar.settings import parse_size
+    from liveavatar.options import parse_size
 
     dtype = torch.bfloat16
     if cuda:

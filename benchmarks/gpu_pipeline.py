@@ -55,7 +55,8 @@ from liveavatar.runtime.planner.memory import Workload, dit_inventory, transform
 from liveavatar.runtime.planner.pipeline import plan_pipeline
 from liveavatar.runtime.planner.policy import Pins, make_plan, resolve_budget
 from liveavatar.runtime.sampler import VideoFrames
-from liveavatar.settings import parse_size, parse_vram_budget
+from liveavatar.options import parse_size
+from liveavatar.settings import parse_vram_budget
 
 RELAY_TAG = 1
 RELAY_MESSAGES = 20

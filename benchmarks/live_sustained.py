@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_end_to_end import write_audio  # noqa: E402
 from serve_latency import random_backend  # noqa: E402
 
-from liveavatar.request import parse_size  # noqa: E402
+from liveavatar.options import parse_size  # noqa: E402
 from liveavatar.runtime.placement import Placement  # noqa: E402
 from liveavatar.runtime.progress import host_rss_bytes  # noqa: E402
 from liveavatar.serve.backend import Backend  # noqa: E402

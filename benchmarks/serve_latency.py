@@ -39,7 +39,7 @@ from liveavatar.io.media import load_audio  # noqa: E402
 from liveavatar.serve.backend import Backend  # noqa: E402
 from liveavatar.serve.client import stream_file  # noqa: E402
 from liveavatar.serve.local import LocalServer  # noqa: E402
-from liveavatar.request import parse_size  # noqa: E402
+from liveavatar.options import parse_size  # noqa: E402
 from liveavatar.runtime.placement import Placement  # noqa: E402
 
 

@@ -11,7 +11,7 @@ import torch
 
 from liveavatar.geometry import ClipGeometry
 from liveavatar.io.video_writer import pixels_to_uint8
-from liveavatar.request import ONLINE_DECODE_IGNORED, resolve_online_decode
+from liveavatar.options import ONLINE_DECODE_IGNORED, Mode, RequestOptions
 from liveavatar.runtime.conditioning import (
     StreamedAudio,
     WholeFileAudio,
@@ -261,10 +261,12 @@ def test_single_clip_never_refreshes_the_sink():
 
 
 def test_online_decode_belongs_to_single_gpu_mode_and_unknown_modes_are_refused():
-    assert resolve_online_decode("streaming", True) == (False, (ONLINE_DECODE_IGNORED,))
-    assert resolve_online_decode("single_gpu", True) == (True, ())
-    with pytest.raises(ValueError, match="mode"):
-        _run("tpp", 2)
+    streaming = RequestOptions(enable_online_decode=True)
+    assert not streaming.online_decode and streaming.notices == (ONLINE_DECODE_IGNORED,)
+    single = RequestOptions(mode="single_gpu", enable_online_decode=True)
+    assert single.online_decode and single.notices == () and single.mode is Mode.SINGLE_GPU
+    with pytest.raises(ValueError, match="^mode 'tpp': expected one of streaming, single_gpu"):
+        RequestOptions(mode="tpp")
 
 
 @pytest.mark.parametrize("mode", ["streaming", "single_gpu"])

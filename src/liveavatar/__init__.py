@@ -5,7 +5,7 @@
 """
 
 __version__ = "0.1.0"
-__all__ = ["LiveAvatarPipeline", "LiveAudio", "resolve_request"]
+__all__ = ["LiveAvatarPipeline", "LiveAudio", "RequestOptions", "resolve_request"]
 
 
 def __getattr__(name: str):
@@ -21,4 +21,8 @@ def __getattr__(name: str):
         from liveavatar.request import resolve_request
 
         return resolve_request
+    if name == "RequestOptions":
+        from liveavatar.options import RequestOptions
+
+        return RequestOptions
     raise AttributeError(f"module 'liveavatar' has no attribute {name!r}")

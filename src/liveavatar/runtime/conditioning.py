@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from liveavatar.geometry import LATENT_CHANNELS, MOTION_FRAMES, MOTION_LATENT_FRAMES, ClipGeometry, check_mode
+from liveavatar.geometry import LATENT_CHANNELS, MOTION_FRAMES, MOTION_LATENT_FRAMES, ClipGeometry
+from liveavatar.options import Mode
 
 SINGLE_GPU_REFERENCE_REPEATS = 5
 
@@ -102,9 +103,9 @@ def clip_noise(base_seed: int, clip: int, geometry: ClipGeometry, *, device, dty
     return noise.to(device=device, dtype=dtype)
 
 
-def motion_history(reference: torch.Tensor, mode: str) -> torch.Tensor:
+def motion_history(reference: torch.Tensor, mode: Mode) -> torch.Tensor:
     """Pixel motion history [1, 3, T, H, W] the reference starts from: the reference image repeated."""
-    repeats = MOTION_FRAMES * (SINGLE_GPU_REFERENCE_REPEATS if check_mode(mode) == "single_gpu" else 1)
+    repeats = MOTION_FRAMES * (SINGLE_GPU_REFERENCE_REPEATS if mode == Mode.SINGLE_GPU else 1)
     return reference.expand(-1, -1, repeats, -1, -1)
 
 
@@ -121,9 +122,9 @@ class ReferenceLatents:
         return self.motion[:, :, -MOTION_LATENT_FRAMES:]
 
 
-def encode_reference(vae, reference: torch.Tensor, mode: str) -> ReferenceLatents:
+def encode_reference(vae, reference: torch.Tensor, mode: Mode) -> ReferenceLatents:
     """Reference and motion latents of ``reference`` [1, 3, 1, H, W] in [-1, 1], as the given mode makes them."""
-    if check_mode(mode) == "single_gpu":
+    if mode == Mode.SINGLE_GPU:
         ref = vae.encode(reference.expand(-1, -1, SINGLE_GPU_REFERENCE_REPEATS, -1, -1))[:, :, 1:2]
     else:
         ref = vae.encode(reference)

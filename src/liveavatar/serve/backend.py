@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
+from liveavatar.options import RequestOptions
 from liveavatar.request import Request, resolve_request
 from liveavatar.runtime.live_audio import LiveAudio
 from liveavatar.runtime.placement import Placement
@@ -81,8 +82,8 @@ class Backend:
         audio = LiveAudio()
         audio.push(np.zeros(int(2 * 48 / FPS * AUDIO_SAMPLE_RATE), np.float32))
         audio.end()
-        request = resolve_request(Image.new("RGB", (16 * 64, 9 * 64), (128, 128, 128)), audio, "", size=size,
-                                  sample_steps=sample_steps)
+        request = resolve_request(Image.new("RGB", (16 * 64, 9 * 64), (128, 128, 128)), audio, "",
+                                  RequestOptions(size=size, sample_steps=sample_steps))
         for _ in self.live(request).events:
             pass
 

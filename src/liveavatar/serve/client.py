@@ -25,6 +25,7 @@ from PIL import Image
 from liveavatar.errors import LiveAvatarError
 from liveavatar.geometry import AUDIO_SAMPLE_RATE
 from liveavatar.io.media import load_audio
+from liveavatar.options import DEFAULTS
 from liveavatar.serve.protocol import from_pcm16, to_pcm16, unpack_block
 
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="")
     parser.add_argument("--size", help="default: the server's live setting")
     parser.add_argument("--steps", type=int, help="default: the server's live setting")
-    parser.add_argument("--seed", type=int, default=420)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.base_seed)
     parser.add_argument("--chunk-ms", type=float, default=100.0, help="audio per message (default 100 ms)")
     args = parser.parse_args(argv)
     if not args.image.is_file():

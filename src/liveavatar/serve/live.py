@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from PIL import Image
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from liveavatar.errors import InputError
+from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.geometry import AUDIO_SAMPLE_RATE, DROPPED_LEADING_FRAMES, FPS
 from liveavatar.request import Request
 from liveavatar.runtime.live_audio import LiveAudio
@@ -165,7 +165,11 @@ async def serve_live(websocket: WebSocket, server) -> None:
         return
     session = LiveSession(websocket.client.host if websocket.client else "?", request, options, ready,
                           asyncio.get_running_loop())
-    position = server.queue.submit_live(session)
+    try:
+        position = server.queue.submit_live(session)
+    except LiveAvatarError as error:  # over the per-client cap, or shutting down
+        await _refuse(websocket, error_line(error))
+        return
     if position:
         await websocket.send_json({"type": "queued", "position": position})
     receiver = asyncio.create_task(_receive(websocket, SessionInput(session)))

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from liveavatar.errors import InputError
-from liveavatar.geometry import FPS, size_for_area
-from liveavatar.request import parse_size
+from liveavatar.geometry import FPS, ClipGeometry, size_for_area
+from liveavatar.options import RequestOptions, parse_size
 
 LADDER = ("704*384", "688*368", "384*256")
 STEP_LADDER = (4, 3)
@@ -44,8 +44,9 @@ def speed_model_predictor(inventory, placement, hardware, *, run_dtype_bytes: in
     from liveavatar.runtime.planner.speed import estimate_speed
 
     def predict(area: int, steps: int) -> float:
-        height, width = landscape(area)
-        work = Workload(height, width, 48, steps, 1, "streaming", run_dtype_bytes, audio_seconds=0.0)
+        options = RequestOptions(size=area, sample_steps=steps)
+        work = Workload.of(ClipGeometry(*landscape(area), options.infer_frames), options,
+                           run_dtype_bytes=run_dtype_bytes, audio_seconds=0.0)
         return estimate_speed(inventory, work, placement, hardware, path=path).fps / FPS
 
     return predict

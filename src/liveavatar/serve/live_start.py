@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 from liveavatar.errors import InputError
 from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS, FRAMES_PER_BLOCK
+from liveavatar.options import RequestOptions
 from liveavatar.request import Request, resolve_request
 from liveavatar.runtime.live_audio import LiveAudio
 from liveavatar.runtime.live_pacing import PLAYOUT_DELAY_S, PlaybackPacer
 from liveavatar.serve.protocol import START_FIELDS
-from liveavatar.serve.uploads import MAX_TEXT_FIELD, UploadTooLarge, read_image, request_arguments
+from liveavatar.serve.uploads import MAX_TEXT_FIELD, OPTION_FIELDS, UploadTooLarge, form_options, read_image
 
 LOOKAHEAD_S = 1.0  # the feature window's lookahead (StreamingAudioFeatures)
 
@@ -34,10 +35,9 @@ def parse_start(message: dict, server) -> tuple[Request, LiveOptions, dict]:
         if name != "image" and isinstance(value, str) and len(value.encode()) > MAX_TEXT_FIELD:
             raise UploadTooLarge(f"field {name!r}: longer than {MAX_TEXT_FIELD} bytes")
     setting = server.live_setting
-    fields = {"size": setting.size, "steps": setting.sample_steps}
-    fields.update({key: str(value) for key, value in message.items() if key in ("prompt", "size", "steps", "seed")})
-    arguments = request_arguments(fields, server.limits)
-    predicted_rtf, warning = setting.check(fields["size"], arguments["sample_steps"])
+    options = start_options(message, server)
+    size = str(message.get("size", setting.size))
+    predicted_rtf, warning = setting.check(size, options.sample_steps)
     idle = _number(message, "idle_limit_s", server.live_idle_limit_s)
     if not 0 < idle <= server.live_idle_limit_s:
         raise InputError(f"idle_limit_s {idle:g}: must be in (0, {server.live_idle_limit_s:g}] on this server "
@@ -54,17 +54,24 @@ def parse_start(message: dict, server) -> tuple[Request, LiveOptions, dict]:
     image = _image(message, server)
     audio = LiveAudio(pacer=PlaybackPacer(FRAMES_PER_BLOCK, LOOKAHEAD_S) if realtime else None,
                       lookahead_s=LOOKAHEAD_S, lag_bound_s=lag_bound if realtime else None)
-    request = resolve_request(image, audio, arguments["prompt"], size=arguments["size"],
-                              sample_steps=arguments["sample_steps"], base_seed=arguments["base_seed"])
+    request = resolve_request(image, audio, str(message.get("prompt", "")), options)
     geometry = request.geometry
     ready = {"type": "ready", "width": geometry.width, "height": geometry.height, "fps": FPS,
              "sample_rate": AUDIO_SAMPLE_RATE, "frames_per_block": geometry.frames_per_block,
              "playout_delay_s": PLAYOUT_DELAY_S, "lag_bound_s": lag_bound if realtime else None,
-             "setting": {"size": fields["size"], "sample_steps": request.sample_steps,
+             "setting": {"size": size, "sample_steps": options.sample_steps,
                          "predicted_rtf": None if predicted_rtf is None else round(predicted_rtf, 2)}}
     if warning:
         ready["warning"] = warning
     return request, LiveOptions(idle_limit_s=idle, jpeg_quality=quality, tts_command=server.tts_command), ready
+
+
+def start_options(message: dict, server) -> RequestOptions:
+    """The session's `RequestOptions`: the start message's option fields (checked as the jobs' form fields,
+    within the same limits) over the server's live setting."""
+    fields = {"size": server.live_setting.size, "steps": str(server.live_setting.sample_steps)}
+    fields.update({key: str(value) for key, value in message.items() if key in OPTION_FIELDS})
+    return form_options(fields, server.limits)
 
 
 def _number(message: dict, name: str, default: float) -> float:

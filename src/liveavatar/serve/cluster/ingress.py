@@ -1,6 +1,6 @@
 """The cluster's ingress deployment: the single-process server's app (pages, jobs API, uploads, live
-endpoint, token gate, limits) on a `ClusterQueue` and `relay_live`, plus ``/metrics`` and the replicas in
-``/v1/info``. One replica, on the head node (its store must outlive it: see `dispatch`)."""
+endpoint, token gate, limits, ``/v1/info``) on a `ClusterQueue` and `relay_live`, plus ``/metrics`` and the
+replicas in ``/v1/info``. One replica, on the head node (its store must outlive it: see `dispatch`)."""
 from __future__ import annotations
 
 import os
@@ -26,11 +26,21 @@ class Ingress:
             raise InputError(f"the ingress listens beyond loopback: set ${TOKEN_ENV} in the environment of "
                              f"`ray start` on its node")
         self.queue = ClusterQueue(engine, Path(settings.store), retention_s=settings.retention_s,
-                                  max_per_client=settings.max_per_client, max_waiting=settings.max_waiting)
+                                  max_per_client=settings.max_per_client, max_waiting=settings.max_waiting,
+                                  max_queued=settings.max_queued, max_live_per_client=settings.max_live_per_client)
         self.state = ServerState(backend=None, root=Path(tempfile.mkdtemp(prefix="liveavatar-ingress-")),
                                  limits=settings.limits, retention_s=settings.retention_s,
                                  max_per_client=settings.max_per_client, live_idle_limit_s=settings.live_idle_limit_s,
-                                 token=token, queue=self.queue, live=relay_live, **settings.live_state())
+                                 token=token, queue=self.queue, live=relay_live, extra_info=self.info,
+                                 **settings.live_state())
+
+    def info(self) -> dict:
+        """What ``/v1/info`` adds to the server's limits: the replicas and the waiting line."""
+        import ray
+
+        return {"mode": "cluster", "replicas": self.queue.replicas_info(), "waiting": self.queue.waiting,
+                "max_waiting": self.queue.max_waiting,
+                "ingress": {"node": ray.util.get_node_ip_address(), "pid": os.getpid()}}
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.state)
@@ -42,14 +52,6 @@ class Ingress:
             for job in queue.jobs.values():
                 states[job.state] = states.get(job.state, 0) + 1
             return prometheus_text(queue.replicas_info(), states, queue.waiting)
-
-        @app.get("/v1/info")
-        async def info():
-            import ray
-
-            return {"mode": "cluster", "replicas": queue.replicas_info(), "waiting": queue.waiting,
-                    "max_waiting": queue.max_waiting,
-                    "ingress": {"node": ray.util.get_node_ip_address(), "pid": os.getpid()}}
 
         return app
 

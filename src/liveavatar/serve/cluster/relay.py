@@ -20,7 +20,8 @@ import secrets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from liveavatar.serve.cluster.dispatch import ASSIGN_TIMEOUT_S, WATCHDOG_S, ReplicaLost, cause_line
-from liveavatar.serve.jobs import ServerBusy
+from liveavatar.serve.jobs import QueueFull, ServerBusy, error_line
+from liveavatar.serve.live import BAD_INPUT_CLOSE
 
 TRY_AGAIN_LATER_CLOSE = 1013
 INTERNAL_CLOSE = 1011
@@ -30,21 +31,28 @@ PUSH_TIMEOUT_S = 5.0
 async def relay_live(websocket: WebSocket, server) -> None:
     await websocket.accept()
     queue = server.queue
+    first = await websocket.receive()  # the start message: the busy answer comes after it, as any answer
+    if first["type"] == "websocket.disconnect":
+        return
+    client = websocket.client.host if websocket.client else "?"
     try:
-        queue.admit()
+        queue.open_live(client)
     except ServerBusy as error:
         await _close(websocket, {"type": "busy", "message": str(error), "retry_after_s": error.retry_after_s},
                      TRY_AGAIN_LATER_CLOSE)
         return
+    except QueueFull as error:
+        await _close(websocket, {"type": "error", "message": error_line(error)}, BAD_INPUT_CLOSE)
+        return
     inbox: asyncio.Queue = asyncio.Queue()
-    reader = asyncio.create_task(_read_client(websocket, server, inbox))
+    inbox.put_nowait(_with_image(first, server))
+    reader = asyncio.create_task(_read_client(websocket, inbox))
     session_id = secrets.token_hex(8)
     queue.live_waiting += 1
     waiting = True
     call = forwarder = replica = None
     try:
         replica = await queue.take_replica()
-        client = websocket.client.host if websocket.client else "?"
         call = queue.engine.options(stream=True).live.remote(session_id, client, replica=replica)
         first = True
         while True:
@@ -83,6 +91,7 @@ async def relay_live(websocket: WebSocket, server) -> None:
     finally:
         if waiting:
             queue.live_waiting -= 1
+        queue.close_live(client)
         for task in (reader, forwarder):
             if task is not None:
                 task.cancel()
@@ -92,31 +101,28 @@ async def relay_live(websocket: WebSocket, server) -> None:
             queue.release(replica)
 
 
-async def _read_client(websocket: WebSocket, server, inbox: asyncio.Queue) -> None:
-    """The client's messages into ``inbox`` as they come, until it disconnects. An ``image_id`` in the start
-    message names an upload in this ingress: its bytes go along in its place."""
-    first = True
+async def _read_client(websocket: WebSocket, inbox: asyncio.Queue) -> None:
+    """The client's messages into ``inbox`` as they come, until it disconnects."""
     while True:
         message = await websocket.receive()
-        if first and message.get("text"):
-            message = {**message, "text": _with_image(message["text"], server)}
-        first = False
         inbox.put_nowait(message)
         if message["type"] == "websocket.disconnect":
             return
 
 
-def _with_image(text: str, server) -> str:
+def _with_image(message: dict, server) -> dict:
+    """The start message, with the bytes of the upload its ``image_id`` names (an upload to this ingress) in
+    its place; anything else as it is (the session refuses it with the single-process server's message)."""
     try:
-        start = json.loads(text)
+        start = json.loads(message.get("text") or "")
         path = server.images.get(str(start["image_id"])) if isinstance(start, dict) and start.get("image_id") else None
     except ValueError:
-        return text  # the session refuses it, with the single-process server's message
+        return message
     if path is None:
-        return text
+        return message
     del start["image_id"]
     start["image"] = base64.b64encode(path.read_bytes()).decode()
-    return json.dumps(start)
+    return {**message, "text": json.dumps(start)}
 
 
 async def _forward(engine, session_id: str, replica: str, inbox: asyncio.Queue) -> str:
