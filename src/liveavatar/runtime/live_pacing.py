@@ -23,7 +23,7 @@ COMPUTE_SMOOTHING = 0.2  # weight of the newest block in the running compute tim
 
 
 class PlaybackPacer:
-    def __init__(self, frames_per_block: int, lookahead_s: float, *, lead_blocks: float = 2.0,
+    def __init__(self, frames_per_block: int, lookahead_s: float, *, lead_blocks: float = 1.0,
                  clock=time.monotonic):
         self.frames_per_block = frames_per_block
         self.lead_s = lead_blocks * frames_per_block / FPS
