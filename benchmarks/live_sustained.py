@@ -68,7 +68,7 @@ def live_setting(args, backend: Backend):
         from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, detect_hardware
         from liveavatar.runtime.planner.memory import dit_inventory
 
-        engine = backend.pipe.engine
+        engine = backend.engine
         fast = engine.fast_path
         path = "graphs" if fast.cuda_graphs and engine.placement.resident else "compiled" if fast.compile else "eager"
         predictor = speed_model_predictor(dit_inventory(TransformerConfig.full_14b()), engine.placement,

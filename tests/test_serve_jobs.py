@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 def backend(tiny, tmp_path_factory):
     pipe = LiveAvatarPipeline.from_pretrained(tiny.ckpt_dir, lora=tiny.lora, device="cpu", dtype=torch.float32,
                                               prompt_cache_dir=tmp_path_factory.mktemp("prompts"))
-    return Backend(pipe)
+    return Backend(pipe.engine)
 
 
 def write_wav(path, waveform):

@@ -14,6 +14,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 
+from liveavatar.api import LiveAvatarPipeline
 from liveavatar.io.media import load_audio
 from liveavatar.serve.client import main as client_main, stream_file
 from liveavatar.serve.live_setting import choose_live_setting
@@ -63,8 +64,8 @@ def test_live_session_gives_generates_frames_one_block_per_0_48_s(server, backen
         assert len(parts) == 7 and all(value >= 0 for value in parts) and block["rtf"] > 0
         assert abs(sum(parts) - block["latency_ms"]) < 1.0, block
     # The same frames as generate on the whole file in its streamed-audio mode (same seed).
-    generated = backend.pipe.stream(image, speech, "", size="64*64", sample_steps=1, base_seed=5, num_clip=2,
-                                    streamed_audio_features=True)
+    generated = LiveAvatarPipeline(backend.engine).stream(image, speech, "", size="64*64", sample_steps=1, base_seed=5,
+                                                          num_clip=2, streamed_audio_features=True)
     expected = [_jpeg(frame.image) for frame in generated]  # generate's video ends with the audio: 63 frames
     assert len(result.frames) == 12 * len(result.blocks) - 3 and len(expected) == video_frames
     assert result.frames[:len(expected)] == expected

@@ -32,7 +32,7 @@ def live_predictor(plan, ckpt_dir, backend) -> RatePredictor | None:
 
     if plan.budget_bytes is None:
         return None
-    fast = backend.pipe.engine.fast_path
+    fast = backend.engine.fast_path
     path = "graphs" if fast.cuda_graphs and plan.placement.resident else "compiled" if fast.compile else "eager"
     return speed_model_predictor(dit_inventory(transformer_config_for(ckpt_dir)), plan.placement, plan.hardware,
                                  run_dtype_bytes=plan.workload.run_dtype_bytes, path=path)
