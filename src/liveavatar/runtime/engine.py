@@ -11,7 +11,7 @@ import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -41,7 +41,8 @@ from liveavatar.runtime.conditioning import (
 from liveavatar.runtime.compile import (FastPath, compile_decoder, compile_regions, configure_compiler,
                                        resolve_fast_path)
 from liveavatar.runtime.decoding import OverlappedDecoder
-from liveavatar.runtime.executors import BlockExecutor, ForwardGraphs, ForwardHook, SequentialExecutor, graphs_allowed
+from liveavatar.runtime.executors import (ExecutorFactory, ForwardGraphs, ForwardHook, SequentialFactory,
+                                          graphs_allowed)
 from liveavatar.runtime.layer_streaming import LayerStreamer
 from liveavatar.runtime.loading import load_placed_dit
 from liveavatar.runtime.placement import Placement
@@ -62,9 +63,6 @@ class Conditioning:
     audio: BlockAudio
     notices: tuple[str, ...] = ()
     text: torch.Tensor | None = None  # the prompt embedding, from which other pipeline ranks make their text K/V
-
-
-ExecutorFactory = Callable[..., BlockExecutor]
 
 
 class Engine:
@@ -210,29 +208,29 @@ class Engine:
         made as they are consumed; closing the iterator stops the run after the block in progress.
         ``conditioning`` replaces `condition(request)` (benchmarks feed synthetic conditioning);
         ``decode=False`` yields the clean blocks only (benchmarks time the DiT alone). ``executor``: default
-        the pipeline's (on several GPUs) or `SequentialExecutor`; a factory with ``local_steps(num_steps)``
-        gets caches for those steps only (None for none)."""
+        the pipeline's (on several GPUs) or a `SequentialFactory`; the caches are allocated for its
+        ``local_steps`` only (None for none)."""
         conditioning = conditioning or self.condition(request)
         self.requests_run += 1
         geometry, options = request.geometry, request.options
         steps = options.sample_steps
         if executor is None:
-            executor = SequentialExecutor if self.pipeline is None else \
+            executor = SequentialFactory() if self.pipeline is None else \
                 self.pipeline.executor(geometry, conditioning.text)
         schedule = FlowMatchSchedule.create(steps)
         offsets = ref_rope_offsets(options.ref_rope_offset, base_seed=options.base_seed, mode=options.mode,
                                    num_steps=steps)
-        local_steps = executor.local_steps(steps) if hasattr(executor, "local_steps") else range(steps)
+        local_steps = executor.local_steps(steps)
         caches = self.caches(geometry, local_steps) if local_steps else None
-        runner = executor(self.transformer, caches, schedule, conditioning.text_kv, ref_rope_offset=offsets,
-                          on_forward=on_forward, graphs=self._forward_graphs(caches) if caches else None)
+        runner = executor(self.transformer, caches, schedule, conditioning.text_kv, on_forward=on_forward,
+                          graphs=self._forward_graphs(caches) if caches else None)
         decoder = make_decoder(options.mode, self.vae, conditioning.reference, geometry) if decode else NoDecoder()
         if decode and self.overlap_decode and options.mode == Mode.STREAMING:
             decoder = OverlappedDecoder(decoder, self.device)
         yield from sample(runner, decoder, conditioning.reference, conditioning.audio, geometry,
                           noise=lambda clip: clip_noise(options.base_seed, clip, geometry, device=self.device,
                                                         dtype=self.dtype),
-                          total_blocks=request.total_blocks, mode=options.mode, online_decode=options.online_decode)
+                          ref_rope_offset=offsets, num_steps=steps, total_blocks=request.total_blocks, mode=options.mode, online_decode=options.online_decode)
 
     def _forward_graphs(self, caches: CacheSet) -> ForwardGraphs | None:
         """The engine's CUDA graphs, when the fast path has them and the placement allows them."""

@@ -31,7 +31,7 @@ import torch
 from liveavatar.geometry import ClipGeometry
 from liveavatar.runtime.caches import CacheSet
 from liveavatar.runtime.distributed import PipelineFailure, PipelineGroup, one_line
-from liveavatar.runtime.executors.base import BlockJob, ForwardHook
+from liveavatar.runtime.executors.base import BlockJob, ExecutorFactory, ForwardHook
 from liveavatar.runtime.executors.sequential import SequentialExecutor
 from liveavatar.runtime.pipeline_layout import PipelineLayout, steps_phrase
 from liveavatar.runtime.schedule import FlowMatchSchedule
@@ -114,7 +114,7 @@ class Pipeline:
                 self.group.close()
 
 
-class PipelineExecutorFactory:
+class PipelineExecutorFactory(ExecutorFactory):
     """Builds a request's `PipelineExecutor` from what ``Engine.run`` passes an executor factory; the
     engine allocates caches only for `local_steps` (none on a decode-only output rank)."""
 
@@ -124,10 +124,10 @@ class PipelineExecutorFactory:
     def local_steps(self, num_steps: int) -> tuple[int, ...]:
         return self.pipeline.layout.steps(num_steps)[self.pipeline.layout.output_rank]
 
-    def __call__(self, model, caches: CacheSet | None, schedule: FlowMatchSchedule, text_kv, *, ref_rope_offset,
+    def __call__(self, model, caches: CacheSet | None, schedule: FlowMatchSchedule, text_kv, *,
                  on_forward: ForwardHook | None = None, graphs=None) -> "PipelineExecutor":
         return PipelineExecutor(self.pipeline, self.geometry, self.text, model, caches, schedule, text_kv,
-                                ref_rope_offset=ref_rope_offset, on_forward=on_forward, graphs=graphs)
+                                on_forward=on_forward, graphs=graphs)
 
 
 class PipelineExecutor:
@@ -135,19 +135,16 @@ class PipelineExecutor:
     output rank, which then runs its own steps, if it has any."""
 
     def __init__(self, pipeline: Pipeline, geometry: ClipGeometry, text: torch.Tensor, model,
-                 caches: CacheSet | None, schedule: FlowMatchSchedule, text_kv, *, ref_rope_offset,
+                 caches: CacheSet | None, schedule: FlowMatchSchedule, text_kv, *,
                  on_forward: ForwardHook | None = None, graphs=None):
         self.pipeline = pipeline
         self.num_steps = schedule.num_steps
-        self.ref_rope_offset = ref_rope_offset
         self.on_forward = on_forward
         # Every other rank busy with a block, one more queued for the next rank, one being decoded here.
         self.depth = pipeline.layout.world_size + 1
         steps = pipeline.layout.steps(self.num_steps)[pipeline.layout.output_rank]
-        self.draws: Sequence[int] = ()
         self.local = None if not steps else SequentialExecutor(
-            model, caches, schedule, text_kv, ref_rope_offset=lambda step: self.draws[step], on_forward=on_forward,
-            graphs=graphs, steps=steps)
+            model, caches, schedule, text_kv, on_forward=on_forward, graphs=graphs, steps=steps)
         self.request = pipeline.begin(geometry, schedule, text, trace=on_forward is not None)
 
     def prefill(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None:
@@ -155,9 +152,8 @@ class PipelineExecutor:
                                     {"ref": ref_latents, "motion": motion_latents})
 
     def submit(self, job: BlockJob) -> None:
-        draws = [self.ref_rope_offset(step) for step in range(self.num_steps)]
         self.pipeline.to_first.send({"kind": BLOCK, "request": self.request, "clip": job.clip, "block": job.block,
-                                     "start_frame": job.start_frame, "draws": draws},
+                                     "start_frame": job.start_frame, "draws": list(job.ref_rope_offsets)},
                                     {"x": job.noise, "audio": job.audio})
 
     def collect(self) -> torch.Tensor:
@@ -176,8 +172,8 @@ class PipelineExecutor:
                         self.on_forward(clip, block, step, tensors[f"trace.{step}.x"], tensors[f"trace.{step}.v"])
             if self.local is None:
                 return tensors["x"]
-            self.draws = header["draws"]
-            self.local.submit(BlockJob(clip, block, header["start_frame"], tensors["x"], tensors["audio"]))
+            self.local.submit(BlockJob(clip, block, header["start_frame"], tensors["x"], tensors["audio"],
+                                       tuple(header["draws"])))
             return self.local.collect()
 
 
@@ -187,7 +183,7 @@ def serve_stage(group: PipelineGroup, model, caches_for: Callable[[ClipGeometry,
     on, until ``stop``. ``caches_for(geometry, steps)`` gives the caches of a request (reset)."""
     upstream = group.link_from(group.rank - 1 if group.rank else group.world_size - 1)
     downstream = group.link_to(group.rank + 1)
-    stage, draws, traced = None, (), {}
+    stage, traced = None, {}
     while True:
         header, tensors = upstream.recv(device)
         kind = header["kind"]
@@ -198,15 +194,13 @@ def serve_stage(group: PipelineGroup, model, caches_for: Callable[[ClipGeometry,
             if steps:
                 caches = caches_for(ClipGeometry(*header["geometry"]), steps)
                 stage = SequentialExecutor(model, caches, _schedule(header), model.text_kv(tensors["text"]),
-                                           ref_rope_offset=lambda step: draws[step], steps=steps,
-                                           on_forward=_trace_hook(traced) if header["trace"] else None)
+                                           steps=steps, on_forward=_trace_hook(traced) if header["trace"] else None)
         elif kind == PREFILL and stage is not None:
             stage.prefill(tensors["ref"], tensors["motion"])
         elif kind == BLOCK and stage is not None:
-            draws = header["draws"]
             traced.clear()
             stage.submit(BlockJob(header["clip"], header["block"], header["start_frame"], tensors["x"],
-                                  tensors["audio"]))
+                                  tensors["audio"], tuple(header["draws"])))
             tensors = {**tensors, **traced, "x": stage.collect()}
         downstream.send(header, tensors)
         if kind == STOP:
