@@ -63,7 +63,7 @@ DEFAULT_AUDIO_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class RankRole:
-    """One rank of a multi-GPU pipeline (`liveavatar.runtime.pipeline_layout`): the denoising steps (KV
+    """One rank of a multi-GPU pipeline (`liveavatar.runtime.step_layout`): the denoising steps (KV
     sets) it runs, whether it holds a DiT, and whether it is the output rank (encoders at set-up, the VAE,
     the decode)."""
 

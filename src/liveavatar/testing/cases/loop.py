@@ -63,14 +63,14 @@ def _executor_factory(fixture: Fixture, geometry: ClipGeometry, text: torch.Tens
     if not ranks or ranks < 2:
         yield SequentialFactory()
         return
-    from liveavatar.runtime.multi_gpu import StageSpec, spawn_pipeline
+    from liveavatar.runtime.multi_gpu import StageSpec, spawn_step_ranks
 
     spec = StageSpec(str(fixture.path(DIT_WEIGHTS)), Placement(), "cpu", "float32", threads=torch.get_num_threads())
-    pipeline = spawn_pipeline([spec] * (ranks - 1), torch.device("cpu"), sample_steps=steps)
+    step_ranks = spawn_step_ranks([spec] * (ranks - 1), torch.device("cpu"), sample_steps=steps)
     try:
-        yield pipeline.executor(geometry, text)
+        yield step_ranks.executor(geometry, text)
     finally:
-        pipeline.close()
+        step_ranks.close()
 
 
 def _exact(name: str, got: list, expected: list) -> Comparison:
