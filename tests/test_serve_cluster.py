@@ -302,6 +302,6 @@ def test_an_ingress_beyond_loopback_refuses_to_start_without_a_token(tiny, tmp_p
 
     monkeypatch.delenv("LIVEAVATAR_TOKEN", raising=False)
     settings = ClusterSettings(limits=serve_limits(_parse()), retention_s=60, max_per_client=8, live_idle_limit_s=30,
-                               max_waiting=4, store=str(tmp_path), token=None, require_token=True)
+                               max_waiting=4, max_queued=32, max_live_per_client=2, store=str(tmp_path), token=None, require_token=True)
     with pytest.raises(InputError, match=r"set \$LIVEAVATAR_TOKEN in the environment of `ray start`"):
         Ingress(None, settings)

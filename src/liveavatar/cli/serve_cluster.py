@@ -77,7 +77,8 @@ def application(flags: dict, load=None):
     args = argparse.Namespace(**flags)
     settings = ClusterSettings(limits=serve_limits(args), retention_s=args.retention,
                               max_per_client=args.max_queued_per_client, live_idle_limit_s=args.live_idle_limit,
-                              max_waiting=args.max_waiting, store=args.store, token=args.token,
+                              max_waiting=args.max_waiting, max_queued=args.max_queued,
+                              max_live_per_client=args.max_live_per_client, store=args.store, token=args.token,
                               require_token=args.require_token, live_policy=args.live, live_size=args.live_size,
                               live_steps=args.live_steps, live_lag_bound_s=args.live_lag_bound,
                               tts_command=args.tts_command)

@@ -75,7 +75,7 @@ class RankRole:
 @dataclass(frozen=True)
 class Workload:
     """The shape of a run: video size, clip length, steps and GPUs. With ``num_gpus`` > 1 the memory and
-    speed are those of one rank, ``role`` (`liveavatar.runtime.planner.pipeline` plans every rank). A run's
+    speed are those of one rank, ``role`` (`liveavatar.runtime.planner.step_ranks` plans every rank). A run's
     workload comes from `of`; the defaults are the request options' defaults."""
 
     height: int

@@ -26,7 +26,8 @@ class Ingress:
             raise InputError(f"the ingress listens beyond loopback: set ${TOKEN_ENV} in the environment of "
                              f"`ray start` on its node")
         self.queue = ClusterQueue(engine, Path(settings.store), retention_s=settings.retention_s,
-                                  max_per_client=settings.max_per_client, max_waiting=settings.max_waiting)
+                                  max_per_client=settings.max_per_client, max_waiting=settings.max_waiting,
+                                  max_queued=settings.max_queued, max_live_per_client=settings.max_live_per_client)
         self.state = ServerState(backend=None, root=Path(tempfile.mkdtemp(prefix="liveavatar-ingress-")),
                                  limits=settings.limits, retention_s=settings.retention_s,
                                  max_per_client=settings.max_per_client, live_idle_limit_s=settings.live_idle_limit_s,

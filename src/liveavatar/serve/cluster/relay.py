@@ -20,7 +20,8 @@ import secrets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from liveavatar.serve.cluster.dispatch import ASSIGN_TIMEOUT_S, WATCHDOG_S, ReplicaLost, cause_line
-from liveavatar.serve.jobs import ServerBusy
+from liveavatar.serve.jobs import QueueFull, ServerBusy, error_line
+from liveavatar.serve.live import BAD_INPUT_CLOSE
 
 TRY_AGAIN_LATER_CLOSE = 1013
 INTERNAL_CLOSE = 1011
@@ -33,11 +34,15 @@ async def relay_live(websocket: WebSocket, server) -> None:
     first = await websocket.receive()  # the start message: the busy answer comes after it, as any answer
     if first["type"] == "websocket.disconnect":
         return
+    client = websocket.client.host if websocket.client else "?"
     try:
-        queue.admit()
+        queue.open_live(client)
     except ServerBusy as error:
         await _close(websocket, {"type": "busy", "message": str(error), "retry_after_s": error.retry_after_s},
                      TRY_AGAIN_LATER_CLOSE)
+        return
+    except QueueFull as error:
+        await _close(websocket, {"type": "error", "message": error_line(error)}, BAD_INPUT_CLOSE)
         return
     inbox: asyncio.Queue = asyncio.Queue()
     inbox.put_nowait(_with_image(first, server))
@@ -48,7 +53,6 @@ async def relay_live(websocket: WebSocket, server) -> None:
     call = forwarder = replica = None
     try:
         replica = await queue.take_replica()
-        client = websocket.client.host if websocket.client else "?"
         call = queue.engine.options(stream=True).live.remote(session_id, client, replica=replica)
         first = True
         while True:
@@ -87,6 +91,7 @@ async def relay_live(websocket: WebSocket, server) -> None:
     finally:
         if waiting:
             queue.live_waiting -= 1
+        queue.close_live(client)
         for task in (reader, forwarder):
             if task is not None:
                 task.cancel()

@@ -43,6 +43,7 @@ KEEPALIVE_S = 1.0
 POLL_S = 0.05
 CHUNK_BYTES = 1 << 20
 LEFTOVER_RETENTION_S = 600.0
+UNCAPPED = 1 << 30
 
 
 class RelayedSocket:
@@ -97,11 +98,12 @@ class EngineReplica:
         backend, live_setting = await asyncio.to_thread(load_backend)
         context = serve.get_replica_context()
         self.id = context.replica_id.unique_id
-        # The single-process server's state around this replica's engine (its WorkQueue included); jobs come
-        # from the ingress, which enforces the per-client caps, and a finished one is removed here as soon as
-        # its bytes went out (the retention is only the backstop for a call that vanished).
+        # The single-process server's state around this replica's engine (its WorkQueue included); work comes
+        # from the ingress, which enforces the queue and per-client caps across the cluster, and a finished job
+        # is removed here as soon as its bytes went out (the retention is only the backstop for a lost call).
         self.state = ServerState(backend=backend, root=Path(tempfile.mkdtemp(prefix="liveavatar-replica-")),
-                                 limits=settings.limits, retention_s=LEFTOVER_RETENTION_S, max_per_client=1 << 30,
+                                 limits=settings.limits, retention_s=LEFTOVER_RETENTION_S, max_per_client=UNCAPPED,
+                                 max_queued=UNCAPPED, max_live_per_client=UNCAPPED,
                                  live_idle_limit_s=settings.live_idle_limit_s,
                                  **settings.live_state(live_setting))
         self.settings = {**shown, "live": self.state.live_setting.info()}

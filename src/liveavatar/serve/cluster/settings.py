@@ -26,9 +26,11 @@ class ClusterSettings:
 
     limits: Limits
     retention_s: float
-    max_per_client: int
+    max_per_client: int  # jobs queued or running per client
     live_idle_limit_s: float
-    max_waiting: int
+    max_waiting: int  # jobs and sessions waiting for an engine, all clients together
+    max_queued: int  # jobs waiting, all clients together (as the single-process server)
+    max_live_per_client: int
     store: str  # the job store's folder on the ingress's node
     token: str | None  # None: read $LIVEAVATAR_TOKEN on the ingress's node
     require_token: bool  # the HTTP proxy listens beyond loopback
