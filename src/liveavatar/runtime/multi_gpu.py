@@ -12,13 +12,14 @@ from typing import Sequence
 import torch
 
 from liveavatar.devices import configure_cuda_allocator, resolve_dtype
-from liveavatar.runtime.distributed import LocalRanks, RankGroup, run_rank
+from liveavatar.options import DEFAULTS
 from liveavatar.runtime.compile import resolve_fast_path
+from liveavatar.runtime.distributed import LocalRanks, RankGroup, run_rank
 from liveavatar.runtime.engine import Engine
 from liveavatar.runtime.executors.step_ranks import StepRanks, serve_stage
 from liveavatar.runtime.loading import load_placed_dit
-from liveavatar.runtime.step_layout import StepLayout
 from liveavatar.runtime.placement import Placement
+from liveavatar.runtime.step_layout import StepLayout
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ def run_stage(group: RankGroup, spec: StageSpec) -> None:
         serve_stage(group, model, engine.caches, device, graphs_for=engine.forward_graphs)
 
 
-def spawn_step_ranks(specs: Sequence[StageSpec], output_device: torch.device, *, sample_steps: int = 4,
-                   timeout: timedelta | None = None) -> StepRanks:
+def spawn_step_ranks(specs: Sequence[StageSpec], output_device: torch.device, *,
+                     sample_steps: int = DEFAULTS.sample_steps, timeout: timedelta | None = None) -> StepRanks:
     """Spawn ranks 0..N-2 (``specs``, one per worker rank) for an output rank in this process. The output
     rank holds a DiT and runs the last steps when the ranks are not more than ``sample_steps``.
     ``timeout``: the communicator's (default `comm_timeout()`)."""
