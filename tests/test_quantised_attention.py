@@ -113,3 +113,15 @@ def test_gpu_kernel_graph_replay_and_compile_match_eager(mode):
     assert torch.equal(captured, op(*fresh))
     compiled = torch.compile(lambda q, k, v: op(q * 2, k, v), fullgraph=True)
     assert torch.equal(compiled(q, k, v), op(q * 2, k, v))
+
+
+def test_an_engine_resolves_each_mode_once():
+    from liveavatar.runtime.engine import Engine
+    from liveavatar.runtime.placement import Placement
+
+    engine = Engine(None, None, None, None, placement=Placement(), device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.warns(UserWarning, match="--attention fp8"):
+        first = engine.self_attention("fp8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second notice
+        assert engine.self_attention("fp8") is first and first.runs == "bf16"
