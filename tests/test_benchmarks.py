@@ -45,3 +45,17 @@ def test_the_compile_worker_probe_measures_a_pool_on_the_cpu(tmp_path):
     assert (pool["workers_set"], single["workers_set"]) == (2, 1) and "error" not in pool and "error" not in single
     assert pool["descendant_processes"] >= 1 and 0.01 < pool["per_process_gib"] < 4
     assert pool["compile_s"] > 0 and single["compile_s"] > 0
+
+
+def test_the_attention_modes_benchmark_compares_every_mode_on_the_cpu(tmp_path):
+    out = tmp_path / "modes.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention_modes.py"), "--device", "cpu",
+                             "--warmup-blocks", "1", "--blocks", "1", "--fixtures", "", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert list(row["modes"]) == ["bf16", "int8", "fp8"]
+    for mode in ("int8", "fp8"):  # the PyTorch reference on the CPU: quantised, and close to bf16
+        assert "PyTorch reference" in row["modes"][mode]["runs"]
+        assert all(0 < block["max"] < 1e-2 for block in row["modes"][mode]["vs_bf16"])
