@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from liveavatar.models.attention import attention
-from liveavatar.models.quantised_attention import (
-    BLOCK_N,
-    SelfAttention,
-    kernel_problem,
-    reference_attention,
-    resolve_self_attention,
-)
+from liveavatar.models.quantised_attention import SelfAttention, kernel_problem, resolve_self_attention
+from liveavatar.models.sage_reference import BLOCK_N, reference_attention
 
 
 def _inputs(lq=150, lk=200, heads=2, dim=64, key_bias=3.0, seed=0):
@@ -52,7 +47,7 @@ _INTERPRETED_KERNEL_CHECK = """
 import torch
 from liveavatar.models import sage_kernels
 from liveavatar.models.attention import attention
-from liveavatar.models.quantised_attention import BLOCK_N, reference_attention
+from liveavatar.models.sage_reference import BLOCK_N, reference_attention
 from test_quantised_attention import _inputs, _relative_max
 
 q, k, v = _inputs(lq=130, lk=BLOCK_N * 2 + 9)  # a partial query block and a partial key block

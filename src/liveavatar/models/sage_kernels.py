@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from liveavatar.models.quantised_attention import (
+from liveavatar.models.sage_reference import (
     AMAX_FLOOR,
     BLOCK_M,
     BLOCK_N,
@@ -211,5 +211,5 @@ def attend(quantised: Quantised, out: torch.Tensor, config: KernelConfig = DEFAU
 def quantised_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8: bool,
                         config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """q [B, Lq, H, D], k and v [B, Lk, H, D] (last dim contiguous) -> [B, Lq, H, D] in q's dtype; the
-    method of `liveavatar.models.quantised_attention`."""
+    method of `liveavatar.models.sage_reference`."""
     return attend(quantise(q, k, v, int8, config), torch.empty_like(q), config)
