@@ -16,9 +16,9 @@ JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -30,35 +30,26 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_end_to_end import write_audio  # noqa: E402
-from serve_latency import blocks_per_second, random_backend  # noqa: E402
+from serve_latency import emit, live_figures, parse_arguments, random_backend, run_header  # noqa: E402
 
 from liveavatar.io.media import load_audio  # noqa: E402
 from liveavatar.serve.client import stream_file  # noqa: E402
-from liveavatar.serve.cluster.replica import EngineReplica  # noqa: E402
 
 
-class RandomWeightsReplica(EngineReplica):
-    """A replica around the full-size random weights (no checkpoint on the benchmark machine)."""
-
-    @staticmethod
-    def load(args):
-        return random_backend(args.device or "cuda", bool(args.fp8))
+def random_replica(device: str, fp8: bool):
+    """A replica's (backend, live setting): the random weights, and the setting the flags pin (--live-size/-steps)."""
+    return random_backend(device, fp8), None
 
 
-def live_figures(ws_url: str, image: Path, waveform: np.ndarray, settings: dict) -> dict:
+def real_time_session(ws_url: str, image: Path, waveform: np.ndarray, settings: dict) -> dict:
     session = stream_file(ws_url, image, waveform, chunk_s=0.1, pace=1.0, **settings)
     if session.error:
         raise RuntimeError(session.error)
-    latencies = sorted(x for x in map(session.latency_of, session.blocks) if x is not None)
-    return {"chunk_to_frames_p50_s": round(statistics.median(latencies), 3),
-            "chunk_to_frames_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
-            "live_blocks": len(session.blocks), "live_blocks_per_s": round(blocks_per_second(session.blocks), 3),
-            "server_latency_ms_p50": statistics.median(b["latency_ms"] for b in session.blocks
-                                                       if b["latency_ms"] is not None)}
+    return live_figures(session)
 
 
 def single_process(args, image: Path, waveform: np.ndarray, settings: dict) -> dict:
-    from liveavatar.request import parse_size
+    from liveavatar.options import parse_size
     from liveavatar.serve.backend import Backend
     from liveavatar.serve.local import LocalServer
     from liveavatar.runtime.placement import Placement
@@ -70,7 +61,7 @@ def single_process(args, image: Path, waveform: np.ndarray, settings: dict) -> d
         backend = random_backend(args.device, args.fp8)
     with LocalServer(backend, default_size=args.size, max_area=parse_size(args.size), max_steps=args.steps) as server:
         stream_file(server.ws_url, image, waveform[:16000 * 3], pace=0.0, realtime=False, **settings)  # warm-up
-        figures = live_figures(server.ws_url, image, waveform, settings)
+        figures = real_time_session(server.ws_url, image, waveform, settings)
     del backend, server
     gc.collect()
     if torch.cuda.is_available():
@@ -83,8 +74,8 @@ def cluster(args, image: Path, waveform: np.ndarray, settings: dict, store: Path
     from ray import serve
 
     from liveavatar.cli.serve import add_serve_arguments
-    from liveavatar.serve.cluster.config import APP_NAME, build_app
-    from liveavatar.serve.cluster.launch import cluster_flags
+    from liveavatar.cli.serve_cluster import application, cluster_flags
+    from liveavatar.serve.cluster.config import APP_NAME
     from liveavatar.serve.local import free_port
 
     parser = argparse.ArgumentParser()
@@ -92,6 +83,7 @@ def cluster(args, image: Path, waveform: np.ndarray, settings: dict, store: Path
     cpu = args.device == "cpu"
     serve_args = parser.parse_args(
         ["--cluster", "--replicas", "1", "--size", args.size, "--max-size", args.size, "--max-steps", str(args.steps),
+         "--live-size", args.size, "--live-steps", str(args.steps),
          "--store", str(store), "--gpus-per-replica", "0" if cpu else "1", "--device", args.device]
         + (["--ckpt_dir", args.ckpt_dir] if args.ckpt_dir else [])
         + (["--lora_path_dmd", args.lora_path_dmd] if args.lora_path_dmd else [])
@@ -102,30 +94,21 @@ def cluster(args, image: Path, waveform: np.ndarray, settings: dict, store: Path
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         started = time.perf_counter()
-        serve.run(build_app(flags, None if args.ckpt_dir else RandomWeightsReplica), name=APP_NAME, route_prefix="/")
+        # Without a checkpoint each replica builds the full-size random weights (none on a benchmark machine).
+        load = None if args.ckpt_dir else functools.partial(random_replica, args.device, args.fp8)
+        serve.run(application(flags, load), name=APP_NAME, route_prefix="/")
         deploy_s = time.perf_counter() - started
         ws_url = f"ws://127.0.0.1:{port}/v1/live"
         stream_file(ws_url, image, waveform[:16000 * 3], pace=0.0, realtime=False, **settings)  # warm-up
-        return {**live_figures(ws_url, image, waveform, settings), "deploy_s": round(deploy_s, 1)}
+        return {**real_time_session(ws_url, image, waveform, settings), "deploy_s": round(deploy_s, 1)}
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt_dir", help="a checkpoint set (default: full-size random weights)")
-    parser.add_argument("--lora_path_dmd")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype")
-    parser.add_argument("--fp8", action="store_true")
-    parser.add_argument("--size", default="704*384")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--live-seconds", type=float, default=20.0, help="audio streamed to each live session")
-    parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(json.dumps({"error": "no CUDA GPU here; pass --device cpu with tiny checkpoints for a smoke test"}))
+    args = parse_arguments(__doc__.splitlines()[0], argv)
+    if args is None:
         return 2
     if args.device == "cpu" and not args.ckpt_dir:
         print(json.dumps({"error": "--device cpu needs --ckpt_dir (tiny checkpoints): random 14B weights are GPU-only"}))
@@ -139,14 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"size": args.size, "steps": args.steps}
         single = single_process(args, image, waveform, settings)
         through_ray = cluster(args, image, waveform, settings, work / "store")
-    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
-              "weights": args.ckpt_dir or ("random 14B fp8" if args.fp8 else "random 14B bf16"),
-              "size": args.size, "steps": args.steps, "single_process": single, "ray_serve": through_ray,
-              "added_p50_s": round(through_ray["chunk_to_frames_p50_s"] - single["chunk_to_frames_p50_s"], 3),
-              "added_p95_s": round(through_ray["chunk_to_frames_p95_s"] - single["chunk_to_frames_p95_s"], 3)}
-    print(json.dumps(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+    emit({**run_header(args), "single_process": single, "ray_serve": through_ray,
+          "added_p50_s": round(through_ray["chunk_to_frames_p50_s"] - single["chunk_to_frames_p50_s"], 3),
+          "added_p95_s": round(through_ray["chunk_to_frames_p95_s"] - single["chunk_to_frames_p95_s"], 3)}, args.json)
     return 0
 
 

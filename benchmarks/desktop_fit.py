@@ -233,7 +233,7 @@ def child_drift(args) -> dict:
 def _workload(args, size: str, frames: int):
     from liveavatar.geometry import size_for_area
     from liveavatar.runtime.planner.memory import Workload
-    from liveavatar.settings import parse_size
+    from liveavatar.options import parse_size
 
     width, height = (int(n) for n in size.replace("x", "*").split("*"))
     height, width = size_for_area(height, width, parse_size(size))

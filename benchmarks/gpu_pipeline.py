@@ -5,6 +5,12 @@ a kill-a-rank drill.
     PYTHONPATH=src python benchmarks/gpu_pipeline.py --ranks 5        # the reference's layout (4 + decode)
     PYTHONPATH=src python benchmarks/gpu_pipeline.py --ranks 2,4,5    # several layouts, one GPU set
     PYTHONPATH=src python benchmarks/gpu_pipeline.py --config tiny --device cpu --ranks 2 --size 64*64
+    PYTHONPATH=src python benchmarks/gpu_pipeline.py --ranks 2 --share-gpu --vram-budget 36GiB --size 384*256
+
+``--share-gpu`` (benchmark only, for machines that lend one GPU): every rank runs on GPU 0, each planned
+with ``--vram-budget`` (required; ranks x budget must fit the card). Per-rank peaks (each process's own
+allocator), the frames against one GPU and the kill drill mean what they mean on N GPUs; FPS, TTFF and the
+hop time do not (the ranks share one GPU's compute and the hop never leaves it).
 
 For each rank count: every rank is planned (`plan_pipeline`, on this machine's GPU and --vram-budget) and
 spawned with the 14B DiT built from the same seed (so every rank and the one-GPU run hold the same
@@ -49,7 +55,8 @@ from liveavatar.runtime.planner.memory import Workload, dit_inventory, transform
 from liveavatar.runtime.planner.pipeline import plan_pipeline
 from liveavatar.runtime.planner.policy import Pins, make_plan, resolve_budget
 from liveavatar.runtime.sampler import VideoFrames
-from liveavatar.settings import parse_size, parse_vram_budget
+from liveavatar.options import parse_size
+from liveavatar.settings import parse_vram_budget
 
 RELAY_TAG = 1
 RELAY_MESSAGES = 20
@@ -146,8 +153,8 @@ def measure_pipeline(ranks: int, args, work: Workload, hardware, budget, source,
     if not plan.fits:
         report["refusal"] = plan.refusal()
         return report, None
-    devices = [torch.device("cpu")] * ranks if device.type == "cpu" else \
-        [torch.device("cuda", index) for index in range(ranks)]
+    devices = [torch.device("cpu")] * ranks if device.type == "cpu" else [torch.device("cuda", 0)] * ranks \
+        if args.share_gpu else [torch.device("cuda", index) for index in range(ranks)]
     threads = torch.get_num_threads() if device.type == "cpu" else None
     dtype_name = str(dtype).removeprefix("torch.")
     started = time.perf_counter()
@@ -258,13 +265,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                         help="every rank eager (default: the compiled fast path on GPUs, as generate)")
+    parser.add_argument("--share-gpu", action="store_true",
+                        help="benchmark only: every rank on GPU 0, each within --vram-budget (see above)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here: use --config tiny --device cpu")
     configure_cuda_allocator()  # before any allocation, here and (inherited) in the spawned ranks
     counts = [int(n) for n in args.ranks.split(",")]
-    if device.type == "cuda" and max(counts) > torch.cuda.device_count():
+    if args.share_gpu and (device.type != "cuda" or not args.vram_budget):
+        parser.error("--share-gpu needs --device cuda and a --vram-budget per rank (e.g. 36GiB for 2 ranks on 80 GB)")
+    if args.share_gpu and max(counts) * parse_vram_budget(args.vram_budget) > \
+            torch.cuda.get_device_properties(0).total_memory:
+        parser.error(f"--share-gpu: {max(counts)} ranks x --vram-budget {args.vram_budget} exceed GPU 0's memory")
+    if device.type == "cuda" and not args.share_gpu and max(counts) > torch.cuda.device_count():
         parser.error(f"--ranks {max(counts)}: this machine has {torch.cuda.device_count()} GPUs")
     dtype = resolve_dtype(args.dtype, device)
     torch.set_grad_enabled(False)
@@ -274,7 +288,8 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         hardware, budget, source = CPU_HARDWARE, None, "CPU run"
     else:
-        torch.cuda.set_device(max(counts) - 1)  # the largest pipeline's output GPU: its free memory is the budget
+        # The largest pipeline's output GPU: its free memory is the budget.
+        torch.cuda.set_device(0 if args.share_gpu else max(counts) - 1)
         hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
         cap = parse_vram_budget(args.vram_budget) if args.vram_budget else None
         budget, source = resolve_budget(vram_budget=cap)
@@ -305,7 +320,8 @@ def main(argv=None) -> int:
     out = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu_pipeline_"))
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "size": f"{width}x{height}", "config": args.config or "14b", "one_gpu": one, "pipelines": reports}
+              "size": f"{width}x{height}", "config": args.config or "14b", "one_gpu": one, "pipelines": reports,
+              "shared_gpu": args.share_gpu}
     (out / "gpu_pipeline.json").write_text(json.dumps(result, indent=1))
     print(table(result))
     print(f"JSON: {out / 'gpu_pipeline.json'}")

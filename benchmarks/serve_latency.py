@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -40,7 +39,7 @@ from liveavatar.io.media import load_audio  # noqa: E402
 from liveavatar.serve.backend import Backend  # noqa: E402
 from liveavatar.serve.client import stream_file  # noqa: E402
 from liveavatar.serve.local import LocalServer  # noqa: E402
-from liveavatar.request import parse_size  # noqa: E402
+from liveavatar.options import parse_size  # noqa: E402
 from liveavatar.runtime.placement import Placement  # noqa: E402
 
 
@@ -74,6 +73,8 @@ def random_backend(device: str, fp8: bool) -> Backend:
 
 
 def first_frame_latency(server: LocalServer, image: Path, audio: Path, fields: dict) -> tuple[float, float]:
+    import httpx  # here: live_sustained.py imports this module on machines without httpx
+
     with httpx.Client(base_url=server.url, timeout=600) as client:
         files = {"image": ("image.png", image.read_bytes()), "audio": ("speech.wav", audio.read_bytes())}
         submitted = time.perf_counter()
@@ -97,8 +98,10 @@ def blocks_per_second(blocks: list[dict]) -> float:
     return (len(blocks) - 2) / span
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(description: str, argv: list[str] | None) -> argparse.Namespace | None:
+    """The serving benchmarks' flags (this script's and cluster_latency.py's); None (after one JSON line)
+    when a CUDA device is asked for on a machine without one."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--ckpt_dir", help="a checkpoint set (default: full-size random weights)")
     parser.add_argument("--lora_path_dmd")
     parser.add_argument("--device", default="cuda")
@@ -106,11 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--size", default="704*384")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--live-seconds", type=float, default=20.0, help="audio streamed to the live session")
+    parser.add_argument("--live-seconds", type=float, default=20.0, help="audio streamed to each live session")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA GPU here; pass --device cpu with tiny checkpoints for a smoke test"}))
+        return None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(__doc__.splitlines()[0], argv)
+    if args is None:
         return 2
 
     with tempfile.TemporaryDirectory() as work:
@@ -138,22 +148,33 @@ def main(argv: list[str] | None = None) -> int:
         if result.error:
             print(json.dumps({"error": result.error}))
             return 1
-    latencies = sorted(x for x in map(live.latency_of, live.blocks) if x is not None)
-    report = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
-        "weights": args.ckpt_dir or ("random 14B fp8" if args.fp8 else "random 14B bf16"),
-        "size": args.size, "steps": args.steps, "build_s": round(build_s, 1),
-        "submit_to_first_frame_s": round(first_frame, 3), "submit_to_first_fragment_s": round(first_fragment, 3),
-        "chunk_to_frames_p50_s": round(statistics.median(latencies), 3),
-        "chunk_to_frames_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
-        "live_blocks": len(live.blocks), "live_blocks_per_s": round(blocks_per_second(live.blocks), 3),
-        "live_capacity_blocks_per_s": round(blocks_per_second(capacity.blocks), 3),
-        "server_latency_ms_p50": statistics.median(b["latency_ms"] for b in live.blocks if b["latency_ms"] is not None),
-    }
-    print(json.dumps(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+    report = {**run_header(args), "build_s": round(build_s, 1),
+              "submit_to_first_frame_s": round(first_frame, 3), "submit_to_first_fragment_s": round(first_fragment, 3),
+              **live_figures(live), "live_capacity_blocks_per_s": round(blocks_per_second(capacity.blocks), 3)}
+    emit(report, args.json)
     return 0
+
+
+def live_figures(session) -> dict:
+    """A real-time live session's latency and pace, as a client saw them."""
+    latencies = sorted(x for x in map(session.latency_of, session.blocks) if x is not None)
+    return {"chunk_to_frames_p50_s": round(statistics.median(latencies), 3),
+            "chunk_to_frames_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
+            "live_blocks": len(session.blocks), "live_blocks_per_s": round(blocks_per_second(session.blocks), 3),
+            "server_latency_ms_p50": statistics.median(b["latency_ms"] for b in session.blocks
+                                                       if b["latency_ms"] is not None)}
+
+
+def run_header(args: argparse.Namespace) -> dict:
+    return {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+            "weights": args.ckpt_dir or ("random 14B fp8" if args.fp8 else "random 14B bf16"),
+            "size": args.size, "steps": args.steps}
+
+
+def emit(report: dict, path: Path | None) -> None:
+    print(json.dumps(report))
+    if path:
+        path.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

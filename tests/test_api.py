@@ -13,6 +13,7 @@ from liveavatar.models.tiny import make_tiny_checkpoints
 from liveavatar.cli.generate import generate_from_settings
 from liveavatar.errors import InputError
 from liveavatar.runtime.progress import Progress, host_rss_bytes
+from liveavatar.options import RequestOptions
 from liveavatar.settings import GenerationSettings
 
 from conftest import live_tensor_bytes
@@ -126,8 +127,8 @@ def test_memory_stays_flat_over_clips(pipe, media_dir):
 
 def test_generate_from_settings_names_the_file_and_logs_progress(tiny, media_dir, tmp_path, capsys):
     settings = GenerationSettings(image=media_dir / "dwarven_blacksmith.jpg", audio=media_dir / "dwarven_blacksmith.wav",
-                                  prompt="a dwarf", ckpt_dir=tiny.ckpt_dir, lora=str(tiny.lora), size_area=64 * 64,
-                                  num_clip=1, device="cpu", dtype="float32", save_dir=tmp_path / "out")
+                                  prompt="a dwarf", ckpt_dir=tiny.ckpt_dir, lora=str(tiny.lora),
+                                  options=RequestOptions(size=64 * 64, num_clip=1), device="cpu", dtype="float32", save_dir=tmp_path / "out")
     request = settings.request()
     out = generate_from_settings(settings, request, settings.output_path(64, 64), progress=True)
     assert out.parent == tmp_path / "out" and out.name.endswith("_64x64_4step_a_dwarf.mp4")
@@ -135,9 +136,11 @@ def test_generate_from_settings_names_the_file_and_logs_progress(tiny, media_dir
     log = capsys.readouterr().err  # not a terminal: plain log lines, no in-place rewriting
     assert "clip 1 | block 4/4 | 45/45 frames" in log and "\x1b[2K" not in log
     phases = [line.split(" ...")[0] for line in log.splitlines() if line.endswith(" ...")]
-    assert phases[0] == "planning the memory" and phases[1].startswith("loading ") and phases[1].endswith(" GB of weights")
+    assert phases[0] == "planning the memory" and phases[1].startswith("loading ") and phases[1].endswith(" of weights")
     assert phases[2:] == ["encoding the prompt, the portrait and the audio", "generating"]
-    assert "GB/s)" in log and "first frame after" in log
+    # A CPU run's plan says what runs, and the tiny weights' size reads (not "0.0 GB ... 0.00 GB/s").
+    assert "CPU run: float32 weights and caches in host memory, eager" in log and "on gpu" not in log
+    assert "0.0 GB" not in log and "B/s)" in log and "first frame after" in log
 
 
 @pytest.mark.parametrize("change, message", [

@@ -59,3 +59,15 @@ def test_the_attention_modes_benchmark_compares_every_mode_on_the_cpu(tmp_path):
     for mode in ("int8", "fp8"):  # the PyTorch reference on the CPU: quantised, and close to bf16
         assert "PyTorch reference" in row["modes"][mode]["runs"]
         assert all(0 < block["max"] < 1e-2 for block in row["modes"][mode]["vs_bf16"])
+
+
+def test_the_decode_benchmark_compares_the_fixed_buffer_step_on_the_cpu(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_decode.py"), "--device", "cpu", "--tiny",
+                             "--dtype", "fp32", "--sizes", "32*32", "--variants", "eager,fixed", "--blocks", "1",
+                             "--warmup-blocks", "0"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["eager", "fixed"]
+    assert rows[1]["vs_eager"]["max_abs"] == 0 and rows[1]["second_stream_vs_eager"]["max_abs"] == 0
+    assert rows[0]["block_s"] > 0 and rows[1]["compiles"] == 0

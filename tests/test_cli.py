@@ -4,12 +4,14 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from liveavatar.models.tiny import make_tiny_checkpoints
 from liveavatar.cli.generate import COMPATIBILITY_FLAGS
 from liveavatar.cli.main import COMMANDS, build_parser, main
+from liveavatar.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +101,10 @@ def test_reference_recipes_parse(recipe, ignored, ranks, media_dir, ckpt, capsys
     assert report["tokens_per_frame"] == 1056 and report["fps"] == 25 and report["duration_s"] == pytest.approx(17.72)
     assert report["weights"] == "fp8" and report["lora"].endswith("LiveAvatar/liveavatar.safetensors")
     notices = [line for line in err.splitlines() if line.startswith("notice: ")]
-    assert len(notices) == ignored == len(err.splitlines())
+    import torch
+
+    on_cpu = ranks > 1 and not torch.cuda.is_available()  # then one more notice: the ranks run on the CPU
+    assert len(notices) == ignored + on_cpu == len(err.splitlines())
     assert report["num_gpus"] == ranks
     if ranks > 1:  # the reference's layout: steps 0-3 on ranks 0-3, decode and output on rank 4
         assert report["ranks"] == ["step 0", "step 1", "step 2", "step 3", "decode + output"]
@@ -156,7 +161,8 @@ def test_every_compatibility_flag_is_accepted_with_one_notice(inputs, capsys):
     for name, (kind, _) in COMPATIBILITY_FLAGS.items():
         argv += [f"--{name}"] + ({int: ["1"], float: ["0.5"], str: ["x"]}.get(kind, []))
     report, err = dry_run_json([*inputs, *argv], capsys)
-    lines = err.splitlines()
+    # Without a GPU the two ranks run on the CPU, with one notice of its own.
+    lines = [line for line in err.splitlines() if not line.startswith("notice: no CUDA GPU here: the 2 ranks")]
     # the reference's three multi-GPU flags share one notice (what they come to in the pipeline)
     multi_gpu = [line for line in lines if line.startswith("notice: --num_gpus_dit 1 --enable_vae_parallel "
                                                              "--ulysses_size 1:")]
@@ -260,7 +266,7 @@ def test_generate_validates_then_calls_the_engine(inputs, tmp_path, fake_api, ca
     summary, saved = out.splitlines()
     assert summary.startswith("704x384") and saved.startswith("saved ")
     (settings, progress), = calls
-    assert progress is False and settings.prompt == "a dwarf" and settings.sample_steps == 4
+    assert progress is False and settings.prompt == "a dwarf" and settings.options.sample_steps == 4
     output = Path(saved.removeprefix("saved "))
     assert output.parent == tmp_path / "out" and output.name.endswith("_704x384_4step_a_dwarf.mp4")
 
@@ -321,3 +327,84 @@ def test_readme_documents_every_generate_flag():
     primary = {action.option_strings[0] for action in generate._actions if action.option_strings} - {"-h"}
     assert primary <= table_flags, f"flags missing from the README table: {sorted(primary - table_flags)}"
     assert table_flags <= primary, f"README documents flags that do not exist: {sorted(table_flags - primary)}"
+
+
+def _generate_flags(capsys) -> set[str]:
+    code, out, _ = run(["generate", "--help"], capsys)
+    assert code == 0
+    return set(re.findall(r"--[\w-]+", out))
+
+
+def test_a_gpu_the_machine_lacks_is_refused_by_the_dry_run_naming_only_flags_generate_takes(inputs, capsys,
+                                                                                             monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run(["generate", *inputs, "--device", "cuda", "--dry-run"], capsys)
+    assert code == 2 and out == ""
+    assert err == ("error: --device cuda: PyTorch sees no CUDA GPU on this machine; leave --device out or give "
+                   "--device cpu to run on the CPU\n")
+    assert set(re.findall(r"--[\w-]+", err)) <= _generate_flags(capsys)
+
+
+def test_torchrun_ranks_without_a_gpu_run_on_the_cpu_with_one_notice(monkeypatch):
+    import torch
+
+    from liveavatar.cli import launch
+    from liveavatar.devices import runs_on_cpu
+    from liveavatar.runtime.distributed import torchrun_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(launch, "torchrun_world", lambda: (2, 3, 2))
+    assert launch.cpu_rank_notices(SimpleNamespace(device=None)) == [
+        "no CUDA GPU here: the 3 ranks run on the CPU (give --device cpu to say so, or run on a machine with GPUs)"]
+    assert torchrun_device(2, cpu=runs_on_cpu(None)) == torch.device("cpu")  # as one process does
+    # A node with GPUs, fewer than its ranks: advice that works.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(InputError, match=r"this node has 2; launch with --nproc_per_node 2 or fewer, or give "
+                                         r"--device cpu$"):
+        torchrun_device(2, cpu=runs_on_cpu(None))
+
+
+def test_a_cpu_run_reports_what_runs(inputs, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    report, _ = dry_run_json([*inputs, "--dtype", "float32"], capsys)
+    assert (report["device"], report["dtype"], report["compile"]) == ("cpu", "float32", False)
+    report, _ = dry_run_json(inputs, capsys)  # the defaults on a machine without a GPU: the same
+    assert (report["device"], report["dtype"], report["compile"]) == ("cpu", "float32", False)
+    code, out, _ = run(["generate", *inputs, "--dry-run"], capsys)
+    assert code == 0 and "float32 on cpu, eager" in out.splitlines()[1]
+
+
+def test_audio_help_agrees_with_the_refusal_of_joined_files(inputs, media_dir, capsys):
+    code, out, _ = run(["generate", "--help"], capsys)
+    help_text = " ".join(out.split())
+    assert "joins files" not in help_text and "a.wav+b.wav, one file per actor" in help_text and "is refused" in help_text
+    joined = f"{media_dir / 'cyclops_baker.wav'}+{media_dir / 'fashion_blogger.wav'}"
+    code, _, err = run(["generate", *inputs, "--audio", joined, "--dry-run"], capsys)
+    assert code == 2 and "this engine takes one audio file" in err
+
+
+@pytest.mark.parametrize("frames, advice", [
+    (32, "use 24 for less memory, or 36 for the nearest length"),
+    (26, "use 24 (the nearest, and less memory)"),
+    (5, "use 12 (the nearest, and less memory)"),
+])
+def test_infer_frames_advice_names_the_nearest_valid_values_and_why(frames, advice, inputs, capsys):
+    code, _, err = run(["generate", *inputs, "--infer_frames", frames, "--dry-run"], capsys)
+    assert code == 2
+    assert err == (f"error: --infer_frames {frames}: must be a positive multiple of 12, as each block denoises 3 "
+                   f"latent frames = 12 video frames (the reference leaves a clip's leftover latent frames "
+                   f"undenoised); {advice}\n")
+
+
+def test_the_low_memory_recipes_ulysses_notice_says_what_runs_instead_and_its_cost(inputs, capsys):
+    recipe = ("--size 384*256 --num_clip 50 --infer_frames 36 --sample_steps 3 --sample_guide_scale 0 --num_gpus_dit 4 "
+              "--ulysses_size 4 --enable_vae_parallel False --offload_model False --enable_online_decode").split()
+    _, err = dry_run_json([*inputs, *recipe], capsys)
+    assert ("--ulysses_size 4 is not used: rather than splitting each step's tokens 4 ways, each GPU runs whole "
+            "denoising steps on the whole sequence, so the first frame comes no sooner than on one GPU and each GPU "
+            "holds a whole step's activations and KV cache") in err

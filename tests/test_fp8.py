@@ -13,6 +13,7 @@ from liveavatar.runtime.fp8 import (
     convert_to_fp8,
     dequantize_rows,
     fp8_kernel_for,
+    quantize_per_row,
     quantize_per_tensor,
     quantize_rows,
 )
@@ -71,13 +72,16 @@ def test_weight_only_linear_is_close_to_the_original(dtype):
     assert fp8_kernel_for("cpu") == "weight_only"
 
 
-def test_scaled_mm_kernel_matches_the_w8a8_formula():
+@pytest.mark.parametrize("kernel", ["scaled_mm", "scaled_mm_rows"])
+def test_scaled_mm_kernel_matches_the_w8a8_formula(kernel):
     g = torch.Generator().manual_seed(1)
     linear = nn.Linear(64, 32).to(torch.bfloat16)
     x = torch.randn(3, 5, 64, generator=g).to(torch.bfloat16)
-    fp8 = FP8Linear.from_linear(linear, kernel="scaled_mm")
+    x[1] *= 50  # rows of very different size: one tensor scale and row scales differ
+    fp8 = FP8Linear.from_linear(linear, kernel=kernel)
     got = fp8(x)
-    x_codes, x_inverse = quantize_per_tensor(x.reshape(-1, 64))
+    quantize = quantize_per_row if kernel == "scaled_mm_rows" else quantize_per_tensor
+    x_codes, x_inverse = quantize(x.reshape(-1, 64))
     expected = (x_codes.float() @ fp8.weight_fp8.float().t()) * x_inverse * fp8.weight_scale + linear.bias.float()
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.view(3, 5, 32), rtol=2e-2, atol=2e-2)

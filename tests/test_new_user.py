@@ -202,5 +202,5 @@ def test_python_api_first_steps(tiny, media_dir):
         list(pipe.stream(image, audio, size=100))
     assert str(error.value).startswith("size 100: ") and "--" not in str(error.value)
     pcm = (np.sin(np.arange(16000) / 7.0) * 20000).astype(np.int16)  # integer PCM is scaled, not taken as float
-    request = liveavatar.resolve_request(image, pcm, size="64*64")
+    request = liveavatar.resolve_request(image, pcm, "", liveavatar.RequestOptions(size="64*64"))
     assert np.abs(request.audio.samples).max() <= 1.0 and request.audio.samples.dtype == np.float32

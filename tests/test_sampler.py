@@ -11,7 +11,7 @@ import torch
 
 from liveavatar.geometry import ClipGeometry
 from liveavatar.io.video_writer import pixels_to_uint8
-from liveavatar.request import ONLINE_DECODE_IGNORED, resolve_online_decode
+from liveavatar.options import ONLINE_DECODE_IGNORED, Mode, RequestOptions
 from liveavatar.runtime.conditioning import (
     StreamedAudio,
     WholeFileAudio,
@@ -261,10 +261,12 @@ def test_single_clip_never_refreshes_the_sink():
 
 
 def test_online_decode_belongs_to_single_gpu_mode_and_unknown_modes_are_refused():
-    assert resolve_online_decode("streaming", True) == (False, (ONLINE_DECODE_IGNORED,))
-    assert resolve_online_decode("single_gpu", True) == (True, ())
-    with pytest.raises(ValueError, match="mode"):
-        _run("tpp", 2)
+    streaming = RequestOptions(enable_online_decode=True)
+    assert not streaming.online_decode and streaming.notices == (ONLINE_DECODE_IGNORED,)
+    single = RequestOptions(mode="single_gpu", enable_online_decode=True)
+    assert single.online_decode and single.notices == () and single.mode is Mode.SINGLE_GPU
+    with pytest.raises(ValueError, match="^mode 'tpp': expected one of streaming, single_gpu"):
+        RequestOptions(mode="tpp")
 
 
 @pytest.mark.parametrize("mode", ["streaming", "single_gpu"])
@@ -345,13 +347,9 @@ class _ChunkStreamer:
 def test_streamed_audio_hands_out_blocks_in_order_and_zeros_past_the_end():
     geometry = ClipGeometry(64, 64, 48)
     audio = StreamedAudio(_ChunkStreamer(), waveform_chunks(np.zeros(4500, np.float32), 700), geometry,
-                          feature_shape=(25, 2), pad_past_end=True)
+                          feature_shape=(25, 2))
     got = [audio.block(clip, block) for clip in range(2) for block in range(4)]
     assert [g[0, 0, 0, 0].item() for g in got[:5]] == [0, 1, 2, 3, 4]  # 4 pushed + 1 from finish()
     assert all(g.shape == (1, 25, 2, 12) for g in got) and all(bool((g == 0).all()) for g in got[5:])
     with pytest.raises(ValueError, match="in order"):
         audio.block(0, 0)
-    live = StreamedAudio(_ChunkStreamer(), waveform_chunks(np.zeros(4500, np.float32), 700), geometry,
-                         feature_shape=(25, 2), pad_past_end=False)
-    assert [live.block(0, block) is None for block in range(4)] + [live.block(1, 0) is None, live.block(1, 1) is None] \
-        == [False] * 5 + [True]  # the run ends with the audio

@@ -40,7 +40,8 @@ def test_listening_beyond_loopback_needs_a_token():
 
 
 def test_the_ui_extra_is_reported_installed():
-    assert ui_extra_status() == (True, "ui extra: installed (fastapi, uvicorn, python-multipart, websockets)")
+    assert ui_extra_status() == (True, "ui extra: installed (fastapi, uvicorn, python-multipart, websockets, "
+                                       "swagger-ui-bundle)")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -25,8 +25,8 @@ from liveavatar.cli.serve import add_serve_arguments
 from liveavatar.errors import InputError
 from liveavatar.io.media import load_audio
 from liveavatar.serve.client import stream_file
-from liveavatar.serve.cluster.config import APP_NAME, build_app
-from liveavatar.serve.cluster.launch import cluster_flags
+from liveavatar.cli.serve_cluster import application, cluster_flags
+from liveavatar.serve.cluster.config import APP_NAME
 from liveavatar.serve.local import free_port
 from liveavatar.serve.protocol import from_pcm16, to_pcm16
 from test_serve_jobs import probe, write_wav
@@ -89,7 +89,7 @@ def cluster(tiny, tmp_path_factory):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(flags), name=APP_NAME, route_prefix="/")
+        serve.run(application(flags), name=APP_NAME, route_prefix="/")
         running = Cluster(f"http://127.0.0.1:{port}", store)
         running.replicas(2)
         yield running
@@ -146,6 +146,8 @@ def test_six_jobs_spread_over_both_replicas_and_come_back_as_mp4s(cluster, media
     assert len(set(placed)) == 2 and max(placed.count(r) for r in set(placed)) <= 4, placed
     video = cluster.client.get(f"/v1/videos/{ids[-1]}/content")
     assert video.status_code == 200 and probe(video.content)["frames"] == 40
+    # Each replica lists its live setting, chosen on its own device (the tiny model's: the ladder's smallest).
+    assert all(r["settings"]["live"]["size"] == "64*64" for r in cluster.info()["replicas"])
     metrics = cluster.client.get("/metrics").text
     assert "liveavatar_replicas 2" in metrics and 'liveavatar_jobs{state="done"}' in metrics
     rates = [line for line in metrics.splitlines() if line.startswith("liveavatar_replica_blocks_per_second{")]
@@ -254,8 +256,7 @@ def test_the_serve_deploy_config_carries_the_replica_layout_and_never_the_token(
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from liveavatar.serve.cluster.config import app_builder
-    from liveavatar.serve.cluster.launch import run_cluster
+    from liveavatar.cli.serve_cluster import app_builder, run_cluster
 
     path = tmp_path / "serve.yaml"
     assert run_cluster(_parse("--write-config", str(path), "--min-replicas", "2", "--max-replicas", "8",
@@ -263,7 +264,7 @@ def test_the_serve_deploy_config_carries_the_replica_layout_and_never_the_token(
     text = path.read_text()
     assert "secret" not in text
     app = yaml.safe_load(text)["applications"][0]
-    assert app["import_path"] == "liveavatar.serve.cluster.config:app_builder" and app["args"]["require_token"]
+    assert app["import_path"] == "liveavatar.cli.serve_cluster:app_builder" and app["args"]["require_token"]
     engine, ingress = app["deployments"]
     assert engine["autoscaling_config"]["min_replicas"] == 2 and engine["autoscaling_config"]["max_replicas"] == 8
     assert engine["ray_actor_options"]["num_gpus"] == 2
@@ -295,9 +296,12 @@ def test_a_cluster_address_that_is_not_ray_client_gets_one_line():
 
 
 def test_an_ingress_beyond_loopback_refuses_to_start_without_a_token(tiny, tmp_path, monkeypatch):
+    from liveavatar.cli.serve import serve_limits
     from liveavatar.serve.cluster.ingress import Ingress
+    from liveavatar.serve.cluster.settings import ClusterSettings
 
     monkeypatch.delenv("LIVEAVATAR_TOKEN", raising=False)
-    flags = {**cluster_flags(_parse("--host", "0.0.0.0", "--store", str(tmp_path))), "token": None}
+    settings = ClusterSettings(limits=serve_limits(_parse()), retention_s=60, max_per_client=8, live_idle_limit_s=30,
+                               max_waiting=4, max_queued=32, max_live_per_client=2, store=str(tmp_path), token=None, require_token=True)
     with pytest.raises(InputError, match=r"set \$LIVEAVATAR_TOKEN in the environment of `ray start`"):
-        Ingress(None, flags)
+        Ingress(None, settings)

@@ -10,8 +10,10 @@ import numpy as np
 from PIL import Image
 
 from liveavatar.geometry import audio_clip_count, size_for_area
-from liveavatar.request import parse_ref_rope_offset, resolve_request
-from liveavatar.settings import GenerationSettings, parse_bool, parse_size, parse_vram_budget, split_audio_spec
+from liveavatar.options import (DEFAULTS, OPTION_NAMES, Mode, RequestOptions, parse_bool, parse_ref_rope_offset,
+                                parse_size)
+from liveavatar.request import resolve_request
+from liveavatar.settings import GenerationSettings, parse_vram_budget, split_audio_spec
 
 
 @pytest.mark.parametrize("text", ["704*384", "704x384", "704X384", "704×384", "704 * 384", " 384*704 "])
@@ -145,10 +147,25 @@ def _settings(tmp_path, **overrides):
 
 def test_settings_defaults_are_the_engine_defaults(tmp_path):
     settings = _settings(tmp_path)
-    assert (settings.infer_frames, settings.sample_steps, settings.size_area, settings.base_seed) == (48, 4, 270336, 420)
-    assert settings.mode == "streaming" and settings.ref_rope_offset == "seeded"
+    options = settings.options
+    assert options == DEFAULTS == RequestOptions()
+    assert (options.infer_frames, options.sample_steps, options.size, options.base_seed) == (48, 4, 270336, 420)
+    assert options.mode is Mode.STREAMING and options.ref_rope_offset == "seeded" and options.num_clip is None
     assert settings.dtype is None and settings.device is None  # chosen from the hardware by the engine
     assert settings.audio == (tmp_path / "a.wav",)
+
+
+def test_options_are_normalised_when_built_and_overridden_by_name():
+    options = RequestOptions(size="64 x 128", mode="single_gpu", ref_rope_offset="7", enable_online_decode="yes")
+    assert (options.size, options.mode, options.ref_rope_offset, options.enable_online_decode) == \
+        (64 * 128, Mode.SINGLE_GPU, 7, True)
+    assert options == RequestOptions(size=8192, mode=Mode.SINGLE_GPU, ref_rope_offset=7, enable_online_decode=True)
+    changed = RequestOptions.build(options, num_clip=2, base_seed=-1)
+    assert (changed.num_clip, changed.base_seed, changed.size) == (2, -1, 8192) and options.num_clip is None
+    assert RequestOptions.build() == DEFAULTS and RequestOptions.build(options) is options
+    with pytest.raises(InputError) as error:
+        RequestOptions.build(options, steps=3)
+    assert str(error.value) == f"steps: not an option; the options are {', '.join(OPTION_NAMES)}"
 
 
 def test_settings_paths_expand_home_and_cwd(tmp_path, monkeypatch):
@@ -174,22 +191,21 @@ def test_settings_reject_nonsense(tmp_path, overrides, flag):
     ({"infer_frames": 50}, "infer_frames"), ({"infer_frames": 0}, "infer_frames"),
     ({"sample_steps": 0}, "sample_steps"), ({"num_clip": -1}, "num_clip"), ({"num_clip": 0}, "num_clip"),
     ({"base_seed": -2}, "base_seed"), ({"mode": "tpp"}, "mode"), ({"ref_rope_offset": "2"}, "ref_rope_offset"),
+    ({"size": 4095}, "size"), ({"size": "63*64"}, "size"), ({"enable_online_decode": "maybe"}, "enable_online_decode"),
 ])
-def test_the_request_rejects_nonsense_before_reading_any_input(tmp_path, overrides, name):
-    """The generation arguments are checked once, by the request, before the (here missing) files are read."""
+def test_the_options_reject_nonsense_when_built(overrides, name):
+    """The generation options are checked once, when built, before any input is read."""
     with pytest.raises(InputError) as error:
-        _settings(tmp_path, **overrides).request()
+        RequestOptions(**overrides)
     assert str(error.value).startswith(name) and "\n" not in str(error.value)
 
 
 def test_online_decode_in_streaming_mode_is_ignored_with_one_notice(media_dir, tmp_path):
-    settings = _settings(tmp_path, image=media_dir / "dwarven_blacksmith.jpg",
-                         audio=str(media_dir / "dwarven_blacksmith.wav"), enable_online_decode=True)
-    request = settings.request()
-    assert not request.online_decode and len(request.notices) == 1 and "single_gpu" in request.notices[0]
-    single = _settings(tmp_path, image=media_dir / "dwarven_blacksmith.jpg",
-                       audio=str(media_dir / "dwarven_blacksmith.wav"), enable_online_decode=True, mode="single_gpu")
-    assert single.request().online_decode and not single.request().notices
+    inputs = dict(image=media_dir / "dwarven_blacksmith.jpg", audio=str(media_dir / "dwarven_blacksmith.wav"))
+    request = _settings(tmp_path, **inputs, options=RequestOptions(enable_online_decode=True)).request()
+    assert not request.options.online_decode and len(request.notices) == 1 and "single_gpu" in request.notices[0]
+    single = _settings(tmp_path, **inputs, options=RequestOptions(enable_online_decode=True, mode="single_gpu"))
+    assert single.request().options.online_decode and not single.request().notices
 
 
 def test_save_dir_that_is_a_file_is_rejected(tmp_path):
@@ -201,11 +217,11 @@ def test_save_dir_that_is_a_file_is_rejected(tmp_path):
 def test_dtype_aliases(tmp_path):
     assert _settings(tmp_path, dtype="bf16").dtype == "bfloat16"
     assert _settings(tmp_path, dtype="fp32").dtype == "float32"
-    assert _settings(tmp_path, mode="single_gpu", enable_online_decode=True).enable_online_decode
 
 
 def test_output_path_is_a_file_inside_save_dir(tmp_path):
-    settings = _settings(tmp_path, save_dir=tmp_path / "videos", prompt="a dwarf / smith: laughing?", sample_steps=3)
+    settings = _settings(tmp_path, save_dir=tmp_path / "videos", prompt="a dwarf / smith: laughing?",
+                         options=RequestOptions(sample_steps=3))
     path = settings.output_path(704, 384, now=datetime(2025, 1, 2, 3, 4, 5))
     assert path.parent == tmp_path / "videos"
     assert path.name == "20250102_030405_704x384_3step_a_dwarf___smith__laughing.mp4"
@@ -213,8 +229,8 @@ def test_output_path_is_a_file_inside_save_dir(tmp_path):
     assert _settings(tmp_path, save_file="x/y.mp4").output_path(1, 1) == Path.cwd() / "x" / "y.mp4"
 
 
-def _request(image_size, samples, **kwargs):
-    return resolve_request(Image.new("RGB", image_size), np.zeros(samples, np.float32), **kwargs)
+def _request(image_size, samples, **options):
+    return resolve_request(Image.new("RGB", image_size), np.zeros(samples, np.float32), "", RequestOptions(**options))
 
 
 def test_shape_counts_frames_and_tokens():

@@ -5,7 +5,7 @@
 """
 
 __version__ = "0.1.0"
-__all__ = ["LiveAvatarPipeline", "LiveAudio", "resolve_request"]
+__all__ = ["LiveAvatarPipeline", "LiveAudio", "RequestOptions", "resolve_request"]
 
 
 def __getattr__(name: str):
@@ -13,8 +13,16 @@ def __getattr__(name: str):
         from liveavatar.api import LiveAvatarPipeline
 
         return LiveAvatarPipeline
-    if name in ("LiveAudio", "resolve_request"):
-        from liveavatar import request
+    if name == "LiveAudio":
+        from liveavatar.runtime.live_audio import LiveAudio
 
-        return getattr(request, name)
+        return LiveAudio
+    if name == "resolve_request":
+        from liveavatar.request import resolve_request
+
+        return resolve_request
+    if name == "RequestOptions":
+        from liveavatar.options import RequestOptions
+
+        return RequestOptions
     raise AttributeError(f"module 'liveavatar' has no attribute {name!r}")

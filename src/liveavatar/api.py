@@ -25,9 +25,11 @@ from PIL import Image
 from liveavatar.checkpoints.layout import LORA_REPO, CheckpointLayout
 from liveavatar.devices import configure_cuda_allocator, resolve_device, resolve_dtype
 from liveavatar.errors import InputError
-from liveavatar.geometry import DEFAULT_SIZE, FPS
+from liveavatar.geometry import FPS
 from liveavatar.io.video_writer import BackgroundWriter, Mp4Writer
-from liveavatar.request import LiveAudio, Request, WaveformAudio, resolve_request
+from liveavatar.options import DEFAULTS, RequestOptions
+from liveavatar.request import Request, WaveformAudio, resolve_request
+from liveavatar.runtime.live_audio import LiveAudio
 from liveavatar.runtime.engine import Engine
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.progress import Progress
@@ -68,7 +70,7 @@ class LiveAvatarPipeline:
                         prompt_cache_dir: str | os.PathLike | None = None,
                         placement: Placement | Sequence[Placement] | None = None,
                         devices: Sequence[str | torch.device] | None = None,
-                        sample_steps: int = 4, compile: bool | None = None) -> "LiveAvatarPipeline":
+                        sample_steps: int = DEFAULTS.sample_steps, compile: bool | None = None) -> "LiveAvatarPipeline":
         """Load the release (or ``liveavatar make-tiny`` checkpoints) from ``ckpt_dir`` (the Wan2.2-S2V-14B
         folder). ``lora``: the Live-Avatar LoRA as a file, a folder or a Hub id in the local cache; None runs
         the base weights. ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA and
@@ -92,7 +94,7 @@ class LiveAvatarPipeline:
     def from_layout(cls, layout: CheckpointLayout, *, device=None, dtype=None, lora_alpha: float | None = None,
                     fp8: bool = False, t5_cpu: bool = False, prompt_cache_dir=None,
                     placement: Placement | Sequence[Placement] | None = None,
-                    devices: Sequence[str | torch.device] | None = None, sample_steps: int = 4,
+                    devices: Sequence[str | torch.device] | None = None, sample_steps: int = DEFAULTS.sample_steps,
                     pipeline=None, compile: bool | None = None) -> "LiveAvatarPipeline":
         """As `from_pretrained`, for a checkpoint layout already discovered and validated. ``pipeline``:
         the output rank's `Pipeline` of ranks started elsewhere (torchrun) instead of ``devices``."""
@@ -144,26 +146,18 @@ class LiveAvatarPipeline:
     # ----------------------------------------------------------------------------------------------
     # requests
 
-    def stream(self, image: ImageInput | Request, audio: AudioInput | None = None, prompt: str | None = "", *,
-               size: str | int = DEFAULT_SIZE, infer_frames: int = 48, sample_steps: int = 4,
-               num_clip: int | None = None, base_seed: int = 420, mode: str = "streaming",
-               enable_online_decode: bool = False, ref_rope_offset: str | int = "seeded",
-               streamed_audio_features: bool = False) -> Iterator[Frame]:
+    def stream(self, image: ImageInput | Request, audio: AudioInput | None = None, prompt: str | None = "",
+               options: RequestOptions | None = None, **overrides) -> Iterator[Frame]:
         """Yield the video's frames as they are made (48·clips − 3 frames at 25 fps, cut where the audio
         ends). The request is checked, the inputs are read and encoded at once (a prompt cut at the text
         encoder's length is reported as a warning); the DiT runs as the frames are consumed.
 
         ``image``: a path or a PIL image (or a `Request` already resolved, then nothing else is given).
         ``audio``: a path, a 16 kHz mono waveform (float, or integer PCM, scaled), or a `LiveAudio` fed as
-        the audio arrives. ``size`` is an area (``"704*384"`` or a number); the aspect ratio follows the
-        image. ``mode``: ``streaming`` (the paper's pipeline) or ``single_gpu`` (the reference's single-GPU
-        script, with ``enable_online_decode`` as its flag). ``ref_rope_offset``: ``seeded``, ``random`` or
-        4..30. ``streamed_audio_features``: wav2vec2 block by block, as for live audio.
+        the audio arrives. ``options``: a `RequestOptions` (default: the defaults), with ``overrides`` by
+        option name (``size="704*384"``, ``num_clip=2``, ``mode="single_gpu"``, ...; see `RequestOptions`).
         """
-        request = image if isinstance(image, Request) else resolve_request(
-            image, audio, prompt, size=size, infer_frames=infer_frames, sample_steps=sample_steps,
-            num_clip=num_clip, base_seed=base_seed, mode=mode, enable_online_decode=enable_online_decode,
-            ref_rope_offset=ref_rope_offset, streamed_audio_features=streamed_audio_features)
+        request = _request(image, audio, prompt, options, overrides)
         conditioning = self.engine.condition(request)
         for notice in conditioning.notices:
             warnings.warn(notice, stacklevel=2)
@@ -181,12 +175,8 @@ class LiveAvatarPipeline:
             events.close()
 
     def generate(self, image: ImageInput | Request, audio: str | os.PathLike | None = None, prompt: str | None = "",
-                 *, output: str | os.PathLike, keep_partial: bool = False, overwrite: bool = False,
-                 progress: bool | Progress = False,
-                 size: str | int = DEFAULT_SIZE, infer_frames: int = 48, sample_steps: int = 4,
-                 num_clip: int | None = None, base_seed: int = 420, mode: str = "streaming",
-                 enable_online_decode: bool = False, ref_rope_offset: str | int = "seeded",
-                 streamed_audio_features: bool = False) -> Path:
+                 options: RequestOptions | None = None, *, output: str | os.PathLike, keep_partial: bool = False,
+                 overwrite: bool = False, progress: bool | Progress = False, **overrides) -> Path:
         """Write the video with the audio muxed in (H.264 + AAC, 25 fps) to ``output`` and return its path.
 
         Frames are encoded as they are made. On an error or Ctrl-C nothing is left under ``output``
@@ -197,10 +187,7 @@ class LiveAvatarPipeline:
         if isinstance(audio, (np.ndarray, LiveAudio)):
             raise InputError("audio: generate() muxes the audio file into the mp4; pass its path "
                              "(stream() takes waveforms and live audio)")
-        request = image if isinstance(image, Request) else resolve_request(
-            image, audio, prompt, size=size, infer_frames=infer_frames, sample_steps=sample_steps,
-            num_clip=num_clip, base_seed=base_seed, mode=mode, enable_online_decode=enable_online_decode,
-            ref_rope_offset=ref_rope_offset, streamed_audio_features=streamed_audio_features)
+        request = _request(image, audio, prompt, options, overrides)
         if not isinstance(request.audio, WaveformAudio) or request.audio.path is None:
             raise InputError("audio: generate() muxes the audio file into the mp4; the request needs an audio file")
         geometry = request.geometry
@@ -236,6 +223,14 @@ class LiveAvatarPipeline:
                 events.close()
                 status.close()
         return writer.path
+
+
+def _request(image, audio, prompt, options: RequestOptions | None, overrides: dict) -> Request:
+    """The request a call describes: a `Request` given as ``image``, else resolved from the inputs and the
+    options (every option checked before any input is read)."""
+    if isinstance(image, Request):
+        return image
+    return resolve_request(image, audio, prompt, RequestOptions.build(options, **overrides))
 
 
 def _up_to(event: VideoFrames, limit: int | None) -> np.ndarray:

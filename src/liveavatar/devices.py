@@ -33,16 +33,37 @@ def _torch_dtypes() -> dict:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The run device, with a CUDA index: torch.cuda's memory and device calls reject a bare "cuda"."""
+def runs_on_cpu(device: str | None) -> bool:
+    """Where a run goes: ``--device cpu``, or no ``--device`` on a machine without a CUDA GPU. One rule for a
+    single process, spawned ranks and torchrun ranks alike."""
+    if device is not None:
+        return device == "cpu"
     import torch
 
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return not torch.cuda.is_available()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The run device, with a CUDA index: torch.cuda's memory and device calls reject a bare "cuda". A device
+    this machine lacks is refused here, which a dry run calls too."""
+    import torch
+
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise InputError(f"--device {device}: expected cuda, cuda:N or cpu") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: CUDA is not available here; use --device cpu")
+            raise InputError(f"--device {device}: PyTorch sees no CUDA GPU on this machine; leave --device out or "
+                             f"give --device cpu to run on the CPU")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise InputError(f"--device {device}: this machine has {count} CUDA GPU{'s' if count != 1 else ''} "
+                             f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise InputError(f"--device {device}: expected cuda, cuda:N or cpu")
     return device
 
 

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
 
 from liveavatar import __version__
 from liveavatar.checkpoints.layout import CheckpointLayout
+from liveavatar.devices import dtype_name
 from liveavatar.errors import CheckpointError
+from liveavatar.options import DEFAULT_SIZE, DEFAULTS
 from liveavatar.serve import ui_extra_status
 from liveavatar.serve.cluster import cluster_extra_status
-from liveavatar.settings import DEFAULT_SIZE, GenerationSettings
 
 _PACKAGES = ("av", "soxr", "Pillow", "safetensors", "transformers", "huggingface_hub")
 GiB = 1024**3
@@ -54,12 +54,11 @@ def report_lines(ckpt_dir: Path, lora: str | None) -> tuple[list[str], bool]:
     lines.append(ui_extra_status()[1])
     lines.append(cluster_extra_status()[1])
     lines.append(f"LoRA: {layout.lora or 'not found'}" + (f" (from {lora})" if lora and str(layout.lora) != lora else ""))
-    defaults = {field.name: field.default for field in fields(GenerationSettings)}
-    dtype = defaults["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32")
-    lines.append(f"generate would use: device {device}, {dtype}, --mode {defaults['mode']}, "
+    dtype = dtype_name(None, "cuda" if device.startswith("cuda") else "cpu")
+    lines.append(f"generate would use: device {device}, {dtype}, --mode {DEFAULTS.mode}, "
                  f"--size {DEFAULT_SIZE} (an area; the aspect ratio follows the image), "
-                 f"{defaults['infer_frames']} frames per clip, {defaults['sample_steps']} steps, "
-                 f"seed {defaults['base_seed']}, rope offset {defaults['ref_rope_offset']}")
+                 f"{DEFAULTS.infer_frames} frames per clip, {DEFAULTS.sample_steps} steps, "
+                 f"seed {DEFAULTS.base_seed}, rope offset {DEFAULTS.ref_rope_offset}")
     return lines, not problems
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 FPS = 25
 AUDIO_SAMPLE_RATE = 16_000
+SAMPLES_PER_FRAME = AUDIO_SAMPLE_RATE // FPS  # audio samples one video frame shows
 # wav2vec2 frames: a 400-sample receptive field and a 320-sample hop (50 Hz at 16 kHz), resampled to 30 Hz
 # and then to the video rate (the reference's ``get_audio_embed_bucket_fps``).
 WAV2VEC_WINDOW, WAV2VEC_HOP, WAV2VEC_RATE, AUDIO_FEATURE_RATE = 400, 320, 50, 30
@@ -32,18 +33,9 @@ DROPPED_LEADING_FRAMES = 3  # the reference drops the first 3 decoded frames of 
 
 SIZE_GRANULARITY = 64
 MIN_AREA = SIZE_GRANULARITY * SIZE_GRANULARITY
-DEFAULT_SIZE = "704*384"
-SIZE_FORMS = "704*384, 704x384, 704X384, 704×384 or '704 * 384'"
 
-MODES = ("streaming", "single_gpu")
 # The rolling sink's RoPE offset: the reference's ``relative_dist``, drawn with random.randint(4, 30).
 REF_ROPE_OFFSET_RANGE = (4, 30)
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
-    return mode
 
 
 def size_for_area(image_h: int, image_w: int, area: int, divisor: int = SIZE_GRANULARITY) -> tuple[int, int]:

@@ -1,19 +1,16 @@
-"""A generation request, resolved once: the decoded image, the audio source, the geometry, the length, the
-seed, the mode and the RoPE-offset policy. The CLI, the Python API and the server build one with
-`resolve_request`; every later stage reads it and nothing re-derives or re-validates it.
+"""A generation request, resolved once: the decoded image, the audio source, the geometry, the length and
+the options (`liveavatar.options.RequestOptions`, with the seed drawn). The CLI, the Python API and the
+server build one with `resolve_request`; every later stage reads it and nothing re-derives or re-validates it.
 
-Audio sources: `WaveformAudio` (a whole file or array, decoded once), or a live source (samples pushed as
-they arrive; the run lasts until the source ends): `LiveAudio`, or any `LiveSource` such as the server's
-paced session audio, which computes its own features.
+Audio sources: `WaveformAudio` (a whole file or array, decoded once), or a `LiveSource` (samples pushed as
+they arrive; the run lasts until the source ends), which computes its own features:
+`liveavatar.runtime.live_audio.LiveAudio`.
 """
 from __future__ import annotations
 
 import os
-import re
 import secrets
-import threading
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, Union, runtime_checkable
 
@@ -23,31 +20,23 @@ from PIL import Image
 from liveavatar.errors import ArgumentError, InputError
 from liveavatar.geometry import (
     AUDIO_SAMPLE_RATE,
-    DEFAULT_SIZE,
     DROPPED_LEADING_FRAMES,
     FPS,
-    MIN_AREA,
-    MODES,
-    REF_ROPE_OFFSET_RANGE,
     SIZE_GRANULARITY,
     WAV2VEC_WINDOW,
     ClipGeometry,
-    SIZE_FORMS,
     audio_clip_count,
     audio_video_frames,
     size_for_area,
 )
 from liveavatar.io.media import load_audio, load_image, waveform_from_array
+from liveavatar.options import Mode, RequestOptions
 
-MAX_SEED = 2**63 - 1
 # Audio longer than this gets its wav2vec2 features block by block (bounded memory) instead of in one pass
 # over the whole file as the reference does (whose attention cost grows with the square of the length).
 WHOLE_FILE_AUDIO_LIMIT_S = 300.0
-ONLINE_DECODE_IGNORED = ("enable_online_decode: ignored, it belongs to mode single_gpu; the streaming pipeline "
-                         "always refreshes the sink from the first generated latent")
 
 ImageInput = Union[str, os.PathLike, Image.Image]
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,77 +56,22 @@ class LiveSource(Protocol):
     def block_features(self, extractor, geometry: ClipGeometry): ...
 
 
-class LiveAudio:
-    """Audio pushed as it arrives (16 kHz mono), read by the engine as the blocks need it.
-
-    ``push`` appends samples, ``end`` says no more will come, ``interrupt`` drops what is queued and not
-    yet read (barge-in). Thread-safe: a session pushes from one thread while the engine reads in another.
-    """
-
-    def __init__(self):
-        self._chunks: deque[np.ndarray] = deque()
-        self._changed = threading.Condition()
-        self._ended = False
-        self.pushed_samples = 0
-        self.dropped_samples = 0
-
-    def push(self, samples) -> None:
-        chunk = waveform_from_array(samples, name="audio chunk")
-        with self._changed:
-            if self._ended:
-                raise InputError("audio chunk: the live audio has already ended")
-            if len(chunk):
-                self._chunks.append(chunk)
-                self.pushed_samples += len(chunk)
-                self._changed.notify_all()
-
-    def end(self) -> None:
-        with self._changed:
-            self._ended = True
-            self._changed.notify_all()
-
-    def interrupt(self) -> None:
-        with self._changed:
-            self.dropped_samples += sum(len(chunk) for chunk in self._chunks)
-            self._chunks.clear()
-
-    @property
-    def ended(self) -> bool:
-        with self._changed:
-            return self._ended and not self._chunks
-
-    def take(self, timeout: float | None = None) -> np.ndarray | None:
-        """The next queued samples (all of them), waiting for some; None once the audio has ended and
-        everything was read; an empty array if ``timeout`` passed first."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._chunks or self._ended, timeout)
-            if not self._chunks:
-                return None if self._ended else np.zeros(0, np.float32)
-            samples = np.concatenate(list(self._chunks))
-            self._chunks.clear()
-            return samples
-
-
-AudioSource = Union[WaveformAudio, LiveAudio, LiveSource]
+AudioSource = Union[WaveformAudio, LiveSource]
 
 
 @dataclass(frozen=True, eq=False)
 class Request:
-    """One video to make. ``num_clips`` None: as long as the (live) audio lasts. Requests compare by
+    """One video to make. ``num_clips`` None: as long as the (live) audio lasts. ``options`` as resolved: a
+    concrete ``base_seed``, ``streamed_audio_features`` on where the audio needs it. Requests compare by
     identity (they hold decoded pixels and samples)."""
 
     image: Image.Image
     audio: AudioSource
     prompt: str
     geometry: ClipGeometry
+    options: RequestOptions
     num_clips: int | None
     audio_clips: int | None
-    sample_steps: int
-    base_seed: int
-    mode: str
-    online_decode: bool
-    ref_rope_offset: str | int
-    streamed_audio_features: bool
     notices: tuple[str, ...] = field(default=())
 
     @property
@@ -158,7 +92,7 @@ class Request:
         if self.num_clips is None:
             return None
         blocks, per_clip = self.geometry.blocks_for_frames(self.num_frames), self.geometry.blocks_per_clip
-        return -(-blocks // per_clip) * per_clip if self.mode == "single_gpu" else blocks
+        return -(-blocks // per_clip) * per_clip if self.options.mode == Mode.SINGLE_GPU else blocks
 
     @property
     def generated_frames(self) -> int | None:
@@ -202,98 +136,51 @@ class Request:
         }
 
 
-def parse_size(text: str) -> int:
-    """``"704*384"`` (or x, X, ×, with spaces) -> the area 270336. Only the product is used."""
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise ArgumentError("size", f"{text!r}: expected WIDTH*HEIGHT, e.g. {SIZE_FORMS}")
-    area = int(match.group(1)) * int(match.group(2))
-    if area < MIN_AREA:
-        raise ArgumentError("size", f"{text!r}: the area must be at least 64*64; accepted forms: {SIZE_FORMS}")
-    return area
-
-
-def parse_ref_rope_offset(value: str | int) -> str | int:
-    """``seeded`` | ``random`` | an integer in 4..30 (the reference's relative_dist range)."""
-    text = str(value).strip().lower()
-    if text in ("seeded", "random"):
-        return text
-    low, high = REF_ROPE_OFFSET_RANGE
-    if not isinstance(value, bool) and text.lstrip("+-").isdigit() and low <= int(text) <= high:
-        return int(text)
-    raise ArgumentError("ref_rope_offset", f"{value!r}: expected seeded, random or an integer in {low}..{high}")
-
-
-def resolve_online_decode(mode: str, enable_online_decode: bool) -> tuple[bool, tuple[str, ...]]:
-    """The one rule for online decode: it belongs to single_gpu mode; in streaming mode it is ignored with a
-    notice (the streaming pipeline always refreshes the sink from the first generated latent)."""
-    if enable_online_decode and mode != "single_gpu":
-        return False, (ONLINE_DECODE_IGNORED,)
-    return bool(enable_online_decode), ()
-
-
-def resolve_request(image: ImageInput, audio, prompt: str | None = "", *, size: int | str = DEFAULT_SIZE,
-                    infer_frames: int = 48, sample_steps: int = 4, num_clip: int | None = None,
-                    base_seed: int = 420, mode: str = "streaming", enable_online_decode: bool = False,
-                    ref_rope_offset: str | int = "seeded", streamed_audio_features: bool = False) -> Request:
-    """Check every argument, decode the image and the audio once, and fix the geometry and the length.
+def resolve_request(image: ImageInput, audio, prompt: str | None = "",
+                    options: RequestOptions | None = None) -> Request:
+    """Decode the image and the audio once and fix the geometry and the length (``options``: default the
+    defaults; they were checked when built).
 
     ``image``: a path or a PIL image. ``audio``: a path, a 16 kHz mono waveform (float, or integer PCM,
-    which is scaled), or a `LiveAudio`. ``size``: an area, ``"704*384"`` or a number; the aspect ratio
-    follows the image. ``streamed_audio_features``: compute wav2vec2 features block by block as a live
-    session does (always so for live audio and for audio longer than 300 s).
+    which is scaled), a `LiveAudio` or another `LiveSource`.
     """
+    options = options or RequestOptions()
     notices: tuple[str, ...] = ()
-    area = parse_size(size) if isinstance(size, str) else size
-    if isinstance(area, bool) or not isinstance(area, int) or area < MIN_AREA:
-        raise ArgumentError("size", f"{size!r}: expected an area of at least 64*64, e.g. '704*384' or 270336")
-    if not isinstance(infer_frames, int) or infer_frames <= 0 or infer_frames % 12:
-        raise ArgumentError("infer_frames", f"{infer_frames}: must be a positive multiple of 12 (a block is 3 latent "
-                                            f"frames = 12 video frames); use 48")
-    if not isinstance(sample_steps, int) or sample_steps < 1:
-        raise ArgumentError("sample_steps", f"{sample_steps}: must be at least 1 (the LoRA is distilled for 4)")
-    if num_clip is not None and (not isinstance(num_clip, int) or num_clip < 1):
-        raise ArgumentError("num_clip", f"{num_clip}: must be at least 1 (leave it out for the whole audio)")
-    if isinstance(base_seed, bool) or not isinstance(base_seed, int) or not -1 <= base_seed <= MAX_SEED:
-        raise ArgumentError("base_seed", f"{base_seed!r}: must be -1 (draw one) or an integer in 0..{MAX_SEED}")
-    if base_seed == -1:
-        base_seed = secrets.randbelow(2**31)
-        notices += (f"base_seed -1: using seed {base_seed}",)
-    if mode not in MODES:
-        raise ArgumentError("mode", f"{mode!r}: expected one of {', '.join(MODES)}")
-    online_decode, online_notices = resolve_online_decode(mode, enable_online_decode)
-    notices += online_notices
-    offset = parse_ref_rope_offset(ref_rope_offset)
+    if options.base_seed == -1:
+        options = replace(options, base_seed=secrets.randbelow(2**31))
+        notices += (f"base_seed -1: using seed {options.base_seed}",)
+    notices += options.notices
     if prompt is None:
         prompt = ""
     if not isinstance(prompt, str):
         raise ArgumentError("prompt", f"expected text, got {type(prompt).__name__}")
 
     picture = image if isinstance(image, Image.Image) else load_image(image)
+    area = options.size
     height, width = size_for_area(picture.height, picture.width, area)
     if height < SIZE_GRANULARITY or width < SIZE_GRANULARITY:
         raise InputError(f"image: its aspect ratio {picture.width}x{picture.height} is too extreme for size area "
                          f"{area} (got {width}x{height}); crop it or raise the area")
-    geometry = ClipGeometry(height, width, infer_frames)
+    geometry = ClipGeometry(height, width, options.infer_frames)
     if area > picture.width * picture.height:
-        notices += (f"size {size}: larger than the image ({picture.width}x{picture.height}), which is not upscaled; "
+        notices += (f"size {area}: larger than the image ({picture.width}x{picture.height}), which is not upscaled; "
                     f"the video is {width}x{height}",)
 
-    if isinstance(audio, (LiveAudio, LiveSource)):
-        if mode != "streaming":
+    if isinstance(audio, LiveSource):
+        if options.mode != Mode.STREAMING:
             raise InputError("live audio runs in mode streaming (single_gpu decodes whole clips, which needs "
                              "the audio's length up front)")
-        return Request(picture, audio, prompt, geometry, num_clip, None, sample_steps, base_seed, mode,
-                       online_decode, offset, True, notices)
+        return Request(picture, audio, prompt, geometry, replace(options, streamed_audio_features=True),
+                       options.num_clip, None, notices)
     source = _waveform_audio(audio)
     if len(source.samples) < WAV2VEC_WINDOW:
         raise InputError(f"audio {source.path or 'waveform'}: {len(source.samples)} samples at 16 kHz is shorter "
                          f"than the {WAV2VEC_WINDOW / AUDIO_SAMPLE_RATE * 1000:.0f} ms one audio feature needs")
-    audio_clips = audio_clip_count(len(source.samples), infer_frames)
-    num_clips = audio_clips if num_clip is None else min(num_clip, audio_clips)
-    streamed = streamed_audio_features or len(source.samples) > WHOLE_FILE_AUDIO_LIMIT_S * AUDIO_SAMPLE_RATE
-    return Request(picture, source, prompt, geometry, num_clips, audio_clips, sample_steps, base_seed, mode,
-                   online_decode, offset, streamed, notices)
+    audio_clips = audio_clip_count(len(source.samples), options.infer_frames)
+    num_clips = audio_clips if options.num_clip is None else min(options.num_clip, audio_clips)
+    if len(source.samples) > WHOLE_FILE_AUDIO_LIMIT_S * AUDIO_SAMPLE_RATE:
+        options = replace(options, streamed_audio_features=True)
+    return Request(picture, source, prompt, geometry, options, num_clips, audio_clips, notices)
 
 
 def _waveform_audio(audio) -> WaveformAudio:
@@ -304,4 +191,4 @@ def _waveform_audio(audio) -> WaveformAudio:
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio).expanduser().absolute()
         return WaveformAudio(load_audio(path), path)
-    raise InputError(f"audio: expected a file path, a 16 kHz mono waveform or LiveAudio, got {type(audio).__name__}")
+    raise InputError(f"audio: expected a file path, a 16 kHz mono waveform or a LiveAudio, got {type(audio).__name__}")

@@ -1,9 +1,5 @@
-"""The command line's settings of one ``generate`` run: paths, output, device, and the generation arguments
-that `settings.request()` resolves (once) into a `liveavatar.request.Request`.
-
-``--size`` is an AREA, as in the reference: the output aspect ratio follows the reference image and the
-height/width come from the reference's own search (``liveavatar.geometry.size_for_area``).
-"""
+"""The command line's settings of one ``generate`` run: paths, output, device, and the generation's
+`RequestOptions`, which `settings.request()` resolves (once) into a `liveavatar.request.Request`."""
 from __future__ import annotations
 
 import os
@@ -16,27 +12,14 @@ from pathlib import Path
 from liveavatar.checkpoints.layout import BASE_DIR_NAME, LORA_REPO, CheckpointLayout
 from liveavatar.devices import DTYPE_NAMES
 from liveavatar.errors import InputError
-from liveavatar.geometry import DEFAULT_SIZE, MIN_AREA
-from liveavatar.request import Request, parse_size, resolve_request
+from liveavatar.options import RequestOptions
+from liveavatar.request import Request, resolve_request
 
 
 DEFAULT_CKPT_DIR = f"ckpt/{BASE_DIR_NAME}"
 WEIGHT_CHOICES = ("auto", "bf16", "fp8")
 
-_TRUE = {"true", "t", "yes", "y", "1", "on"}
-_FALSE = {"false", "f", "no", "n", "0", "off"}
 _UNSAFE_NAME_CHARS = re.compile(r'[\s/\\:*?"<>|\x00-\x1f]')
-
-
-def parse_bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"expected True/False, 1/0 or yes/no, got {text!r}")
 
 
 def parse_vram_budget(text: str) -> int:
@@ -55,35 +38,21 @@ def split_audio_spec(spec: str) -> list[Path]:
         return [whole.absolute()]
     parts = spec.split("+")
     if any(not part.strip() for part in parts):
-        raise InputError(f"--audio {spec!r}: an empty name around '+'; join files as a.wav+b.wav")
+        raise InputError(f"--audio {spec!r}: an empty name around '+'; give one audio file")
     return [Path(part).expanduser().absolute() for part in parts]
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """One ``generate`` run as the command line gives it. Paths are absolute; ``base_seed`` is concrete.
-    Paths, output, device and dtype are checked here; the generation arguments by `request()`.
-
-    mode: ``streaming`` (default) reproduces the multi-GPU TPP pipeline (the paper's behaviour: VAE(ref)
-    as the sink, replaced by the first generated latent before clip 1, one continuous streaming decode);
-    ``single_gpu`` reproduces the single-GPU script, where ``enable_online_decode`` has its meaning.
-    ref_rope_offset: the rolling-sink RoPE offset rd; ``seeded`` draws it from a generator seeded with
-    base_seed, ``random`` draws it unseeded like the reference, an int fixes it.
-    """
+    """One ``generate`` run as the command line gives it: the inputs, the generation's ``options`` (checked
+    when they were built), and paths, output, device and dtype, checked here. Paths are absolute."""
 
     image: Path
     audio: tuple[Path, ...]
     prompt: str = ""
+    options: RequestOptions = RequestOptions()
     ckpt_dir: Path = Path(DEFAULT_CKPT_DIR)
     lora: str | None = LORA_REPO
-    size_area: int = parse_size(DEFAULT_SIZE)
-    infer_frames: int = 48
-    sample_steps: int = 4
-    num_clip: int | None = None
-    base_seed: int = 420
-    mode: str = "streaming"
-    enable_online_decode: bool = False
-    ref_rope_offset: str | int = "seeded"
     weights: str = "auto"  # auto: the planner's choice (FP8 where bf16 does not fit or FP8 is faster)
     lora_alpha: float | None = None  # None: rank/2, the release's alpha
     t5_cpu: bool = False
@@ -115,8 +84,6 @@ class GenerationSettings:
         if len(self.audio) > 1:
             raise InputError(f"--audio: {len(self.audio)} files joined with '+' drive several actors, which needs the "
                              f"reference's SAM2 face routing; this engine takes one audio file")
-        if self.size_area < MIN_AREA:
-            raise InputError(f"--size: the area {self.size_area} is below 64*64")
         if self.weights not in WEIGHT_CHOICES:
             raise InputError(f"--weights {self.weights!r}: expected one of {', '.join(WEIGHT_CHOICES)}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES.values():
@@ -163,7 +130,7 @@ class GenerationSettings:
         if self.save_file is not None:
             return self.save_file
         stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
-        name = f"{stamp}_{width}x{height}_{self.sample_steps}step"
+        name = f"{stamp}_{width}x{height}_{self.options.sample_steps}step"
         slug = _UNSAFE_NAME_CHARS.sub("_", self.prompt[:50]).strip("._")
         stem = f"{name}_{slug}" if slug else name
         path, number = self.save_dir / f"{stem}.mp4", 1
@@ -178,9 +145,5 @@ class GenerationSettings:
         return CheckpointLayout.discover(self.ckpt_dir, self.lora)
 
     def request(self) -> Request:
-        """The run's `Request`: every generation argument checked, the image and the audio decoded once."""
-        return resolve_request(self.image, self.audio[0], self.prompt, size=self.size_area,
-                               infer_frames=self.infer_frames, sample_steps=self.sample_steps,
-                               num_clip=self.num_clip, base_seed=self.base_seed, mode=self.mode,
-                               enable_online_decode=self.enable_online_decode,
-                               ref_rope_offset=self.ref_rope_offset)
+        """The run's `Request`: the image and the audio decoded once."""
+        return resolve_request(self.image, self.audio[0], self.prompt, self.options)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from liveavatar.errors import InputError
-from liveavatar.settings import parse_bool, parse_vram_budget
+from liveavatar.options import parse_bool
+from liveavatar.settings import parse_vram_budget
 
 
 class OneLineParser(argparse.ArgumentParser):

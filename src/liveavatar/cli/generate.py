@@ -10,23 +10,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from liveavatar.cli.flags import add_bool_flag, add_flag, add_no_compile_flag, bool_arg, byte_amount
-from liveavatar.cli.launch import (REFERENCE_MULTI_GPU_FLAGS, check_launch, generate_on_ranks, idle_rank_notices,
-                                   is_quiet_rank, layout_report, rank_count, reference_gpus)
-from liveavatar.devices import dtype_bytes, dtype_name
+from liveavatar.cli.launch import (REFERENCE_MULTI_GPU_FLAGS, check_launch, cpu_rank_notices, generate_on_ranks,
+                                   idle_rank_notices, is_quiet_rank, layout_report, rank_count, reference_gpus)
+from liveavatar.devices import dtype_bytes, dtype_name, resolve_device, runs_on_cpu
 from liveavatar.errors import InputError
-from liveavatar.geometry import DEFAULT_SIZE, FRAMES_PER_BLOCK, MODES, ClipGeometry
+from liveavatar.geometry import FRAMES_PER_BLOCK, ClipGeometry
 from liveavatar.io.video_writer import check_output_path
+from liveavatar.options import DEFAULT_SIZE, DEFAULTS, OPTION_NAMES, Mode, RequestOptions
 from liveavatar.request import Request
 from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, detect_hardware
 from liveavatar.runtime.planner.memory import Workload, dit_inventory, transformer_config_for
 from liveavatar.runtime.planner.policy import Pins, Plan, default_host_budget, make_plan, plan_cpu_run, resolve_budget
-from liveavatar.settings import WEIGHT_CHOICES, GenerationSettings, parse_size, parse_vram_budget
+from liveavatar.settings import WEIGHT_CHOICES, GenerationSettings, parse_vram_budget
 
 if TYPE_CHECKING:
     from liveavatar.models.checkpoint_check import CheckedTransformer
 
-# The defaults live in GenerationSettings; the flags show and pass the same values.
-DEFAULTS = {field.name: field.default for field in fields(GenerationSettings)}
+# The run's defaults live in GenerationSettings, the generation's in RequestOptions; the flags show and pass them.
+SETTING_DEFAULTS = {field.name: field.default for field in fields(GenerationSettings)}
 
 # Reference flags that mean nothing for this engine: (type, what happens instead). Accepted so that
 # the reference's command lines run unchanged; each one given prints one notice.
@@ -71,16 +72,16 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag that shapes a generation: the reference's names (and dashed spellings) plus ours."""
     inputs = parser.add_argument_group("inputs")
     add_flag(inputs, "image", metavar="PATH", help="reference portrait (any format Pillow reads)")
-    add_flag(inputs, "audio", metavar="PATH", help="driving speech (any file with an audio track); "
-             "a.wav+b.wav joins files unless the whole string is an existing path")
-    add_flag(inputs, "prompt", default=DEFAULTS["prompt"], help="text prompt describing the scene (default: empty)")
+    add_flag(inputs, "audio", metavar="PATH", help="driving speech: one file with an audio track (the "
+             "reference's a.wav+b.wav, one file per actor, needs its SAM2 face routing and is refused)")
+    add_flag(inputs, "prompt", default=SETTING_DEFAULTS["prompt"], help="text prompt describing the scene (default: empty)")
 
     model = parser.add_argument_group("checkpoints")
-    add_flag(model, "ckpt_dir", default=str(DEFAULTS["ckpt_dir"]), metavar="DIR",
+    add_flag(model, "ckpt_dir", default=str(SETTING_DEFAULTS["ckpt_dir"]), metavar="DIR",
              help="the Wan2.2-S2V-14B folder (default: %(default)s)")
     add_flag(model, "lora_path_dmd", metavar="PATH_OR_ID",
              help="Live-Avatar LoRA: a .safetensors file, a folder holding liveavatar.safetensors, or a Hub id "
-                  f"in the local Hugging Face cache (default: {DEFAULTS['lora']}, found beside --ckpt_dir "
+                  f"in the local Hugging Face cache (default: {SETTING_DEFAULTS['lora']}, found beside --ckpt_dir "
                   "or in the cache)")
     add_flag(model, "lora_alpha", type=float, metavar="ALPHA",
              help="LoRA alpha (default: rank/2, 64 for the release's rank 128, as the reference merges it)")
@@ -92,19 +93,19 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
              help="target AREA as W*H (also 704x384, 704×384); the aspect ratio follows the image "
                   "(default %(default)s)")
     add_flag(video, "num_clip", type=int, metavar="N", help="at most N clips (default: as many as the audio needs)")
-    add_flag(video, "infer_frames", type=int, default=DEFAULTS["infer_frames"], metavar="N",
+    add_flag(video, "infer_frames", type=int, default=DEFAULTS.infer_frames, metavar="N",
              help=f"video frames per clip, a multiple of {FRAMES_PER_BLOCK} (default %(default)s)")
-    add_flag(video, "sample_steps", type=int, default=DEFAULTS["sample_steps"], metavar="N",
+    add_flag(video, "sample_steps", type=int, default=DEFAULTS.sample_steps, metavar="N",
              help="denoising steps (default %(default)s)")
     add_flag(video, "sample_solver", default="euler", help="only euler (the distilled sampler)")
-    add_flag(video, "base_seed", type=int, default=DEFAULTS["base_seed"], metavar="SEED",
+    add_flag(video, "base_seed", type=int, default=DEFAULTS.base_seed, metavar="SEED",
              help="noise seed; clip r uses SEED+r; -1 draws one and prints it (default %(default)s)")
-    add_flag(video, "mode", default=DEFAULTS["mode"], choices=MODES,
+    add_flag(video, "mode", default=DEFAULTS.mode, choices=tuple(Mode),
              help="streaming: the paper's pipeline (multi-GPU TPP output, on any GPU count); "
                   "single_gpu: the reference's single-GPU script (default %(default)s)")
     add_bool_flag(video, "enable_online_decode", "--mode single_gpu only: decode clip 0 at once and refresh "
                   "the sink from it, as the reference's flag")
-    add_flag(video, "ref_rope_offset", default=DEFAULTS["ref_rope_offset"], metavar="seeded|random|N",
+    add_flag(video, "ref_rope_offset", default=DEFAULTS.ref_rope_offset, metavar="seeded|random|N",
              help="rolling-sink RoPE offset: seeded from --base_seed (reproducible), random (unseeded, as the "
                   "reference) or a fixed N in 4..30 (default %(default)s)")
 
@@ -128,7 +129,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
     output = parser.add_argument_group("output")
     add_flag(output, "save_file", metavar="PATH", help="output .mp4 path")
-    add_flag(output, "save_dir", default=str(DEFAULTS["save_dir"]), metavar="DIR",
+    add_flag(output, "save_dir", default=str(SETTING_DEFAULTS["save_dir"]), metavar="DIR",
              help="folder for an automatically named output, created if missing (default ./%(default)s)")
     add_bool_flag(output, "keep-partial", "on failure or Ctrl-C keep the frames written so far as NAME.partial.mp4")
     add_bool_flag(output, "overwrite", "replace an existing --save_file (default: refuse)")
@@ -169,7 +170,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         raise InputError("--image: required (the reference portrait)")
     if not args.audio:
         raise InputError("--audio: required (the driving speech)")
-    lora = args.lora_path_dmd or DEFAULTS["lora"]
+    lora = args.lora_path_dmd or SETTING_DEFAULTS["lora"]
     if args.load_lora is False:
         lora = None
         notices.append("--load_lora False: running the base S2V weights without the distilled LoRA "
@@ -180,14 +181,11 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         if args.weights not in (None, wanted):
             raise InputError(f"--fp8 {args.fp8} contradicts --weights {args.weights}; give one of them")
         weights = wanted
-    if args.sample_steps != DEFAULTS["sample_steps"] and args.sample_steps >= 1:
+    if args.sample_steps != DEFAULTS.sample_steps and args.sample_steps >= 1:
         notices.append(f"--sample_steps {args.sample_steps}: the LoRA is distilled for 4 steps")
     settings = GenerationSettings(
-        image=args.image, audio=args.audio, prompt=args.prompt, ckpt_dir=args.ckpt_dir, lora=lora,
-        size_area=parse_size(args.size), infer_frames=args.infer_frames, sample_steps=args.sample_steps,
-        num_clip=args.num_clip, base_seed=args.base_seed, mode=args.mode,
-        enable_online_decode=bool(args.enable_online_decode), ref_rope_offset=args.ref_rope_offset,
-        weights=weights, lora_alpha=args.lora_alpha, t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
+        image=args.image, audio=args.audio, prompt=args.prompt, options=options_from_args(args), ckpt_dir=args.ckpt_dir,
+        lora=lora, weights=weights, lora_alpha=args.lora_alpha, t5_cpu=bool(args.t5_cpu), device=args.device, dtype=args.dtype,
         num_gpus=args.num_gpus if args.num_gpus is not None else reference_ranks, gpus=args.gpus,
         vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget is not None else None,
         host_memory=byte_amount("host-memory", args.host_memory),
@@ -195,6 +193,13 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, li
         keep_partial=bool(args.keep_partial), overwrite=bool(args.overwrite),
     )
     return settings, notices
+
+
+def options_from_args(args: argparse.Namespace) -> RequestOptions:
+    """The flags named like an option (``--size``, ``--num_clip``, ...) as the run's `RequestOptions`; a flag
+    not given keeps the option's default."""
+    given = {name: getattr(args, name) for name in OPTION_NAMES if getattr(args, name, None) is not None}
+    return RequestOptions(**given)
 
 
 def _given(name: str, value) -> str:
@@ -223,7 +228,7 @@ def run_generate(args: argparse.Namespace) -> int:
     _print_notices(notices, quiet)
     request = settings.request()
     _print_notices(list(request.notices), quiet)
-    _print_notices(idle_rank_notices(settings, request), quiet)
+    _print_notices(cpu_rank_notices(settings) + idle_rank_notices(settings, request), quiet)
     output = check_output_path(settings.output_path(request.geometry.width, request.geometry.height),
                                overwrite=settings.overwrite)
     checked = check_checkpoints(settings)
@@ -263,12 +268,18 @@ def check_checkpoints(settings: GenerationSettings) -> CheckedTransformer:
 
 
 def _configuration(settings: GenerationSettings, request) -> dict:
+    """What will run: the device, dtype and compilation resolved as the run resolves them (a CPU run is
+    float32 and eager), not the flags as given."""
+    from liveavatar.runtime.compile import resolve_fast_path
+
     layout = settings.checkpoint_layout
+    device = str(resolve_device("cpu" if runs_on_cpu(settings.device) else settings.device))
     return {
-        "mode": request.mode, "enable_online_decode": request.online_decode,
-        "sample_steps": request.sample_steps, "base_seed": request.base_seed,
-        "ref_rope_offset": request.ref_rope_offset, "dtype": settings.dtype, "device": settings.device,
-        "weights": settings.weights, "vram_budget": settings.vram_budget, "compile": settings.compile,
+        "mode": request.options.mode, "enable_online_decode": request.options.online_decode,
+        "sample_steps": request.options.sample_steps, "base_seed": request.options.base_seed,
+        "ref_rope_offset": request.options.ref_rope_offset, "dtype": dtype_name(settings.dtype, device.split(":")[0]),
+        "device": device, "weights": settings.weights, "vram_budget": settings.vram_budget,
+        "compile": resolve_fast_path(device, compile=None if settings.compile else False).compile,
         "image": str(settings.image),
         "audio": [str(p) for p in settings.audio], "ckpt_dir": str(layout.ckpt_dir),
         "lora": str(layout.lora) if layout.lora else None,
@@ -277,25 +288,23 @@ def _configuration(settings: GenerationSettings, request) -> dict:
 
 def _configuration_line(report: dict) -> str:
     return (f"mode {report['mode']}, {report['sample_steps']} steps, seed {report['base_seed']}, "
-            f"rope offset {report['ref_rope_offset']}, {report['dtype'] or 'auto dtype'}, "
-            f"weights {report['weights']}, "
+            f"rope offset {report['ref_rope_offset']}, {report['dtype']} on {report['device']}, "
+            f"{'compiled' if report['compile'] else 'eager'}, weights {report['weights']}, "
             f"LoRA {report['lora'] or 'none'} -> {report['output']}")
 
 
 def plan_for(*, ckpt_dir: Path, device: str | None, dtype: str | None, weights: str, t5_cpu: bool,
-             vram_budget: int | None, geometry: ClipGeometry, sample_steps: int, mode: str,
+             vram_budget: int | None, geometry: ClipGeometry, options: RequestOptions,
              host_memory: int | None = None, audio_seconds: float = 0.0) -> Plan:
-    """The plan a run of ``geometry`` and ``sample_steps`` gets, made before anything is loaded (of the
+    """The plan a run of ``geometry`` and ``options`` gets, made before anything is loaded (of the
     checkpoints only the DiT's config.json is read). ``vram_budget`` caps the GPU budget, ``host_memory``
     the host's (default: what the machine or its cgroup has available); ``weights`` (bf16 / fp8; auto
     leaves it to the planner) and ``t5_cpu`` pin those choices; ``audio_seconds`` of audio stay in host
     memory. A CPU run (``--device cpu``, or no GPU) gets a plan with no GPU budget. Call ``.check()`` on
     the result to refuse a run that does not fit."""
-    import torch
-
-    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
-    work = Workload(geometry.height, geometry.width, geometry.infer_frames, sample_steps, 1, mode,
-                    dtype_bytes(dtype_name(dtype, "cpu" if on_cpu else "cuda")), audio_seconds=audio_seconds)
+    on_cpu = runs_on_cpu(device)
+    work = Workload.of(geometry, options, run_dtype_bytes=dtype_bytes(dtype_name(dtype, "cpu" if on_cpu else "cuda")),
+                       audio_seconds=audio_seconds)
     inventory = dit_inventory(transformer_config_for(ckpt_dir))
     pins = Pins(weight_dtype=None if weights == "auto" else weights, text_encoder="cpu" if t5_cpu else None)
     if on_cpu:
@@ -323,19 +332,32 @@ def generate_from_settings(settings: GenerationSettings, request: Request, outpu
     status.phase("planning the memory")
     plan = plan_for(ckpt_dir=settings.ckpt_dir, device=settings.device, dtype=settings.dtype,
                     weights=settings.weights, t5_cpu=settings.t5_cpu, vram_budget=settings.vram_budget,
-                    geometry=request.geometry, sample_steps=request.sample_steps, mode=request.mode,
-                    host_memory=settings.host_memory, audio_seconds=request.audio_seconds or 0.0).check()
-    chosen = "the planner's choice" if settings.weights == "auto" else f"--weights {settings.weights}"
-    status.phase_done(f"{plan.placement.describe()} ({chosen}); predicted peak "
-                      f"{plan.predicted_peak_bytes / 2**30:.1f} GiB ({plan.budget_source}), host "
-                      f"{plan.predicted_host_peak_bytes / 2**30:.1f} GiB" + "".join(f"; {n}" for n in plan.notes))
+                    geometry=request.geometry, options=request.options, host_memory=settings.host_memory,
+                    audio_seconds=request.audio_seconds or 0.0).check()
+    notes = "".join(f"; {n}" for n in plan.notes)
+    if runs_on_cpu(settings.device):  # no GPU placement: the whole model and its caches in host memory
+        status.phase_done(f"CPU run: {dtype_name(settings.dtype, 'cpu')} weights and caches in host memory, eager"
+                          + notes)
+    else:
+        chosen = "the planner's choice" if settings.weights == "auto" else f"--weights {settings.weights}"
+        status.phase_done(f"{plan.placement.describe()} ({chosen}); predicted peak "
+                          f"{plan.predicted_peak_bytes / 2**30:.1f} GiB ({plan.budget_source}), host "
+                          f"{plan.predicted_host_peak_bytes / 2**30:.1f} GiB" + notes)
     layout = settings.checkpoint_layout
     size = layout.weight_bytes()
-    status.phase(f"loading {size / 1e9:.1f} GB of weights")
+    status.phase(f"loading {_amount(size)} of weights")
     began = time.perf_counter()
     pipe = LiveAvatarPipeline.from_layout(layout, device=settings.device, dtype=settings.dtype,
                                           placement=plan.placement, lora_alpha=settings.lora_alpha,
                                           compile=None if settings.compile else False)
-    status.phase_done(f"{size / 1e9 / max(time.perf_counter() - began, 1e-9):.2f} GB/s")
+    status.phase_done(f"{_amount(size / max(time.perf_counter() - began, 1e-9))}/s")
     return pipe.generate(request, output=output, keep_partial=settings.keep_partial, overwrite=settings.overwrite,
                          progress=status)
+
+
+def _amount(n_bytes: float) -> str:
+    """Bytes in the unit that reads: 1.2 GB, 85 MB, 40 kB (a tiny checkpoint is not "0.0 GB")."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.1f} {unit}" if n_bytes < 10 * size else f"{n_bytes / size:.0f} {unit}"
+    return f"{n_bytes:.0f} B"

@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from liveavatar.devices import dtype_name
+from liveavatar.devices import dtype_bytes, dtype_name, resolve_device, runs_on_cpu
 from liveavatar.errors import InputError
 from liveavatar.request import Request
 from liveavatar.settings import GenerationSettings
@@ -59,7 +59,10 @@ def reference_gpus(args) -> tuple[int | None, str | None]:
     else:
         meaning = f"runs as --num_gpus {asked}: each GPU runs a share of the steps, the last one decodes"
     if args.ulysses_size not in (None, 1):
-        meaning += "; sequence parallelism (ulysses) is not used"
+        meaning += (f"; --ulysses_size {args.ulysses_size} is not used: rather than splitting each step's tokens "
+                    f"{args.ulysses_size} ways, each GPU runs whole denoising steps on the whole sequence, so the "
+                    f"first frame comes no sooner than on one GPU and each GPU holds a whole step's activations "
+                    f"and KV cache")
     return asked, f"{spelled}: {meaning}"
 
 
@@ -76,8 +79,17 @@ def layout_report(settings: GenerationSettings, request: Request) -> dict:
     ranks = rank_count(settings)
     if ranks == 1:
         return {"num_gpus": 1}
-    layout = PipelineLayout.for_steps(ranks, request.sample_steps)
-    return {"num_gpus": ranks, "ranks": layout.roles(request.sample_steps)}
+    layout = PipelineLayout.for_steps(ranks, request.options.sample_steps)
+    return {"num_gpus": ranks, "ranks": layout.roles(request.options.sample_steps)}
+
+
+def cpu_rank_notices(settings: GenerationSettings) -> list[str]:
+    """Several ranks on a machine without a GPU run on the CPU, as one process does: one notice says so."""
+    ranks = rank_count(settings)
+    if ranks == 1 or settings.device is not None or not runs_on_cpu(None):
+        return []
+    return [f"no CUDA GPU here: the {ranks} ranks run on the CPU (give --device cpu to say so, or run on a "
+            f"machine with GPUs)"]
 
 
 def idle_rank_notices(settings: GenerationSettings, request: Request) -> list[str]:
@@ -87,26 +99,23 @@ def idle_rank_notices(settings: GenerationSettings, request: Request) -> list[st
     ranks = rank_count(settings)
     if ranks == 1:
         return []
-    idle = PipelineLayout.for_steps(ranks, request.sample_steps).idle_ranks(request.sample_steps)
+    idle = PipelineLayout.for_steps(ranks, request.options.sample_steps).idle_ranks(request.options.sample_steps)
     if not idle:
         return []
     who = f"ranks {', '.join(map(str, idle))} only pass" if len(idle) > 1 else f"rank {idle[0]} only passes"
-    return [f"{ranks} ranks for {request.sample_steps} steps: {who} blocks on (one step per rank plus a decode "
-            f"rank is {request.sample_steps + 1} ranks; more are not faster)"]
+    return [f"{ranks} ranks for {request.options.sample_steps} steps: {who} blocks on (one step per rank plus a decode "
+            f"rank is {request.options.sample_steps + 1} ranks; more are not faster)"]
 
 
 def plan_ranks(settings: GenerationSettings, request: Request, world_size: int, *, on_cpu: bool):
     """Every rank's plan for this run, on GPUs like the current one (``--vram-budget`` caps each)."""
-    from liveavatar.devices import dtype_bytes
     from liveavatar.runtime.planner.hardware import CPU_HARDWARE, HARDWARE_PRESETS, detect_hardware
     from liveavatar.runtime.planner.memory import Workload, dit_inventory, transformer_config_for
     from liveavatar.runtime.planner.pipeline import plan_pipeline
     from liveavatar.runtime.planner.policy import Pins, default_host_budget, resolve_budget
 
-    dtype = dtype_name(settings.dtype, "cpu" if on_cpu else "cuda")
-    g = request.geometry
-    work = Workload(g.height, g.width, g.infer_frames, request.sample_steps, world_size, request.mode,
-                    dtype_bytes(dtype))
+    run_dtype_bytes = dtype_bytes(dtype_name(settings.dtype, "cpu" if on_cpu else "cuda"))
+    work = Workload.of(request.geometry, request.options, run_dtype_bytes=run_dtype_bytes, num_gpus=world_size)
     inventory = dit_inventory(transformer_config_for(settings.ckpt_dir))
     pins = Pins(weight_dtype=None if settings.weights == "auto" else settings.weights,
                 text_encoder="cpu" if settings.t5_cpu else None)
@@ -128,7 +137,7 @@ def generate_on_ranks(settings: GenerationSettings, request: Request, output: Pa
 
     from liveavatar.runtime.distributed import gpu_devices
 
-    on_cpu = settings.device == "cpu" or (settings.device is None and not torch.cuda.is_available())
+    on_cpu = runs_on_cpu(settings.device)
     if on_cpu:
         devices = [torch.device("cpu")] * settings.ranks
     else:
@@ -140,7 +149,7 @@ def generate_on_ranks(settings: GenerationSettings, request: Request, output: Pa
 
     pipe = LiveAvatarPipeline.from_layout(settings.checkpoint_layout, dtype=settings.dtype, devices=devices,
                                           placement=[rank.placement for rank in plan.ranks],
-                                          sample_steps=request.sample_steps, lora_alpha=settings.lora_alpha,
+                                          sample_steps=request.options.sample_steps, lora_alpha=settings.lora_alpha,
                                           compile=None if settings.compile else False)
     return _generate_and_close(pipe, settings, request, output, progress=progress)
 
@@ -162,7 +171,7 @@ def _torchrun_rank(settings: GenerationSettings, request: Request, output_path: 
     else:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # leave quietly; the output rank reports
     try:
-        on_cpu = settings.device == "cpu"
+        on_cpu = runs_on_cpu(settings.device)
         device = torchrun_device(local_rank, cpu=on_cpu)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -226,7 +235,9 @@ def _stopped_by_torchrun(group):
 
 
 def check_launch(settings: GenerationSettings) -> None:
-    """Launch flags that contradict torchrun's own launch."""
+    """A --device this machine lacks, and launch flags that contradict torchrun's own launch (dry runs too)."""
+    if settings.device is not None:
+        resolve_device(settings.device)
     if torchrun_world() is not None and (settings.num_gpus not in (None, 1) or settings.gpus is not None):
         raise InputError("--num_gpus/--gpus spawn ranks; under torchrun the ranks are torchrun's "
                          "(--nproc_per_node): leave them out")

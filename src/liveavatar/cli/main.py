@@ -26,7 +26,8 @@ from liveavatar.cli.flags import OneLineParser
 from liveavatar.cli.generate import add_generate_arguments, run_generate
 from liveavatar.cli.launch import is_quiet_rank
 from liveavatar.cli.plan import add_plan_arguments, run_plan
-from liveavatar.cli.serve import add_serve_arguments, run_serve
+from liveavatar.cli.serve import add_serve_arguments
+from liveavatar.cli.serve_cluster import serve_command
 from liveavatar.cli.tools import (add_doctor_arguments, add_download_arguments, add_make_tiny_arguments,
                                   run_doctor, run_download, run_make_tiny)
 from liveavatar.errors import ArgumentError, LiveAvatarError
@@ -53,8 +54,8 @@ COMMANDS: list[Command] = [
             run_plan),
     Command("bench", "time the engine at full size with random weights (no checkpoint needed)", add_bench_arguments,
             run_bench),
-    Command("serve", "serve a web page, a jobs API and a live WebSocket session on one loaded engine",
-            add_serve_arguments, run_serve),
+    Command("serve", "serve a web page, a jobs API and a live WebSocket session on one loaded engine (or many: "
+            "--cluster)", add_serve_arguments, serve_command),
 ]
 
 

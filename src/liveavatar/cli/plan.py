@@ -11,17 +11,16 @@ import re
 from dataclasses import replace
 
 from liveavatar.cli.flags import add_flag, byte_amount
-from liveavatar.cli.generate import DEFAULTS
 from liveavatar.devices import dtype_bytes, dtype_name
 from liveavatar.errors import InputError
-from liveavatar.geometry import DEFAULT_SIZE, MODES, size_for_area
+from liveavatar.geometry import ClipGeometry, size_for_area
+from liveavatar.options import DEFAULT_SIZE, DEFAULTS, Mode, RequestOptions
 from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB, detect_hardware
 from liveavatar.runtime.planner.memory import (ALLOCATOR_FRAGMENTATION, DiTInventory, Workload, dit_inventory,
                                                transformer_config_for)
 from liveavatar.runtime.planner.pipeline import PipelinePlan, plan_pipeline
 from liveavatar.runtime.planner.policy import (DEFAULT_HEADROOM_BYTES, DEFAULT_HEADROOM_FRACTION, Pins, Plan,
                                                default_host_budget, format_gib, make_plan, resolve_budget)
-from liveavatar.settings import parse_size
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,14 +28,14 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(shape, "size", default=DEFAULT_SIZE, help="target AREA as W*H; the aspect ratio follows --image, "
              f"else W*H itself (default {DEFAULT_SIZE} -> {DEFAULT_SIZE.replace('*', 'x')})")
     add_flag(shape, "image", metavar="PATH", help="reference image whose aspect ratio the size follows")
-    add_flag(shape, "infer_frames", type=int, default=DEFAULTS["infer_frames"], metavar="N",
+    add_flag(shape, "infer_frames", type=int, default=DEFAULTS.infer_frames, metavar="N",
              help="video frames per clip (default %(default)s)")
-    add_flag(shape, "sample_steps", type=int, default=DEFAULTS["sample_steps"], metavar="N",
+    add_flag(shape, "sample_steps", type=int, default=DEFAULTS.sample_steps, metavar="N",
              help="denoising steps (default %(default)s)")
     add_flag(shape, "num_gpus", type=int, default=1, metavar="N",
              help="GPUs of the timestep pipeline (N>1: each GPU runs a share of the steps, the last one "
                   "decodes; default 1); the budget flags are per GPU")
-    add_flag(shape, "mode", default=DEFAULTS["mode"], choices=MODES, help="pipeline behaviour")
+    add_flag(shape, "mode", default=DEFAULTS.mode, choices=tuple(Mode), help="pipeline behaviour")
     add_flag(shape, "dtype", choices=("bfloat16", "float32"), help="run dtype (default bfloat16; bench on the "
              "CPU: float32, as generate)")
     add_flag(shape, "config", choices=("14b", "tiny"), help="DiT size (default: --ckpt_dir's config.json, "
@@ -103,23 +102,23 @@ def plan_from_args(args: argparse.Namespace, *, pipeline: bool = False) -> Plan 
 
 
 def workload_from_args(args: argparse.Namespace, *, num_gpus: int, device_type: str = "cuda") -> Workload:
-    height, width = _dims_from_size(args.size, args.image)
+    options = RequestOptions(size=args.size, infer_frames=args.infer_frames, sample_steps=args.sample_steps,
+                             mode=args.mode)
     if num_gpus < 1:
         raise InputError(f"--num_gpus {num_gpus}: must be at least 1")
     if args.audio_seconds < 0:
         raise InputError(f"--audio-seconds {args.audio_seconds}: must be at least 0")
-    return Workload(height, width, args.infer_frames, args.sample_steps, num_gpus, args.mode,
-                    dtype_bytes(dtype_name(args.dtype, device_type)),
-                    audio_seconds=args.audio_seconds)
+    geometry = ClipGeometry(*_dims_from_size(args.size, options.size, args.image), options.infer_frames)
+    return Workload.of(geometry, options, run_dtype_bytes=dtype_bytes(dtype_name(args.dtype, device_type)),
+                       num_gpus=num_gpus, audio_seconds=args.audio_seconds)
 
 
 def inventory_from_args(args: argparse.Namespace) -> DiTInventory:
     return dit_inventory(transformer_config_for(args.ckpt_dir, args.config))
 
 
-def _dims_from_size(text: str, image: str | None) -> tuple[int, int]:
+def _dims_from_size(text: str, area: int, image: str | None) -> tuple[int, int]:
     """(height, width): the reference's size search for the area, with the image's aspect ratio or W*H's."""
-    area = parse_size(text)
     if image:
         from liveavatar.io.media import load_image
 

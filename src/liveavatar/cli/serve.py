@@ -5,22 +5,26 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
 
 from liveavatar.cli.flags import add_bool_flag, add_flag
-from liveavatar.cli.generate import DEFAULTS, plan_for
+from liveavatar.cli.generate import SETTING_DEFAULTS, plan_for
 from liveavatar.errors import InputError
+from liveavatar.options import DEFAULT_SIZE, DEFAULTS, RequestOptions
+from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 
 TOKEN_ENV = "LIVEAVATAR_TOKEN"
+MIN_TOKEN_CHARS = 16  # a guessable token is no gate
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("checkpoints and device (as generate)")
-    add_flag(model, "ckpt_dir", default=str(DEFAULTS["ckpt_dir"]), metavar="DIR",
+    add_flag(model, "ckpt_dir", default=str(SETTING_DEFAULTS["ckpt_dir"]), metavar="DIR",
              help="the Wan2.2-S2V-14B folder (default: %(default)s)")
-    add_flag(model, "lora_path_dmd", default=DEFAULTS["lora"], metavar="PATH_OR_ID",
+    add_flag(model, "lora_path_dmd", default=SETTING_DEFAULTS["lora"], metavar="PATH_OR_ID",
              help="the Live-Avatar LoRA (default: %(default)s)")
     add_flag(model, "device", help="cuda, cuda:N or cpu (default: CUDA when available)")
     add_flag(model, "dtype", help="bfloat16 or float32 (default: bfloat16 on CUDA, float32 on the CPU)")
@@ -36,18 +40,37 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
              f"page's address); default: ${TOKEN_ENV}")
 
     limits = parser.add_argument_group("requests")
-    add_flag(limits, "size", default="704*384", help="size of a request that gives none (default %(default)s)")
-    add_flag(limits, "max-size", default="704*384", help="largest area a request may ask for; the planner places "
+    add_flag(limits, "size", default=DEFAULT_SIZE, help="size of a request that gives none (default %(default)s)")
+    add_flag(limits, "max-size", default=DEFAULT_SIZE, help="largest area a request may ask for; the planner places "
              "the models for it (default %(default)s)")
-    add_flag(limits, "max-steps", type=int, default=4, help="most denoising steps a request may ask for (default 4)")
+    add_flag(limits, "max-steps", type=int, default=DEFAULTS.sample_steps,
+             help="most denoising steps a request may ask for (default %(default)s)")
     add_flag(limits, "max-upload-mb", type=float, default=50.0, help="largest uploaded file (default 50 MiB)")
     add_flag(limits, "max-audio-s", type=float, default=600.0, help="longest audio of a job (default 600 s)")
     add_flag(limits, "max-queued-per-client", type=int, default=8,
              help="jobs one client address may have queued or running (default 8)")
+    add_flag(limits, "max-queued", type=int, default=32,
+             help="jobs waiting, all clients together; past it a submission gets 429 with Retry-After (default 32)")
+    add_flag(limits, "max-live-per-client", type=int, default=2,
+             help="live sessions one client address may have waiting or running (default 2)")
     add_flag(limits, "retention", type=float, default=3600.0, metavar="SECONDS",
              help="how long a finished video (and a job's record) is kept (default 3600 s)")
     add_flag(limits, "live-idle-limit", type=float, default=60.0, metavar="SECONDS",
              help="a live session ends after this much silence-only output (default 60 s; a session may ask for less)")
+
+    live = parser.add_argument_group("live sessions")
+    add_flag(live, "live", default="auto", choices=("auto", "strict"),
+             help="auto (default): sessions run at the largest size and steps the speed model predicts at >= 1.15x "
+                  "real time on this GPU, and one that asks for a setting that falls behind gets a warning; strict: "
+                  "such a session is refused")
+    add_flag(live, "live-size", help="pin the live setting's size (default: chosen as --live says)")
+    add_flag(live, "live-steps", type=int, help="pin the live setting's steps (default: chosen as --live says)")
+    add_flag(live, "live-lag-bound", type=float, default=2.0, metavar="SECONDS",
+             help="most audio a live session lets wait before it catches up: it skips queued silence, then drops "
+                  "the oldest queued speech, and tells the client (default 2 s; a session may ask for another)")
+    add_flag(live, "tts-command", default=DEFAULT_TTS_COMMAND, metavar="COMMAND",
+             help="speaks a session's 'say' text: reads the text on stdin, writes a WAV on stdout "
+                  "(default: %(default)s)")
 
     cluster = parser.add_argument_group("cluster (the `cluster` extra: Ray Serve; README's 'Serve on a Ray cluster')")
     add_flag(cluster, "cluster", nargs="?", const="auto", metavar="auto|ray://HOST:PORT",
@@ -69,7 +92,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_host(host: str, token: str | None) -> None:
-    """Loopback needs no token; anything reachable from other machines does."""
+    """Loopback needs no token; anything reachable from other machines does. A token given is long enough."""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -77,40 +100,75 @@ def check_host(host: str, token: str | None) -> None:
     if not loopback and not token:
         raise InputError(f"--host {host}: listening beyond this machine needs --token T (or ${TOKEN_ENV}) so that "
                          f"only your clients reach the GPU")
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        chars = f"{len(token)} character{'s' if len(token) != 1 else ''}"
+        raise InputError(f"--token: {chars} is too short to keep anyone out; use at least {MIN_TOKEN_CHARS}, "
+                         f"e.g. --token {secrets.token_urlsafe(24)}")
+
+
+def server_url(host: str, port: int) -> str:
+    """The address to open; an IPv6 literal goes in brackets."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def serve_limits(args: argparse.Namespace):
     """The request limits the flags set, checked (one line for a bad flag)."""
+    from liveavatar.options import parse_size
     from liveavatar.serve.uploads import Limits
-    from liveavatar.settings import parse_size
 
     limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), audio_seconds=args.max_audio_s,
                     max_area=parse_size(args.max_size), max_steps=args.max_steps, default_size=args.size)
     if parse_size(args.size) > limits.max_area:
         raise InputError(f"--size {args.size}: larger than --max-size {args.max_size}")
-    if args.max_steps < 1 or args.max_queued_per_client < 1 or args.retention < 0 or args.live_idle_limit <= 0:
-        raise InputError("--max-steps and --max-queued-per-client must be >= 1, --retention >= 0, "
-                         "--live-idle-limit > 0")
+    if min(args.max_steps, args.max_queued_per_client, args.max_queued, args.max_live_per_client) < 1 or \
+            args.retention < 0 or args.live_idle_limit <= 0:
+        raise InputError("--max-steps, --max-queued-per-client, --max-queued and --max-live-per-client must be >= 1, "
+                         "--retention >= 0, --live-idle-limit > 0")
+    if args.live_lag_bound < 0.5:
+        raise InputError(f"--live-lag-bound {args.live_lag_bound:g}: must be at least 0.5 s (a block is 0.48 s)")
+    if args.live_size is not None:
+        parse_size(args.live_size)
     return limits
 
 
-def load_backend(args: argparse.Namespace, limits):
-    """Plan the placement for the largest request the server accepts (its landscape size at --max-steps),
-    then load every model once: the single-process server's engine, and each cluster replica's."""
-    from liveavatar.geometry import ClipGeometry, size_for_area
-    from liveavatar.serve.backend import Backend
+def plan_serve(args: argparse.Namespace, limits):
+    """The placement for the largest request the server accepts (its landscape size at --max-steps)."""
+    from liveavatar.geometry import ClipGeometry
+    from liveavatar.serve.live_setting import landscape
     from liveavatar.settings import parse_vram_budget
 
-    largest = ClipGeometry(*size_for_area(9, 16, limits.max_area), 48)
+    largest = RequestOptions(size=limits.max_area, sample_steps=limits.max_steps)
     plan = plan_for(ckpt_dir=Path(args.ckpt_dir), device=args.device, dtype=args.dtype,
                     weights={None: "auto", True: "fp8", False: "bf16"}[args.fp8],
                     t5_cpu=bool(args.t5_cpu), vram_budget=parse_vram_budget(args.vram_budget) if args.vram_budget else None,
-                    geometry=largest, sample_steps=limits.max_steps, mode="streaming").check()
+                    geometry=ClipGeometry(*landscape(largest.size), largest.infer_frames), options=largest).check()
     if plan.budget_bytes is not None:
         print(f"plan: {plan.placement.describe()}; predicted peak {plan.predicted_peak_bytes / 2**30:.1f} GiB "
               f"({plan.budget_source})", file=sys.stderr)
+    return plan
+
+
+def load_backend(args: argparse.Namespace, limits, plan=None):
+    """Load every model once, placed as ``plan`` (default: `plan_serve`) says: the single-process server's
+    engine, and each cluster replica's."""
+    from liveavatar.serve.backend import Backend
+
+    plan = plan or plan_serve(args, limits)
     return Backend.load(ckpt_dir=args.ckpt_dir, lora=args.lora_path_dmd, device=args.device, dtype=args.dtype,
                         placement=plan.placement)
+
+
+def prepare_live(args: argparse.Namespace, limits, plan, backend):
+    """The live setting (`liveavatar.serve.live_setting`), printed, and warmed on a GPU before any session."""
+    from liveavatar.serve.live_setting import choose_live_setting, describe, live_predictor
+
+    live = choose_live_setting(live_predictor(plan, Path(args.ckpt_dir), backend), max_area=limits.max_area,
+                               max_steps=limits.max_steps, policy=args.live, size=args.live_size, steps=args.live_steps)
+    print(describe(live), file=sys.stderr, flush=True)
+    if plan.budget_bytes is not None:
+        print("warming the live setting (compile, CUDA graphs) before the first session", file=sys.stderr, flush=True)
+        backend.warm(live.size, live.sample_steps)
+    return live
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -118,26 +176,30 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from liveavatar.serve.app import ServerState, StoppingServer, create_app
+    from liveavatar.devices import resolve_device
+    from liveavatar.serve.app import ServerState, StoppingServer, create_app, swagger_folder
 
-    if args.cluster is not None or args.write_config is not None:
-        from liveavatar.serve.cluster.launch import run_cluster
-
-        return run_cluster(args)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_host(args.host, token)
+    if args.device is not None:
+        resolve_device(args.device)  # a GPU this machine lacks: refused before the planner asks for its memory
     limits = serve_limits(args)
     root = Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
     try:
-        backend = load_backend(args, limits)
+        plan = plan_serve(args, limits)
+        backend = load_backend(args, limits, plan)
+        live = prepare_live(args, limits, plan, backend)
         state = ServerState(backend=backend, root=root, limits=limits,
                             retention_s=args.retention, max_per_client=args.max_queued_per_client,
-                            live_idle_limit_s=args.live_idle_limit, token=token)
+                            live_idle_limit_s=args.live_idle_limit, token=token, max_queued=args.max_queued,
+                            max_live_per_client=args.max_live_per_client, live_setting=live,
+                            live_lag_bound_s=args.live_lag_bound, tts_command=args.tts_command)
         server = StoppingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                                timeout_graceful_shutdown=10,
                                                ws_max_size=limits.upload_bytes * 4 // 3 + 2**20),
                                 on_exit=state.queue.stop)
-        print(f"serving on http://{args.host}:{args.port}/ (live: /live, API: /v1, docs: /v1/docs)", file=sys.stderr,
+        docs = ", docs: /v1/docs" if swagger_folder() is not None else ""
+        print(f"serving on {server_url(args.host, args.port)} (live: /live, API: /v1{docs})", file=sys.stderr,
               flush=True)
         server.run()
     finally:

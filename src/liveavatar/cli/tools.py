@@ -5,12 +5,12 @@ import argparse
 from pathlib import Path
 
 from liveavatar.cli.flags import add_flag
-from liveavatar.cli.generate import DEFAULTS
+from liveavatar.cli.generate import SETTING_DEFAULTS
 
 
 def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "ckpt_dir", default=str(DEFAULTS["ckpt_dir"]), metavar="DIR", help="the Wan2.2-S2V-14B folder")
-    add_flag(parser, "lora_path_dmd", default=DEFAULTS["lora"], metavar="PATH_OR_ID", help="the LoRA")
+    add_flag(parser, "ckpt_dir", default=str(SETTING_DEFAULTS["ckpt_dir"]), metavar="DIR", help="the Wan2.2-S2V-14B folder")
+    add_flag(parser, "lora_path_dmd", default=SETTING_DEFAULTS["lora"], metavar="PATH_OR_ID", help="the LoRA")
 
 
 def run_doctor(args: argparse.Namespace) -> int:

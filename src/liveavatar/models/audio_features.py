@@ -256,6 +256,28 @@ class StreamingAudioFeatures:
             blocks.append(self._compute_block(self._next_block, self._received, frames_30=frames_30))
         return blocks
 
+    def block_audio_end(self, block: int) -> int:
+        """Samples up to the last frame of ``block`` (its window without the lookahead)."""
+        return self._window_end(block) - self.lookahead_samples
+
+    def next_block_padded(self) -> torch.Tensor:
+        """The next block now, with zeros for whatever of its window has not arrived (a live source whose
+        audio is late must make it by its deadline). The zeros are not kept: later pushes continue where the
+        audio really is, so no silence is put inside the speech."""
+        end = self._window_end(self._next_block)
+        kept = self._buffer
+        self._buffer = np.concatenate([kept, np.zeros(max(0, end - self._received), np.float32)])
+        try:
+            return self._compute_block(self._next_block, end)
+        finally:
+            self._buffer = kept
+
+    def silence_from(self, sample: int, block: int) -> None:
+        """Zero every buffered sample from absolute index ``sample`` on and make ``block`` the next block to
+        compute (barge-in: blocks already computed from the dropped speech are made again from silence)."""
+        self._buffer[max(0, sample - self._buffer_start):] = 0
+        self._next_block = min(self._next_block, block)
+
     def _frame_counts(self, samples: int) -> tuple[int, int]:
         """(50 Hz wav2vec2 frames, 30 Hz frames) of `samples` samples, as the whole-file path counts them."""
         frames_50 = (samples - self.extractor.receptive_field) // self.extractor.hop + 1
@@ -273,7 +295,8 @@ class StreamingAudioFeatures:
 
     def _compute_block(self, block: int, end: int, *, frames_30: int | None = None) -> torch.Tensor:
         hop = self.extractor.hop
-        start = max(0, end - self.context_samples) // hop * hop
+        # A block made again after `silence_from` may reach back past what is kept: its window starts there.
+        start = max(max(0, end - self.context_samples) // hop * hop, self._buffer_start)
         window = self._buffer[start - self._buffer_start: end - self._buffer_start]
         hidden = self.extractor.hidden_states(window).float()
         first_frame = start // hop

@@ -339,6 +339,7 @@ class WanVAE(nn.Module):
     ``z -> frames`` that continues a settled `StreamState`."""
 
     steady_decoder = None
+    _latent_stats = None
 
     def __init__(self, config: VAEConfig = VAEConfig()):
         super().__init__()
@@ -383,11 +384,15 @@ class WanVAE(nn.Module):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, 1/std) as [1, z, 1, 1, 1] tensors of the run dtype; 1/std is taken in that dtype."""
-        shape = (1, self.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(LATENT_MEAN, dtype=self.dtype, device=self.device).view(shape)
-        inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=self.dtype, device=self.device).view(shape)
-        return mean, inv_std
+        """(mean, 1/std) as [1, z, 1, 1, 1] tensors of the run dtype; 1/std is taken in that dtype. Made once
+        per device and dtype: a host-to-device copy per call would break a CUDA-graph capture."""
+        key = (self.device, self.dtype)
+        if self._latent_stats is None or self._latent_stats[0] != key:
+            shape = (1, self.config.z_dim, 1, 1, 1)
+            mean = torch.tensor(LATENT_MEAN, dtype=self.dtype, device=self.device).view(shape)
+            inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=self.dtype, device=self.device).view(shape)
+            self._latent_stats = (key, mean, inv_std)
+        return self._latent_stats[1:]
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """video [b, 3, 1 + 4k, H, W] in [-1, 1] -> normalised latents [b, z, 1 + k, H/8, W/8] float32."""
@@ -464,12 +469,14 @@ class StreamingDecoder:
     def _decode_frame(self, z: torch.Tensor) -> torch.Tensor:
         if self.steady is None and self.vae.steady_decoder is not None and self.state.settled(self.vae.decoder):
             self.steady = self.vae.steady_decoder.start(self.state, z.shape)
+            self.state.frames.clear()  # the fixed buffers hold it from here on
         if self.steady is not None:
             return self.steady(z)
         return decode_latent_frame(self.vae, z, self.state)
 
     def state_nbytes(self) -> int:
-        """Bytes held by the carried causal state (constant once every module has seen two frames)."""
+        """Bytes held by the eager stream's carried causal state (constant once every module has seen two
+        frames; 0 once the fast path's fixed buffers carry it)."""
         return sum(t.untyped_storage().nbytes() for t in self.state.frames.values())
 
 

@@ -126,15 +126,16 @@ def synthetic_request(config, vae, work, *, device, dtype, total_blocks: int, se
     from PIL import Image
 
     from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
+    from liveavatar.options import RequestOptions
     from liveavatar.request import WaveformAudio, resolve_request
     from liveavatar.runtime.conditioning import ReferenceLatents, WholeFileAudio, motion_history
 
     clip_seconds = work.infer_frames / FPS
     num_clips = math.ceil(total_blocks / work.geometry.blocks_per_clip)
     silence = np.zeros(int((num_clips + 1) * clip_seconds * AUDIO_SAMPLE_RATE), np.float32)
-    request = resolve_request(Image.new("RGB", (work.width, work.height)), WaveformAudio(silence), "",
-                              size=work.width * work.height, infer_frames=work.infer_frames,
-                              sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode)
+    options = RequestOptions(size=work.width * work.height, infer_frames=work.infer_frames,
+                             sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode)
+    request = resolve_request(Image.new("RGB", (work.width, work.height)), WaveformAudio(silence), "", options)
     geometry = request.geometry
     g = torch.Generator("cpu").manual_seed(seed)
     audio = WholeFileAudio(torch.randn(1, config.audio_layers, config.audio_dim, num_clips * work.infer_frames,

@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from liveavatar.geometry import LATENT_CHANNELS, MOTION_FRAMES, MOTION_LATENT_FRAMES, ClipGeometry, check_mode
+from liveavatar.geometry import LATENT_CHANNELS, MOTION_FRAMES, MOTION_LATENT_FRAMES, ClipGeometry
+from liveavatar.options import Mode
 
 SINGLE_GPU_REFERENCE_REPEATS = 5
 
@@ -39,27 +40,25 @@ class WholeFileAudio:
 
 
 class StreamedAudio:
-    """Audio features made block by block (`StreamingAudioFeatures`) from samples that arrive in chunks:
-    a long file cut into pieces, or live input. Memory stays bounded however long the audio is. Blocks
-    must be asked for in order.
+    """Audio features made block by block (`StreamingAudioFeatures`) from a long file cut into pieces, so
+    that memory stays bounded however long the audio is (live input has its own source:
+    `liveavatar.runtime.live_audio`). Blocks must be asked for in order.
 
-    ``next_chunk()`` returns the next samples, an empty array when none are there yet (it may wait), or
-    None once the audio has ended. After the end, blocks are zeros when ``pad_past_end`` (a file whose
-    clip count covers more than its audio, as the whole-file path), else None (the run ends with the audio).
+    ``next_chunk()`` returns the next samples, or None once the audio has ended. After the end, blocks are
+    zeros (a file whose clip count covers more than its audio, as the whole-file path).
     """
 
     def __init__(self, streamer, next_chunk: Callable[[], np.ndarray | None], geometry: ClipGeometry, *,
-                 feature_shape: tuple[int, int], pad_past_end: bool):
+                 feature_shape: tuple[int, int]):
         self.streamer = streamer
         self.next_chunk = next_chunk
         self.geometry = geometry
         self.feature_shape = feature_shape  # (hidden states, channels)
-        self.pad_past_end = pad_past_end
         self.ready: deque[torch.Tensor] = deque()
         self.next_block = 0
         self.finished = False
 
-    def block(self, clip: int, block: int) -> torch.Tensor | None:
+    def block(self, clip: int, block: int) -> torch.Tensor:
         index = clip * self.geometry.blocks_per_clip + block
         if index != self.next_block:
             raise ValueError(f"streamed audio blocks must be read in order: asked for {index}, next is {self.next_block}")
@@ -73,8 +72,6 @@ class StreamedAudio:
                 self.ready.extend(self.streamer.push(chunk))
         if self.ready:
             return self.ready.popleft()
-        if not self.pad_past_end:
-            return None
         layers, channels = self.feature_shape
         return torch.zeros(1, layers, channels, self.geometry.frames_per_block)
 
@@ -106,9 +103,9 @@ def clip_noise(base_seed: int, clip: int, geometry: ClipGeometry, *, device, dty
     return noise.to(device=device, dtype=dtype)
 
 
-def motion_history(reference: torch.Tensor, mode: str) -> torch.Tensor:
+def motion_history(reference: torch.Tensor, mode: Mode) -> torch.Tensor:
     """Pixel motion history [1, 3, T, H, W] the reference starts from: the reference image repeated."""
-    repeats = MOTION_FRAMES * (SINGLE_GPU_REFERENCE_REPEATS if check_mode(mode) == "single_gpu" else 1)
+    repeats = MOTION_FRAMES * (SINGLE_GPU_REFERENCE_REPEATS if mode == Mode.SINGLE_GPU else 1)
     return reference.expand(-1, -1, repeats, -1, -1)
 
 
@@ -125,9 +122,9 @@ class ReferenceLatents:
         return self.motion[:, :, -MOTION_LATENT_FRAMES:]
 
 
-def encode_reference(vae, reference: torch.Tensor, mode: str) -> ReferenceLatents:
+def encode_reference(vae, reference: torch.Tensor, mode: Mode) -> ReferenceLatents:
     """Reference and motion latents of ``reference`` [1, 3, 1, H, W] in [-1, 1], as the given mode makes them."""
-    if check_mode(mode) == "single_gpu":
+    if mode == Mode.SINGLE_GPU:
         ref = vae.encode(reference.expand(-1, -1, SINGLE_GPU_REFERENCE_REPEATS, -1, -1))[:, :, 1:2]
     else:
         ref = vae.encode(reference)

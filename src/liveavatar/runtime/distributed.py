@@ -419,7 +419,7 @@ def torchrun_device(local_rank: int, *, cpu: bool) -> torch.device:
     if cpu:
         return torch.device("cpu")
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if local_rank >= available:
+    if local_rank >= available:  # a node with GPUs, fewer than its ranks (without any, the ranks run on the CPU)
         raise InputError(f"torchrun local rank {local_rank} has no GPU: this node has {available}; launch with "
-                         f"--nproc_per_node {available} or fewer (or --device cpu)")
+                         f"--nproc_per_node {available} or fewer, or give --device cpu")
     return torch.device("cuda", local_rank)

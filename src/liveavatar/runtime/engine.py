@@ -27,7 +27,8 @@ from liveavatar.models.quantised_attention import SelfAttention, resolve_self_at
 from liveavatar.models.regions import EAGER
 from liveavatar.models.text_encoder import TEXT_LEN, TextEncoder
 from liveavatar.models.vae import WanVAE
-from liveavatar.request import LiveAudio, LiveSource, Request
+from liveavatar.options import Mode
+from liveavatar.request import LiveSource, Request
 from liveavatar.runtime.caches import CacheSet, build_caches
 from liveavatar.runtime.conditioning import (
     ReferenceLatents,
@@ -47,9 +48,6 @@ from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.sampler import BlockAudio, LoopEvent, NoDecoder, make_decoder, ref_rope_offsets, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
 
-# How long one wait for live audio lasts before the loop looks again (it keeps waiting: the session decides
-# when silence is pushed and when the audio ends).
-LIVE_AUDIO_POLL_S = 0.05
 REFERENCE_CACHE_SIZE = 4
 
 
@@ -99,9 +97,13 @@ class Engine:
         self.compile_fallback = self.compile_cache = self.decoder_fallback = None
         if self.fast_path.compile:
             self.compile_cache = configure_compiler(workers=placement.compile_workers)
-        if self.fast_path.compile and vae is not None:  # None: a rank that only runs denoising steps
+        if vae is None:  # a rank that only runs denoising steps
+            pass
+        elif self.fast_path.compile:
             # The decoder's graph keeps its activations in a pool of its own: resident placements only.
             self.decoder_fallback = compile_decoder(vae, cuda_graphs=self.fast_path.cuda_graphs and placement.resident)
+        else:
+            vae.steady_decoder = None
         if transformer is None:  # an output rank that only decodes: no DiT to compile
             pass
         elif self.fast_path.compile:
@@ -190,11 +192,12 @@ class Engine:
         of a request after loading."""
         geometry = request.geometry
         pixels = reference_tensor(request.image, geometry.height, geometry.width)
-        key = (hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), geometry.height, geometry.width, request.mode)
+        mode = request.options.mode
+        key = (hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), geometry.height, geometry.width, mode)
         if key in self._references:
             self._references.move_to_end(key)
         else:
-            self._references[key] = encode_reference(self.vae, pixels.to(self.device, self.dtype), request.mode)
+            self._references[key] = encode_reference(self.vae, pixels.to(self.device, self.dtype), mode)
             while len(self._references) > REFERENCE_CACHE_SIZE:
                 self._references.popitem(last=False)
         return self._references[key]
@@ -211,24 +214,25 @@ class Engine:
         gets caches for those steps only (None for none)."""
         conditioning = conditioning or self.condition(request)
         self.requests_run += 1
-        geometry, steps = request.geometry, request.sample_steps
+        geometry, options = request.geometry, request.options
+        steps = options.sample_steps
         if executor is None:
             executor = SequentialExecutor if self.pipeline is None else \
                 self.pipeline.executor(geometry, conditioning.text)
         schedule = FlowMatchSchedule.create(steps)
-        offsets = ref_rope_offsets(request.ref_rope_offset, base_seed=request.base_seed, mode=request.mode,
+        offsets = ref_rope_offsets(options.ref_rope_offset, base_seed=options.base_seed, mode=options.mode,
                                    num_steps=steps)
         local_steps = executor.local_steps(steps) if hasattr(executor, "local_steps") else range(steps)
         caches = self.caches(geometry, local_steps) if local_steps else None
         runner = executor(self.transformer, caches, schedule, conditioning.text_kv, ref_rope_offset=offsets,
                           on_forward=on_forward, graphs=self._forward_graphs(caches) if caches else None)
-        decoder = make_decoder(request.mode, self.vae, conditioning.reference, geometry) if decode else NoDecoder()
-        if decode and self.overlap_decode and request.mode == "streaming":
+        decoder = make_decoder(options.mode, self.vae, conditioning.reference, geometry) if decode else NoDecoder()
+        if decode and self.overlap_decode and options.mode == Mode.STREAMING:
             decoder = OverlappedDecoder(decoder, self.device)
         yield from sample(runner, decoder, conditioning.reference, conditioning.audio, geometry,
-                          noise=lambda clip: clip_noise(request.base_seed, clip, geometry, device=self.device,
+                          noise=lambda clip: clip_noise(options.base_seed, clip, geometry, device=self.device,
                                                         dtype=self.dtype),
-                          total_blocks=request.total_blocks, mode=request.mode, online_decode=request.online_decode)
+                          total_blocks=request.total_blocks, mode=options.mode, online_decode=options.online_decode)
 
     def _forward_graphs(self, caches: CacheSet) -> ForwardGraphs | None:
         """The engine's CUDA graphs, when the fast path has them and the placement allows them."""
@@ -242,15 +246,11 @@ class Engine:
         geometry, audio = request.geometry, request.audio
         if isinstance(audio, LiveSource):
             return audio.block_features(self.audio_encoder, geometry)
-        if not request.streamed_audio_features:
+        if not request.options.streamed_audio_features:
             hidden = self.audio_encoder.hidden_states(audio.samples)
             features, _ = video_rate_features(hidden, infer_frames=geometry.infer_frames, fps=FPS)
             # Kept on the host in the run dtype (the DiT casts to it anyway); blocks move to the device.
             return WholeFileAudio(features.to("cpu", self.dtype), geometry)
         streamer = StreamingAudioFeatures(self.audio_encoder, frames_per_block=geometry.frames_per_block, fps=FPS)
         shape = (self.audio_encoder.num_layers + 1, self.audio_encoder.hidden_size)
-        if isinstance(audio, LiveAudio):
-            return StreamedAudio(streamer, lambda: audio.take(LIVE_AUDIO_POLL_S), geometry, feature_shape=shape,
-                                 pad_past_end=False)
-        return StreamedAudio(streamer, waveform_chunks(audio.samples), geometry, feature_shape=shape,
-                             pad_past_end=True)
+        return StreamedAudio(streamer, waveform_chunks(audio.samples), geometry, feature_shape=shape)

@@ -9,6 +9,13 @@ stored scale is 1/s. Two kernels use the same stored codes:
 * "scaled_mm" (W8A8, the reference's kernel, needs FP8 tensor cores, sm_89+): the input is flattened
   to [M, I], quantised per tensor with the same formula on every call, multiplied with
   `torch._scaled_mm` (fast accumulation, bias fused, bf16 output) and cast back to the input dtype;
+* "scaled_mm_rows": the same GEMM with one activation scale per row (token) instead of one per tensor
+  (the weight keeps its per-tensor scale, broadcast per output channel). A row's amax is a reduction
+  over one row, which Inductor fuses into the kernel that produces the row (a norm, a modulation, a
+  GELU), so no extra pass over the input remains; per-tensor needs a full reduction first and a second
+  pass to quantise. Deviation from the reference: a row's scale is ≥ the tensor's (its amax ≤ the
+  tensor's), so rows below the tensor's max keep more of their precision; values are never clipped
+  differently (both map their amax to 448);
 * "weight_only": the weight is dequantised per call (codes · scale formed in fp32, rounded to the input
   dtype) and multiplied with a regular matmul. Works on any device, including CPU; the transient
   dequantised weight is the price for FP8 storage without FP8 tensor cores.
@@ -31,7 +38,7 @@ KEEP_BF16_PATTERNS = (
     "head.head",
     "casual_audio_encoder.encoder.final_linear",
 )
-FP8_KERNELS = ("scaled_mm", "weight_only")
+FP8_KERNELS = ("scaled_mm", "scaled_mm_rows", "weight_only")
 
 
 def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,16 +49,26 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale.reciprocal()
 
 
+def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_per_tensor` of every row of x [M, I]: codes and fp32 inverse scales [M, 1]."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = (FP8_MAX / amax.clamp(min=1e-12)).clamp(max=FP8_MAX)
+    codes = (x.detach().float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scale.reciprocal()
+
+
 _fused_quantizer = None
 
 
-def _quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_activation(x: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_per_tensor` for the per-call inputs of the W8A8 kernel. Inside a compiled region
     (`liveavatar.runtime.compile`) it is traced with the region, so Inductor fuses it with the op that
     produces the input. Otherwise, on CUDA it is compiled on its own into one fused kernel as the
     reference does (eager, it costs ~6 passes over the input per linear, more than FP8 saves); where
     compilation is unavailable it stays eager."""
     global _fused_quantizer
+    if per_row:  # a row reduction: fused into its producer when compiled, one kernel eager
+        return quantize_per_row(x)
     if torch.compiler.is_compiling() or not x.is_cuda or _fused_quantizer is False:
         return quantize_per_tensor(x)
     if _fused_quantizer is None:
@@ -106,7 +123,7 @@ class FP8Linear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "scaled_mm":
+        if self.kernel != "weight_only":
             return self._forward_scaled_mm(x)
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -116,9 +133,12 @@ class FP8Linear(nn.Module):
 
     def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).contiguous()
-        codes, inverse_scale = _quantize_activation(x2d)
+        per_row = self.kernel == "scaled_mm_rows"
+        codes, inverse_scale = _quantize_activation(x2d, per_row)
+        # Row-wise scaling takes the weight's scale per output channel ([1, O]).
+        weight_scale = self.weight_scale.expand(1, self.out_features).contiguous() if per_row else self.weight_scale
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        out = torch._scaled_mm(codes, self.weight_fp8.t(), scale_a=inverse_scale, scale_b=self.weight_scale,
+        out = torch._scaled_mm(codes, self.weight_fp8.t(), scale_a=inverse_scale, scale_b=weight_scale,
                                bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 

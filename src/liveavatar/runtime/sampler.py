@@ -35,9 +35,9 @@ from liveavatar.geometry import (
     MOTION_LATENT_FRAMES,
     REF_ROPE_OFFSET_RANGE,
     ClipGeometry,
-    check_mode,
 )
 from liveavatar.io.video_writer import pixels_to_uint8
+from liveavatar.options import Mode
 from liveavatar.runtime.conditioning import ReferenceLatents
 from liveavatar.runtime.executors import BlockExecutor, BlockJob
 
@@ -51,7 +51,7 @@ RefRopeOffset = Callable[[int], int]
 # Reference RoPE offset policies
 
 
-def ref_rope_offsets(policy: Union[str, int], *, base_seed: int, mode: str, num_steps: int) -> RefRopeOffset:
+def ref_rope_offsets(policy: Union[str, int], *, base_seed: int, mode: Mode, num_steps: int) -> RefRopeOffset:
     """The offset source of a request: ``"seeded"``, ``"random"`` or a fixed int in 4..30.
 
     "seeded" reproduces an official run whose Python ``random`` was seeded: in single_gpu mode one
@@ -72,7 +72,7 @@ def ref_rope_offsets(policy: Union[str, int], *, base_seed: int, mode: str, num_
         return lambda step: entropy.randint(low, high)
     if policy != "seeded":
         raise ValueError(f"ref_rope_offset must be 'seeded', 'random' or an integer (got {policy!r})")
-    if check_mode(mode) == "single_gpu":
+    if mode == Mode.SINGLE_GPU:
         shared = random.Random(base_seed)
         return lambda step: shared.randint(low, high)
     per_step = [random.Random(base_seed + i) for i in range(num_steps)]
@@ -223,26 +223,25 @@ class NoDecoder:
         return []
 
 
-def make_decoder(mode: str, vae, reference: ReferenceLatents, geometry: ClipGeometry) -> Decoder:
+def make_decoder(mode: Mode, vae, reference: ReferenceLatents, geometry: ClipGeometry) -> Decoder:
     """The decoder a mode needs: one streaming decode of every block, or the per-clip context decode."""
-    if check_mode(mode) == "streaming":
+    if mode == Mode.STREAMING:
         return BlockStreamDecoder(vae, reference.motion, geometry)
     return ClipContextDecoder(vae, reference, geometry)
 
 
 def sample(executor: BlockExecutor, decoder: Decoder, reference: ReferenceLatents, audio: BlockAudio,
            geometry: ClipGeometry, *, noise: Callable[[int], torch.Tensor], total_blocks: int | None,
-           mode: str = "streaming", online_decode: bool = False) -> Iterator[LoopEvent]:
+           mode: Mode = Mode.STREAMING, online_decode: bool = False) -> Iterator[LoopEvent]:
     """Generate ``total_blocks`` blocks (whole clips in single_gpu mode), or with None, in streaming mode,
     until ``audio.block`` says the audio has ended; yields every clean block, then the frames it completes.
 
     ``noise(r)`` gives clip r's initial noise [16, latent_frames, h, w]; ``reference`` comes from
     `encode_reference` and ``decoder`` from `make_decoder`, both in the same mode.
     """
-    check_mode(mode)
-    if mode == "single_gpu" and (total_blocks is None or total_blocks % geometry.blocks_per_clip):
+    if mode == Mode.SINGLE_GPU and (total_blocks is None or total_blocks % geometry.blocks_per_clip):
         raise ValueError("mode single_gpu decodes whole clips: give total_blocks as a whole number of clips")
-    refresh_sink = mode == "streaming" or online_decode
+    refresh_sink = mode == Mode.STREAMING or online_decode
     executor.prefill(reference.ref, reference.dit_motion)
     in_flight: deque[tuple[int, int]] = deque()
     first_latent = None

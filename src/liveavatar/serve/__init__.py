@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 
 UI_PACKAGES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": "python_multipart",
-               "websockets": "websockets"}
+               "websockets": "websockets", "swagger-ui-bundle": "swagger_ui_bundle"}
 
 
 def ui_extra_status() -> tuple[bool, str]:

@@ -2,7 +2,9 @@
 
 * `Backend.load(...)`        -> a `LiveAvatarPipeline` (its `Engine`) placed as the planner decided;
 * `Backend.job(spec)`        -> ``engine.run(resolve_request(...))`` with the uploaded file as the audio;
-* `Backend.live(spec, audio)` -> ``engine.run(resolve_request(..., audio=PushedAudio))``, until it ends.
+* `Backend.live(request)`    -> ``engine.run(request)`` of a session's request (its audio a `LiveAudio`),
+                                until the audio ends or the caller closes the events;
+* `Backend.warm(size, steps)` -> one short run at the live setting (compile, CUDA graphs) before any session.
 
 Both return a `Run`: the output size, the block count when known, and an iterator of `BlockDone` and
 `Frames` events. Closing the iterator stops the run within one block (the loop is a generator that is
@@ -16,21 +18,12 @@ from typing import Iterator, Union
 import numpy as np
 from PIL import Image
 
-from liveavatar.geometry import ClipGeometry, size_for_area
+from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
+from liveavatar.options import RequestOptions
 from liveavatar.request import Request, resolve_request
+from liveavatar.runtime.live_audio import LiveAudio
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.sampler import BlockLatents
-
-
-@dataclass(frozen=True)
-class LiveSpec:
-    """A live session's settings (the audio comes separately, pushed while it runs)."""
-
-    image: Image.Image
-    prompt: str
-    size_area: int
-    sample_steps: int
-    base_seed: int
 
 
 @dataclass(frozen=True)
@@ -77,20 +70,22 @@ class Backend:
         return Run(geometry.width, geometry.height, request.total_blocks,
                    _events(self.pipe.engine.run(request), request.total_blocks))
 
-    def live_geometry(self, spec: LiveSpec) -> ClipGeometry:
-        height, width = size_for_area(spec.image.height, spec.image.width, spec.size_area)
-        return ClipGeometry(height, width, 48)
-
-    def audio_encoder(self):
-        return self.pipe.engine.audio_encoder
-
-    def live(self, spec: LiveSpec, audio) -> Run:
-        """An endless run driven by ``audio`` (a `live_audio.PushedAudio`): the streaming mode's loop with
-        the pushed-audio features, block after block until the audio ends or the caller closes the events."""
-        request = resolve_request(spec.image, audio, spec.prompt, size=spec.size_area, sample_steps=spec.sample_steps,
-                                  base_seed=spec.base_seed, mode="streaming")
+    def live(self, request: Request) -> Run:
+        """A live session's run (its request resolved on the WebSocket side): block after block until its
+        `LiveAudio` ends or the caller closes the events."""
         geometry = request.geometry
         return Run(geometry.width, geometry.height, None, _events(self.pipe.engine.run(request), None))
+
+    def warm(self, size: str, sample_steps: int) -> None:
+        """Two clips of silence at the live setting, so that the first session finds the compiled regions,
+        the CUDA graphs and the caches of its size ready."""
+        audio = LiveAudio()
+        audio.push(np.zeros(int(2 * 48 / FPS * AUDIO_SAMPLE_RATE), np.float32))
+        audio.end()
+        request = resolve_request(Image.new("RGB", (16 * 64, 9 * 64), (128, 128, 128)), audio, "",
+                                  RequestOptions(size=size, sample_steps=sample_steps))
+        for _ in self.live(request).events:
+            pass
 
 
 def _events(loop: Iterator, total: int | None) -> Iterator[Event]:

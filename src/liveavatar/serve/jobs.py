@@ -20,17 +20,21 @@ from pathlib import Path
 from typing import Protocol
 
 from liveavatar.errors import ArgumentError, LiveAvatarError
-from liveavatar.geometry import FPS, audio_video_frames
+from liveavatar.geometry import FPS, SAMPLES_PER_FRAME, audio_video_frames
 from liveavatar.request import Request
 from liveavatar.serve.backend import Backend, BlockDone
 from liveavatar.serve.fmp4 import FragmentedMp4Writer
-from liveavatar.serve.live_audio import SAMPLES_PER_FRAME
 
 FINISHED = ("done", "failed", "cancelled")
 
 
 class QueueFull(LiveAvatarError):
-    """The client already has as many jobs waiting as the server allows (HTTP 429)."""
+    """The server or this client already has as much work waiting as allowed (HTTP 429, with ``Retry-After``
+    when it is known)."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ServerBusy(LiveAvatarError):
@@ -72,6 +76,8 @@ class Job:
     blocks_total: int | None = None
     frames_done: int = 0
     stream_bytes: int = 0  # bytes of video.mp4 that are complete fragments, safe to send
+    watchers: int = 0  # open /stream responses
+    cancel_on_disconnect: bool = False  # a watcher asked: the last watcher leaving cancels the job
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -144,11 +150,17 @@ class Job:
 
 
 class WorkQueue:
-    def __init__(self, backend: Backend, root: Path, *, retention_s: float, max_per_client: int):
+    """``max_per_client`` jobs queued or running per client address, ``max_queued`` jobs waiting in all, and
+    ``max_live_per_client`` live sessions waiting or running per client address; past them ``QueueFull``."""
+
+    def __init__(self, backend: Backend, root: Path, *, retention_s: float, max_per_client: int, max_queued: int,
+                 max_live_per_client: int):
         self.backend = backend
         self.root = root
         self.retention_s = retention_s
         self.max_per_client = max_per_client
+        self.max_queued = max_queued
+        self.max_live_per_client = max_live_per_client
         self.jobs: dict[str, Job] = {}
         self.running: Work | None = None
         self._waiting: deque[Work] = deque()
@@ -174,7 +186,12 @@ class WorkQueue:
             mine = sum(1 for j in self.jobs.values() if j.client == job.client and j.state in ("queued", "running"))
             if mine >= self.max_per_client:
                 raise QueueFull(f"this client already has {mine} jobs queued or running, the server's limit "
-                                f"(--max-queued-per-client); wait for one to finish or DELETE one")
+                                f"(--max-queued-per-client); wait for one to finish or DELETE one",
+                                self._retry_after_s())
+            waiting_jobs = sum(1 for work in self._waiting if isinstance(work, Job))
+            if waiting_jobs >= self.max_queued:
+                raise QueueFull(f"the server's queue is full ({waiting_jobs} jobs waiting, --max-queued); try again "
+                                f"later", self._retry_after_s())
             if self._stopping:
                 raise LiveAvatarError("the server is shutting down")
             job.created = time.time()  # under the lock: submission order is creation order
@@ -186,12 +203,23 @@ class WorkQueue:
     def submit_live(self, session: Work) -> int:
         """Queue a live session ahead of the waiting jobs (behind other sessions)."""
         with self._lock:
+            mine = sum(1 for work in [self.running, *self._waiting]
+                       if work is not None and not isinstance(work, Job) and work.client == session.client)
+            if mine >= self.max_live_per_client:
+                raise QueueFull(f"this client already has {mine} live sessions waiting or running, the server's "
+                                f"limit (--max-live-per-client); end one first", self._retry_after_s())
             if self._stopping:
                 raise LiveAvatarError("the server is shutting down")
             index = sum(1 for work in self._waiting if not isinstance(work, Job))
             self._waiting.insert(index, session)
             self._lock.notify_all()
             return self._ahead(session)
+
+    def _retry_after_s(self) -> int:
+        """When a place is likely to free up: the running job's ETA, else one typical job's time (10 s)."""
+        running = self.running
+        eta = running.status(None, None)["progress"]["eta_s"] if isinstance(running, Job) else None
+        return max(1, round(eta if eta is not None else 10))
 
     def position(self, work: Work) -> int | None:
         """How many items run before this waiting one (the running one included); None once it started."""

@@ -1,51 +1,74 @@
 """The live session behind ``/v1/live``: a WebSocket side (asyncio) and an engine side (the queue's worker
-thread), joined by a `PushedAudio` (audio in) and an asyncio queue (blocks out). Protocol: protocol.py.
+thread), joined by the request's `LiveAudio` (audio in) and an asyncio queue (blocks out). Protocol:
+protocol.py and the README.
 
-The session ends on ``end`` (once the video has covered all the audio), after ``idle_limit_s`` of
-silence-only output, when the client disconnects (the loop stops within one block) or when the server
-stops. JPEG encoding runs in a helper thread so that the engine thread goes straight on to the next block.
+The start message is resolved once, here, into the session's `Request` (its audio a paced `LiveAudio`);
+the engine thread runs it (`Backend.live`) when the session's turn comes. The session ends on ``end``
+(once the video has covered all the audio), after ``idle_limit_s`` of silence-only output, when the client
+disconnects (the loop stops within one block) or when the server stops. JPEG encoding runs in a helper
+thread so that the engine thread goes straight on to the next block.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import io
 import json
+import time
 from dataclasses import dataclass
 
 from PIL import Image
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from liveavatar.errors import InputError
-from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
-from liveavatar.serve.backend import Backend, Frames, LiveSpec
+from liveavatar.errors import InputError, LiveAvatarError
+from liveavatar.geometry import AUDIO_SAMPLE_RATE, DROPPED_LEADING_FRAMES, FPS
+from liveavatar.request import Request
+from liveavatar.runtime.live_audio import LiveAudio
+from liveavatar.runtime.live_ledger import OutputAudio
+from liveavatar.serve.backend import Backend, BlockDone, Frames
 from liveavatar.serve.jobs import error_line
-from liveavatar.serve.live_audio import PLAYOUT_DELAY_S, PushedAudio, SessionClosed
-from liveavatar.serve.protocol import CONTROL_TYPES, START_FIELDS, from_pcm16, pack_block, to_pcm16
-from liveavatar.serve.uploads import read_image, request_arguments
+from liveavatar.serve.live_input import SessionInput, client_message
+from liveavatar.serve.live_start import LiveOptions, parse_start
+from liveavatar.serve.protocol import pack_block, to_pcm16
 
 BAD_INPUT_CLOSE = 4400  # WebSocket close codes 4000-4999 are the application's; 4400 mirrors HTTP 400
 INTERNAL_CLOSE = 1011
 
 
-@dataclass(frozen=True)
-class LiveOptions:
-    realtime: bool
-    idle_limit_s: float
-    jpeg_quality: int
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(max(0.0, seconds) * 1000, 1)
+
+
+@dataclass
+class _Block:
+    """A block on its way out, with the times it passed each stage (monotonic seconds)."""
+
+    index: int  # blocks sent before it
+    frames: Frames
+    audio: OutputAudio
+    queued_s: float
+    lag_s: float
+    window_done: float  # its features' window was complete (audio + lookahead there)
+    handed: float  # the loop took its features: compute starts
+    latents_at: float  # denoised
+    frames_at: float  # decoded
+    encoded_at: float = 0.0
 
 
 class LiveSession:
     """One session; `run` is called on the engine thread when the session's turn comes."""
 
-    def __init__(self, client: str, spec: LiveSpec, options: LiveOptions, audio: PushedAudio,
+    def __init__(self, client: str, request: Request, options: LiveOptions, ready: dict,
                  loop: asyncio.AbstractEventLoop):
         self.client = client
-        self.spec, self.options, self.audio = spec, options, audio
+        self.request, self.options = request, options
+        self.audio: LiveAudio = request.audio
         self.outbox: asyncio.Queue = asyncio.Queue()
         self._loop = loop
         self._stopped = False
+        self._latents_at: dict[int, float] = {}
+        self.audio.on_first_block = lambda: self._post(ready)
+        self.audio.on_lag = lambda lag_s, dropped_s, policy: self._post({
+            "type": "lag", "lag_s": round(lag_s, 3), "dropped_s": round(dropped_s, 3), "policy": policy})
 
     def cancel(self) -> None:
         self._stopped = True
@@ -56,31 +79,21 @@ class LiveSession:
         blocks, reason = 0, "stopped"
         run = None
         try:
-            geometry = backend.live_geometry(self.spec)
-            # Sent once the prompt, the reference and the sink are done, when the loop first asks for audio.
-            self.audio.on_ready = lambda: self._post({
-                "type": "ready", "width": geometry.width, "height": geometry.height, "fps": FPS,
-                "sample_rate": AUDIO_SAMPLE_RATE, "frames_per_block": geometry.frames_per_block,
-                "playout_delay_s": PLAYOUT_DELAY_S})
-            run = backend.live(self.spec, self.audio)
+            run = backend.live(self.request)
             for event in run.events:
                 if self._stopped:
                     break
-                if not isinstance(event, Frames):
+                if isinstance(event, BlockDone):
+                    self._latents_at[event.blocks_done - 1] = time.monotonic()
                     continue
-                self._post((blocks, event, self.audio.take_output(event.start, len(event.frames)),
-                            self.audio.queued_seconds))
-                self.audio.block_sent()
+                self._post(self._block(blocks, event))
                 blocks += 1
                 made = event.start + len(event.frames)
-                if self.audio.all_sent(made):
-                    reason = "end"
-                    break
                 if self.audio.silent_seconds(made) > self.options.idle_limit_s:
                     reason = "idle"
                     break
-        except SessionClosed:
-            pass
+            else:
+                reason = "stopped" if self._stopped else "end"
         except Exception as error:
             self._post({"type": "error", "message": error_line(error)})
             reason = "error"
@@ -89,100 +102,77 @@ class LiveSession:
                 run.events.close()
         self._post({"type": "done", "reason": reason, "blocks": blocks})
 
+    def _block(self, index: int, frames: Frames) -> _Block:
+        now = time.monotonic()
+        number = (frames.start + DROPPED_LEADING_FRAMES) // self.request.geometry.frames_per_block
+        window_done, handed = self.audio.ledger.blocks.pop(number)
+        block = _Block(index, frames, self.audio.take_output(frames.start, len(frames.frames)), self.audio.queued_seconds,
+                       self.audio.lag_seconds(), window_done, handed, self._latents_at.pop(number, now), now)
+        if self.audio.pacer is not None:
+            self.audio.pacer.block_sent(now - handed)
+        return block
+
     def _post(self, item) -> None:
         try:
             self._loop.call_soon_threadsafe(self.outbox.put_nowait, item)
         except RuntimeError:
             pass  # the event loop is gone (server stopping): nobody is listening any more
 
-    def encode(self, item) -> bytes:
-        """A block as the wire message (runs in a helper thread)."""
-        index, event, out, queued = item
+    def encode(self, block: _Block) -> list[bytes]:
+        """The block's JPEGs (runs in a helper thread)."""
         jpegs = []
-        for pixels in event.frames:
+        for pixels in block.frames.frames:
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="JPEG", quality=self.options.jpeg_quality)
             jpegs.append(buffer.getvalue())
-        now = self.audio.now()
-        header = {"type": "block", "block": index, "frame_start": event.start,
-                  "timestamps": [round((event.start + i) / FPS, 4) for i in range(len(jpegs))],
+        block.encoded_at = time.monotonic()
+        return jpegs
+
+    def message(self, block: _Block, jpegs: list[bytes]) -> bytes:
+        """The wire message, its timing complete up to the moment it is handed to the socket."""
+        sent_at, out, start = time.monotonic(), block.audio, block.frames.start
+        compute_s = block.latents_at - block.handed
+        speech = out.first_arrival is not None
+        timing = {
+            "accumulate_ms": _ms(out.last_arrival - out.first_arrival) if speech else None,
+            "lookahead_ms": _ms(block.window_done - out.last_arrival),
+            "queue_ms": _ms(block.handed - block.window_done), "compute_ms": _ms(compute_s),
+            "decode_ms": _ms(block.frames_at - block.latents_at), "jpeg_ms": _ms(block.encoded_at - block.frames_at),
+            "send_ms": _ms(sent_at - block.encoded_at)}
+        block_seconds = self.request.geometry.frames_per_block / FPS
+        header = {"type": "block", "block": block.index, "frame_start": start,
+                  "timestamps": [round((start + i) / FPS, 4) for i in range(len(jpegs))],
                   "audio_start": out.clock_start / AUDIO_SAMPLE_RATE, "audio_samples": len(out.samples),
-                  "input_samples": list(out.input_range) if out.input_range else None,
-                  "speech": out.input_range is not None,
-                  "latency_ms": None if out.first_arrival is None else round((now - out.first_arrival) * 1000, 1),
-                  "compute_ms": round(self.audio.block_compute_s * 1000, 1), "queued_audio_s": round(queued, 3),
-                  "blocks_done": index + 1}
+                  "input_samples": list(out.input_range) if out.input_range else None, "speech": speech,
+                  "latency_ms": _ms(sent_at - out.first_arrival) if speech else None,
+                  "compute_ms": timing["compute_ms"], "rtf": round(block_seconds / max(compute_s, 1e-6), 3),
+                  "timing": timing, "queued_audio_s": round(block.queued_s, 3), "lag_s": round(block.lag_s, 3),
+                  "blocks_done": block.index + 1}
         return pack_block(header, jpegs, to_pcm16(out.samples))
-
-
-def parse_start(message: dict, server) -> tuple[LiveSpec, LiveOptions]:
-    """Check a start message (same messages as the CLI for the shared settings)."""
-    unknown = [key for key in message if key not in START_FIELDS]
-    if unknown:
-        raise InputError(f"unknown field {unknown[0]!r} in the start message; accepted: {', '.join(START_FIELDS)}")
-    folder = server.queue.new_job_folder()
-    try:
-        if message.get("image_id"):
-            image_path = server.images.get(str(message["image_id"]))
-            if image_path is None:
-                raise InputError(f"image_id {message['image_id']!r}: no such upload (or it expired); POST the image to "
-                                 f"/v1/images again")
-            name = "image_id"
-        else:
-            try:
-                data = base64.b64decode(str(message.get("image", "")), validate=True)
-            except (binascii.Error, ValueError):
-                raise InputError("--image: the start message's 'image' is not valid base64") from None
-            if not data:
-                raise InputError("--image: required (the start message's 'image' as base64, or an 'image_id')")
-            if len(data) > server.limits.upload_bytes:
-                raise InputError(f"--image: larger than this server's {server.limits.upload_bytes / 2**20:g} MiB "
-                                 f"upload limit (--max-upload-mb)")
-            image_path = folder / "image"
-            image_path.write_bytes(data)
-            name = "image"
-        fields = {key: str(value) for key, value in message.items() if key in ("prompt", "size", "steps", "seed")}
-        arguments = request_arguments(fields, server.limits)
-        image = read_image(image_path, name)
-    finally:
-        for path in folder.iterdir():
-            path.unlink()
-        folder.rmdir()
-    idle = float(message.get("idle_limit_s", server.live_idle_limit_s))
-    if not 0 < idle <= server.live_idle_limit_s:
-        raise InputError(f"idle_limit_s {idle:g}: must be in (0, {server.live_idle_limit_s:g}] on this server "
-                         f"(--live-idle-limit)")
-    quality = int(message.get("jpeg_quality", 80))
-    if not 30 <= quality <= 95:
-        raise InputError(f"jpeg_quality {quality}: must be in 30..95")
-    spec = LiveSpec(image=image, prompt=arguments["prompt"], size_area=arguments["size"],
-                    sample_steps=arguments["sample_steps"], base_seed=arguments["base_seed"])
-    realtime = message.get("realtime", True)
-    if not isinstance(realtime, bool):
-        raise InputError(f"realtime {realtime!r}: must be true or false")
-    return spec, LiveOptions(realtime=realtime, idle_limit_s=idle, jpeg_quality=quality)
 
 
 async def serve_live(websocket: WebSocket, server) -> None:
     await websocket.accept()
     try:
-        start = json.loads(await websocket.receive_text())
-        if not isinstance(start, dict) or start.get("type") != "start":
-            raise InputError('the first message must be {"type": "start", ...} (see the README\'s live protocol)')
-        spec, options = await asyncio.to_thread(parse_start, start, server)
-    except (InputError, ValueError) as error:
+        first = await websocket.receive()
+        if first["type"] == "websocket.disconnect":
+            return
+        request, options, ready = await asyncio.to_thread(parse_start, start_message(first), server)
+    except InputError as error:
         await _refuse(websocket, error_line(error))
         return
     except WebSocketDisconnect:
         return
-    geometry = server.backend.live_geometry(spec)
-    audio = PushedAudio(server.backend.audio_encoder(), geometry, realtime=options.realtime)
-    session = LiveSession(websocket.client.host if websocket.client else "?", spec, options, audio,
+    session = LiveSession(websocket.client.host if websocket.client else "?", request, options, ready,
                           asyncio.get_running_loop())
-    position = server.queue.submit_live(session)
+    try:
+        position = server.queue.submit_live(session)
+    except LiveAvatarError as error:  # over the per-client cap, or shutting down
+        await _refuse(websocket, error_line(error))
+        return
     if position:
         await websocket.send_json({"type": "queued", "position": position})
-    receiver = asyncio.create_task(_receive(websocket, audio))
+    receiver = asyncio.create_task(_receive(websocket, SessionInput(session)))
     try:
         while True:
             getter = asyncio.create_task(session.outbox.get())
@@ -201,7 +191,8 @@ async def serve_live(websocket: WebSocket, server) -> None:
                     await websocket.close()
                     return
             else:
-                await websocket.send_bytes(await asyncio.to_thread(session.encode, item))
+                jpegs = await asyncio.to_thread(session.encode, item)
+                await websocket.send_bytes(session.message(item, jpegs))
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away mid-send
     finally:
@@ -210,37 +201,38 @@ async def serve_live(websocket: WebSocket, server) -> None:
         session.cancel()
 
 
-async def _receive(websocket: WebSocket, audio: PushedAudio) -> str | None:
-    """Feed the client's messages to the session; returns a message for a protocol error, None on disconnect."""
-    leftover = b""
+def start_message(message: dict) -> dict:
+    """The first message as a start message's fields; InputError for anything else."""
+    if message.get("text") is None:
+        raise InputError('the first message must be the JSON text {"type": "start", ...} (see the README\'s live '
+                         'protocol); got a binary message')
+    try:
+        start = json.loads(message["text"])
+    except ValueError:
+        raise InputError(f'the first message is not JSON ({message["text"][:40]!r}...); send {{"type": "start", '
+                         f'...}} (see the README\'s live protocol)') from None
+    if not isinstance(start, dict) or start.get("type") != "start":
+        raise InputError('the first message must be {"type": "start", ...} (see the README\'s live protocol)')
+    return start
+
+
+async def _receive(websocket: WebSocket, feed: SessionInput) -> str | None:
+    """The client's messages into the session; a message for a protocol error, None on disconnect."""
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return None
-            if message.get("bytes") is not None:
-                data = leftover + message["bytes"]
-                even = len(data) - len(data) % 2
-                leftover = data[even:]
-                try:
-                    audio.push(from_pcm16(data[:even]))
-                except ValueError as error:
-                    return error_line(error)
-                continue
             try:
-                control = json.loads(message.get("text") or "")
-                kind = control.get("type")
-            except (ValueError, AttributeError):
-                kind = None
-            if kind == "end":
-                audio.end()
-            elif kind == "interrupt":
-                audio.interrupt()
-            else:
-                return (f"unexpected message {(message.get('text') or '')[:60]!r} after start; send binary "
-                        f"PCM16 audio or one of {', '.join(CONTROL_TYPES)} as {{\"type\": ...}}")
+                problem = feed.handle(client_message(message))
+            except InputError as error:
+                problem = error_line(error)
+            if problem is not None:
+                return problem
     except WebSocketDisconnect:
         return None
+    finally:
+        feed.close()
 
 
 async def _refuse(websocket: WebSocket, message: str) -> None:
@@ -249,3 +241,4 @@ async def _refuse(websocket: WebSocket, message: str) -> None:
         await websocket.close(code=BAD_INPUT_CLOSE, reason=message[:120])
     except (WebSocketDisconnect, RuntimeError):
         pass
+

@@ -26,13 +26,16 @@ class LocalServer:
 
     def __init__(self, backend: Backend, *, token: str | None = None, retention_s: float = 600.0,
                  max_per_client: int = 8, live_idle_limit_s: float = 30.0, default_size: str = "64*64",
-                 max_area: int = 704 * 384, max_steps: int = 4, upload_mb: float = 50.0, max_audio_s: float = 600.0):
+                 max_area: int = 704 * 384, max_steps: int = 4, upload_mb: float = 50.0, max_audio_s: float = 600.0,
+                 max_queued: int = 32, max_live_per_client: int = 2, **live):
+        """``live``: the `ServerState`'s live fields (live_setting, live_lag_bound_s, tts_command)."""
         self.root = Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
         limits = Limits(upload_bytes=int(upload_mb * 2**20), audio_seconds=max_audio_s, max_area=max_area,
                         max_steps=max_steps, default_size=default_size)
         self.state = ServerState(backend=backend, root=self.root, limits=limits,
                                  retention_s=retention_s, max_per_client=max_per_client,
-                                 live_idle_limit_s=live_idle_limit_s, token=token)
+                                 live_idle_limit_s=live_idle_limit_s, token=token, max_queued=max_queued,
+                                 max_live_per_client=max_live_per_client, **live)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/live"

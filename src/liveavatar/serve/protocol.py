@@ -2,8 +2,9 @@
 whole protocol).
 
 Client -> server: a JSON ``start`` message, then binary messages of 16 kHz mono PCM16 little-endian audio
-of any size, JSON ``interrupt`` at any time and JSON ``end`` when the audio is over.
-Server -> client: JSON ``queued`` / ``ready`` / ``done`` / ``error``, and one binary message per block:
+of any size, JSON ``interrupt`` at any time, ``say`` (text the server speaks) and ``end`` when the audio
+is over. Server -> client: JSON ``queued`` / ``ready`` / ``lag`` / ``notice`` / ``done`` / ``error``, and
+one binary message per block:
 
     [4 bytes: header length N, big-endian] [N bytes: UTF-8 JSON header] [JPEG 0] ... [JPEG k-1] [PCM16 audio]
 
@@ -24,8 +25,8 @@ import struct
 import numpy as np
 
 START_FIELDS = ("type", "image", "image_id", "prompt", "size", "steps", "seed", "realtime", "idle_limit_s",
-                "jpeg_quality")
-CONTROL_TYPES = ("end", "interrupt")
+                "jpeg_quality", "lag_bound_s")
+CONTROL_TYPES = ("end", "interrupt", "say")
 
 
 def to_pcm16(samples: np.ndarray) -> bytes:

@@ -16,11 +16,16 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from liveavatar.errors import ArgumentError, InputError
 from liveavatar.io.media import load_image
-from liveavatar.request import Request, parse_size, resolve_request
+from liveavatar.options import DEFAULTS, RequestOptions, option_from_text, parse_size
+from liveavatar.request import Request, resolve_request
 
 FILE_FIELDS = ("image", "audio")
-TEXT_FIELDS = ("prompt", "size", "steps", "seed", "mode", "num_clip")
+# The form's text fields that are request options, and the option each one sets.
+OPTION_FIELDS = {"size": "size", "steps": "sample_steps", "seed": "base_seed", "mode": "mode", "num_clip": "num_clip"}
+TEXT_FIELDS = ("prompt", *OPTION_FIELDS)
 MAX_TEXT_FIELD = 4096
+# The sizes the pages offer (only the area matters: the portrait's aspect sets the shape), cut at --max-size.
+OFFERED_SIZES = ("704*384", "640*352", "576*320", "512*288", "448*256", "384*256", "320*192")
 
 
 class UploadTooLarge(InputError):
@@ -34,6 +39,16 @@ class Limits:
     max_area: int
     max_steps: int
     default_size: str
+
+    @property
+    def default_steps(self) -> int:
+        return min(DEFAULTS.sample_steps, self.max_steps)
+
+    def sizes(self) -> list[str]:
+        """The offered sizes this server accepts, and its default size, largest first."""
+        accepted = {parse_size(size): size for size in OFFERED_SIZES if parse_size(size) <= self.max_area}
+        accepted[parse_size(self.default_size)] = self.default_size
+        return [accepted[area] for area in sorted(accepted, reverse=True)]
 
 
 def client_name(raw: str | None, field: str) -> str:
@@ -126,16 +141,6 @@ class MultipartReader:
             self.fields[self._name] = self._text.decode("utf-8", "replace")
 
 
-def _as_int(fields: dict[str, str], name: str, argument: str, default: int | None) -> int | None:
-    text = str(fields.get(name, "")).strip()
-    if not text:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise ArgumentError(argument, f"{text!r}: expected an integer") from None
-
-
 def _as_flags(error: InputError) -> str:
     """The message as the command line prints it (the server answers with the CLI's lines)."""
     return error.as_flag() if isinstance(error, ArgumentError) else str(error)
@@ -149,19 +154,18 @@ def read_image(path: Path, name: str):
         raise InputError(_as_flags(error).replace(str(path), name)) from None
 
 
-def request_arguments(fields: dict[str, str], limits: Limits) -> dict:
-    """`resolve_request`'s keyword arguments from a request's text fields, within the server's limits."""
-    size = fields.get("size", "").strip() or limits.default_size
-    area = parse_size(size)
-    if area > limits.max_area:
-        raise ArgumentError("size", f"{size!r}: the area {area} is above this server's limit {limits.max_area} "
-                                    f"(--max-size)")
-    steps = _as_int(fields, "steps", "sample_steps", 4)
-    if steps > limits.max_steps:
-        raise ArgumentError("sample_steps", f"{steps}: above this server's limit of {limits.max_steps}")
-    return dict(prompt=fields.get("prompt", ""), size=area, sample_steps=steps,
-                num_clip=_as_int(fields, "num_clip", "num_clip", None),
-                base_seed=_as_int(fields, "seed", "base_seed", 420), mode=fields.get("mode", "").strip() or "streaming")
+def form_options(fields: dict[str, str], limits: Limits) -> RequestOptions:
+    """The `RequestOptions` a request's text fields (`OPTION_FIELDS`) give, within the server's limits; a
+    field left empty keeps the server's default."""
+    given = {OPTION_FIELDS[name]: option_from_text(OPTION_FIELDS[name], text.strip())
+             for name, text in fields.items() if name in OPTION_FIELDS and text.strip()}
+    options = RequestOptions(**{"size": limits.default_size, "sample_steps": limits.default_steps, **given})
+    if options.size > limits.max_area:
+        raise ArgumentError("size", f"{fields.get('size', '').strip() or limits.default_size!r}: the area "
+                                    f"{options.size} is above this server's limit {limits.max_area} (--max-size)")
+    if options.sample_steps > limits.max_steps:
+        raise ArgumentError("sample_steps", f"{options.sample_steps}: above this server's limit of {limits.max_steps}")
+    return options
 
 
 def job_request(folder: Path, reader: MultipartReader, limits: Limits) -> Request:
@@ -172,10 +176,10 @@ def job_request(folder: Path, reader: MultipartReader, limits: Limits) -> Reques
             what = "reference portrait" if name == "image" else "driving speech"
             raise InputError(f"--{name}: required (upload the {what} as the {name!r} file field)")
     image_path, audio_path = folder / "image", folder / "audio"
-    arguments = request_arguments(reader.fields, limits)
+    options = form_options(reader.fields, limits)
     image = read_image(image_path, reader.files["image"])
     try:
-        request = resolve_request(image, audio_path, **arguments)
+        request = resolve_request(image, audio_path, reader.fields.get("prompt", ""), options)
     except InputError as error:
         raise InputError(_as_flags(error).replace(str(audio_path), reader.files["audio"])) from None
     if request.audio_seconds > limits.audio_seconds:

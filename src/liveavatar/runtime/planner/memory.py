@@ -27,6 +27,7 @@ import os
 from dataclasses import astuple, dataclass
 
 from liveavatar.geometry import ClipGeometry
+from liveavatar.options import DEFAULTS, Mode, RequestOptions
 from liveavatar.runtime.pinned_chunks import packed_bytes
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.planner.hardware import GiB, Hardware
@@ -56,6 +57,8 @@ TEXT_ENCODER_PARAMS = 5_680_910_336
 AUDIO_ENCODER_PARAMS = 315_472_545
 # CALIBRATED: reserved / allocated - 1 of the caching allocator at the peak.
 ALLOCATOR_FRAGMENTATION = 0.03
+# Audio a plan assumes when it is not told (its waveform and whole-file features stay on the host).
+DEFAULT_AUDIO_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,26 @@ class RankRole:
 @dataclass(frozen=True)
 class Workload:
     """The shape of a run: video size, clip length, steps and GPUs. With ``num_gpus`` > 1 the memory and
-    speed are those of one rank, ``role`` (`liveavatar.runtime.planner.pipeline` plans every rank)."""
+    speed are those of one rank, ``role`` (`liveavatar.runtime.planner.pipeline` plans every rank). A run's
+    workload comes from `of`; the defaults are the request options' defaults."""
 
     height: int
     width: int
-    infer_frames: int = 48
-    sample_steps: int = 4
+    infer_frames: int = DEFAULTS.infer_frames
+    sample_steps: int = DEFAULTS.sample_steps
     num_gpus: int = 1
-    mode: str = "streaming"
+    mode: Mode = DEFAULTS.mode
     run_dtype_bytes: int = 2
     role: RankRole | None = None
-    audio_seconds: float = 60.0  # its waveform and whole-file audio features stay on the host for the run
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS  # its waveform and whole-file audio features stay on the host
     attention: str = "bf16"  # the blocks' self-attention: bf16, int8 or fp8 (liveavatar.models.quantised_attention)
+
+    @classmethod
+    def of(cls, geometry: ClipGeometry, options: RequestOptions, *, run_dtype_bytes: int, num_gpus: int = 1,
+           audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> "Workload":
+        """The workload of a request of ``geometry`` and ``options`` on ``num_gpus`` ranks."""
+        return cls(geometry.height, geometry.width, geometry.infer_frames, options.sample_steps, num_gpus,
+                   options.mode, run_dtype_bytes, audio_seconds=audio_seconds)
 
     @functools.cached_property
     def geometry(self) -> ClipGeometry:
@@ -431,7 +442,7 @@ def _output_components(inv: DiTInventory, work: Workload, placement: Placement) 
     components.append(Component("VAE weights", "gpu", run_dtype, VAE_PARAMS * b, AFTER_LOAD))
     components.append(Component("audio encoder (wav2vec2, kept on the device)", "gpu", run_dtype,
                                 AUDIO_ENCODER_PARAMS * b, AFTER_LOAD))
-    state_phases = STEADY if work.mode == "streaming" else ("decode",)
+    state_phases = STEADY if work.mode == Mode.STREAMING else ("decode",)
     components.append(Component("VAE streaming decoder state", "gpu", run_dtype,
                                 vae_state_elements(geometry.latent_height, geometry.latent_width) * b,
                                 state_phases))

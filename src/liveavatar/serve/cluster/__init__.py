@@ -1,8 +1,9 @@
 """``liveavatar serve --cluster``: the server as a Ray Serve application, an ingress deployment (the API,
 the pages, uploads, the job table: `ingress`, `dispatch`, `relay`) and an engine deployment whose replicas
-each own one `Engine` (`replica`), routed by `routing`, configured by `config`, started by `launch`.
+each own one `Engine` (`replica`), routed by `routing`, configured by `config`; the command line's side
+(flags, connecting, deploying) is `liveavatar.cli.serve_cluster`.
 
-Its dependency is the ``cluster`` extra (``ray[serve]``); nothing else imports this package.
+Its dependency is the ``cluster`` extra (``ray[serve]``); only that command imports this package's modules.
 """
 from __future__ import annotations
 

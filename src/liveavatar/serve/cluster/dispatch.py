@@ -66,12 +66,16 @@ class ReplicaBook:
 
 
 class ClusterQueue:
-    def __init__(self, engine, store: Path, *, retention_s: float, max_per_client: int, max_waiting: int):
+    def __init__(self, engine, store: Path, *, retention_s: float, max_per_client: int, max_waiting: int,
+                 max_queued: int, max_live_per_client: int):
         self.engine = engine  # the engine deployment's handle
         self.store = store
         self.retention_s = retention_s
         self.max_per_client = max_per_client
         self.max_waiting = max_waiting
+        self.max_queued = max_queued
+        self.max_live_per_client = max_live_per_client
+        self.live_open: dict[str, int] = {}  # client -> its open live sessions
         self.jobs: dict[str, Job] = {}
         self.replicas = ReplicaBook()
         self.placed: dict[str, str] = {}  # job id -> the replica that took it
@@ -118,7 +122,11 @@ class ClusterQueue:
         mine = sum(1 for j in self.jobs.values() if j.client == job.client and j.state in ("queued", "running"))
         if mine >= self.max_per_client:
             raise QueueFull(f"this client already has {mine} jobs queued or running, the server's limit "
-                            f"(--max-queued-per-client); wait for one to finish or DELETE one")
+                            f"(--max-queued-per-client); wait for one to finish or DELETE one", RETRY_AFTER_S)
+        queued = sum(1 for j in self.jobs.values() if j.state == "queued")
+        if queued >= self.max_queued:
+            raise QueueFull(f"the server's queue is full ({queued} jobs waiting, --max-queued); try again later",
+                            RETRY_AFTER_S)
         self.admit()
         job.created = time.time()
         self.jobs[job.id] = job
@@ -131,6 +139,21 @@ class ClusterQueue:
         if self.waiting >= self.max_waiting:
             raise ServerBusy(f"every engine replica is busy and {self.waiting} jobs and sessions are waiting, this "
                              f"server's limit (--max-waiting); try again in {RETRY_AFTER_S} s", RETRY_AFTER_S)
+
+    def open_live(self, client: str) -> None:
+        """Count a new live session of ``client``, past the per-client cap and the global one; `close_live`
+        when it ends."""
+        mine = self.live_open.get(client, 0)
+        if mine >= self.max_live_per_client:
+            raise QueueFull(f"this client already has {mine} live sessions waiting or running, the server's limit "
+                            f"(--max-live-per-client); end one first", RETRY_AFTER_S)
+        self.admit()
+        self.live_open[client] = mine + 1
+
+    def close_live(self, client: str) -> None:
+        self.live_open[client] -= 1
+        if not self.live_open[client]:
+            del self.live_open[client]
 
     def position(self, job: Job) -> int | None:
         return self._positions.get(job.id) if job.state == "queued" else None

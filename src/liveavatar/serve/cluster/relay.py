@@ -1,7 +1,10 @@
-"""``/v1/live`` at the cluster's ingress: the start message is checked here (the same `parse_start` as the
-single-process server), then the session is one streaming call to the engine deployment, which stays on
-the replica that took it for the session's life; the client's audio and controls follow it there by name
-(`routing.PinnedOrShortestQueue`), in order, one batch in flight at a time.
+"""``/v1/live`` at the cluster's ingress: a pipe to the replica that runs the session. The session itself
+(start message, queueing, pacing, every message it sends) is the single-process `serve_live`, run on the
+replica (`replica.RelayedSocket`); here the WebSocket is joined to one streaming call to the engine
+deployment, which stays on the replica that took it for the session's life, and the client's messages
+follow it there by name (`routing.PinnedOrShortestQueue`), in order, one batch in flight at a time, from
+the call's first item on (the replica's "taken": a push sent before the call has started on the replica
+was seen to hang).
 
 Past the global cap on waiting work the client gets ``{"type": "busy", "retry_after_s"}`` and close code
 1013 (try again later) at once. When the replica dies, or sends nothing for ``WATCHDOG_S`` (it sends a
@@ -10,83 +13,72 @@ keep-alive every second), the client gets an ``error`` message and close code 10
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from liveavatar.errors import InputError
-from liveavatar.serve.cluster.dispatch import ASSIGN_TIMEOUT_S, WATCHDOG_S, cause_line
-from liveavatar.serve.jobs import ServerBusy, error_line
-from liveavatar.serve.live import BAD_INPUT_CLOSE, INTERNAL_CLOSE, parse_start
-from liveavatar.serve.protocol import CONTROL_TYPES
+from liveavatar.serve.cluster.dispatch import ASSIGN_TIMEOUT_S, WATCHDOG_S, ReplicaLost, cause_line
+from liveavatar.serve.jobs import QueueFull, ServerBusy, error_line
+from liveavatar.serve.live import BAD_INPUT_CLOSE
 
 TRY_AGAIN_LATER_CLOSE = 1013
+INTERNAL_CLOSE = 1011
 PUSH_TIMEOUT_S = 5.0
 
 
 async def relay_live(websocket: WebSocket, server) -> None:
     await websocket.accept()
-    try:
-        start = json.loads(await websocket.receive_text())
-        if not isinstance(start, dict) or start.get("type") != "start":
-            raise InputError('the first message must be {"type": "start", ...} (see the README\'s live protocol)')
-        spec, options = await asyncio.to_thread(parse_start, start, server)
-    except (InputError, ValueError) as error:
-        await _close(websocket, {"type": "error", "message": error_line(error)}, BAD_INPUT_CLOSE)
-        return
-    except WebSocketDisconnect:
-        return
     queue = server.queue
+    first = await websocket.receive()  # the start message: the busy answer comes after it, as any answer
+    if first["type"] == "websocket.disconnect":
+        return
+    client = websocket.client.host if websocket.client else "?"
     try:
-        queue.admit()
+        queue.open_live(client)
     except ServerBusy as error:
         await _close(websocket, {"type": "busy", "message": str(error), "retry_after_s": error.retry_after_s},
                      TRY_AGAIN_LATER_CLOSE)
         return
+    except QueueFull as error:
+        await _close(websocket, {"type": "error", "message": error_line(error)}, BAD_INPUT_CLOSE)
+        return
+    inbox: asyncio.Queue = asyncio.Queue()
+    inbox.put_nowait(_with_image(first, server))
+    reader = asyncio.create_task(_read_client(websocket, inbox))
     session_id = secrets.token_hex(8)
     queue.live_waiting += 1
     waiting = True
-    inbox: asyncio.Queue = asyncio.Queue()
-    reader = asyncio.create_task(_read_client(websocket, inbox))
-    forwarder = call = replica = None
+    call = forwarder = replica = None
     try:
         replica = await queue.take_replica()
-        call = queue.engine.options(stream=True).live.remote(session_id, spec, options, replica=replica)
+        call = queue.engine.options(stream=True).live.remote(session_id, client, replica=replica)
         first = True
-        position = None
         while True:
             following = asyncio.ensure_future(call.__anext__())
-            watched = {following, reader} | ({forwarder} if forwarder else set())
-            done, _ = await asyncio.wait(watched, timeout=ASSIGN_TIMEOUT_S if first else WATCHDOG_S,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            watched = {following, reader} | ({forwarder} if forwarder is not None else set())
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=ASSIGN_TIMEOUT_S if first else WATCHDOG_S)
             if following not in done:
                 following.cancel()
                 if not done:
                     raise asyncio.TimeoutError()
-                problem = (reader if reader in done else forwarder).result()
-                if problem is not None:
-                    await _close(websocket, {"type": "error", "message": problem}, BAD_INPUT_CLOSE)
-                return  # the client went away, or sent something wrong
-            event = following.result()
-            first = False
-            if isinstance(event, bytes):
-                await websocket.send_bytes(event)
-                continue
-            kind = event["type"]
-            if kind == "assigned":
+                if reader in done:
+                    return  # the client went away: leaving the call stops the session on the replica
+                raise ReplicaLost(forwarder.result())
+            item, first = following.result(), False
+            if forwarder is None:  # the replica took the session (its first item): the client's messages follow
                 forwarder = asyncio.create_task(_forward(queue.engine, session_id, replica, inbox))
-            if kind in ("assigned", "alive"):
-                if event["position"] and event["position"] != position:
-                    await websocket.send_json({"type": "queued", "position": event["position"]})
-                position = event["position"]
-                continue
-            if waiting and kind in ("ready", "done", "error"):
-                waiting = False
-                queue.live_waiting -= 1
-            await websocket.send_json(event)
-            if kind == "done":
-                await websocket.close()
+            if item[0] == "bytes":
+                await websocket.send_bytes(item[1])
+            elif item[0] == "text":
+                if waiting and json.loads(item[1]).get("type") in ("ready", "done", "error"):
+                    waiting = False
+                    queue.live_waiting -= 1
+                await websocket.send_text(item[1])
+            elif item[0] == "close":
+                await websocket.close(code=item[1], reason=item[2])
                 return
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away mid-send
@@ -99,6 +91,7 @@ async def relay_live(websocket: WebSocket, server) -> None:
     finally:
         if waiting:
             queue.live_waiting -= 1
+        queue.close_live(client)
         for task in (reader, forwarder):
             if task is not None:
                 task.cancel()
@@ -108,31 +101,32 @@ async def relay_live(websocket: WebSocket, server) -> None:
             queue.release(replica)
 
 
-async def _read_client(websocket: WebSocket, inbox: asyncio.Queue) -> str | None:
-    """The client's messages into ``inbox`` (bytes, "end", "interrupt"); returns a message for a protocol
-    error, None on disconnect."""
+async def _read_client(websocket: WebSocket, inbox: asyncio.Queue) -> None:
+    """The client's messages into ``inbox`` as they come, until it disconnects."""
+    while True:
+        message = await websocket.receive()
+        inbox.put_nowait(message)
+        if message["type"] == "websocket.disconnect":
+            return
+
+
+def _with_image(message: dict, server) -> dict:
+    """The start message, with the bytes of the upload its ``image_id`` names (an upload to this ingress) in
+    its place; anything else as it is (the session refuses it with the single-process server's message)."""
     try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return None
-            if message.get("bytes") is not None:
-                inbox.put_nowait(message["bytes"])
-                continue
-            try:
-                kind = json.loads(message.get("text") or "").get("type")
-            except (ValueError, AttributeError):
-                kind = None
-            if kind not in CONTROL_TYPES:
-                return (f"unexpected message {(message.get('text') or '')[:60]!r} after start; send binary "
-                        f"PCM16 audio or one of {', '.join(CONTROL_TYPES)} as {{\"type\": ...}}")
-            inbox.put_nowait(kind)
-    except WebSocketDisconnect:
-        return None
+        start = json.loads(message.get("text") or "")
+        path = server.images.get(str(start["image_id"])) if isinstance(start, dict) and start.get("image_id") else None
+    except ValueError:
+        return message
+    if path is None:
+        return message
+    del start["image_id"]
+    start["image"] = base64.b64encode(path.read_bytes()).decode()
+    return {**message, "text": json.dumps(start)}
 
 
-async def _forward(engine, session_id: str, replica: str, inbox: asyncio.Queue) -> str | None:
-    """Everything the client sent, in order, to the session's replica; the replica's reason to end, if any."""
+async def _forward(engine, session_id: str, replica: str, inbox: asyncio.Queue) -> str:
+    """Everything the client sent, in order, to the session's replica; the reason it stopped taking them."""
     while True:
         batch = [await inbox.get()]
         while not inbox.empty():
@@ -140,7 +134,7 @@ async def _forward(engine, session_id: str, replica: str, inbox: asyncio.Queue) 
         try:
             problem = await asyncio.wait_for(engine.push.remote(session_id, batch, replica=replica), PUSH_TIMEOUT_S)
         except asyncio.TimeoutError:
-            return f"the engine replica serving this session did not take its audio within {PUSH_TIMEOUT_S:g} s"
+            return f"it did not take the session's audio within {PUSH_TIMEOUT_S:g} s"
         if problem is not None:
             return problem
 

@@ -1,5 +1,6 @@
 """An engine replica: one `Engine` (through the server's `Backend`) on its GPU(s), running jobs and live
-sessions one at a time from its own `WorkQueue`, exactly as the single-process server does.
+sessions one at a time from its own `WorkQueue`, exactly as the single-process server does: a live
+session here is the single-process `serve_live` itself, talking to a `RelayedSocket` instead of the client.
 
 The ingress reaches it only through Ray Serve calls, each naming the replica in its ``replica`` keyword
 (which `routing.PinnedOrShortestQueue` reads; the methods need not):
@@ -7,10 +8,10 @@ The ingress reaches it only through Ray Serve calls, each naming the replica in 
 * ``run_job``: a streaming call; the job's resolved `Request` (portrait and waveform included) arrives as
   the call's argument, through Ray's object store, so no filesystem is shared; it yields the job's progress
   and the fragmented MP4's bytes as they are written, and the replica keeps no file once it ends;
-* ``live``: a streaming call for the life of a session (so the session stays on this replica): the ready /
-  queued / done / error messages and each block already packed for the wire, plus a keep-alive every
-  ``KEEPALIVE_S`` so that the ingress notices a replica that stopped answering;
-* ``push``: the session's client messages (audio, end, interrupt), sent to this replica by name.
+* ``live``: a streaming call for the life of a session (so the session stays on this replica): everything
+  the session sends the client (``("text", str)``, ``("bytes", data)``, then ``("close", code, reason)``),
+  plus ``("alive",)`` every ``KEEPALIVE_S`` of silence so that the ingress notices a replica that stopped;
+* ``push``: the client's WebSocket messages for a session, in order, as the ingress received them.
 
 Leaving a streaming call (Serve cancels it on the replica) stops its work within one block. Every
 ``HEARTBEAT_S`` the replica tells the ingress who it is and how it is doing (for ``/v1/info`` and
@@ -18,63 +19,105 @@ Leaving a streaming call (Serve cancels it on the replica) stops its work within
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
+import json
 import os
 import shutil
+import struct
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from starlette.datastructures import Address
+from starlette.websockets import WebSocketDisconnect
+
+from liveavatar.serve.app import ServerState
 from liveavatar.serve.cluster.metrics import Meter
-from liveavatar.serve.jobs import FINISHED, Job, WorkQueue, error_line
-from liveavatar.serve.live import LiveOptions, LiveSession
-from liveavatar.serve.backend import LiveSpec
-from liveavatar.serve.live_audio import PushedAudio
-from liveavatar.serve.protocol import from_pcm16
+from liveavatar.serve.cluster.settings import ClusterSettings
+from liveavatar.serve.jobs import FINISHED, Job
+from liveavatar.serve.live import serve_live
 
 HEARTBEAT_S = 1.0
 KEEPALIVE_S = 1.0
 POLL_S = 0.05
 CHUNK_BYTES = 1 << 20
 LEFTOVER_RETENTION_S = 600.0
+UNCAPPED = 1 << 30
 
 
-@dataclass
-class _OpenSession:
-    session: LiveSession
-    meter: Meter = field(default_factory=Meter)
-    leftover: bytes = b""
+class RelayedSocket:
+    """The WebSocket `serve_live` talks to on a replica: the client's messages come in through
+    `EngineReplica.push`, what the session sends goes out as the items of its ``live`` call."""
+
+    def __init__(self, client: str):
+        self.client = Address(client, 0)
+        self.incoming: asyncio.Queue = asyncio.Queue()
+        self.outgoing: asyncio.Queue = asyncio.Queue()
+        self.meter = Meter()
+
+    async def accept(self) -> None:
+        pass
+
+    async def receive(self) -> dict:
+        return await self.incoming.get()
+
+    async def receive_text(self) -> str:
+        message = await self.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        return message.get("text") or ""
+
+    async def send_json(self, data) -> None:
+        self.outgoing.put_nowait(("text", json.dumps(data)))
+
+    async def send_text(self, data: str) -> None:
+        self.outgoing.put_nowait(("text", data))
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.meter.record(_frames_in(data))
+        self.outgoing.put_nowait(("bytes", data))
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.outgoing.put_nowait(("close", code, reason or ""))
+
+    def hang_up(self) -> None:
+        self.incoming.put_nowait({"type": "websocket.disconnect", "code": 1001})
 
 
 class EngineReplica:
-    async def __init__(self, flags: dict, ingress_name: str):
+    async def __init__(self, load_backend: Callable, settings: ClusterSettings, shown: dict, ingress_name: str,
+                       torch_threads: int | None):
+        """``load_backend()`` -> (the replica's `Backend`, its live setting or None for the flags' own)."""
         from ray import serve
 
-        args = argparse.Namespace(**flags)
-        if args.torch_threads:
+        if torch_threads:
             import torch
 
-            torch.set_num_threads(args.torch_threads)
-        self.settings = _settings(args)
-        self.backend = await asyncio.to_thread(self.load, args)
+            torch.set_num_threads(torch_threads)
+        backend, live_setting = await asyncio.to_thread(load_backend)
         context = serve.get_replica_context()
         self.id = context.replica_id.unique_id
-        self.root = Path(tempfile.mkdtemp(prefix="liveavatar-replica-"))
-        # Jobs come from the ingress, which enforces the per-client caps; a finished one is removed here as
-        # soon as its bytes went out (the retention is only the backstop for a call that vanished).
-        self.queue = WorkQueue(self.backend, self.root, retention_s=LEFTOVER_RETENTION_S, max_per_client=1 << 30)
+        # The single-process server's state around this replica's engine (its WorkQueue included); work comes
+        # from the ingress, which enforces the queue and per-client caps across the cluster, and a finished job
+        # is removed here as soon as its bytes went out (the retention is only the backstop for a lost call).
+        self.state = ServerState(backend=backend, root=Path(tempfile.mkdtemp(prefix="liveavatar-replica-")),
+                                 limits=settings.limits, retention_s=LEFTOVER_RETENTION_S, max_per_client=UNCAPPED,
+                                 max_queued=UNCAPPED, max_live_per_client=UNCAPPED,
+                                 live_idle_limit_s=settings.live_idle_limit_s,
+                                 **settings.live_state(live_setting))
+        self.settings = {**shown, "live": self.state.live_setting.info()}
+        self.queue = self.state.queue
         self.queue.start()
         self.meter = Meter()
-        self.sessions: dict[str, _OpenSession] = {}
+        self.sockets: dict[str, RelayedSocket] = {}
         self.started_at = time.time()
         self._ingress = serve.get_deployment_handle(ingress_name, app_name=context.app_name)
         self._heartbeat = asyncio.create_task(self._beat())
 
     def __del__(self):
         self.queue.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.state.root, ignore_errors=True)
 
     async def run_job(self, job_id: str, request, *, replica: str):
         job = Job(spec=request, client="ingress", folder=self.queue.new_job_folder(), id=job_id)
@@ -109,54 +152,35 @@ class EngineReplica:
                 self.queue.cancel(job)
             asyncio.get_running_loop().create_task(self._remove_when_finished(job))
 
-    async def live(self, session_id: str, spec: LiveSpec, options: LiveOptions, *, replica: str):
-        geometry = self.backend.live_geometry(spec)
-        audio = PushedAudio(self.backend.audio_encoder(), geometry, realtime=options.realtime)
-        session = LiveSession("ingress", spec, options, audio, asyncio.get_running_loop())
-        entry = self.sessions[session_id] = _OpenSession(session)
+    async def live(self, session_id: str, client: str, *, replica: str):
+        socket = self.sockets[session_id] = RelayedSocket(client)
+        session = asyncio.create_task(serve_live(socket, self.state))
+        session.add_done_callback(lambda _: socket.outgoing.put_nowait(("close", 1000, "")))
         try:
-            position = self.queue.submit_live(session)
-            yield {"type": "assigned", "replica": self.id, "position": position}
+            yield ("alive",)  # taken: the ingress starts sending the client's messages
             while True:
                 try:
-                    item = await asyncio.wait_for(session.outbox.get(), KEEPALIVE_S)
+                    item = await asyncio.wait_for(socket.outgoing.get(), KEEPALIVE_S)
                 except asyncio.TimeoutError:
-                    yield {"type": "alive", "position": self.queue.position(session)}
+                    yield ("alive",)
                     continue
-                if isinstance(item, dict):
-                    yield item
-                    if item["type"] == "done":
-                        return
-                    continue
-                frames = len(item[1].frames)
-                entry.meter.record(frames)
-                self.meter.record(frames)
-                yield await asyncio.to_thread(session.encode, item)
+                if item[0] == "bytes":
+                    self.meter.record(_frames_in(item[1]))
+                yield item
+                if item[0] == "close":
+                    return
         finally:
-            self.sessions.pop(session_id, None)
-            self.queue.withdraw(session)
+            self.sockets.pop(session_id, None)
+            socket.hang_up()
             session.cancel()
 
-    async def push(self, session_id: str, messages: list, *, replica: str) -> str | None:
-        """A live session's client messages, in order: PCM16 bytes, "end" or "interrupt". Returns the one-line
-        reason when the session must end (audio refused, session gone), else None."""
-        entry = self.sessions.get(session_id)
-        if entry is None:
+    async def push(self, session_id: str, messages: list[dict], *, replica: str) -> str | None:
+        """A session's client messages (ASGI WebSocket messages), in order; a reason when it is gone."""
+        socket = self.sockets.get(session_id)
+        if socket is None:
             return "the session is over on its engine replica"
-        audio = entry.session.audio
         for message in messages:
-            if isinstance(message, bytes):
-                data = entry.leftover + message
-                even = len(data) - len(data) % 2
-                entry.leftover = data[even:]
-                try:
-                    audio.push(from_pcm16(data[:even]))
-                except ValueError as error:
-                    return error_line(error)
-            elif message == "end":
-                audio.end()
-            elif message == "interrupt":
-                audio.interrupt()
+            socket.incoming.put_nowait(message)
         return None
 
     def describe(self) -> dict:
@@ -167,25 +191,8 @@ class EngineReplica:
                 "started_at": self.started_at, "settings": self.settings,
                 "running": None if running is None else "job" if isinstance(running, Job) else "live",
                 "waiting": self.queue.waiting, "figures": self.meter.figures(), "gpu_memory": _gpu_memory(),
-                "sessions": [{"id": session_id[:12], "state": "queued" if self.queue.position(entry.session) is not None
-                              else "running", **entry.meter.figures()}
-                             for session_id, entry in list(self.sessions.items())]}
-
-    @staticmethod
-    def load(args: argparse.Namespace):
-        """The replica's `Backend`, planned and loaded as ``liveavatar serve`` does (a subclass may load
-        something else: the latency benchmark's random weights)."""
-        from liveavatar.cli.serve import load_backend, serve_limits
-
-        if args.gpus_per_replica > 1:
-            # A timestep pipeline over this replica's GPUs: its ranks are this process's children, on this node.
-            from liveavatar.api import LiveAvatarPipeline
-            from liveavatar.serve.backend import Backend
-
-            devices = [f"cuda:{index}" for index in range(args.gpus_per_replica)]
-            return Backend(LiveAvatarPipeline.from_pretrained(args.ckpt_dir, lora=args.lora_path_dmd, dtype=args.dtype,
-                                                              devices=devices, sample_steps=args.max_steps))
-        return load_backend(args, serve_limits(args))
+                "sessions": [{"id": session_id[:12], **socket.meter.figures()}
+                             for session_id, socket in list(self.sockets.items())]}
 
     async def _beat(self) -> None:
         while True:
@@ -201,11 +208,10 @@ class EngineReplica:
         self.queue.delete(job)
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    """What /v1/info shows of a replica's setup (its plan is printed to the replica's log)."""
-    return {"device": args.device or "auto", "dtype": args.dtype or "auto", "gpus": args.gpus_per_replica,
-            "max_size": args.max_size, "max_steps": args.max_steps, "default_size": args.size,
-            "live_idle_limit_s": args.live_idle_limit}
+def _frames_in(message: bytes) -> int:
+    """The frames of a packed block (`protocol.pack_block`), from its header alone."""
+    (length,) = struct.unpack(">I", message[:4])
+    return len(json.loads(message[4:4 + length])["frame_bytes"])
 
 
 def _read(path: Path, offset: int, size: int) -> bytes:

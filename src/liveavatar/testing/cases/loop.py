@@ -16,10 +16,11 @@ from typing import Iterator
 
 import torch
 
+from liveavatar.geometry import ClipGeometry
 from liveavatar.models.quantised_attention import SelfAttention
 from liveavatar.models.transformer import CausalS2VTransformer
 from liveavatar.models.vae import WanVAE
-from liveavatar.geometry import ClipGeometry
+from liveavatar.options import Mode
 from liveavatar.runtime.caches import build_caches
 from liveavatar.runtime.conditioning import WholeFileAudio, encode_reference
 from liveavatar.runtime.executors import BlockExecutor, SequentialExecutor
@@ -94,7 +95,7 @@ def run(fixture: Fixture, ranks: int | None = None, placement: Placement = Place
     manifest = fixture.manifest
     kwargs = manifest["generate_kwargs"]
     tpp = "world_size" in manifest
-    mode = "streaming" if tpp else "single_gpu"
+    mode = Mode.STREAMING if tpp else Mode.SINGLE_GPU
     online = bool(kwargs.get("enable_online_decode", False)) and not tpp
     num_clips = manifest["n_clips"]
 
