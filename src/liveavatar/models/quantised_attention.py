@@ -14,9 +14,9 @@ import torch
 
 from liveavatar.models.attention import attention
 from liveavatar.models.sage_reference import reference_attention
+from liveavatar.options import ATTENTION_MODES, DEFAULTS
 
-ATTENTION_MODES = ("bf16", "int8", "fp8")
-DEFAULT_ATTENTION = "bf16"
+DEFAULT_ATTENTION = DEFAULTS.attention
 KERNEL_HEAD_DIMS = (32, 64, 128)  # powers of two (tl.arange), multiples of 32 (the INT8/FP8 MMA's K)
 FP8_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) on; INT8 Q·Kᵀ alone needs sm_80
 

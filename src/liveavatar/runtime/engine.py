@@ -215,10 +215,12 @@ class Engine:
         conditioning = conditioning or self.condition(request)
         self.requests_run += 1
         geometry, options = request.geometry, request.options
+        if self.transformer is not None:  # requests run one at a time: the model runs the one this asks for
+            self.transformer.self_attention = self.self_attention(options.attention)
         steps = options.sample_steps
         if executor is None:
             executor = SequentialExecutor if self.pipeline is None else \
-                self.pipeline.executor(geometry, conditioning.text)
+                self.pipeline.executor(geometry, conditioning.text, options.attention)
         schedule = FlowMatchSchedule.create(steps)
         offsets = ref_rope_offsets(options.ref_rope_offset, base_seed=options.base_seed, mode=options.mode,
                                    num_steps=steps)

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from liveavatar.geometry import ClipGeometry
+from liveavatar.models.quantised_attention import SelfAttention, resolve_self_attention
 from liveavatar.runtime.caches import CacheSet
 from liveavatar.runtime.distributed import PipelineFailure, PipelineGroup, one_line
 from liveavatar.runtime.executors.base import BlockJob, ForwardHook
@@ -70,12 +71,13 @@ class Pipeline:
         self.requests = 0
         self.closed = False
 
-    def executor(self, geometry: ClipGeometry, text: torch.Tensor) -> "PipelineExecutorFactory":
-        """The executor factory of one request (for ``Engine.run``): ``text`` is its prompt embedding."""
-        return PipelineExecutorFactory(self, geometry, text)
+    def executor(self, geometry: ClipGeometry, text: torch.Tensor, attention: str) -> "PipelineExecutorFactory":
+        """The executor factory of one request (for ``Engine.run``): ``text`` is its prompt embedding,
+        ``attention`` its self-attention mode (every rank runs it)."""
+        return PipelineExecutorFactory(self, geometry, text, attention)
 
     def begin(self, geometry: ClipGeometry, schedule: FlowMatchSchedule, text: torch.Tensor, *,
-              trace: bool) -> int:
+              trace: bool, attention: str) -> int:
         """Start a request on every rank; a pipeline that was stopped or has failed refuses it."""
         if self.closed:
             raise PipelineFailure("the pipeline's ranks were stopped (close()); start a new pipeline")
@@ -84,7 +86,7 @@ class Pipeline:
             raise PipelineFailure(failure)
         self.requests += 1
         self.group.set_role(self.layout.roles(schedule.num_steps)[self.layout.output_rank])
-        self.to_first.send({"kind": BEGIN, "request": self.requests, "trace": trace,
+        self.to_first.send({"kind": BEGIN, "request": self.requests, "trace": trace, "attention": attention,
                             "geometry": (geometry.height, geometry.width, geometry.infer_frames),
                             "steps": self.layout.steps(schedule.num_steps), **_schedule_fields(schedule)},
                            {"text": text})
@@ -118,8 +120,8 @@ class PipelineExecutorFactory:
     """Builds a request's `PipelineExecutor` from what ``Engine.run`` passes an executor factory; the
     engine allocates caches only for `local_steps` (none on a decode-only output rank)."""
 
-    def __init__(self, pipeline: Pipeline, geometry: ClipGeometry, text: torch.Tensor):
-        self.pipeline, self.geometry, self.text = pipeline, geometry, text
+    def __init__(self, pipeline: Pipeline, geometry: ClipGeometry, text: torch.Tensor, attention: str):
+        self.pipeline, self.geometry, self.text, self.attention = pipeline, geometry, text, attention
 
     def local_steps(self, num_steps: int) -> tuple[int, ...]:
         return self.pipeline.layout.steps(num_steps)[self.pipeline.layout.output_rank]
@@ -127,7 +129,8 @@ class PipelineExecutorFactory:
     def __call__(self, model, caches: CacheSet | None, schedule: FlowMatchSchedule, text_kv, *, ref_rope_offset,
                  on_forward: ForwardHook | None = None, graphs=None) -> "PipelineExecutor":
         return PipelineExecutor(self.pipeline, self.geometry, self.text, model, caches, schedule, text_kv,
-                                ref_rope_offset=ref_rope_offset, on_forward=on_forward, graphs=graphs)
+                                ref_rope_offset=ref_rope_offset, on_forward=on_forward, graphs=graphs,
+                                attention=self.attention)
 
 
 class PipelineExecutor:
@@ -136,7 +139,7 @@ class PipelineExecutor:
 
     def __init__(self, pipeline: Pipeline, geometry: ClipGeometry, text: torch.Tensor, model,
                  caches: CacheSet | None, schedule: FlowMatchSchedule, text_kv, *, ref_rope_offset,
-                 on_forward: ForwardHook | None = None, graphs=None):
+                 on_forward: ForwardHook | None = None, graphs=None, attention: str):
         self.pipeline = pipeline
         self.num_steps = schedule.num_steps
         self.ref_rope_offset = ref_rope_offset
@@ -148,7 +151,7 @@ class PipelineExecutor:
         self.local = None if not steps else SequentialExecutor(
             model, caches, schedule, text_kv, ref_rope_offset=lambda step: self.draws[step], on_forward=on_forward,
             graphs=graphs, steps=steps)
-        self.request = pipeline.begin(geometry, schedule, text, trace=on_forward is not None)
+        self.request = pipeline.begin(geometry, schedule, text, trace=on_forward is not None, attention=attention)
 
     def prefill(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None:
         self.pipeline.to_first.send({"kind": PREFILL, "request": self.request},
@@ -188,6 +191,7 @@ def serve_stage(group: PipelineGroup, model, caches_for: Callable[[ClipGeometry,
     upstream = group.link_from(group.rank - 1 if group.rank else group.world_size - 1)
     downstream = group.link_to(group.rank + 1)
     stage, draws, traced = None, (), {}
+    attentions: dict[str, SelfAttention] = {}  # each mode resolved once (one fallback notice)
     while True:
         header, tensors = upstream.recv(device)
         kind = header["kind"]
@@ -195,6 +199,10 @@ def serve_stage(group: PipelineGroup, model, caches_for: Callable[[ClipGeometry,
             steps = header["steps"][group.rank]
             group.set_role(steps_phrase(steps) if steps else "idle")
             stage = None
+            mode = header["attention"]
+            if mode not in attentions:
+                attentions[mode] = resolve_self_attention(mode, device, head_dim=model.config.head_dim)
+            model.self_attention = attentions[mode]
             if steps:
                 caches = caches_for(ClipGeometry(*header["geometry"]), steps)
                 stage = SequentialExecutor(model, caches, _schedule(header), model.text_kv(tensors["text"]),

@@ -57,8 +57,10 @@ class _RecordingExecutor:
 
 
 @contextmanager
-def _executor_factory(fixture: Fixture, geometry: ClipGeometry, text: torch.Tensor, steps: int, ranks: int | None):
-    """SequentialExecutor, or the pipeline's executor over ``ranks`` local processes (stopped on exit)."""
+def _executor_factory(fixture: Fixture, geometry: ClipGeometry, text: torch.Tensor, steps: int, ranks: int | None,
+                      attention: str):
+    """SequentialExecutor, or the pipeline's executor over ``ranks`` local processes (stopped on exit), whose
+    ranks run the ``attention`` mode."""
     if not ranks or ranks < 2:
         yield SequentialExecutor
         return
@@ -67,7 +69,7 @@ def _executor_factory(fixture: Fixture, geometry: ClipGeometry, text: torch.Tens
     spec = StageSpec(str(fixture.path(DIT_WEIGHTS)), Placement(), "cpu", "float32", threads=torch.get_num_threads())
     pipeline = spawn_pipeline([spec] * (ranks - 1), torch.device("cpu"), sample_steps=steps)
     try:
-        yield pipeline.executor(geometry, text)
+        yield pipeline.executor(geometry, text, attention)
     finally:
         pipeline.close()
 
@@ -140,7 +142,8 @@ def run(fixture: Fixture, ranks: int | None = None, placement: Placement = Place
     clips: dict[int, list[torch.Tensor]] = {}
     frames: list[torch.Tensor] = []
     audio = WholeFileAudio(fixture["in.audio_emb"], geometry)
-    with _executor_factory(fixture, geometry, fixture["in.context"], schedule.num_steps, ranks) as factory:
+    with _executor_factory(fixture, geometry, fixture["in.context"], schedule.num_steps, ranks,
+                           self_attention.mode) as factory:
         steps = factory.local_steps(schedule.num_steps) if hasattr(factory, "local_steps") else \
             range(schedule.num_steps)
         caches = build_caches(model, placement, geometry, steps, device="cpu", dtype=dtype) if steps else None
