@@ -86,10 +86,10 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def resolve_self_attention(mode: str, device: torch.device | str, *, head_dim: int | None = None,
-                           reference: bool = False) -> SelfAttention:
-    """The self-attention for ``mode`` on ``device``: the quantised kernel where it runs, else bf16 with one
-    notice; ``reference`` runs the quantised modes in PyTorch instead (anywhere; slow)."""
+def choose_self_attention(mode: str, device: torch.device | str, *, head_dim: int | None = None,
+                          reference: bool = False) -> SelfAttention:
+    """The self-attention for ``mode`` on ``device``: the quantised kernel where it runs, else bf16 (the
+    reason in ``reason``); ``reference`` runs the quantised modes in PyTorch instead (anywhere; slow)."""
     check_mode(mode)
     if mode == "bf16":
         return SelfAttention()
@@ -97,6 +97,14 @@ def resolve_self_attention(mode: str, device: torch.device | str, *, head_dim: i
         return SelfAttention(mode, mode, "reference")
     problem = kernel_problem(device, head_dim)
     if problem is not None:
-        warnings.warn(f"--attention {mode}: {problem}; the self-attention runs in bf16", stacklevel=2)
         return SelfAttention(mode, "bf16", "sdpa", problem)
     return SelfAttention(mode, mode, "triton")
+
+
+def resolve_self_attention(mode: str, device: torch.device | str, *, head_dim: int | None = None,
+                           reference: bool = False) -> SelfAttention:
+    """`choose_self_attention`, with one notice when it falls back to bf16 (what a run calls once per mode)."""
+    choice = choose_self_attention(mode, device, head_dim=head_dim, reference=reference)
+    if choice.reason:
+        warnings.warn(f"--attention {mode}: {choice.reason}; the self-attention runs in bf16", stacklevel=2)
+    return choice

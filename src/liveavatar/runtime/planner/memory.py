@@ -129,7 +129,7 @@ class Workload:
         g = self.geometry
         gpus = f", {self.num_gpus} GPUs" if self.num_gpus > 1 else ""
         return (f"{self.width}x{self.height} ({g.frame_tokens} tokens/frame), {self.infer_frames}-frame clips, "
-                f"{self.sample_steps} steps{gpus}")
+                f"{self.sample_steps} steps{gpus}, {self.attention} attention")
 
 
 @dataclass(frozen=True)

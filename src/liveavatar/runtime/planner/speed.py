@@ -74,6 +74,12 @@ def forward_path(placement: Placement, *, compiled: bool = True) -> str:
     return "graphs" if placement.resident else "compiled"
 
 
+def attention_runs(work: Workload, hw: Hardware) -> str:
+    """The self-attention a workload's mode runs on ``hw``: the quantised kernel needs FP8 tensor cores, else
+    bf16 (`liveavatar.models.quantised_attention`)."""
+    return work.attention if hw.has_fp8_matmul else "bf16"
+
+
 def _layer_compute_s(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware, unit: LayerUnit,
                      *, keys: int, path: str) -> float:
     eager = path == "eager"
@@ -86,7 +92,7 @@ def _layer_compute_s(inv: DiTInventory, work: Workload, placement: Placement, hw
     else:
         matmul_s = matmul_flops / (hw.bf16_flops * (MATMUL_EFFICIENCY if eager else COMPILED_MATMUL_EFFICIENCY))
         elementwise = (FP8_DEQUANT_BYTES + 5) * unit.fp8_elements if placement.weight_dtype == "fp8" else 0
-    quantised = work.attention != "bf16" and hw.has_fp8_matmul  # elsewhere it falls back to bf16
+    quantised = attention_runs(work, hw) != "bf16"
     self_flops, text_flops = 4 * tokens * keys * dim, 4 * tokens * inv.text_len * dim  # text: always bf16
     attention_s = (text_flops + (0 if quantised else self_flops)) / (
         hw.bf16_flops * (ATTENTION_EFFICIENCY if eager else COMPILED_ATTENTION_EFFICIENCY))
