@@ -41,7 +41,7 @@ from gpu_end_to_end import write_audio  # noqa: E402
 from serve_latency import random_backend  # noqa: E402
 
 from liveavatar.io.media import load_audio  # noqa: E402
-from liveavatar.options import parse_size  # noqa: E402
+from liveavatar.options import DEFAULTS, parse_size  # noqa: E402
 from liveavatar.runtime.placement import Placement  # noqa: E402
 from liveavatar.runtime.progress import host_rss_bytes  # noqa: E402
 from liveavatar.serve.backend import Backend  # noqa: E402
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(setting), file=sys.stderr, flush=True)
     warm = time.perf_counter()
     if args.device.startswith("cuda"):  # as serve: the CPU runs eagerly, nothing to warm
-        backend.warm(setting.size, setting.sample_steps)
+        backend.warm(setting.size, setting.sample_steps, DEFAULTS.attention)
     warm_s = time.perf_counter() - warm
     work = args.out
     image, audio = work / "image.png", work / "speech.wav"
