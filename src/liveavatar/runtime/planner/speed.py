@@ -55,11 +55,12 @@ COMPILED_FP8_MATMUL_EFFICIENCY = 0.70
 COMPILED_ATTENTION_EFFICIENCY = 0.57
 COMPILED_ELEMENTWISE_BYTES_PER_TOKEN_DIM = 80.0
 COMPILED_HOST_SECONDS_PER_LAYER = 0.001
-# MEASURED for the quantised self-attention (``--attention int8|fp8``, INT8/FP8 Q·Kᵀ and FP8 P·V): its
-# kernel's fraction of the FP8 peak at 704*384 (benchmarks/RESULTS.md, "Quantised attention"); its
-# passes over a call's tensors: Q read and written once at one byte, K and V read twice (mean / channel
-# maxima, then the cast) and written at one byte.
-QUANTISED_ATTENTION_EFFICIENCY = 0.40
+# ESTIMATED (no GPU measurement yet: benchmarks/gpu_quantised_attention.py refits it) for the quantised
+# self-attention (``--attention int8|fp8``, INT8/FP8 Q·Kᵀ and FP8 P·V): its Triton kernel's fraction of the
+# FP8 peak (Triton's FP8 attention on Hopper: ~0.35-0.4), below the ~0.44 of SageAttention2's hand-written
+# kernel (~870 TOPS on an H100); its passes over a call's tensors: Q read and written once at one byte, K
+# and V read twice (mean / channel maxima, then the cast) and written at one byte.
+QUANTISED_ATTENTION_EFFICIENCY = 0.35
 QUANTISE_QUERY_BYTES = 3
 QUANTISE_KEY_VALUE_BYTES = 10
 GRAPH_HOST_SECONDS_PER_LAYER = 0.0
