@@ -25,6 +25,8 @@ FP8_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) on; 
 def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8: bool) -> torch.Tensor:
     from liveavatar.models import sage_kernels
 
+    # The kernel reads rows of head_dim contiguous elements (any other strides are arguments).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return sage_kernels.quantised_attention(q, k, v, int8)
 
 
