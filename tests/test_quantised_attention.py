@@ -120,3 +120,20 @@ def test_an_engine_resolves_each_mode_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second notice
         assert engine.self_attention("fp8") is first and first.runs == "bf16"
+
+
+def test_attention_is_a_request_option_the_server_and_the_planner_carry():
+    from liveavatar.errors import ArgumentError
+    from liveavatar.geometry import ClipGeometry
+    from liveavatar.options import RequestOptions
+    from liveavatar.runtime.planner.memory import Workload
+    from liveavatar.serve.uploads import Limits, form_options
+
+    limits = Limits(upload_bytes=2**20, audio_seconds=60.0, max_area=704 * 384, max_steps=4, default_size="704*384",
+                    default_attention="int8")
+    assert form_options({}, limits).attention == "int8"  # the server's default
+    assert form_options({"attention": " FP8 "}, limits).attention == "fp8"  # a request's own
+    with pytest.raises(ArgumentError, match="attention 'int4': expected one of bf16, int8, fp8"):
+        RequestOptions(attention="int4")
+    options = RequestOptions(attention="int8")
+    assert Workload.of(ClipGeometry(384, 704, 48), options, run_dtype_bytes=2).attention == "int8"
