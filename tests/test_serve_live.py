@@ -166,6 +166,8 @@ def test_a_live_client_that_disconnects_stops_its_session_within_a_block_and_a_j
     ("hello", 'the first message is not JSON (\'hello\'...); send {"type": "start", ...} (see the README\'s live '
               'protocol)'),
     ({"type": "start", "image": "IMAGE", "prompt": "x" * 5000}, "field 'prompt': longer than 4096 bytes"),
+    ({"type": "start", "image": "IMAGE", "lag_bound_s": 0.1}, "--live_lag_bound_s 0.1: must be at least 0.5 s (a "
+                                                              "block is 0.48 s of audio)"),
     ({"type": "start", "image": "%%%"}, "--image: the start message's 'image' is not valid base64"),
     ({"type": "start", "image_id": "nope"}, "image_id 'nope': no such upload (or it expired); POST the image to "
                                             "/v1/images again"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from liveavatar.cli.flags import add_attention_flag, add_bool_flag, add_flag
 from liveavatar.cli.generate import SETTING_DEFAULTS, plan_for
-from liveavatar.errors import InputError
+from liveavatar.errors import ArgumentError, InputError
 from liveavatar.options import DEFAULT_SIZE, DEFAULTS, RequestOptions
 from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 
@@ -66,7 +66,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                   "such a session is refused")
     add_flag(live, "live-size", help="pin the live setting's size (default: chosen as --live says)")
     add_flag(live, "live-steps", type=int, help="pin the live setting's steps (default: chosen as --live says)")
-    add_flag(live, "live-lag-bound", type=float, default=2.0, metavar="SECONDS",
+    add_flag(live, "live-lag-bound", type=float, default=DEFAULTS.live_lag_bound_s, metavar="SECONDS",
              help="most audio a live session lets wait before it catches up: it skips queued silence, then drops "
                   "the oldest queued speech, and tells the client (default 2 s; a session may ask for another)")
     add_flag(live, "tts-command", default=DEFAULT_TTS_COMMAND, metavar="COMMAND",
@@ -126,8 +126,10 @@ def serve_limits(args: argparse.Namespace):
             args.retention < 0 or args.live_idle_limit <= 0:
         raise InputError("--max-steps, --max-queued-per-client, --max-queued and --max-live-per-client must be >= 1, "
                          "--retention >= 0, --live-idle-limit > 0")
-    if args.live_lag_bound < 0.5:
-        raise InputError(f"--live-lag-bound {args.live_lag_bound:g}: must be at least 0.5 s (a block is 0.48 s)")
+    try:
+        RequestOptions(live_lag_bound_s=args.live_lag_bound)  # its one rule
+    except ArgumentError as error:
+        raise InputError(f"--live-lag-bound {error.detail}") from None
     if args.live_size is not None:
         parse_size(args.live_size)
     return limits

@@ -9,7 +9,7 @@ one latent frame at a time, carrying for every causal convolution the last frame
 between calls. Here that carried state is a `StreamState` (module -> tensor of at most 2 frames), owned
 by a ``StreamingDecoder`` / ``StreamingEncoder``; a whole ``decode`` / ``encode`` is one such stream
 started fresh. The state never grows, so a stream can run forever in constant memory. Once every causal
-module of a decoder stream holds its full history (from the third latent frame on), the stream is steady:
+module of a decoder stream holds its full history (after its first three latent frames), the stream is steady:
 `FixedStreamState` holds the same frames in fixed buffers updated in place, so the fast path can run each
 latent frame as one compiled, graph-captured step (``WanVAE.steady_decoder``,
 `liveavatar.runtime.decoding`).

@@ -227,7 +227,7 @@ class Engine:
         local_steps = executor.local_steps(steps) if hasattr(executor, "local_steps") else range(steps)
         caches = self.caches(geometry, local_steps) if local_steps else None
         runner = executor(self.transformer, caches, schedule, conditioning.text_kv, ref_rope_offset=offsets,
-                          on_forward=on_forward, graphs=self._forward_graphs(caches) if caches else None)
+                          on_forward=on_forward, graphs=self.forward_graphs(caches) if caches else None)
         decoder = make_decoder(options.mode, self.vae, conditioning.reference, geometry) if decode else NoDecoder()
         if decode and self.overlap_decode and options.mode == Mode.STREAMING:
             decoder = OverlappedDecoder(decoder, self.device)
@@ -236,7 +236,7 @@ class Engine:
                                                         dtype=self.dtype),
                           total_blocks=request.total_blocks, mode=options.mode, online_decode=options.online_decode)
 
-    def _forward_graphs(self, caches: CacheSet) -> ForwardGraphs | None:
+    def forward_graphs(self, caches: CacheSet) -> ForwardGraphs | None:
         """The engine's CUDA graphs, when the fast path has them and the placement allows them."""
         if not (self.fast_path.cuda_graphs and graphs_allowed(self.placement, self.layer_streamer, caches)):
             return None

@@ -57,7 +57,7 @@ def run_stage(group: PipelineGroup, spec: StageSpec) -> None:
         # An engine of this rank's DiT only: it owns the caches (reused between requests) and the streamer.
         engine = Engine(model, None, None, None, placement=spec.placement, device=device, dtype=dtype,
                         layer_streamer=streamer, fast_path=resolve_fast_path(device, compile=spec.compile))
-        serve_stage(group, model, engine.caches, device)
+        serve_stage(group, model, engine.caches, device, graphs_for=engine.forward_graphs)
 
 
 def spawn_pipeline(specs: Sequence[StageSpec], output_device: torch.device, *, sample_steps: int = 4,

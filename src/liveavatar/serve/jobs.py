@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from liveavatar.errors import ArgumentError, LiveAvatarError
 from liveavatar.geometry import FPS, SAMPLES_PER_FRAME, audio_video_frames
@@ -51,6 +51,19 @@ class Work(Protocol):
     def run(self, backend: Backend) -> None: ...
 
     def cancel(self) -> None: ...
+
+
+def refuse_over_caps(jobs: Iterable["Job"], client: str, waiting: int, *, max_per_client: int, max_queued: int,
+                     retry_after_s: int | None) -> None:
+    """QueueFull when ``client`` already has its cap of jobs queued or running, or ``waiting`` jobs fill the
+    server's queue (the single-process server's rule, and the cluster ingress's)."""
+    mine = sum(1 for job in jobs if job.client == client and job.state in ("queued", "running"))
+    if mine >= max_per_client:
+        raise QueueFull(f"this client already has {mine} jobs queued or running, the server's limit "
+                        f"(--max-queued-per-client); wait for one to finish or DELETE one", retry_after_s)
+    if waiting >= max_queued:
+        raise QueueFull(f"the server's queue is full ({waiting} jobs waiting, --max-queued); try again later",
+                        retry_after_s)
 
 
 def error_line(error: BaseException) -> str:
@@ -183,15 +196,9 @@ class WorkQueue:
     def submit(self, job: Job) -> int:
         """Queue a job; returns its position (how many go before it). Raises QueueFull over the client's cap."""
         with self._lock:
-            mine = sum(1 for j in self.jobs.values() if j.client == job.client and j.state in ("queued", "running"))
-            if mine >= self.max_per_client:
-                raise QueueFull(f"this client already has {mine} jobs queued or running, the server's limit "
-                                f"(--max-queued-per-client); wait for one to finish or DELETE one",
-                                self._retry_after_s())
-            waiting_jobs = sum(1 for work in self._waiting if isinstance(work, Job))
-            if waiting_jobs >= self.max_queued:
-                raise QueueFull(f"the server's queue is full ({waiting_jobs} jobs waiting, --max-queued); try again "
-                                f"later", self._retry_after_s())
+            refuse_over_caps(self.jobs.values(), job.client, sum(1 for work in self._waiting if isinstance(work, Job)),
+                             max_per_client=self.max_per_client, max_queued=self.max_queued,
+                             retry_after_s=self._retry_after_s())
             if self._stopping:
                 raise LiveAvatarError("the server is shutting down")
             job.created = time.time()  # under the lock: submission order is creation order

@@ -185,9 +185,11 @@ class PipelineExecutor:
 
 
 def serve_stage(group: PipelineGroup, model, caches_for: Callable[[ClipGeometry, Sequence[int]], CacheSet],
-                device: torch.device) -> None:
+                device: torch.device, *, graphs_for: Callable[[CacheSet], object] | None = None) -> None:
     """A worker rank: run this rank's steps on every block that comes from the rank before it and pass it
-    on, until ``stop``. ``caches_for(geometry, steps)`` gives the caches of a request (reset)."""
+    on, until ``stop``. ``caches_for(geometry, steps)`` gives the caches of a request (reset);
+    ``graphs_for(caches)`` the rank's CUDA graphs for them (`Engine.forward_graphs`: None where the fast
+    path or the placement has none), so a worker's forwards replay graphs as one GPU's do."""
     upstream = group.link_from(group.rank - 1 if group.rank else group.world_size - 1)
     downstream = group.link_to(group.rank + 1)
     stage, draws, traced = None, (), {}
@@ -207,7 +209,8 @@ def serve_stage(group: PipelineGroup, model, caches_for: Callable[[ClipGeometry,
                 caches = caches_for(ClipGeometry(*header["geometry"]), steps)
                 stage = SequentialExecutor(model, caches, _schedule(header), model.text_kv(tensors["text"]),
                                            ref_rope_offset=lambda step: draws[step], steps=steps,
-                                           on_forward=_trace_hook(traced) if header["trace"] else None)
+                                           on_forward=_trace_hook(traced) if header["trace"] else None,
+                                           graphs=graphs_for(caches) if graphs_for else None)
         elif kind == PREFILL and stage is not None:
             stage.prefill(tensors["ref"], tensors["motion"])
         elif kind == BLOCK and stage is not None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from liveavatar.errors import LiveAvatarError
-from liveavatar.serve.jobs import FINISHED, Job, QueueFull, ServerBusy
+from liveavatar.serve.jobs import FINISHED, Job, QueueFull, ServerBusy, refuse_over_caps
 
 WATCHDOG_S = 8.0  # replicas send something at least every second while they hold work
 ASSIGN_TIMEOUT_S = 10.0  # how long a replica may take to accept work sent to it (it accepts at once)
@@ -119,14 +119,8 @@ class ClusterQueue:
     def submit(self, job: Job) -> int:
         if self._stopping:
             raise LiveAvatarError("the server is shutting down")
-        mine = sum(1 for j in self.jobs.values() if j.client == job.client and j.state in ("queued", "running"))
-        if mine >= self.max_per_client:
-            raise QueueFull(f"this client already has {mine} jobs queued or running, the server's limit "
-                            f"(--max-queued-per-client); wait for one to finish or DELETE one", RETRY_AFTER_S)
-        queued = sum(1 for j in self.jobs.values() if j.state == "queued")
-        if queued >= self.max_queued:
-            raise QueueFull(f"the server's queue is full ({queued} jobs waiting, --max-queued); try again later",
-                            RETRY_AFTER_S)
+        refuse_over_caps(self.jobs.values(), job.client, sum(1 for j in self.jobs.values() if j.state == "queued"),
+                         max_per_client=self.max_per_client, max_queued=self.max_queued, retry_after_s=RETRY_AFTER_S)
         self.admit()
         job.created = time.time()
         self.jobs[job.id] = job
