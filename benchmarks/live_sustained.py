@@ -31,6 +31,7 @@ import statistics
 import sys
 import threading
 import time
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_end_to_end import write_audio  # noqa: E402
 from serve_latency import random_backend  # noqa: E402
 
-from liveavatar.io.media import load_audio  # noqa: E402
-from liveavatar.options import parse_size  # noqa: E402
+from liveavatar.options import DEFAULTS, parse_size  # noqa: E402
 from liveavatar.runtime.placement import Placement  # noqa: E402
 from liveavatar.runtime.progress import host_rss_bytes  # noqa: E402
 from liveavatar.serve.backend import Backend  # noqa: E402
 from liveavatar.serve.live_setting import choose_live_setting, describe, speed_model_predictor  # noqa: E402
 from liveavatar.serve.local import LocalServer  # noqa: E402
-from liveavatar.serve.protocol import to_pcm16, unpack_block  # noqa: E402
+from liveavatar.serve.protocol import from_pcm16, to_pcm16, unpack_block  # noqa: E402
 
 CHUNK_S = 0.1
 STAGES = ("accumulate_ms", "lookahead_ms", "queue_ms", "compute_ms", "decode_ms", "jpeg_ms", "send_ms")
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(setting), file=sys.stderr, flush=True)
     warm = time.perf_counter()
     if args.device.startswith("cuda"):  # as serve: the CPU runs eagerly, nothing to warm
-        backend.warm(setting.size, setting.sample_steps)
+        backend.warm(setting.size, setting.sample_steps, DEFAULTS.attention)
     warm_s = time.perf_counter() - warm
     work = args.out
     image, audio = work / "image.png", work / "speech.wav"
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 720, 3), dtype=np.uint8)).save(image)
     write_audio(audio, 30.0)
-    speech = load_audio(audio)
+    with wave.open(str(audio)) as wav:  # read without PyAV, which the GPU machines lack
+        speech = from_pcm16(wav.readframes(wav.getnframes()))
     with open(work / "minutes.jsonl", "w") as out, \
             LocalServer(backend, default_size=setting.size, max_area=parse_size("704*384"), live_setting=setting,
                         live_idle_limit_s=60) as server:

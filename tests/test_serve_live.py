@@ -160,13 +160,15 @@ def test_a_live_client_that_disconnects_stops_its_session_within_a_block_and_a_j
 
 @pytest.mark.parametrize("start, message", [
     ({"type": "start", "colour": "red"}, "unknown field 'colour' in the start message; accepted: type, image, "
-                                         "image_id, prompt, size, steps, seed, realtime, idle_limit_s, jpeg_quality, "
-                                         "lag_bound_s"),
+                                         "image_id, prompt, size, steps, seed, attention, realtime, idle_limit_s, "
+                                         "jpeg_quality, lag_bound_s"),
     (b"\x00\x01", 'the first message must be the JSON text {"type": "start", ...} (see the README\'s live protocol); '
                   'got a binary message'),
     ("hello", 'the first message is not JSON (\'hello\'...); send {"type": "start", ...} (see the README\'s live '
               'protocol)'),
     ({"type": "start", "image": "IMAGE", "prompt": "x" * 5000}, "field 'prompt': longer than 4096 bytes"),
+    ({"type": "start", "image": "IMAGE", "lag_bound_s": 0.1}, "--live_lag_bound_s 0.1: must be at least 0.5 s (a "
+                                                              "block is 0.48 s of audio)"),
     ({"type": "start", "image": "%%%"}, "--image: the start message's 'image' is not valid base64"),
     ({"type": "start", "image_id": "nope"}, "image_id 'nope': no such upload (or it expired); POST the image to "
                                             "/v1/images again"),

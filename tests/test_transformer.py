@@ -279,3 +279,18 @@ def test_bfloat16_run_tracks_the_float32_run(tmp_path):
     error = (outs[1].float() - outs[0]).norm() / outs[0].norm()
     assert error < 0.05, error
     assert math.isfinite(error)
+
+
+def test_the_blocks_self_attention_runs_through_the_models_seam(tiny):
+    from liveavatar.models.quantised_attention import SelfAttention, resolve_self_attention
+
+    inputs = make_inputs(tiny)
+    exact = stream(tiny, inputs, blocks=2)
+    try:
+        tiny.self_attention = resolve_self_attention("int8", "cpu", reference=True)
+        quantised = stream(tiny, inputs, blocks=2)
+    finally:
+        tiny.self_attention = SelfAttention()
+    for a, b in zip(exact, quantised):
+        error = ((a - b).abs().max() / a.abs().max()).item()
+        assert 0 < error < 1e-2  # the window's self-attention is quantised, and stays close

@@ -15,10 +15,14 @@ from liveavatar.errors import ArgumentError
 from liveavatar.geometry import FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK, MIN_AREA, REF_ROPE_OFFSET_RANGE
 
 MAX_SEED = 2**63 - 1
+MIN_LAG_BOUND_S = 0.5
 DEFAULT_SIZE = "704*384"
 SIZE_FORMS = "704*384, 704x384, 704X384, 704×384 or '704 * 384'"
 ONLINE_DECODE_IGNORED = ("enable_online_decode: ignored, it belongs to mode single_gpu; the streaming pipeline "
                          "always refreshes the sink from the first generated latent")
+# The blocks' self-attention: bf16 (the reference's exact attention) or quantised (opt-in; see
+# liveavatar.models.quantised_attention).
+ATTENTION_MODES = ("bf16", "int8", "fp8")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}
@@ -43,6 +47,10 @@ class RequestOptions:
     ref_rope_offset: the rolling sink's RoPE offset rd; ``seeded`` draws it from generators seeded with
     base_seed, ``random`` unseeded like the reference, an int in 4..30 fixes it. streamed_audio_features:
     wav2vec2 block by block as a live session does (always so for live audio and audio over 300 s).
+    live_lag_bound_s: with live audio fed in real time, how far behind real time the queued audio may end
+    before the session catches up (`liveavatar.runtime.live_audio`).
+    attention: the blocks' self-attention, ``bf16`` (exact) or quantised ``int8`` / ``fp8`` (SageAttention2's
+    method; bf16 with a notice where the GPU cannot run it).
     """
 
     size: int | str = DEFAULT_SIZE
@@ -54,6 +62,8 @@ class RequestOptions:
     enable_online_decode: bool = False
     ref_rope_offset: str | int = "seeded"
     streamed_audio_features: bool = False
+    live_lag_bound_s: float = 2.0
+    attention: str = "bf16"
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # normalise in place (frozen)
@@ -82,6 +92,17 @@ class RequestOptions:
         set_("enable_online_decode", _bool_option("enable_online_decode", self.enable_online_decode))
         set_("ref_rope_offset", parse_ref_rope_offset(self.ref_rope_offset))
         set_("streamed_audio_features", _bool_option("streamed_audio_features", self.streamed_audio_features))
+        bound = self.live_lag_bound_s
+        try:
+            set_("live_lag_bound_s", float(bound))
+        except (TypeError, ValueError):
+            raise ArgumentError("live_lag_bound_s", f"{bound!r}: expected a number of seconds") from None
+        if isinstance(bound, bool) or not self.live_lag_bound_s >= MIN_LAG_BOUND_S:
+            raise ArgumentError("live_lag_bound_s", f"{bound!r}: must be at least {MIN_LAG_BOUND_S:g} s (a block is "
+                                                    f"0.48 s of audio)")
+        set_("attention", str(self.attention).strip().lower())
+        if self.attention not in ATTENTION_MODES:
+            raise ArgumentError("attention", f"{self.attention!r}: expected one of {', '.join(ATTENTION_MODES)}")
 
     @classmethod
     def build(cls, options: RequestOptions | None = None, **overrides) -> RequestOptions:

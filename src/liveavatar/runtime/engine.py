@@ -213,10 +213,12 @@ class Engine:
         conditioning = conditioning or self.condition(request)
         self.requests_run += 1
         geometry, options = request.geometry, request.options
+        if self.transformer is not None:  # requests run one at a time: the model runs the one this asks for
+            self.transformer.self_attention = self.self_attention(options.attention)
         steps = options.sample_steps
         if executor is None:
             executor = SequentialFactory() if self.step_ranks is None else \
-                self.step_ranks.executor(geometry, conditioning.text)
+                self.step_ranks.executor(geometry, conditioning.text, options.attention)
         schedule = FlowMatchSchedule.create(steps)
         offsets = ref_rope_offsets(options.ref_rope_offset, base_seed=options.base_seed, mode=options.mode,
                                    num_steps=steps)
@@ -230,7 +232,8 @@ class Engine:
         yield from sample(runner, decoder, conditioning.reference, conditioning.audio, geometry,
                           noise=lambda clip: clip_noise(options.base_seed, clip, geometry, device=self.device,
                                                         dtype=self.dtype),
-                          ref_rope_offset=offsets, num_steps=steps, total_blocks=request.total_blocks, mode=options.mode, online_decode=options.online_decode)
+                          ref_rope_offset=offsets, num_steps=steps, total_blocks=request.total_blocks,
+                          mode=options.mode, online_decode=options.online_decode)
 
     def forward_graphs(self, caches: CacheSet) -> ForwardGraphs | None:
         """The engine's CUDA graphs, when the fast path has them and the placement allows them."""

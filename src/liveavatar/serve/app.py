@@ -32,6 +32,7 @@ from liveavatar.serve.backend import Backend
 from liveavatar.serve.fmp4 import MIME_TYPE
 from liveavatar.serve.jobs import FINISHED, Job, QueueFull, ServerBusy, WorkQueue, error_line
 from liveavatar.serve.live import serve_live
+from liveavatar.options import DEFAULTS
 from liveavatar.serve.live_setting import LiveSetting, choose_live_setting
 from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 from liveavatar.serve.uploads import (FILE_FIELDS, MAX_TEXT_FIELD, TEXT_FIELDS, Limits, MultipartReader, UploadTooLarge,
@@ -55,7 +56,7 @@ class ServerState:
     max_queued: int = 32  # jobs waiting, all clients together
     max_live_per_client: int = 2
     live_setting: LiveSetting | None = None  # the live sessions' setting (None: chosen without a speed model)
-    live_lag_bound_s: float = 2.0
+    live_lag_bound_s: float = DEFAULTS.live_lag_bound_s
     tts_command: str = DEFAULT_TTS_COMMAND
     # Where jobs and live sessions run, the one pluggable part: by default a `WorkQueue` on `backend` in this
     # process and `serve_live` on it; the cluster's ingress passes its own (same interface, engines elsewhere),

@@ -4,7 +4,7 @@
 * `Backend.job(request)`     -> ``engine.run(request)`` of a job's request (resolved at upload, the file as audio);
 * `Backend.live(request)`    -> ``engine.run(request)`` of a session's request (its audio a `LiveAudio`),
                                 until the audio ends or the caller closes the events;
-* `Backend.warm(size, steps)` -> one short run at the live setting (compile, CUDA graphs) before any session.
+* `Backend.warm(size, steps, attention)` -> one short run at the live setting (compile, CUDA graphs) before any session.
 
 Both return a `Run`: the output size, the block count when known, and an iterator of `BlockDone` and
 `Frames` events. Closing the iterator stops the run within one block (the loop is a generator that is
@@ -77,14 +77,14 @@ class Backend:
         geometry = request.geometry
         return Run(geometry.width, geometry.height, None, _events(self.engine.run(request), None))
 
-    def warm(self, size: str, sample_steps: int) -> None:
-        """Two clips of silence at the live setting, so that the first session finds the compiled regions,
-        the CUDA graphs and the caches of its size ready."""
+    def warm(self, size: str, sample_steps: int, attention: str) -> None:
+        """Two clips of silence at the live setting with the server's attention, so that the first session
+        finds the compiled regions, the CUDA graphs and the caches of its size ready."""
         audio = LiveAudio()
         audio.push(np.zeros(int(2 * 48 / FPS * AUDIO_SAMPLE_RATE), np.float32))
         audio.end()
         request = resolve_request(Image.new("RGB", (16 * 64, 9 * 64), (128, 128, 128)), audio, "",
-                                  RequestOptions(size=size, sample_steps=sample_steps))
+                                  RequestOptions(size=size, sample_steps=sample_steps, attention=attention))
         for _ in self.live(request).events:
             pass
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 from liveavatar.geometry import AUDIO_SAMPLE_RATE, FPS
@@ -38,6 +37,8 @@ class FragmentedMp4Writer:
         self.frames_written = 0
         self._pending = np.zeros(0, np.float32)  # audio not yet muxed: AAC takes whole 1024-sample frames
         self._audio_done = 0
+        import av  # PyAV loads where a video is written (a live-only server, the GPU benchmarks, run without it)
+
         self._container = av.open(str(path), "w", format="mp4", options={"movflags": FRAGMENT_FLAGS, "flush_packets": "1"})
         self._video = self._container.add_stream("libx264", rate=FPS)
         self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
@@ -51,6 +52,8 @@ class FragmentedMp4Writer:
         return self.path.stat().st_size if self.path.exists() else 0
 
     def write(self, frames: np.ndarray, audio: np.ndarray) -> None:
+        import av
+
         for pixels in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
             frame.pts, frame.time_base = self.frames_written, Fraction(1, FPS)
@@ -73,6 +76,8 @@ class FragmentedMp4Writer:
         self.path.unlink(missing_ok=True)
 
     def _mux_audio(self, *, whole_frames_only: bool) -> None:
+        import av
+
         while len(self._pending) >= (_AAC_FRAME if whole_frames_only else 1):
             samples, self._pending = self._pending[:_AAC_FRAME], self._pending[_AAC_FRAME:]
             frame = av.AudioFrame.from_ndarray(samples[None], format="fltp", layout="mono")

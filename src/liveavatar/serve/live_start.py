@@ -42,9 +42,6 @@ def parse_start(message: dict, server) -> tuple[Request, LiveOptions, dict]:
     if not 0 < idle <= server.live_idle_limit_s:
         raise InputError(f"idle_limit_s {idle:g}: must be in (0, {server.live_idle_limit_s:g}] on this server "
                          f"(--live-idle-limit)")
-    lag_bound = _number(message, "lag_bound_s", server.live_lag_bound_s)
-    if not lag_bound >= 0.5:
-        raise InputError(f"lag_bound_s {lag_bound:g}: must be at least 0.5 (a block is 0.48 s)")
     quality = message.get("jpeg_quality", 80)
     if isinstance(quality, bool) or not isinstance(quality, int) or not 30 <= quality <= 95:
         raise InputError(f"jpeg_quality {quality!r}: must be an integer in 30..95")
@@ -52,13 +49,14 @@ def parse_start(message: dict, server) -> tuple[Request, LiveOptions, dict]:
     if not isinstance(realtime, bool):
         raise InputError(f"realtime {realtime!r}: must be true or false")
     image = _image(message, server)
+    lag_bound = options.live_lag_bound_s if realtime else None
     audio = LiveAudio(pacer=PlaybackPacer(FRAMES_PER_BLOCK, LOOKAHEAD_S) if realtime else None,
-                      lookahead_s=LOOKAHEAD_S, lag_bound_s=lag_bound if realtime else None)
+                      lookahead_s=LOOKAHEAD_S, lag_bound_s=lag_bound)
     request = resolve_request(image, audio, str(message.get("prompt", "")), options)
     geometry = request.geometry
     ready = {"type": "ready", "width": geometry.width, "height": geometry.height, "fps": FPS,
              "sample_rate": AUDIO_SAMPLE_RATE, "frames_per_block": geometry.frames_per_block,
-             "playout_delay_s": PLAYOUT_DELAY_S, "lag_bound_s": lag_bound if realtime else None,
+             "playout_delay_s": PLAYOUT_DELAY_S, "lag_bound_s": lag_bound,
              "setting": {"size": size, "sample_steps": options.sample_steps,
                          "predicted_rtf": None if predicted_rtf is None else round(predicted_rtf, 2)}}
     if warning:
@@ -68,10 +66,12 @@ def parse_start(message: dict, server) -> tuple[Request, LiveOptions, dict]:
 
 def start_options(message: dict, server) -> RequestOptions:
     """The session's `RequestOptions`: the start message's option fields (checked as the jobs' form fields,
-    within the same limits) over the server's live setting."""
+    within the same limits) over the server's live setting, and its lag bound."""
     fields = {"size": server.live_setting.size, "steps": str(server.live_setting.sample_steps)}
     fields.update({key: str(value) for key, value in message.items() if key in OPTION_FIELDS})
-    return form_options(fields, server.limits)
+    # The lag bound is a live session's own option: its start field, or this server's --live-lag-bound.
+    return RequestOptions.build(form_options(fields, server.limits),
+                                live_lag_bound_s=message.get("lag_bound_s", server.live_lag_bound_s))
 
 
 def _number(message: dict, name: str, default: float) -> float:

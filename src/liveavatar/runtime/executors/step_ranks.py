@@ -29,12 +29,13 @@ from typing import Callable, Sequence
 import torch
 
 from liveavatar.geometry import ClipGeometry
+from liveavatar.models.quantised_attention import SelfAttention, resolve_self_attention
 from liveavatar.runtime.caches import CacheSet
 from liveavatar.runtime.distributed import RankFailure, RankGroup, one_line
 from liveavatar.runtime.executors.base import BlockJob, ExecutorFactory, ForwardHook
 from liveavatar.runtime.executors.sequential import SequentialExecutor
-from liveavatar.runtime.step_layout import StepLayout, steps_phrase
 from liveavatar.runtime.schedule import FlowMatchSchedule
+from liveavatar.runtime.step_layout import StepLayout, steps_phrase
 
 BEGIN, PREFILL, BLOCK, STOP = "begin", "prefill", "block", "stop"
 STOP_WAIT_S = 30.0
@@ -70,12 +71,13 @@ class StepRanks:
         self.requests = 0
         self.closed = False
 
-    def executor(self, geometry: ClipGeometry, text: torch.Tensor) -> "StepRanksFactory":
-        """The executor factory of one request (for ``Engine.run``): ``text`` is its prompt embedding."""
-        return StepRanksFactory(self, geometry, text)
+    def executor(self, geometry: ClipGeometry, text: torch.Tensor, attention: str) -> "StepRanksFactory":
+        """The executor factory of one request (for ``Engine.run``): ``text`` is its prompt embedding,
+        ``attention`` its self-attention mode (every rank runs it)."""
+        return StepRanksFactory(self, geometry, text, attention)
 
     def begin(self, geometry: ClipGeometry, schedule: FlowMatchSchedule, text: torch.Tensor, *,
-              trace: bool) -> int:
+              trace: bool, attention: str) -> int:
         """Start a request on every rank; a pipeline that was stopped or has failed refuses it."""
         if self.closed:
             raise RankFailure("the pipeline's ranks were stopped (close()); start a new pipeline")
@@ -84,7 +86,7 @@ class StepRanks:
             raise RankFailure(failure)
         self.requests += 1
         self.group.set_role(self.layout.roles(schedule.num_steps)[self.layout.output_rank])
-        self.to_first.send({"kind": BEGIN, "request": self.requests, "trace": trace,
+        self.to_first.send({"kind": BEGIN, "request": self.requests, "trace": trace, "attention": attention,
                             "geometry": (geometry.height, geometry.width, geometry.infer_frames),
                             "steps": self.layout.steps(schedule.num_steps), **_schedule_fields(schedule)},
                            {"text": text})
@@ -118,8 +120,8 @@ class StepRanksFactory(ExecutorFactory):
     """Builds a request's `StepRanksExecutor` from what ``Engine.run`` passes an executor factory; the
     engine allocates caches only for `local_steps` (none on a decode-only output rank)."""
 
-    def __init__(self, step_ranks: StepRanks, geometry: ClipGeometry, text: torch.Tensor):
-        self.step_ranks, self.geometry, self.text = step_ranks, geometry, text
+    def __init__(self, step_ranks: StepRanks, geometry: ClipGeometry, text: torch.Tensor, attention: str):
+        self.step_ranks, self.geometry, self.text, self.attention = step_ranks, geometry, text, attention
 
     def local_steps(self, num_steps: int) -> tuple[int, ...]:
         return self.step_ranks.layout.steps(num_steps)[self.step_ranks.layout.output_rank]
@@ -127,7 +129,7 @@ class StepRanksFactory(ExecutorFactory):
     def __call__(self, model, caches: CacheSet | None, schedule: FlowMatchSchedule, text_kv, *,
                  on_forward: ForwardHook | None = None, graphs=None) -> "StepRanksExecutor":
         return StepRanksExecutor(self.step_ranks, self.geometry, self.text, model, caches, schedule, text_kv,
-                                on_forward=on_forward, graphs=graphs)
+                                 on_forward=on_forward, graphs=graphs, attention=self.attention)
 
 
 class StepRanksExecutor:
@@ -136,7 +138,7 @@ class StepRanksExecutor:
 
     def __init__(self, step_ranks: StepRanks, geometry: ClipGeometry, text: torch.Tensor, model,
                  caches: CacheSet | None, schedule: FlowMatchSchedule, text_kv, *,
-                 on_forward: ForwardHook | None = None, graphs=None):
+                 on_forward: ForwardHook | None = None, graphs=None, attention: str):
         self.step_ranks = step_ranks
         self.num_steps = schedule.num_steps
         self.on_forward = on_forward
@@ -145,7 +147,7 @@ class StepRanksExecutor:
         steps = step_ranks.layout.steps(self.num_steps)[step_ranks.layout.output_rank]
         self.local = None if not steps else SequentialExecutor(
             model, caches, schedule, text_kv, on_forward=on_forward, graphs=graphs, steps=steps)
-        self.request = step_ranks.begin(geometry, schedule, text, trace=on_forward is not None)
+        self.request = step_ranks.begin(geometry, schedule, text, trace=on_forward is not None, attention=attention)
 
     def prefill(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None:
         self.step_ranks.to_first.send({"kind": PREFILL, "request": self.request},
@@ -186,6 +188,7 @@ def serve_stage(group: RankGroup, model, caches_for: Callable[[ClipGeometry, Seq
     upstream = group.link_from(group.rank - 1 if group.rank else group.world_size - 1)
     downstream = group.link_to(group.rank + 1)
     stage, traced = None, {}
+    attentions: dict[str, SelfAttention] = {}  # each mode resolved once (one fallback notice)
     while True:
         header, tensors = upstream.recv(device)
         kind = header["kind"]
@@ -193,6 +196,10 @@ def serve_stage(group: RankGroup, model, caches_for: Callable[[ClipGeometry, Seq
             steps = header["steps"][group.rank]
             group.set_role(steps_phrase(steps) if steps else "idle")
             stage = None
+            mode = header["attention"]
+            if mode not in attentions:
+                attentions[mode] = resolve_self_attention(mode, device, head_dim=model.config.head_dim)
+            model.self_attention = attentions[mode]
             if steps:
                 caches = caches_for(ClipGeometry(*header["geometry"]), steps)
                 stage = SequentialExecutor(model, caches, _schedule(header), model.text_kv(tensors["text"]),

@@ -94,7 +94,7 @@ class Workload:
            audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> "Workload":
         """The workload of a request of ``geometry`` and ``options`` on ``num_gpus`` ranks."""
         return cls(geometry.height, geometry.width, geometry.infer_frames, options.sample_steps, num_gpus,
-                   options.mode, run_dtype_bytes, audio_seconds=audio_seconds)
+                   options.mode, run_dtype_bytes, audio_seconds=audio_seconds, attention=options.attention)
 
     @functools.cached_property
     def geometry(self) -> ClipGeometry:
@@ -129,7 +129,7 @@ class Workload:
         g = self.geometry
         gpus = f", {self.num_gpus} GPUs" if self.num_gpus > 1 else ""
         return (f"{self.width}x{self.height} ({g.frame_tokens} tokens/frame), {self.infer_frames}-frame clips, "
-                f"{self.sample_steps} steps{gpus}")
+                f"{self.sample_steps} steps{gpus}, {self.attention} attention")
 
 
 @dataclass(frozen=True)

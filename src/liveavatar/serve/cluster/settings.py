@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from liveavatar.options import DEFAULTS
 from liveavatar.serve.live_setting import choose_live_setting
 from liveavatar.serve.tts import DEFAULT_TTS_COMMAND
 from liveavatar.serve.uploads import Limits
@@ -40,7 +41,7 @@ class ClusterSettings:
     live_policy: str = "auto"
     live_size: str | None = None
     live_steps: int | None = None
-    live_lag_bound_s: float = 2.0
+    live_lag_bound_s: float = DEFAULTS.live_lag_bound_s
     tts_command: str = DEFAULT_TTS_COMMAND
 
     def live_state(self, setting=None) -> dict:

@@ -57,9 +57,10 @@ class _RecordingExecutor:
 
 
 @contextmanager
-def _executor_factory(fixture: Fixture, geometry: ClipGeometry, text: torch.Tensor, steps: int, ranks: int | None):
-    """A `SequentialFactory`, or the pipeline's executor factory over ``ranks`` local processes (stopped on
-    exit)."""
+def _executor_factory(fixture: Fixture, geometry: ClipGeometry, text: torch.Tensor, steps: int, ranks: int | None,
+                      attention: str):
+    """A `SequentialFactory`, or the step ranks' executor factory over ``ranks`` local processes (stopped on
+    exit), whose ranks run the ``attention`` mode."""
     if not ranks or ranks < 2:
         yield SequentialFactory()
         return
@@ -68,7 +69,7 @@ def _executor_factory(fixture: Fixture, geometry: ClipGeometry, text: torch.Tens
     spec = StageSpec(str(fixture.path(DIT_WEIGHTS)), Placement(), "cpu", "float32", threads=torch.get_num_threads())
     step_ranks = spawn_step_ranks([spec] * (ranks - 1), torch.device("cpu"), sample_steps=steps)
     try:
-        yield step_ranks.executor(geometry, text)
+        yield step_ranks.executor(geometry, text, attention)
     finally:
         step_ranks.close()
 
@@ -141,7 +142,8 @@ def run(fixture: Fixture, ranks: int | None = None, placement: Placement = Place
     clips: dict[int, list[torch.Tensor]] = {}
     frames: list[torch.Tensor] = []
     audio = WholeFileAudio(fixture["in.audio_emb"], geometry)
-    with _executor_factory(fixture, geometry, fixture["in.context"], schedule.num_steps, ranks) as factory:
+    with _executor_factory(fixture, geometry, fixture["in.context"], schedule.num_steps, ranks,
+                           self_attention.mode) as factory:
         steps = factory.local_steps(schedule.num_steps)
         caches = build_caches(model, placement, geometry, steps, device="cpu", dtype=dtype) if steps else None
         executor = _RecordingExecutor(factory(model, caches, schedule, model.text_kv(fixture["in.context"]),
