@@ -10,8 +10,9 @@ GPU rows (``--rows``, default 704*384 at 4 and 3 steps, then 384*256 at 4): one 
 row size (compiled regions, CUDA graphs, the decode overlapped), every mode on the same synthetic request
 (same noise, audio, prompt), ``--warmup-blocks`` then ``--blocks`` measured. The first request of a mode
 gives the latents and the DiT's seconds per block (the steady forwards' graphs are captured during the
-warm-up); a second, with the decode, the end-to-end seconds per block. Rows past ``--budget-s`` are skipped and listed. Random weights have no outlier channels:
-these numbers bound the kernel's arithmetic, not the quality on the real checkpoint (README, "Attention").
+warm-up); a second, with the decode, the end-to-end seconds per block. Rows past ``--budget-s`` are
+skipped and listed. Random weights have no outlier channels:
+these numbers bound the kernel's arithmetic, not the quality on the real checkpoint (README, "Quantised attention").
 """
 from __future__ import annotations
 

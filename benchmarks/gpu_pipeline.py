@@ -12,7 +12,7 @@ with ``--vram-budget`` (required; ranks x budget must fit the card). Per-rank pe
 allocator), the frames against one GPU and the kill drill mean what they mean on N GPUs; FPS, TTFF and the
 hop time do not (the ranks share one GPU's compute and the hop never leaves it).
 
-For each rank count: every rank is planned (`plan_pipeline`, on this machine's GPU and --vram-budget) and
+For each rank count: every rank is planned (`plan_step_ranks`, on this machine's GPU and --vram-budget) and
 spawned with the 14B DiT built from the same seed (so every rank and the one-GPU run hold the same
 weights); a block-sized message goes round the ranks to time one hop; then the real sampling loop runs
 warm-up + measured blocks on synthetic conditioning (as `liveavatar bench`), then a second run is cut by
@@ -45,14 +45,14 @@ from liveavatar.geometry import size_for_area
 from liveavatar.io.video_writer import pixels_to_uint8
 from liveavatar.runtime.bench import bench_phase_peaks, random_dit, random_vae, synthetic_request
 from liveavatar.runtime.compile import resolve_fast_path
-from liveavatar.runtime.distributed import LocalRanks, PipelineFailure
+from liveavatar.runtime.distributed import LocalRanks, RankFailure
 from liveavatar.runtime.engine import Engine
-from liveavatar.runtime.executors.pipeline import Pipeline
+from liveavatar.runtime.executors.step_ranks import StepRanks
 from liveavatar.runtime.multi_gpu import run_stage
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.planner.hardware import CPU_HARDWARE, HARDWARE_PRESETS, GiB, detect_hardware
 from liveavatar.runtime.planner.memory import Workload, dit_inventory, transformer_config_for
-from liveavatar.runtime.planner.pipeline import plan_pipeline
+from liveavatar.runtime.planner.step_ranks import plan_step_ranks
 from liveavatar.runtime.planner.policy import Pins, make_plan, resolve_budget
 from liveavatar.runtime.sampler import VideoFrames
 from liveavatar.options import parse_size
@@ -145,7 +145,7 @@ def measure_pipeline(ranks: int, args, work: Workload, hardware, budget, source,
                      device) -> tuple[dict, np.ndarray | None]:
     config = transformer_config_for(None, args.config)
     inventory = dit_inventory(config)
-    plan = plan_pipeline(inventory, replace(work, num_gpus=ranks), hardware, budget, budget_source=source,
+    plan = plan_step_ranks(inventory, replace(work, num_gpus=ranks), hardware, budget, budget_source=source,
                          pins=Pins(weight_dtype=args.weights))
     report = {"ranks": ranks, "layout": plan.layout.describe(work.sample_steps), "fits": plan.fits,
               "predicted_fps": plan.fps, "predicted_hop_ms": plan.hop_s * 1e3,
@@ -166,7 +166,7 @@ def measure_pipeline(ranks: int, args, work: Workload, hardware, budget, source,
         torch.cuda.set_device(output_device)
         torch.cuda.reset_peak_memory_stats(output_device)
     report["hop_ms"] = hop_seconds(local.group, work, config, output_device, dtype) * 1e3
-    pipeline = Pipeline(local.group, plan.layout, output_device, ranks=local)
+    step_ranks = StepRanks(local.group, plan.layout, output_device, ranks=local)
     output_placement = plan.ranks[-1].placement
     model, streamer = random_dit(config, output_placement, output_device, dtype,
                                  torch.Generator(output_device).manual_seed(args.seed)) \
@@ -174,7 +174,7 @@ def measure_pipeline(ranks: int, args, work: Workload, hardware, budget, source,
     vae = random_vae(vae_config(args.config), device=output_device, dtype=dtype,
                      generator=torch.Generator(output_device).manual_seed(args.seed + 1))
     engine = Engine(model, vae, None, None, placement=output_placement, device=output_device, dtype=dtype,
-                    layer_streamer=streamer, pipeline=pipeline,
+                    layer_streamer=streamer, step_ranks=step_ranks,
                     fast_path=resolve_fast_path(output_device, compile=args.compile))
     synthetic = synthetic_request(config, vae, work, device=output_device, dtype=dtype,
                                   total_blocks=args.warmup_blocks + args.blocks, seed=args.seed)
@@ -188,7 +188,7 @@ def measure_pipeline(ranks: int, args, work: Workload, hardware, budget, source,
         report["peak_gib"] = [peak / GiB for peak in peaks]
     report["predicted_peak_gib"] = [max(bench_phase_peaks(rank).values()) / GiB for rank in plan.ranks]
     report["drill"] = kill_drill(engine, request, conditioning, local)
-    pipeline.close()
+    step_ranks.close()
     del engine, model, vae, streamer
     if output_device.type == "cuda":
         torch.cuda.empty_cache()
@@ -207,10 +207,10 @@ def kill_drill(engine, request, conditioning, local: LocalRanks) -> dict:
     message = None
     try:
         run_loop(engine, request, conditioning, 10**6, 0, kill=kill)
-    except PipelineFailure as failure:
+    except RankFailure as failure:
         message = str(failure)
     raised = time.perf_counter()
-    engine.pipeline.close(PipelineFailure(message or "drill"))
+    engine.step_ranks.close(RankFailure(message or "drill"))
     deadline = time.monotonic() + 60
     while any(process.is_alive() for process in local.processes.values()) and time.monotonic() < deadline:
         time.sleep(0.05)

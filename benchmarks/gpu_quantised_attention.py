@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from liveavatar.models.quantised_attention import kernel_problem, reference_attention, resolve_self_attention
+from liveavatar.models.quantised_attention import kernel_problem, resolve_self_attention
+from liveavatar.models.sage_reference import reference_attention
 
 SWEEP = ((64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 8, 4))
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_end_to_end import write_audio  # noqa: E402
 from serve_latency import random_backend  # noqa: E402
 
-from liveavatar.options import parse_size  # noqa: E402
+from liveavatar.options import DEFAULTS, parse_size  # noqa: E402
 from liveavatar.runtime.placement import Placement  # noqa: E402
 from liveavatar.runtime.progress import host_rss_bytes  # noqa: E402
 from liveavatar.serve.backend import Backend  # noqa: E402
@@ -68,7 +68,7 @@ def live_setting(args, backend: Backend):
         from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, detect_hardware
         from liveavatar.runtime.planner.memory import dit_inventory
 
-        engine = backend.pipe.engine
+        engine = backend.engine
         fast = engine.fast_path
         path = "graphs" if fast.cuda_graphs and engine.placement.resident else "compiled" if fast.compile else "eager"
         predictor = speed_model_predictor(dit_inventory(TransformerConfig.full_14b()), engine.placement,
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(setting), file=sys.stderr, flush=True)
     warm = time.perf_counter()
     if args.device.startswith("cuda"):  # as serve: the CPU runs eagerly, nothing to warm
-        backend.warm(setting.size, setting.sample_steps)
+        backend.warm(setting.size, setting.sample_steps, DEFAULTS.attention)
     warm_s = time.perf_counter() - warm
     work = args.out
     image, audio = work / "image.png", work / "speech.wav"

@@ -45,7 +45,6 @@ from liveavatar.runtime.placement import Placement  # noqa: E402
 
 def random_backend(device: str, fp8: bool) -> Backend:
     """The 14B DiT and the full VAE materialised on the device with random weights (as gpu_end_to_end.py)."""
-    from liveavatar.api import LiveAvatarPipeline
     from liveavatar.devices import resolve_device
     from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
     from liveavatar.models.vae import VAEConfig, WanVAE
@@ -69,7 +68,7 @@ def random_backend(device: str, fp8: bool) -> Backend:
     engine = Engine(transformer, vae, RandomTextContext(config.text_dim, device, dtype),
                     random_wav2vec2(config.audio_dim, device, dtype),
                     placement=Placement(weight_dtype="fp8" if fp8 else "bf16"), device=device, dtype=dtype)
-    return Backend(LiveAvatarPipeline(engine))
+    return Backend(engine)
 
 
 def first_frame_latency(server: LocalServer, image: Path, audio: Path, fields: dict) -> tuple[float, float]:

@@ -47,6 +47,20 @@ def test_the_compile_worker_probe_measures_a_pool_on_the_cpu(tmp_path):
     assert pool["compile_s"] > 0 and single["compile_s"] > 0
 
 
+def test_the_attention_modes_benchmark_compares_every_mode_on_the_cpu(tmp_path):
+    out = tmp_path / "modes.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention_modes.py"), "--device", "cpu",
+                             "--warmup-blocks", "1", "--blocks", "1", "--fixtures", "", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert list(row["modes"]) == ["bf16", "int8", "fp8"]
+    for mode in ("int8", "fp8"):  # the PyTorch reference on the CPU: quantised, and close to bf16
+        assert "PyTorch reference" in row["modes"][mode]["runs"]
+        assert all(0 < block["max"] < 1e-2 for block in row["modes"][mode]["vs_bf16"])
+
+
 def test_the_decode_benchmark_compares_the_fixed_buffer_step_on_the_cpu(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_decode.py"), "--device", "cpu", "--tiny",
                              "--dtype", "fp32", "--sizes", "32*32", "--variants", "eager,fixed", "--blocks", "1",

@@ -50,8 +50,7 @@ def _requests(model, placement, *, requests=2, blocks=6, graphs=None, after_bloc
     for _ in range(requests):
         caches.reset()
         text_kv = model.text_kv(torch.randn(6, c.text_dim, generator=g))
-        executor = SequentialExecutor(model, caches, FlowMatchSchedule.create(STEPS), text_kv,
-                                      ref_rope_offset=lambda step: 9 + step, graphs=graphs)
+        executor = SequentialExecutor(model, caches, FlowMatchSchedule.create(STEPS), text_kv, graphs=graphs)
         ref, motion = torch.randn(1, 16, 1, h, w, generator=g), torch.randn(1, 16, 19, h, w, generator=g)
         executor.prefill(ref, motion)
         for index in range(blocks):
@@ -60,7 +59,8 @@ def _requests(model, placement, *, requests=2, blocks=6, graphs=None, after_bloc
                 executor.prefill(ref * 0.5, motion)
             noise = torch.randn(16, 3, h, w, generator=g)
             audio = torch.randn(1, c.audio_layers, c.audio_dim, 12, generator=g)
-            executor.submit(BlockJob(clip, block, GEOMETRY.start_frame(clip, block), noise, audio))
+            draws = tuple(9 + step for step in range(STEPS))
+            executor.submit(BlockJob(clip, block, GEOMETRY.start_frame(clip, block), noise, audio, draws))
             outputs.append(executor.collect())
             if after_block is not None:
                 after_block()

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from liveavatar.checkpoints.download import BASE_IGNORE, HUB_REVISIONS, download_checkpoints
 from liveavatar.checkpoints.files import check_torch_file
 from liveavatar.checkpoints.layout import CheckpointLayout, resolve_lora
+from liveavatar.checkpoints.safetensors_io import checkpoint_files
 from liveavatar.cli import main
 from liveavatar.errors import CheckpointError, LiveAvatarError
 
@@ -68,7 +69,9 @@ def test_single_file_dit_is_accepted(base):
         shard.unlink()
     (base / "diffusion_pytorch_model.safetensors.index.json").unlink()
     save_file({"head.head.weight": torch.zeros(64, 8)}, str(base / "diffusion_pytorch_model.safetensors"))
-    CheckpointLayout.discover(base).validate()
+    layout = CheckpointLayout.discover(base)
+    assert layout.problems() == []  # validate() raises on the first problem; this says there is none
+    assert checkpoint_files(layout.dit_dir) == {"head.head.weight": base / "diffusion_pytorch_model.safetensors"}
 
 
 def _cut(path: Path, keep: int = -100):

@@ -16,10 +16,10 @@ import torch
 
 from liveavatar.api import LiveAvatarPipeline
 from liveavatar.cli import main
-from liveavatar.runtime.pipeline_layout import PipelineLayout
+from liveavatar.runtime.step_layout import StepLayout
 from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB
 from liveavatar.runtime.planner.memory import Workload, dit_inventory, transformer_config_for
-from liveavatar.runtime.planner.pipeline import plan_pipeline
+from liveavatar.runtime.planner.step_ranks import plan_step_ranks
 from liveavatar.runtime.planner.policy import make_plan
 from liveavatar.testing import parity
 
@@ -74,7 +74,7 @@ def test_frames_match_one_device_bit_for_bit(ranks, pipelines, one_device, media
     pipe = pipelines(ranks)
     for steps in (4, 3):
         # One pipeline serves both counts; a launch for 3 steps would give every rank the same steps.
-        assert PipelineLayout.for_steps(ranks, 4).steps(3) == PipelineLayout.for_steps(ranks, 3).steps(3)
+        assert StepLayout.for_steps(ranks, 4).steps(3) == StepLayout.for_steps(ranks, 3).steps(3)
         got = _frames(pipe, media_dir, steps)
         assert len(got) == 2 * 48 - 3
         assert _same(got, one_device[steps]), f"{ranks} ranks, {steps} steps: frames differ from one device"
@@ -123,15 +123,15 @@ def test_loop_fixtures_pass_through_the_pipeline(name, fixtures_dir, capsys):
 
 
 def test_layout_maps_steps_to_ranks():
-    assert PipelineLayout.for_steps(5, 4).steps(4) == ((0,), (1,), (2,), (3,), ())  # the reference's
-    assert PipelineLayout.for_steps(2, 4).steps(4) == ((0, 1), (2, 3))
-    assert PipelineLayout.for_steps(3, 4).steps(4) == ((0, 1), (2,), (3,))  # the output rank also decodes
-    assert PipelineLayout.for_steps(4, 3).steps(3) == ((0,), (1,), (2,), ())
-    layout = PipelineLayout.for_steps(5, 3)
+    assert StepLayout.for_steps(5, 4).steps(4) == ((0,), (1,), (2,), (3,), ())  # the reference's
+    assert StepLayout.for_steps(2, 4).steps(4) == ((0, 1), (2, 3))
+    assert StepLayout.for_steps(3, 4).steps(4) == ((0, 1), (2,), (3,))  # the output rank also decodes
+    assert StepLayout.for_steps(4, 3).steps(3) == ((0,), (1,), (2,), ())
+    layout = StepLayout.for_steps(5, 3)
     assert layout.idle_ranks(3) == (3,) and layout.roles(3)[3] == "idle (passes blocks on)"
-    assert PipelineLayout.for_steps(3, 3).roles(3) == ["step 0", "step 1", "step 2 + decode + output"]
+    assert StepLayout.for_steps(3, 3).roles(3) == ["step 0", "step 1", "step 2 + decode + output"]
     with pytest.raises(ValueError):
-        PipelineLayout(1, True)
+        StepLayout(1, True)
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -141,7 +141,7 @@ def _plan(num_gpus, budget_gib=None, host_gib=None):
     inventory = dit_inventory(transformer_config_for(None))
     budget = None if budget_gib is None else budget_gib * GiB
     host = None if host_gib is None else host_gib * GiB
-    return plan_pipeline(inventory, Workload(384, 704, 48, 4, num_gpus), HARDWARE_PRESETS["h100"], budget,
+    return plan_step_ranks(inventory, Workload(384, 704, 48, 4, num_gpus), HARDWARE_PRESETS["h100"], budget,
                          budget_source=f"{budget_gib} GiB", host_budget_bytes=host)
 
 

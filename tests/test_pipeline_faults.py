@@ -16,10 +16,10 @@ import torch
 from liveavatar.api import LiveAvatarPipeline
 from liveavatar.cli import main
 from liveavatar.errors import InputError
-from liveavatar.runtime.distributed import LocalRanks, PipelineFailure, check_same_kind, gpu_devices, torchrun_device
-from liveavatar.runtime.executors.pipeline import Pipeline
+from liveavatar.runtime.distributed import LocalRanks, RankFailure, check_same_kind, gpu_devices, torchrun_device
+from liveavatar.runtime.executors.step_ranks import StepRanks
 from liveavatar.runtime.multi_gpu import StageSpec
-from liveavatar.runtime.pipeline_layout import PipelineLayout
+from liveavatar.runtime.step_layout import StepLayout
 from liveavatar.runtime.placement import Placement
 
 from pipeline_helpers import stage_failing_at
@@ -49,9 +49,9 @@ def test_a_rank_that_raises_stops_every_rank_with_its_cause(tiny, prompt_cache, 
     spec = StageSpec(str(tiny.dit_dir), Placement(), "cpu", "float32", lora=str(tiny.lora), threads=1)
     ranks = LocalRanks(3, 2, stage_failing_at, {0: (spec, None), 1: (spec, 3)})
     pipe = LiveAvatarPipeline.from_layout(tiny, dtype=torch.float32, prompt_cache_dir=prompt_cache,
-                                          pipeline=Pipeline(ranks.group, PipelineLayout.for_steps(3, 4),
+                                          step_ranks=StepRanks(ranks.group, StepLayout.for_steps(3, 4),
                                                             torch.device("cpu"), ranks=ranks))
-    with pytest.raises(PipelineFailure, match=r"^rank 1 \(step 2\) failed: RuntimeError: injected failure$"):
+    with pytest.raises(RankFailure, match=r"^rank 1 \(step 2\) failed: RuntimeError: injected failure$"):
         list(_stream(pipe, media_dir))
     failed = time.monotonic()
     pipe.close()

@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from liveavatar.models.attention import attention
-from liveavatar.models.quantised_attention import (
-    BLOCK_N,
-    SelfAttention,
-    kernel_problem,
-    reference_attention,
-    resolve_self_attention,
-)
+from liveavatar.models.quantised_attention import SelfAttention, kernel_problem, resolve_self_attention
+from liveavatar.models.sage_reference import BLOCK_N, reference_attention
 
 
 def _inputs(lq=150, lk=200, heads=2, dim=64, key_bias=3.0, seed=0):
@@ -52,7 +47,7 @@ _INTERPRETED_KERNEL_CHECK = """
 import torch
 from liveavatar.models import sage_kernels
 from liveavatar.models.attention import attention
-from liveavatar.models.quantised_attention import BLOCK_N, reference_attention
+from liveavatar.models.sage_reference import BLOCK_N, reference_attention
 from test_quantised_attention import _inputs, _relative_max
 
 q, k, v = _inputs(lq=130, lk=BLOCK_N * 2 + 9)  # a partial query block and a partial key block
@@ -113,3 +108,32 @@ def test_gpu_kernel_graph_replay_and_compile_match_eager(mode):
     assert torch.equal(captured, op(*fresh))
     compiled = torch.compile(lambda q, k, v: op(q * 2, k, v), fullgraph=True)
     assert torch.equal(compiled(q, k, v), op(q * 2, k, v))
+
+
+def test_an_engine_resolves_each_mode_once():
+    from liveavatar.runtime.engine import Engine
+    from liveavatar.runtime.placement import Placement
+
+    engine = Engine(None, None, None, None, placement=Placement(), device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.warns(UserWarning, match="--attention fp8"):
+        first = engine.self_attention("fp8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second notice
+        assert engine.self_attention("fp8") is first and first.runs == "bf16"
+
+
+def test_attention_is_a_request_option_the_server_and_the_planner_carry():
+    from liveavatar.errors import ArgumentError
+    from liveavatar.geometry import ClipGeometry
+    from liveavatar.options import RequestOptions
+    from liveavatar.runtime.planner.memory import Workload
+    from liveavatar.serve.uploads import Limits, form_options
+
+    limits = Limits(upload_bytes=2**20, audio_seconds=60.0, max_area=704 * 384, max_steps=4, default_size="704*384",
+                    default_attention="int8")
+    assert form_options({}, limits).attention == "int8"  # the server's default
+    assert form_options({"attention": " FP8 "}, limits).attention == "fp8"  # a request's own
+    with pytest.raises(ArgumentError, match="attention 'int4': expected one of bf16, int8, fp8"):
+        RequestOptions(attention="int4")
+    options = RequestOptions(attention="int8")
+    assert Workload.of(ClipGeometry(384, 704, 48), options, run_dtype_bytes=2).attention == "int8"

@@ -21,6 +21,7 @@ from liveavatar.runtime.conditioning import (
 )
 from liveavatar.runtime.sampler import (
     BlockLatents,
+    DecodedFrames,
     VideoFrames,
     make_decoder,
     recorded_ref_rope_offsets,
@@ -133,7 +134,8 @@ class RecordingExecutor:
 
     def submit(self, job):
         assert len(self.pending) < self.depth, "more blocks submitted than the executor's depth"
-        self.log.append(("block", job.clip, job.block, job.start_frame, job.noise.clone(), job.audio.clone()))
+        self.log.append(("block", job.clip, job.block, job.start_frame, job.noise.clone(), job.audio.clone(),
+                         job.ref_rope_offsets))
         ids = torch.tensor([1000 + 100 * job.clip + 10 * job.block + f for f in range(job.noise.shape[1])],
                            dtype=torch.float32)
         self.pending.append(ids.view(1, -1, 1, 1).expand_as(job.noise).clone())
@@ -162,9 +164,8 @@ class LateDecoder:
         self.inner, self.pending = inner, []
 
     def add_block(self, latents):
-        frames = self.inner.add_block(latents)
-        self.pending.append((frames, pixels_to_uint8(frames)))
-        return self.pending.pop(0) if len(self.pending) > 1 else None
+        self.pending += [DecodedFrames(d.frames, pixels_to_uint8(d.frames)) for d in self.inner.add_block(latents)]
+        return [self.pending.pop(0)] if len(self.pending) > 1 else []
 
     def flush(self):
         out, self.pending = self.pending, []
@@ -182,7 +183,7 @@ def _run(mode, num_clips, *, online=False, infer_frames=48, depth=1, audio_block
     decoder = make_decoder(mode, IdVAE(), reference, geometry)
     for event in sample(executor, LateDecoder(decoder) if late else decoder, reference, features, geometry,
                         total_blocks=None if audio_blocks else num_clips * geometry.blocks_per_clip, mode=mode,
-                        online_decode=online,
+                        online_decode=online, ref_rope_offset=recorded_ref_rope_offsets(range(4, 31)), num_steps=2,
                         noise=lambda clip: torch.full((16, geometry.latent_frames, 8, 8), float(clip))):
         # Record how many blocks had been denoised when each event reached the consumer.
         events.append((event, sum(1 for entry in executor.log if entry[0] == "block")))
@@ -204,7 +205,7 @@ def test_blocks_positions_noise_and_audio_slices(infer_frames):
     geometry, _, executor, _ = _run("streaming", 3, infer_frames=infer_frames)
     blocks = [entry for entry in executor.log if entry[0] == "block"]
     assert len(blocks) == 3 * geometry.blocks_per_clip
-    for index, (_, clip, block, start_frame, noise, audio) in enumerate(blocks):
+    for index, (_, clip, block, start_frame, noise, audio, _) in enumerate(blocks):
         assert (clip, block) == divmod(index, geometry.blocks_per_clip)
         assert start_frame == 3 * index
         assert noise.shape == (16, 3, 8, 8) and bool((noise == clip).all())
@@ -222,6 +223,9 @@ def test_streaming_mode_rolls_the_sink_and_decodes_every_block_at_once():
     assert bool((prefills[1][1] == 1000).all()) and prefills[1][1].shape == (1, 16, 1, 8, 8)  # clip 0 frame 0
     assert torch.equal(prefills[0][2], prefills[1][2])  # motion latents never change
     assert reference.motion.shape[2] == 19 and reference.history.shape[2] == 73
+    # Each block's job carries its RoPE offsets, one per step, drawn in submit order (4, 5 | 6, 7 | ...).
+    draws = [entry[6] for entry in executor.log if entry[0] == "block"]
+    assert draws[:3] == [(4, 5), (6, 7), (8, 9)] and len(draws) == 3 * geometry.blocks_per_clip
     # Every block's frames reach the consumer before the next block is denoised.
     frame_events = [(event, done) for event, done in events if isinstance(event, VideoFrames)]
     assert [done for _, done in frame_events] == list(range(1, 3 * geometry.blocks_per_clip + 1))

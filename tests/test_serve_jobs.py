@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 def backend(tiny, tmp_path_factory):
     pipe = LiveAvatarPipeline.from_pretrained(tiny.ckpt_dir, lora=tiny.lora, device="cpu", dtype=torch.float32,
                                               prompt_cache_dir=tmp_path_factory.mktemp("prompts"))
-    return Backend(pipe)
+    return Backend(pipe.engine)
 
 
 def write_wav(path, waveform):
@@ -188,8 +188,9 @@ def test_bad_uploads_get_4xx_with_the_cli_message_and_the_server_keeps_serving(b
         ({}, {"steps": "0"}, 400, "--sample_steps 0: must be at least 1 (the LoRA is distilled for 4)"),
         ({}, {"seed": "x"}, 400, "--base_seed 'x': expected an integer"),
         ({}, {"mode": "fast"}, 400, "--mode 'fast': expected one of streaming, single_gpu"),
+        ({}, {"attention": "int4"}, 400, "--attention 'int4': expected one of bf16, int8, fp8"),
         ({}, {"colour": "red"}, 400, "unknown field 'colour'; the accepted fields are image, audio, prompt, size, "
-                                     "steps, seed, mode, num_clip"),
+                                     "steps, seed, mode, num_clip, attention"),
     ]
     with LocalServer(backend, upload_mb=1, max_audio_s=10) as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:

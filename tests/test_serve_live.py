@@ -14,6 +14,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 
+from liveavatar.api import LiveAvatarPipeline
 from liveavatar.io.media import load_audio
 from liveavatar.serve.client import main as client_main, stream_file
 from liveavatar.serve.live_setting import choose_live_setting
@@ -63,8 +64,8 @@ def test_live_session_gives_generates_frames_one_block_per_0_48_s(server, backen
         assert len(parts) == 7 and all(value >= 0 for value in parts) and block["rtf"] > 0
         assert abs(sum(parts) - block["latency_ms"]) < 1.0, block
     # The same frames as generate on the whole file in its streamed-audio mode (same seed).
-    generated = backend.pipe.stream(image, speech, "", size="64*64", sample_steps=1, base_seed=5, num_clip=2,
-                                    streamed_audio_features=True)
+    generated = LiveAvatarPipeline(backend.engine).stream(image, speech, "", size="64*64", sample_steps=1, base_seed=5,
+                                                          num_clip=2, streamed_audio_features=True)
     expected = [_jpeg(frame.image) for frame in generated]  # generate's video ends with the audio: 63 frames
     assert len(result.frames) == 12 * len(result.blocks) - 3 and len(expected) == video_frames
     assert result.frames[:len(expected)] == expected
@@ -159,8 +160,8 @@ def test_a_live_client_that_disconnects_stops_its_session_within_a_block_and_a_j
 
 @pytest.mark.parametrize("start, message", [
     ({"type": "start", "colour": "red"}, "unknown field 'colour' in the start message; accepted: type, image, "
-                                         "image_id, prompt, size, steps, seed, realtime, idle_limit_s, jpeg_quality, "
-                                         "lag_bound_s"),
+                                         "image_id, prompt, size, steps, seed, attention, realtime, idle_limit_s, "
+                                         "jpeg_quality, lag_bound_s"),
     (b"\x00\x01", 'the first message must be the JSON text {"type": "start", ...} (see the README\'s live protocol); '
                   'got a binary message'),
     ("hello", 'the first message is not JSON (\'hello\'...); send {"type": "start", ...} (see the README\'s live '

@@ -95,17 +95,17 @@ class LiveAvatarPipeline:
                     fp8: bool = False, t5_cpu: bool = False, prompt_cache_dir=None,
                     placement: Placement | Sequence[Placement] | None = None,
                     devices: Sequence[str | torch.device] | None = None, sample_steps: int = DEFAULTS.sample_steps,
-                    pipeline=None, compile: bool | None = None) -> "LiveAvatarPipeline":
+                    step_ranks=None, compile: bool | None = None) -> "LiveAvatarPipeline":
         """As `from_pretrained`, for a checkpoint layout already discovered and validated. ``pipeline``:
-        the output rank's `Pipeline` of ranks started elsewhere (torchrun) instead of ``devices``."""
+        the output rank's `StepRanks` of ranks started elsewhere (torchrun) instead of ``devices``."""
         if devices is not None and len(devices) == 1:
             device, devices = devices[0], None
         ranks = [resolve_device(d) for d in devices] if devices is not None else None
-        device = ranks[-1] if ranks else pipeline.device if pipeline is not None else resolve_device(device)
+        device = ranks[-1] if ranks else step_ranks.device if step_ranks is not None else resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if device.type == "cuda":
             configure_cuda_allocator()
-        count = len(ranks) if ranks else pipeline.layout.world_size if pipeline is not None else 1
+        count = len(ranks) if ranks else step_ranks.layout.world_size if step_ranks is not None else 1
         if placement is None:
             placement = Placement(weight_dtype="fp8" if fp8 else "bf16",
                                   text_encoder="cpu" if t5_cpu else "gpu_then_free")
@@ -113,10 +113,10 @@ class LiveAvatarPipeline:
         if len(placements) != count:
             raise ValueError(f"placement: {len(placements)} given for {count} ranks")
         if ranks:
-            from liveavatar.runtime.multi_gpu import StageSpec, spawn_pipeline
+            from liveavatar.runtime.multi_gpu import StageSpec, spawn_step_ranks
 
             threads = torch.get_num_threads() if device.type == "cpu" else None
-            pipeline = spawn_pipeline(
+            step_ranks = spawn_step_ranks(
                 [StageSpec(str(layout.dit_dir), rank_placement, str(rank_device), str(dtype).removeprefix("torch."),
                            lora=None if layout.lora is None else str(layout.lora), lora_alpha=lora_alpha,
                            threads=threads, compile=compile)
@@ -124,18 +124,18 @@ class LiveAvatarPipeline:
                 device, sample_steps=sample_steps)
         try:
             engine = Engine.from_pretrained(layout, placements[-1], device=device, dtype=dtype, lora_alpha=lora_alpha,
-                                            prompt_cache_dir=prompt_cache_dir, pipeline=pipeline, compile=compile)
+                                            prompt_cache_dir=prompt_cache_dir, step_ranks=step_ranks, compile=compile)
         except BaseException as error:
-            if pipeline is not None:
-                pipeline.close(error)
+            if step_ranks is not None:
+                step_ranks.close(error)
             raise
         return cls(engine)
 
     def close(self, failure: BaseException | None = None) -> None:
         """Stop the other ranks of a multi-GPU pipeline (nothing to do on one device); after ``failure`` at
         once, without letting the blocks in flight finish."""
-        if self.engine.pipeline is not None:
-            self.engine.pipeline.close(failure)
+        if self.engine.step_ranks is not None:
+            self.engine.step_ranks.close(failure)
 
     def __enter__(self) -> "LiveAvatarPipeline":
         return self

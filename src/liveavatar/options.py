@@ -20,6 +20,9 @@ DEFAULT_SIZE = "704*384"
 SIZE_FORMS = "704*384, 704x384, 704X384, 704×384 or '704 * 384'"
 ONLINE_DECODE_IGNORED = ("enable_online_decode: ignored, it belongs to mode single_gpu; the streaming pipeline "
                          "always refreshes the sink from the first generated latent")
+# The blocks' self-attention: bf16 (the reference's exact attention) or quantised (opt-in; see
+# liveavatar.models.quantised_attention).
+ATTENTION_MODES = ("bf16", "int8", "fp8")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}
@@ -46,6 +49,8 @@ class RequestOptions:
     wav2vec2 block by block as a live session does (always so for live audio and audio over 300 s).
     live_lag_bound_s: with live audio fed in real time, how far behind real time the queued audio may end
     before the session catches up (`liveavatar.runtime.live_audio`).
+    attention: the blocks' self-attention, ``bf16`` (exact) or quantised ``int8`` / ``fp8`` (SageAttention2's
+    method; bf16 with a notice where the GPU cannot run it).
     """
 
     size: int | str = DEFAULT_SIZE
@@ -58,6 +63,7 @@ class RequestOptions:
     ref_rope_offset: str | int = "seeded"
     streamed_audio_features: bool = False
     live_lag_bound_s: float = 2.0
+    attention: str = "bf16"
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # normalise in place (frozen)
@@ -94,6 +100,9 @@ class RequestOptions:
         if isinstance(bound, bool) or not self.live_lag_bound_s >= MIN_LAG_BOUND_S:
             raise ArgumentError("live_lag_bound_s", f"{bound!r}: must be at least {MIN_LAG_BOUND_S:g} s (a block is "
                                                     f"0.48 s of audio)")
+        set_("attention", str(self.attention).strip().lower())
+        if self.attention not in ATTENTION_MODES:
+            raise ArgumentError("attention", f"{self.attention!r}: expected one of {', '.join(ATTENTION_MODES)}")
 
     @classmethod
     def build(cls, options: RequestOptions | None = None, **overrides) -> RequestOptions:

@@ -115,7 +115,8 @@ def format_report(report: dict) -> str:
         f"peak host RSS: {report['host_rss_peak_gib']:.2f} GiB (planner predicted "
         f"{report['predicted_host_peak_gib']:.2f} GiB), {report['pinned_gib']:.2f} GiB pinned (predicted "
         f"{report['predicted_pinned_gib']:.2f}); {report['weights']} weights, build {report['build_s']:.1f} s",
-        f"fast path: {report['fast_path']}; decode {'overlapped' if report['decode_overlapped'] else 'in line'}",
+        f"fast path: {report['fast_path']}; decode {'overlapped' if report['decode_overlapped'] else 'in line'}; "
+        f"attention {report['attention']}",
     ]
     if report["compiles"] is not None:
         first = (f"first request: {report['first_request_compiles']} graphs compiled in "

@@ -54,3 +54,13 @@ def add_no_compile_flag(parser) -> argparse.Action:
     return add_flag(parser, "no-compile", action="store_true",
                     help=f"run the DiT eagerly instead of compiled (also {COMPILE_ENV}=0); the compiled "
                          f"path's first run compiles for up to about a minute and caches the result on disk")
+
+
+def add_attention_flag(parser) -> argparse.Action:
+    """``--attention``: the blocks' self-attention, bf16 (the reference's) or quantised int8 / fp8."""
+    from liveavatar.options import ATTENTION_MODES, DEFAULTS
+
+    return add_flag(parser, "attention", choices=ATTENTION_MODES, default=DEFAULTS.attention,
+                    help="the blocks' self-attention: bf16 (default, exact, as the reference), or opt-in int8 / "
+                         "fp8 (SageAttention2's quantisation; see the README on its quality); bf16 with a notice "
+                         "where the GPU has no FP8 tensor cores")

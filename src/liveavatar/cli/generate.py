@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from liveavatar.cli.flags import add_bool_flag, add_flag, add_no_compile_flag, bool_arg, byte_amount
+from liveavatar.cli.flags import add_attention_flag, add_bool_flag, add_flag, add_no_compile_flag, bool_arg, byte_amount
 from liveavatar.cli.launch import (REFERENCE_MULTI_GPU_FLAGS, check_launch, cpu_rank_notices, generate_on_ranks,
                                    idle_rank_notices, is_quiet_rank, layout_report, rank_count, reference_gpus)
 from liveavatar.devices import dtype_bytes, dtype_name, resolve_device, runs_on_cpu
@@ -108,6 +108,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(video, "ref_rope_offset", default=DEFAULTS.ref_rope_offset, metavar="seeded|random|N",
              help="rolling-sink RoPE offset: seeded from --base_seed (reproducible), random (unseeded, as the "
                   "reference) or a fixed N in 4..30 (default %(default)s)")
+    add_attention_flag(video)
 
     device = parser.add_argument_group("device")
     add_flag(device, "device", help="cuda, cuda:N or cpu (default: CUDA when available)")
@@ -270,6 +271,7 @@ def check_checkpoints(settings: GenerationSettings) -> CheckedTransformer:
 def _configuration(settings: GenerationSettings, request) -> dict:
     """What will run: the device, dtype and compilation resolved as the run resolves them (a CPU run is
     float32 and eager), not the flags as given."""
+    from liveavatar.models.quantised_attention import choose_self_attention
     from liveavatar.runtime.compile import resolve_fast_path
 
     layout = settings.checkpoint_layout
@@ -280,6 +282,7 @@ def _configuration(settings: GenerationSettings, request) -> dict:
         "ref_rope_offset": request.options.ref_rope_offset, "dtype": dtype_name(settings.dtype, device.split(":")[0]),
         "device": device, "weights": settings.weights, "vram_budget": settings.vram_budget,
         "compile": resolve_fast_path(device, compile=None if settings.compile else False).compile,
+        "attention": choose_self_attention(request.options.attention, device).name,
         "image": str(settings.image),
         "audio": [str(p) for p in settings.audio], "ckpt_dir": str(layout.ckpt_dir),
         "lora": str(layout.lora) if layout.lora else None,
@@ -290,6 +293,7 @@ def _configuration_line(report: dict) -> str:
     return (f"mode {report['mode']}, {report['sample_steps']} steps, seed {report['base_seed']}, "
             f"rope offset {report['ref_rope_offset']}, {report['dtype']} on {report['device']}, "
             f"{'compiled' if report['compile'] else 'eager'}, weights {report['weights']}, "
+            f"attention {report['attention']}, "
             f"LoRA {report['lora'] or 'none'} -> {report['output']}")
 
 

@@ -6,7 +6,7 @@
   meet through torchrun's rendezvous); the last rank writes the output, the others serve their steps and
   print nothing.
 
-Every rank is planned before anything loads (`plan_pipeline`), so a setting that cannot fit on some rank
+Every rank is planned before anything loads (`plan_step_ranks`), so a setting that cannot fit on some rank
 is refused once, with the numbers, by the output rank.
 """
 from __future__ import annotations
@@ -74,12 +74,12 @@ def rank_count(settings: GenerationSettings) -> int:
 
 def layout_report(settings: GenerationSettings, request: Request) -> dict:
     """The ``--dry-run`` view of the ranks: their count and what each does."""
-    from liveavatar.runtime.pipeline_layout import PipelineLayout
+    from liveavatar.runtime.step_layout import StepLayout
 
     ranks = rank_count(settings)
     if ranks == 1:
         return {"num_gpus": 1}
-    layout = PipelineLayout.for_steps(ranks, request.options.sample_steps)
+    layout = StepLayout.for_steps(ranks, request.options.sample_steps)
     return {"num_gpus": ranks, "ranks": layout.roles(request.options.sample_steps)}
 
 
@@ -94,12 +94,12 @@ def cpu_rank_notices(settings: GenerationSettings) -> list[str]:
 
 def idle_rank_notices(settings: GenerationSettings, request: Request) -> list[str]:
     """A notice when some rank would have no step to run (more ranks than steps + 1)."""
-    from liveavatar.runtime.pipeline_layout import PipelineLayout
+    from liveavatar.runtime.step_layout import StepLayout
 
     ranks = rank_count(settings)
     if ranks == 1:
         return []
-    idle = PipelineLayout.for_steps(ranks, request.options.sample_steps).idle_ranks(request.options.sample_steps)
+    idle = StepLayout.for_steps(ranks, request.options.sample_steps).idle_ranks(request.options.sample_steps)
     if not idle:
         return []
     who = f"ranks {', '.join(map(str, idle))} only pass" if len(idle) > 1 else f"rank {idle[0]} only passes"
@@ -111,7 +111,7 @@ def plan_ranks(settings: GenerationSettings, request: Request, world_size: int, 
     """Every rank's plan for this run, on GPUs like the current one (``--vram-budget`` caps each)."""
     from liveavatar.runtime.planner.hardware import CPU_HARDWARE, HARDWARE_PRESETS, detect_hardware
     from liveavatar.runtime.planner.memory import Workload, dit_inventory, transformer_config_for
-    from liveavatar.runtime.planner.pipeline import plan_pipeline
+    from liveavatar.runtime.planner.step_ranks import plan_step_ranks
     from liveavatar.runtime.planner.policy import Pins, default_host_budget, resolve_budget
 
     run_dtype_bytes = dtype_bytes(dtype_name(settings.dtype, "cpu" if on_cpu else "cuda"))
@@ -120,10 +120,10 @@ def plan_ranks(settings: GenerationSettings, request: Request, world_size: int, 
     pins = Pins(weight_dtype=None if settings.weights == "auto" else settings.weights,
                 text_encoder="cpu" if settings.t5_cpu else None)
     if on_cpu:
-        return plan_pipeline(inventory, work, CPU_HARDWARE, None, budget_source="CPU run (no GPU budget)", pins=pins)
+        return plan_step_ranks(inventory, work, CPU_HARDWARE, None, budget_source="CPU run (no GPU budget)", pins=pins)
     hardware = detect_hardware() or HARDWARE_PRESETS["h100"]
     budget, source = resolve_budget(vram_budget=settings.vram_budget)
-    return plan_pipeline(inventory, work, hardware, budget, budget_source=source, pins=pins,
+    return plan_step_ranks(inventory, work, hardware, budget, budget_source=source, pins=pins,
                          host_budget_bytes=default_host_budget())
 
 
@@ -158,9 +158,9 @@ def _torchrun_rank(settings: GenerationSettings, request: Request, output_path: 
                    progress: bool) -> Path | None:
     import torch
 
-    from liveavatar.runtime.distributed import (PipelineFailure, check_same_kind, run_rank, torchrun_device,
+    from liveavatar.runtime.distributed import (RankFailure, check_same_kind, run_rank, torchrun_device,
                                                 torchrun_group)
-    from liveavatar.runtime.executors.pipeline import Pipeline
+    from liveavatar.runtime.executors.step_ranks import StepRanks
     from liveavatar.runtime.multi_gpu import StageSpec, run_stage
 
     rank, world_size, local_rank = torchrun_world()
@@ -186,7 +186,7 @@ def _torchrun_rank(settings: GenerationSettings, request: Request, output_path: 
                          lora=None if settings.checkpoint_layout.lora is None else str(settings.checkpoint_layout.lora),
                          lora_alpha=settings.lora_alpha, compile=None if settings.compile else False)
         if run_rank(group, run_stage, spec):
-            raise PipelineFailure(group.failure() or f"rank {rank} failed")  # not printed: the output rank reports
+            raise RankFailure(group.failure() or f"rank {rank} failed")  # not printed: the output rank reports
         return None
     try:
         group.join()
@@ -195,12 +195,12 @@ def _torchrun_rank(settings: GenerationSettings, request: Request, output_path: 
         _print_plan(plan, progress and not on_cpu)
         from liveavatar.api import LiveAvatarPipeline
 
-        pipeline = Pipeline(group, plan.layout, device)
-        pipe = LiveAvatarPipeline.from_layout(settings.checkpoint_layout, dtype=settings.dtype, pipeline=pipeline,
+        step_ranks = StepRanks(group, plan.layout, device)
+        pipe = LiveAvatarPipeline.from_layout(settings.checkpoint_layout, dtype=settings.dtype, step_ranks=step_ranks,
                                               placement=[rank_plan.placement for rank_plan in plan.ranks],
                                               lora_alpha=settings.lora_alpha,
                                               compile=None if settings.compile else False)
-    except PipelineFailure:
+    except RankFailure:
         raise
     except BaseException as error:
         group.fail(f"failed: {error}")
@@ -228,9 +228,9 @@ def _print_plan(plan, enabled: bool) -> None:
 
 
 def _stopped_by_torchrun(group):
-    from liveavatar.runtime.distributed import PipelineFailure
+    from liveavatar.runtime.distributed import RankFailure
 
-    raise PipelineFailure(group.failure() or "stopped by torchrun (SIGTERM): a rank exited, torchrun's report "
+    raise RankFailure(group.failure() or "stopped by torchrun (SIGTERM): a rank exited, torchrun's report "
                                              "names it")
 
 

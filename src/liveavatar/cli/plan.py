@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import replace
 
-from liveavatar.cli.flags import add_flag, byte_amount
+from liveavatar.cli.flags import add_attention_flag, add_flag, byte_amount
 from liveavatar.devices import dtype_bytes, dtype_name
 from liveavatar.errors import InputError
 from liveavatar.geometry import ClipGeometry, size_for_area
@@ -18,7 +18,8 @@ from liveavatar.options import DEFAULT_SIZE, DEFAULTS, Mode, RequestOptions
 from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS, GiB, detect_hardware
 from liveavatar.runtime.planner.memory import (ALLOCATOR_FRAGMENTATION, DiTInventory, Workload, dit_inventory,
                                                transformer_config_for)
-from liveavatar.runtime.planner.pipeline import PipelinePlan, plan_pipeline
+from liveavatar.runtime.planner.speed import attention_runs
+from liveavatar.runtime.planner.step_ranks import StepRanksPlan, plan_step_ranks
 from liveavatar.runtime.planner.policy import (DEFAULT_HEADROOM_BYTES, DEFAULT_HEADROOM_FRACTION, Pins, Plan,
                                                default_host_budget, format_gib, make_plan, resolve_budget)
 
@@ -36,6 +37,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
              help="GPUs of the timestep pipeline (N>1: each GPU runs a share of the steps, the last one "
                   "decodes; default 1); the budget flags are per GPU")
     add_flag(shape, "mode", default=DEFAULTS.mode, choices=tuple(Mode), help="pipeline behaviour")
+    add_attention_flag(shape)
     add_flag(shape, "dtype", choices=("bfloat16", "float32"), help="run dtype (default bfloat16; bench on the "
              "CPU: float32, as generate)")
     add_flag(shape, "config", choices=("14b", "tiny"), help="DiT size (default: --ckpt_dir's config.json, "
@@ -67,18 +69,18 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan (a table, or one JSON object); exit 1 when nothing fits."""
-    plan = plan_from_args(args) if args.num_gpus == 1 else plan_from_args(args, pipeline=True)
+    plan = plan_from_args(args) if args.num_gpus == 1 else plan_from_args(args, step_ranks=True)
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
-        print(plan_table(plan) if isinstance(plan, Plan) else pipeline_table(plan))
+        print(plan_table(plan) if isinstance(plan, Plan) else step_ranks_table(plan))
     return 0 if plan.fits else 1
 
 
-def plan_from_args(args: argparse.Namespace, *, pipeline: bool = False) -> Plan | PipelinePlan:
+def plan_from_args(args: argparse.Namespace, *, step_ranks: bool = False) -> Plan | StepRanksPlan:
     """The plan the ``plan`` / ``bench`` flags describe, for the card they name or the one detected; with
     ``pipeline``, one plan per rank of ``--num_gpus`` (each on a card like that one)."""
-    work = workload_from_args(args, num_gpus=args.num_gpus if pipeline else 1)
+    work = workload_from_args(args, num_gpus=args.num_gpus if step_ranks else 1)
     inventory = inventory_from_args(args)
     hardware = HARDWARE_PRESETS[args.hardware] if args.hardware else detect_hardware()
     gpu_memory, vram_budget = byte_amount("gpu-memory", args.gpu_memory), byte_amount("vram-budget", args.vram_budget)
@@ -96,14 +98,14 @@ def plan_from_args(args: argparse.Namespace, *, pipeline: bool = False) -> Plan 
         raise InputError(f"--stream-layers {args.stream_layers}: the DiT has {inventory.num_layers} blocks")
     pins = Pins(weight_dtype=args.weights, kv_dtype=args.kv_dtype, kv_location=args.kv_location,
                 cond_location=args.cond_location, streamed_layers=args.stream_layers, text_encoder=args.text_encoder)
-    planner = plan_pipeline if pipeline else make_plan
+    planner = plan_step_ranks if step_ranks else make_plan
     return planner(inventory, work, hardware, budget, budget_source=source,
                    headroom_bytes=byte_amount("headroom", args.headroom), host_budget_bytes=host, pins=pins)
 
 
 def workload_from_args(args: argparse.Namespace, *, num_gpus: int, device_type: str = "cuda") -> Workload:
     options = RequestOptions(size=args.size, infer_frames=args.infer_frames, sample_steps=args.sample_steps,
-                             mode=args.mode)
+                             mode=args.mode, attention=args.attention)
     if num_gpus < 1:
         raise InputError(f"--num_gpus {num_gpus}: must be at least 1")
     if args.audio_seconds < 0:
@@ -128,7 +130,7 @@ def _dims_from_size(text: str, area: int, image: str | None) -> tuple[int, int]:
     return size_for_area(height, width, area)
 
 
-def pipeline_table(plan: PipelinePlan) -> str:
+def step_ranks_table(plan: StepRanksPlan) -> str:
     """A pipeline's plan: every rank's table (its role, components, peak and speed), then the pipeline's
     steady state."""
     first = plan.ranks[0]
@@ -149,7 +151,9 @@ def pipeline_table(plan: PipelinePlan) -> str:
 def plan_table(plan: Plan, *, header: bool = True, holds_dit: bool = True) -> str:
     """The plan as ``liveavatar plan`` prints it: one line per component with its GPU and host bytes side by
     side, the peaks per phase, the verdicts, the speed (``header``: the plan of one GPU, not a pipeline rank)."""
-    lines = [f"plan: {plan.workload.describe()} on {plan.hardware.name}"] if header else []
+    runs = attention_runs(plan.workload, plan.hardware)
+    fallback = " (the attention runs in bf16: no FP8 tensor cores)" if runs != plan.workload.attention else ""
+    lines = [f"plan: {plan.workload.describe()} on {plan.hardware.name}{fallback}"] if header else []
     lines += [f"budget: GPU {format_gib(plan.budget_bytes)} ({plan.budget_source}), headroom "
               f"{format_gib(plan.headroom_bytes)}; host {format_gib(plan.host_budget_bytes)}"
               + (f", headroom {format_gib(plan.host_headroom_bytes)}" if plan.host_budget_bytes is not None else ""),

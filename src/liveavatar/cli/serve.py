@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from liveavatar.cli.flags import add_bool_flag, add_flag
+from liveavatar.cli.flags import add_attention_flag, add_bool_flag, add_flag
 from liveavatar.cli.generate import SETTING_DEFAULTS, plan_for
 from liveavatar.errors import ArgumentError, InputError
 from liveavatar.options import DEFAULT_SIZE, DEFAULTS, RequestOptions
@@ -45,6 +45,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
              "the models for it (default %(default)s)")
     add_flag(limits, "max-steps", type=int, default=DEFAULTS.sample_steps,
              help="most denoising steps a request may ask for (default %(default)s)")
+    add_attention_flag(limits)  # of a request that gives none (a request's "attention" field may ask another)
     add_flag(limits, "max-upload-mb", type=float, default=50.0, help="largest uploaded file (default 50 MiB)")
     add_flag(limits, "max-audio-s", type=float, default=600.0, help="longest audio of a job (default 600 s)")
     add_flag(limits, "max-queued-per-client", type=int, default=8,
@@ -117,7 +118,8 @@ def serve_limits(args: argparse.Namespace):
     from liveavatar.serve.uploads import Limits
 
     limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), audio_seconds=args.max_audio_s,
-                    max_area=parse_size(args.max_size), max_steps=args.max_steps, default_size=args.size)
+                    max_area=parse_size(args.max_size), max_steps=args.max_steps, default_size=args.size,
+                    default_attention=args.attention)
     if parse_size(args.size) > limits.max_area:
         raise InputError(f"--size {args.size}: larger than --max-size {args.max_size}")
     if min(args.max_steps, args.max_queued_per_client, args.max_queued, args.max_live_per_client) < 1 or \
@@ -164,12 +166,13 @@ def prepare_live(args: argparse.Namespace, limits, plan, backend):
     """The live setting (`liveavatar.serve.live_setting`), printed, and warmed on a GPU before any session."""
     from liveavatar.serve.live_setting import choose_live_setting, describe, live_predictor
 
-    live = choose_live_setting(live_predictor(plan, Path(args.ckpt_dir), backend), max_area=limits.max_area,
-                               max_steps=limits.max_steps, policy=args.live, size=args.live_size, steps=args.live_steps)
+    live = choose_live_setting(live_predictor(plan, Path(args.ckpt_dir), backend, limits.default_attention),
+                               max_area=limits.max_area, max_steps=limits.max_steps, policy=args.live,
+                               size=args.live_size, steps=args.live_steps)
     print(describe(live), file=sys.stderr, flush=True)
     if plan.budget_bytes is not None:
         print("warming the live setting (compile, CUDA graphs) before the first session", file=sys.stderr, flush=True)
-        backend.warm(live.size, live.sample_steps)
+        backend.warm(live.size, live.sample_steps, limits.default_attention)
     return live
 
 

@@ -103,7 +103,7 @@ def replica_backend(flags: dict):
 
         devices = [f"cuda:{index}" for index in range(args.gpus_per_replica)]
         return Backend(LiveAvatarPipeline.from_pretrained(args.ckpt_dir, lora=args.lora_path_dmd, dtype=args.dtype,
-                                                          devices=devices, sample_steps=args.max_steps)), None
+                                                          devices=devices, sample_steps=args.max_steps).engine), None
     plan = plan_serve(args, limits)
     backend = load_backend(args, limits, plan)
     return backend, prepare_live(args, limits, plan, backend)

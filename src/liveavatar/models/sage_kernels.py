@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from liveavatar.models.quantised_attention import (
+from liveavatar.models.sage_reference import (
     AMAX_FLOOR,
     BLOCK_M,
     BLOCK_N,
@@ -42,16 +42,23 @@ def _to_e4m3(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _load_block(X, L, H, stride_b, stride_l, stride_h, BLOCK: tl.constexpr, D: tl.constexpr):
+    """This program's block of tokens of one head from X [B, L, H, D] as float32 [BLOCK, D] (zeros past L),
+    with its head index b * H + h, its token indices and their mask."""
+    block, bh = tl.program_id(0), tl.program_id(1)
+    rows = block * BLOCK + tl.arange(0, BLOCK)
+    inside = rows[:, None] < L
+    x = tl.load(X + (bh // H) * stride_b + (bh % H) * stride_h + rows[:, None] * stride_l + tl.arange(0, D)[None, :],
+                mask=inside, other=0.0).to(tl.float32)
+    return x, bh, rows, inside
+
+
+@triton.jit
 def _quantise_blocks(X, MEAN, OUT, SCALE, L, H, stride_b, stride_l, stride_h, scale_factor,
                      BLOCK: tl.constexpr, D: tl.constexpr, SMOOTH: tl.constexpr, INT8: tl.constexpr,
                      QMAX: tl.constexpr, FLOOR: tl.constexpr, EMULATE: tl.constexpr):
-    block, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = block * BLOCK + tl.arange(0, BLOCK)
+    x, bh, rows, inside = _load_block(X, L, H, stride_b, stride_l, stride_h, BLOCK, D)
     cols = tl.arange(0, D)
-    inside = rows[:, None] < L
-    x = tl.load(X + b * stride_b + h * stride_h + rows[:, None] * stride_l + cols[None, :], mask=inside,
-                other=0.0).to(tl.float32)
     if SMOOTH:
         x = tl.where(inside, x - tl.load(MEAN + bh * D + cols)[None, :], 0.0)
     scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), FLOOR) / QMAX
@@ -61,19 +68,14 @@ def _quantise_blocks(X, MEAN, OUT, SCALE, L, H, stride_b, stride_l, stride_h, sc
     else:
         quantised = _to_e4m3(scaled, EMULATE)
     tl.store(OUT + bh * L * D + rows[:, None] * D + cols[None, :], quantised, mask=inside)
-    tl.store(SCALE + bh * ((L + BLOCK - 1) // BLOCK) + block, scale * scale_factor)
+    tl.store(SCALE + bh * ((L + BLOCK - 1) // BLOCK) + tl.program_id(0), scale * scale_factor)
 
 
 @triton.jit
 def _quantise_v(V, AMAX, OUT, L, H, stride_b, stride_l, stride_h, padded_l,
                 BLOCK: tl.constexpr, D: tl.constexpr, VMAX: tl.constexpr, FLOOR: tl.constexpr, EMULATE: tl.constexpr):
-    block, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = block * BLOCK + tl.arange(0, BLOCK)
+    v, bh, rows, inside = _load_block(V, L, H, stride_b, stride_l, stride_h, BLOCK, D)
     cols = tl.arange(0, D)
-    inside = rows[:, None] < L
-    v = tl.load(V + b * stride_b + h * stride_h + rows[:, None] * stride_l + cols[None, :], mask=inside,
-                other=0.0).to(tl.float32)
     scale = tl.maximum(tl.load(AMAX + bh * D + cols), FLOOR) / VMAX
     tl.store(OUT + bh * D * padded_l + cols[None, :] * padded_l + rows[:, None],
              _to_e4m3(v / scale[None, :], EMULATE), mask=inside)
@@ -209,5 +211,5 @@ def attend(quantised: Quantised, out: torch.Tensor, config: KernelConfig = DEFAU
 def quantised_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, int8: bool,
                         config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """q [B, Lq, H, D], k and v [B, Lk, H, D] (last dim contiguous) -> [B, Lq, H, D] in q's dtype; the
-    method of `liveavatar.models.quantised_attention`."""
+    method of `liveavatar.models.sage_reference`."""
     return attend(quantise(q, k, v, int8, config), torch.empty_like(q), config)

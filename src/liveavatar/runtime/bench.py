@@ -134,7 +134,8 @@ def synthetic_request(config, vae, work, *, device, dtype, total_blocks: int, se
     num_clips = math.ceil(total_blocks / work.geometry.blocks_per_clip)
     silence = np.zeros(int((num_clips + 1) * clip_seconds * AUDIO_SAMPLE_RATE), np.float32)
     options = RequestOptions(size=work.width * work.height, infer_frames=work.infer_frames,
-                             sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode)
+                             sample_steps=work.sample_steps, num_clip=num_clips, base_seed=seed, mode=work.mode,
+                             attention=work.attention)
     request = resolve_request(Image.new("RGB", (work.width, work.height)), WaveformAudio(silence), "", options)
     geometry = request.geometry
     g = torch.Generator("cpu").manual_seed(seed)
@@ -239,6 +240,7 @@ def _run_benchmark(plan, rss: RssSampler, *, device, blocks, warmup_blocks, conf
         "predicted_peak_gib": max(predicted.values()) / GiB,
         "predicted_fps": plan.speed.fps if plan.budget_bytes is not None else None,
         "predicted_path": plan.speed.path,
+        "attention": engine.self_attention(work.attention).name,
         "build_s": build_s,
         "weights": "checkpoint" if weights_dir is not None else "random",
         "warmup_blocks": warmup_blocks,

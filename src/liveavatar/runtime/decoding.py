@@ -24,6 +24,7 @@ import torch
 from liveavatar.io.video_writer import uint8_frames
 from liveavatar.models.vae import FixedStreamState, StreamState, WanVAE, decode_latent_frame
 from liveavatar.runtime.executors.graphs import cuda_capture
+from liveavatar.runtime.sampler import DecodedFrames
 
 
 class SteadyDecoder:
@@ -99,43 +100,42 @@ class _FixedStream:
 
 
 class OverlappedDecoder:
-    """Runs ``inner``'s ``add_block`` on its own CUDA stream; returns (frames, uint8 host pixels) pairs one
-    block late."""
+    """Runs ``inner``'s ``add_block`` on its own CUDA stream; hands its frames out, with their uint8 host
+    pixels, one block late."""
 
     def __init__(self, inner, device: torch.device):
         self.inner = inner
         self.stream = torch.cuda.Stream(device, priority=-1)  # frames out as early as the DiT allows
         self.pending: deque = deque()
 
-    def add_block(self, latents: torch.Tensor):
-        """Queue a block's decode; returns the previous block's (frames [3, T, H, W], pixels [T, H, W, 3])
-        or None."""
+    def add_block(self, latents: torch.Tensor) -> list[DecodedFrames]:
+        """Queue a block's decode; returns the previous block's frames (none for the first block)."""
         ready = torch.cuda.Event()
         ready.record()  # after the work that made the latents
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             latents.record_stream(self.stream)
-            frames = self.inner.add_block(latents)
-            if frames is not None:
+            for decoded in self.inner.add_block(latents):
+                frames = decoded.frames
                 pixels = uint8_frames(frames)
                 host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
                 host.copy_(pixels, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record()
                 self.pending.append((frames, host, done))
-        return self._take() if len(self.pending) > 1 else None
+        return [self._take()] if len(self.pending) > 1 else []
 
-    def flush(self) -> list:
+    def flush(self) -> list[DecodedFrames]:
         """The frames still queued, in order (the loop is over)."""
         out = []
         while self.pending:
             out.append(self._take())
         return out
 
-    def _take(self):
+    def _take(self) -> DecodedFrames:
         frames, host, done = self.pending.popleft()
         done.synchronize()
         consumer = torch.cuda.current_stream()
         consumer.wait_event(done)  # device-side users of the frames see them finished
         frames.record_stream(consumer)
-        return frames, host.numpy()
+        return DecodedFrames(frames, host.numpy())

@@ -50,7 +50,7 @@ _FAILURE_KEY = "failure"
 _ALIGN = 16
 
 
-class PipelineFailure(LiveAvatarError):
+class RankFailure(LiveAvatarError):
     """A rank of the pipeline failed or died; the message names the rank and the cause."""
 
 
@@ -95,7 +95,7 @@ def unpack_tensors(specs: list[TensorSpec], buffer: torch.Tensor | None, device)
     return tensors
 
 
-class PipelineGroup:
+class RankGroup:
     """This process's place in a run of ``world_size`` ranks: a gloo process group for the payloads and
     the store for headers and the failure record."""
 
@@ -115,7 +115,7 @@ class PipelineGroup:
             self.role = role
             self.store.set(f"role/{self.rank}", role.encode())
 
-    def join(self, timeout: timedelta | None = None) -> "PipelineGroup":
+    def join(self, timeout: timedelta | None = None) -> "RankGroup":
         """Wait (watching for failures) until every rank has arrived, then form the gloo group; a rank that
         dies while starting up stops the others here instead of leaving them in the communicator's
         rendezvous."""
@@ -157,7 +157,7 @@ class PipelineGroup:
             return f"the run's store is gone ({one_line(error)}): the rank hosting it stopped"
 
     def check(self) -> None:
-        """Raises `PipelineFailure` once any rank recorded a failure or the spawning process is gone."""
+        """Raises `RankFailure` once any rank recorded a failure or the spawning process is gone."""
         now = time.monotonic()
         if now < self._next_check:
             return
@@ -166,31 +166,31 @@ class PipelineGroup:
         if failure is None and self.parent_pid is not None and os.getppid() != self.parent_pid:
             failure = "the output rank's process is gone"
         if failure is not None:
-            raise PipelineFailure(failure)
+            raise RankFailure(failure)
 
     def poll(self, ready: Callable[[], bool]) -> None:
-        """Wait, without any timeout, until ``ready()``; raises `PipelineFailure` if the run failed."""
+        """Wait, without any timeout, until ``ready()``; raises `RankFailure` if the run failed."""
         delay = 5e-5
         while True:
             try:
                 if ready():
                     return
-            except PipelineFailure:
+            except RankFailure:
                 raise
             except Exception as error:  # the store's connection broke
-                raise PipelineFailure(self.failure() or f"the run's store is gone ({one_line(error)})") from None
+                raise RankFailure(self.failure() or f"the run's store is gone ({one_line(error)})") from None
             self.check()
             time.sleep(delay)
             delay = min(2 * delay, POLL_MAX_SLEEP_S)
 
-    def lost(self, peer: int | None, error: Exception) -> PipelineFailure:
+    def lost(self, peer: int | None, error: Exception) -> RankFailure:
         """The failure to raise when a transfer with ``peer`` (None: the group as it formed) broke: the
         recorded cause, if any arrives within a second."""
         deadline = time.monotonic() + 1.0  # a failing rank, or the spawner's watcher, records the cause
         while self.failure() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         link = "the other ranks" if peer is None else f"rank {peer}"
-        return PipelineFailure(self.failure() or self.fail(f"lost its link to {link}: {one_line(error)}"))
+        return RankFailure(self.failure() or self.fail(f"lost its link to {link}: {one_line(error)}"))
 
     def close(self) -> None:
         self.gloo = None  # its connections close with it
@@ -199,7 +199,7 @@ class PipelineGroup:
 class Sender:
     """Messages from this rank to ``dst``, in order."""
 
-    def __init__(self, group: PipelineGroup, dst: int, tag: int = 0):
+    def __init__(self, group: RankGroup, dst: int, tag: int = 0):
         self.group, self.dst, self.tag = group, dst, tag
         self.prefix = f"{tag}/{group.rank}>{dst}:"
         self.sent = 0
@@ -244,7 +244,7 @@ class Sender:
 class Receiver:
     """Messages from ``src`` to this rank, in order."""
 
-    def __init__(self, group: PipelineGroup, src: int, tag: int = 0):
+    def __init__(self, group: RankGroup, src: int, tag: int = 0):
         self.group, self.src, self.tag = group, src, tag
         self.prefix = f"{tag}/{src}>{group.rank}:"
         self.received = 0
@@ -277,7 +277,7 @@ def one_line(error: BaseException) -> str:
 # Running a rank
 
 
-def run_rank(group: PipelineGroup, target: Callable[..., None], *args, timeout: timedelta | None = None) -> int:
+def run_rank(group: RankGroup, target: Callable[..., None], *args, timeout: timedelta | None = None) -> int:
     """Join the group and run a worker rank's ``target(group, *args)``; an exception becomes the run's
     recorded failure (one line, the traceback only with LIVEAVATAR_DEBUG=1) and exit status 1. A failure
     recorded by another rank ends this one quietly."""
@@ -285,7 +285,7 @@ def run_rank(group: PipelineGroup, target: Callable[..., None], *args, timeout: 
         group.join(timeout)
         target(group, *args)
         return 0
-    except PipelineFailure:
+    except RankFailure:
         return 1
     except BaseException as error:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
         group.fail(f"failed: {one_line(error)}")
@@ -300,7 +300,7 @@ def _spawned_rank(rank: int, world_size: int, port: int, parent_pid: int, timeou
                   target: Callable[..., None], args: tuple) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal group; the parent decides
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=JOIN_TIMEOUT)
-    group = PipelineGroup(store, rank, world_size, parent_pid=parent_pid)
+    group = RankGroup(store, rank, world_size, parent_pid=parent_pid)
     sys.exit(run_rank(group, target, *args, timeout=timeout))
 
 
@@ -322,7 +322,7 @@ class LocalRanks:
                     target=_spawned_rank, daemon=True, name=f"liveavatar-rank{rank}",
                     args=(rank, world_size, self.server.port, os.getpid(), timeout, target, rank_args[rank]))
         self.closing = False
-        self.group = PipelineGroup(self.server, own_rank, world_size)
+        self.group = RankGroup(self.server, own_rank, world_size)
         for process in self.processes.values():
             process.start()
         self._watcher = threading.Thread(target=self._watch, name="liveavatar-rank-watcher", daemon=True)
@@ -375,11 +375,11 @@ def _exit_cause(exitcode: int | None) -> str:
 # torchrun and devices
 
 
-def torchrun_group() -> PipelineGroup:
+def torchrun_group() -> RankGroup:
     """This process's group under torchrun, not joined yet: the env:// rendezvous (torchrun's store;
     multi-node runs meet through ``--rdzv-endpoint``)."""
     store, rank, world_size = next(dist.rendezvous("env://", timeout=JOIN_TIMEOUT))
-    return PipelineGroup(store, rank, world_size)
+    return RankGroup(store, rank, world_size)
 
 
 def check_same_kind(names: Sequence[str], ranks: Sequence[int], *, flag: str) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -41,7 +41,8 @@ from liveavatar.runtime.conditioning import (
 from liveavatar.runtime.compile import (FastPath, compile_decoder, compile_regions, configure_compiler,
                                        resolve_fast_path)
 from liveavatar.runtime.decoding import OverlappedDecoder
-from liveavatar.runtime.executors import BlockExecutor, ForwardGraphs, ForwardHook, SequentialExecutor, graphs_allowed
+from liveavatar.runtime.executors import (ExecutorFactory, ForwardGraphs, ForwardHook, SequentialFactory,
+                                          graphs_allowed)
 from liveavatar.runtime.layer_streaming import LayerStreamer
 from liveavatar.runtime.loading import load_placed_dit
 from liveavatar.runtime.placement import Placement
@@ -64,13 +65,10 @@ class Conditioning:
     text: torch.Tensor | None = None  # the prompt embedding, from which other pipeline ranks make their text K/V
 
 
-ExecutorFactory = Callable[..., BlockExecutor]
-
-
 class Engine:
     """All models of Live Avatar, loaded once and placed as the `Placement` says, serving any number of
-    requests one after the other. On several GPUs this is the output rank's engine: ``pipeline`` (see
-    `liveavatar.runtime.executors.pipeline`) runs the denoising steps on the other ranks, and
+    requests one after the other. On several GPUs this is the output rank's engine: ``step_ranks`` (see
+    `liveavatar.runtime.executors.step_ranks`) runs the denoising steps on the other ranks, and
     ``transformer`` is None when this rank runs none of them.
 
     The fast path (`liveavatar.runtime.compile`): ``fast_path`` (default: `resolve_fast_path`) compiles the
@@ -81,7 +79,7 @@ class Engine:
     def __init__(self, transformer, vae: WanVAE, text_encoder: TextEncoder | None,
                  audio_encoder: AudioFeatureExtractor | None, *, placement: Placement, device: torch.device,
                  dtype: torch.dtype, layer_streamer: LayerStreamer | None = None, fast_path: FastPath | None = None,
-                 overlap_decode: bool | None = None, pipeline=None):
+                 overlap_decode: bool | None = None, step_ranks=None):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -90,7 +88,7 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.layer_streamer = layer_streamer
-        self.pipeline = pipeline
+        self.step_ranks = step_ranks
         self._caches: CacheSet | None = None
         self._references: OrderedDict[tuple, ReferenceLatents] = OrderedDict()
         self.fast_path = fast_path if fast_path is not None else resolve_fast_path(device)
@@ -122,13 +120,13 @@ class Engine:
     def from_pretrained(cls, layout: CheckpointLayout, placement: Placement, *, device: torch.device,
                         dtype: torch.dtype, lora_alpha: float | None = None,
                         prompt_cache_dir: str | os.PathLike | None = None, compile: bool | None = None,
-                        pipeline=None) -> "Engine":
+                        step_ranks=None) -> "Engine":
         """Load every model of a validated checkpoint layout onto ``device`` as ``placement`` says (the DiT
-        only if this rank of a ``pipeline`` runs steps); ``compile`` as in `resolve_fast_path` (None: on for
+        only if this rank of ``step_ranks`` runs steps); ``compile`` as in `resolve_fast_path` (None: on for
         CUDA GPUs unless ``LIVEAVATAR_COMPILE=0``)."""
         fast_path = resolve_fast_path(device, compile=compile)
         transformer, layer_streamer = None, None
-        if pipeline is None or pipeline.layout.output_denoises:
+        if step_ranks is None or step_ranks.layout.output_denoises:
             transformer, layer_streamer = load_placed_dit(layout.dit_dir, placement, device=device, dtype=dtype,
                                                           lora=layout.lora, lora_alpha=lora_alpha)
         vae = WanVAE.from_checkpoint(layout.vae, device=device, dtype=dtype)
@@ -137,7 +135,7 @@ class Engine:
                                                    cache_dir=prompt_cache_dir)
         audio_encoder = AudioFeatureExtractor.from_pretrained(layout.wav2vec2, device=device, dtype=dtype)
         return cls(transformer, vae, text_encoder, audio_encoder, placement=placement, device=device, dtype=dtype,
-                   layer_streamer=layer_streamer, fast_path=fast_path, pipeline=pipeline)
+                   layer_streamer=layer_streamer, fast_path=fast_path, step_ranks=step_ranks)
 
     def self_attention(self, mode: str) -> SelfAttention:
         """The blocks' self-attention for an attention mode (`liveavatar.models.quantised_attention`) on this
@@ -210,29 +208,32 @@ class Engine:
         made as they are consumed; closing the iterator stops the run after the block in progress.
         ``conditioning`` replaces `condition(request)` (benchmarks feed synthetic conditioning);
         ``decode=False`` yields the clean blocks only (benchmarks time the DiT alone). ``executor``: default
-        the pipeline's (on several GPUs) or `SequentialExecutor`; a factory with ``local_steps(num_steps)``
-        gets caches for those steps only (None for none)."""
+        the step ranks' (on several GPUs) or a `SequentialFactory`; the caches are allocated for its
+        ``local_steps`` only (None for none)."""
         conditioning = conditioning or self.condition(request)
         self.requests_run += 1
         geometry, options = request.geometry, request.options
+        if self.transformer is not None:  # requests run one at a time: the model runs the one this asks for
+            self.transformer.self_attention = self.self_attention(options.attention)
         steps = options.sample_steps
         if executor is None:
-            executor = SequentialExecutor if self.pipeline is None else \
-                self.pipeline.executor(geometry, conditioning.text)
+            executor = SequentialFactory() if self.step_ranks is None else \
+                self.step_ranks.executor(geometry, conditioning.text, options.attention)
         schedule = FlowMatchSchedule.create(steps)
         offsets = ref_rope_offsets(options.ref_rope_offset, base_seed=options.base_seed, mode=options.mode,
                                    num_steps=steps)
-        local_steps = executor.local_steps(steps) if hasattr(executor, "local_steps") else range(steps)
+        local_steps = executor.local_steps(steps)
         caches = self.caches(geometry, local_steps) if local_steps else None
-        runner = executor(self.transformer, caches, schedule, conditioning.text_kv, ref_rope_offset=offsets,
-                          on_forward=on_forward, graphs=self.forward_graphs(caches) if caches else None)
+        runner = executor(self.transformer, caches, schedule, conditioning.text_kv, on_forward=on_forward,
+                          graphs=self.forward_graphs(caches) if caches else None)
         decoder = make_decoder(options.mode, self.vae, conditioning.reference, geometry) if decode else NoDecoder()
         if decode and self.overlap_decode and options.mode == Mode.STREAMING:
             decoder = OverlappedDecoder(decoder, self.device)
         yield from sample(runner, decoder, conditioning.reference, conditioning.audio, geometry,
                           noise=lambda clip: clip_noise(options.base_seed, clip, geometry, device=self.device,
                                                         dtype=self.dtype),
-                          total_blocks=request.total_blocks, mode=options.mode, online_decode=options.online_decode)
+                          ref_rope_offset=offsets, num_steps=steps, total_blocks=request.total_blocks,
+                          mode=options.mode, online_decode=options.online_decode)
 
     def forward_graphs(self, caches: CacheSet) -> ForwardGraphs | None:
         """The engine's CUDA graphs, when the fast path has them and the placement allows them."""

@@ -1,6 +1,6 @@
 """The ranks of a run on several GPUs (or CPU processes): spawned here or started by torchrun.
 
-The output rank (the last) gets a `Pipeline` for its `Engine`; every other rank loads its DiT as its
+The output rank (the last) gets a `StepRanks` for its `Engine`; every other rank loads its DiT as its
 `StageSpec` says and serves its denoising steps (`serve_stage`) until the output rank stops it.
 """
 from __future__ import annotations
@@ -12,13 +12,14 @@ from typing import Sequence
 import torch
 
 from liveavatar.devices import configure_cuda_allocator, resolve_dtype
-from liveavatar.runtime.distributed import LocalRanks, PipelineGroup, run_rank
+from liveavatar.options import DEFAULTS
 from liveavatar.runtime.compile import resolve_fast_path
+from liveavatar.runtime.distributed import LocalRanks, RankGroup, run_rank
 from liveavatar.runtime.engine import Engine
-from liveavatar.runtime.executors.pipeline import Pipeline, serve_stage
+from liveavatar.runtime.executors.step_ranks import StepRanks, serve_stage
 from liveavatar.runtime.loading import load_placed_dit
-from liveavatar.runtime.pipeline_layout import PipelineLayout
 from liveavatar.runtime.placement import Placement
+from liveavatar.runtime.step_layout import StepLayout
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class StageSpec:
                                lora_alpha=self.lora_alpha)
 
 
-def run_stage(group: PipelineGroup, spec: StageSpec) -> None:
+def run_stage(group: RankGroup, spec: StageSpec) -> None:
     """A worker rank: load the DiT (``spec.load``; a benchmark's spec may make random weights instead),
     then serve this rank's steps until the output rank stops the run."""
     device = torch.device(spec.device)
@@ -60,13 +61,13 @@ def run_stage(group: PipelineGroup, spec: StageSpec) -> None:
         serve_stage(group, model, engine.caches, device, graphs_for=engine.forward_graphs)
 
 
-def spawn_pipeline(specs: Sequence[StageSpec], output_device: torch.device, *, sample_steps: int = 4,
-                   timeout: timedelta | None = None) -> Pipeline:
+def spawn_step_ranks(specs: Sequence[StageSpec], output_device: torch.device, *,
+                     sample_steps: int = DEFAULTS.sample_steps, timeout: timedelta | None = None) -> StepRanks:
     """Spawn ranks 0..N-2 (``specs``, one per worker rank) for an output rank in this process. The output
     rank holds a DiT and runs the last steps when the ranks are not more than ``sample_steps``.
     ``timeout``: the communicator's (default `comm_timeout()`)."""
     world_size = len(specs) + 1
-    layout = PipelineLayout.for_steps(world_size, sample_steps)
+    layout = StepLayout.for_steps(world_size, sample_steps)
     ranks = LocalRanks(world_size, layout.output_rank, run_stage, {rank: (spec,) for rank, spec in enumerate(specs)},
                        timeout=timeout)
-    return Pipeline(ranks.group, layout, output_device, ranks=ranks)
+    return StepRanks(ranks.group, layout, output_device, ranks=ranks)

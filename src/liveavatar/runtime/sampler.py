@@ -92,6 +92,15 @@ def recorded_ref_rope_offsets(draws: Union[Sequence[int], Sequence[Sequence[int]
 # Decoders: clean latents in, video frames [3, T, H, W] float32 in [-1, 1] out
 
 
+@dataclass(frozen=True)
+class DecodedFrames:
+    """What a decoder hands out: frames [3, T, H, W] float32 in [-1, 1] and, when the decoder already made
+    them, the same frames as uint8 [T, H, W, 3] on the host."""
+
+    frames: torch.Tensor
+    pixels: np.ndarray | None = None
+
+
 class BlockStreamDecoder:
     """streaming mode: one continuous causal decode of [motion[:7], block 0, block 1, ...].
 
@@ -105,15 +114,15 @@ class BlockStreamDecoder:
         self.frames_per_block = geometry.frames_per_block
         self.stream = None
 
-    def add_block(self, latents: torch.Tensor) -> torch.Tensor:
+    def add_block(self, latents: torch.Tensor) -> list[DecodedFrames]:
         first = self.stream is None
         if first:
             self.stream = self.vae.stream_decoder()
             self.stream.decode(self.warmup)
         frames = self.stream.decode(latents.unsqueeze(0))[0, :, -self.frames_per_block:]
-        return frames[:, DROPPED_LEADING_FRAMES:] if first else frames
+        return [DecodedFrames(frames[:, DROPPED_LEADING_FRAMES:] if first else frames)]
 
-    def flush(self) -> list:
+    def flush(self) -> list[DecodedFrames]:
         return []
 
 
@@ -139,15 +148,15 @@ class ClipContextDecoder:
         """The re-encoded history as DiT motion latents (online decode)."""
         return self.context[:, :, -MOTION_LATENT_FRAMES:]
 
-    def add_block(self, latents: torch.Tensor) -> torch.Tensor | None:
+    def add_block(self, latents: torch.Tensor) -> list[DecodedFrames]:
         self.clip_latents.append(latents)
         if len(self.clip_latents) < self.geometry.blocks_per_clip:
-            return None
+            return []
         clip_latents = torch.cat(self.clip_latents, dim=1)
         self.clip_latents = []
-        return self._decode(clip_latents)
+        return [DecodedFrames(self._decode(clip_latents))]
 
-    def flush(self) -> list:
+    def flush(self) -> list[DecodedFrames]:
         return []  # a clip is decoded when its last block is in; sample() only runs whole clips here
 
     def _decode(self, clip_latents: torch.Tensor) -> torch.Tensor:
@@ -199,12 +208,12 @@ LoopEvent = Union[BlockLatents, VideoFrames]
 
 
 class Decoder(Protocol):
-    """Clean latents in, frames out: ``add_block`` returns frames [3, T, H, W] (or frames with their uint8
-    host pixels), or None when the block completes none; ``flush`` returns what is still held at the end."""
+    """Clean latents in, frames out: ``add_block`` returns the frames the block completes (none, or one
+    piece per block or clip), ``flush`` what is still held at the end."""
 
-    def add_block(self, latents: torch.Tensor): ...
+    def add_block(self, latents: torch.Tensor) -> list[DecodedFrames]: ...
 
-    def flush(self) -> list: ...
+    def flush(self) -> list[DecodedFrames]: ...
 
 
 class BlockAudio(Protocol):
@@ -216,10 +225,10 @@ class BlockAudio(Protocol):
 class NoDecoder:
     """Decodes nothing: the loop yields clean blocks only."""
 
-    def add_block(self, latents: torch.Tensor) -> None:
-        return None
+    def add_block(self, latents: torch.Tensor) -> list[DecodedFrames]:
+        return []
 
-    def flush(self) -> list:
+    def flush(self) -> list[DecodedFrames]:
         return []
 
 
@@ -231,12 +240,14 @@ def make_decoder(mode: Mode, vae, reference: ReferenceLatents, geometry: ClipGeo
 
 
 def sample(executor: BlockExecutor, decoder: Decoder, reference: ReferenceLatents, audio: BlockAudio,
-           geometry: ClipGeometry, *, noise: Callable[[int], torch.Tensor], total_blocks: int | None,
+           geometry: ClipGeometry, *, noise: Callable[[int], torch.Tensor], ref_rope_offset: RefRopeOffset,
+           num_steps: int, total_blocks: int | None,
            mode: Mode = Mode.STREAMING, online_decode: bool = False) -> Iterator[LoopEvent]:
     """Generate ``total_blocks`` blocks (whole clips in single_gpu mode), or with None, in streaming mode,
     until ``audio.block`` says the audio has ended; yields every clean block, then the frames it completes.
 
-    ``noise(r)`` gives clip r's initial noise [16, latent_frames, h, w]; ``reference`` comes from
+    ``noise(r)`` gives clip r's initial noise [16, latent_frames, h, w]; ``ref_rope_offset`` draws each
+    block's RoPE offsets, one per step of ``num_steps``, when the block is submitted; ``reference`` comes from
     `encode_reference` and ``decoder`` from `make_decoder`, both in the same mode.
     """
     if mode == Mode.SINGLE_GPU and (total_blocks is None or total_blocks % geometry.blocks_per_clip):
@@ -247,10 +258,9 @@ def sample(executor: BlockExecutor, decoder: Decoder, reference: ReferenceLatent
     first_latent = None
     produced = 0
 
-    def emit(decoded) -> VideoFrames:
+    def emit(decoded: DecodedFrames) -> VideoFrames:
         nonlocal produced
-        frames, pixels = decoded if isinstance(decoded, tuple) else (decoded, None)
-        event = VideoFrames(produced, frames, pixels)
+        event = VideoFrames(produced, decoded.frames, decoded.pixels)
         produced += event.count
         return event
 
@@ -261,8 +271,7 @@ def sample(executor: BlockExecutor, decoder: Decoder, reference: ReferenceLatent
         if first_latent is None:
             first_latent = latents[:, 0:1].unsqueeze(0)
         yield BlockLatents(clip, block, latents)
-        decoded = decoder.add_block(latents)
-        if decoded is not None:
+        for decoded in decoder.add_block(latents):
             yield emit(decoded)
 
     clip_noise = None
@@ -279,8 +288,9 @@ def sample(executor: BlockExecutor, decoder: Decoder, reference: ReferenceLatent
                     yield from finish_one()
                 executor.prefill(first_latent, decoder.dit_motion if online_decode else reference.dit_motion)
             clip_noise = noise(clip)
+        draws = tuple(ref_rope_offset(step) for step in range(num_steps))
         executor.submit(BlockJob(clip, block, geometry.start_frame(clip, block),
-                                 clip_noise[:, geometry.block_slice(block)], features))
+                                 clip_noise[:, geometry.block_slice(block)], features, draws))
         in_flight.append((clip, block))
         while len(in_flight) >= executor.depth:
             yield from finish_one()

@@ -211,8 +211,8 @@ def create_app(state: ServerState) -> FastAPI:
         folder = state.queue.new_job_folder()
         try:
             reader = await _read_form(request, folder, FILE_FIELDS, TEXT_FIELDS)
-            spec = await run_in_threadpool(job_request, folder, reader, state.limits)
-            job = Job(spec=spec, client=_client(request), folder=folder)
+            video = await run_in_threadpool(job_request, folder, reader, state.limits)
+            job = Job(request=video, client=_client(request), folder=folder)
             position = state.queue.submit(job)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)

@@ -76,7 +76,7 @@ def error_line(error: BaseException) -> str:
 
 @dataclass
 class Job:
-    spec: Request
+    request: Request  # the video to make (liveavatar.request), resolved when it was uploaded
     client: str
     folder: Path
     id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -104,9 +104,9 @@ class Job:
         self.state, self.started = "running", time.time()
         writer = None
         try:
-            run = backend.job(self.spec)
+            run = backend.job(self.request)
             self.blocks_total = run.blocks_total
-            waveform = self.spec.audio.samples
+            waveform = self.request.audio.samples
             writer = FragmentedMp4Writer(self.video, width=run.width, height=run.height)
             try:
                 for event in run.events:

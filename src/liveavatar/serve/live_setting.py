@@ -15,7 +15,7 @@ from typing import Callable
 
 from liveavatar.errors import InputError
 from liveavatar.geometry import FPS, ClipGeometry, size_for_area
-from liveavatar.options import RequestOptions, parse_size
+from liveavatar.options import DEFAULTS, RequestOptions, parse_size
 
 LADDER = ("704*384", "688*368", "384*256")
 STEP_LADDER = (4, 3)
@@ -26,25 +26,27 @@ POLICIES = ("auto", "strict")
 RatePredictor = Callable[[int, int], "float | None"]
 
 
-def live_predictor(plan, ckpt_dir, backend) -> RatePredictor | None:
-    """The speed model for the server's GPU, placement and fast path (None on the CPU: no model there)."""
+def live_predictor(plan, ckpt_dir, backend, attention: str) -> RatePredictor | None:
+    """The speed model for the server's GPU, placement, fast path and attention (None on the CPU: no model
+    there)."""
     from liveavatar.runtime.planner.memory import dit_inventory, transformer_config_for
 
     if plan.budget_bytes is None:
         return None
-    fast = backend.pipe.engine.fast_path
+    fast = backend.engine.fast_path
     path = "graphs" if fast.cuda_graphs and plan.placement.resident else "compiled" if fast.compile else "eager"
     return speed_model_predictor(dit_inventory(transformer_config_for(ckpt_dir)), plan.placement, plan.hardware,
-                                 run_dtype_bytes=plan.workload.run_dtype_bytes, path=path)
+                                 run_dtype_bytes=plan.workload.run_dtype_bytes, path=path, attention=attention)
 
 
-def speed_model_predictor(inventory, placement, hardware, *, run_dtype_bytes: int, path: str) -> RatePredictor:
+def speed_model_predictor(inventory, placement, hardware, *, run_dtype_bytes: int, path: str,
+                          attention: str = DEFAULTS.attention) -> RatePredictor:
     """The speed model's real-time factor of one live session at (area, steps) on this placement."""
     from liveavatar.runtime.planner.memory import Workload
     from liveavatar.runtime.planner.speed import estimate_speed
 
     def predict(area: int, steps: int) -> float:
-        options = RequestOptions(size=area, sample_steps=steps)
+        options = RequestOptions(size=area, sample_steps=steps, attention=attention)
         work = Workload.of(ClipGeometry(*landscape(area), options.infer_frames), options,
                            run_dtype_bytes=run_dtype_bytes, audio_seconds=0.0)
         return estimate_speed(inventory, work, placement, hardware, path=path).fps / FPS

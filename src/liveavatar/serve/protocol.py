@@ -24,8 +24,8 @@ import struct
 
 import numpy as np
 
-START_FIELDS = ("type", "image", "image_id", "prompt", "size", "steps", "seed", "realtime", "idle_limit_s",
-                "jpeg_quality", "lag_bound_s")
+START_FIELDS = ("type", "image", "image_id", "prompt", "size", "steps", "seed", "attention", "realtime",
+                "idle_limit_s", "jpeg_quality", "lag_bound_s")
 CONTROL_TYPES = ("end", "interrupt", "say")
 
 

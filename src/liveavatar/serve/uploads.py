@@ -21,7 +21,8 @@ from liveavatar.request import Request, resolve_request
 
 FILE_FIELDS = ("image", "audio")
 # The form's text fields that are request options, and the option each one sets.
-OPTION_FIELDS = {"size": "size", "steps": "sample_steps", "seed": "base_seed", "mode": "mode", "num_clip": "num_clip"}
+OPTION_FIELDS = {"size": "size", "steps": "sample_steps", "seed": "base_seed", "mode": "mode", "num_clip": "num_clip",
+                 "attention": "attention"}
 TEXT_FIELDS = ("prompt", *OPTION_FIELDS)
 MAX_TEXT_FIELD = 4096
 # The sizes the pages offer (only the area matters: the portrait's aspect sets the shape), cut at --max-size.
@@ -39,6 +40,7 @@ class Limits:
     max_area: int
     max_steps: int
     default_size: str
+    default_attention: str = DEFAULTS.attention
 
     @property
     def default_steps(self) -> int:
@@ -159,7 +161,8 @@ def form_options(fields: dict[str, str], limits: Limits) -> RequestOptions:
     field left empty keeps the server's default."""
     given = {OPTION_FIELDS[name]: option_from_text(OPTION_FIELDS[name], text.strip())
              for name, text in fields.items() if name in OPTION_FIELDS and text.strip()}
-    options = RequestOptions(**{"size": limits.default_size, "sample_steps": limits.default_steps, **given})
+    options = RequestOptions(**{"size": limits.default_size, "sample_steps": limits.default_steps,
+                                "attention": limits.default_attention, **given})
     if options.size > limits.max_area:
         raise ArgumentError("size", f"{fields.get('size', '').strip() or limits.default_size!r}: the area "
                                     f"{options.size} is above this server's limit {limits.max_area} (--max-size)")

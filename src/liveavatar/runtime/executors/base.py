@@ -1,8 +1,9 @@
 """What the sampling loop asks of an executor."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -10,13 +11,15 @@ import torch
 @dataclass(frozen=True)
 class BlockJob:
     """Block ``block`` of clip ``clip``: its initial noise [16, 3, h, w], its audio features
-    [1, 25, C, frames_per_block] and its absolute latent-frame index."""
+    [1, 25, C, frames_per_block], its absolute latent-frame index and the rolling sink's RoPE offset of
+    every denoising step (``ref_rope_offsets[step]``, drawn by the loop in the order one device draws them)."""
 
     clip: int
     block: int
     start_frame: int
     noise: torch.Tensor
     audio: torch.Tensor
+    ref_rope_offsets: tuple[int, ...]
 
 
 class BlockExecutor(Protocol):
@@ -40,3 +43,15 @@ class BlockExecutor(Protocol):
 
 ForwardHook = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
 """Called after every DiT forward with (clip, block, step, input latents, predicted velocity)."""
+
+
+class ExecutorFactory(ABC):
+    """Builds a request's `BlockExecutor` once the engine has allocated the caches of `local_steps`."""
+
+    def local_steps(self, num_steps: int) -> Sequence[int]:
+        """The denoising steps this process runs, whose KV sets the engine allocates (none: no caches)."""
+        return range(num_steps)
+
+    @abstractmethod
+    def __call__(self, model, caches, schedule, text_kv, *, on_forward: ForwardHook | None = None,
+                 graphs=None) -> BlockExecutor: ...

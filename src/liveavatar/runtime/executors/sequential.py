@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from liveavatar.runtime.caches import CacheSet
-from liveavatar.runtime.executors.base import BlockJob, ForwardHook
+from liveavatar.runtime.executors.base import BlockJob, ExecutorFactory, ForwardHook
 from liveavatar.runtime.executors.graphs import ForwardGraphs
 from liveavatar.runtime.schedule import FlowMatchSchedule
 
@@ -18,22 +18,21 @@ class SequentialExecutor:
 
     Step i attends to KV set i, which only ever holds K/V computed at timestep i (the reference's
     "timestep forcing"); the cond cache written by the sink prefill is shared by every step. The request
-    state lives here, not on the model: the text's K/V, the steps' time vectors and the RoPE-offset
-    draws (``ref_rope_offset(step)`` gives the next draw of a step). With ``graphs`` (a `ForwardGraphs`,
+    state lives here, not on the model: the text's K/V and the steps' time vectors (a block's RoPE-offset
+    draws come in its job). With ``graphs`` (a `ForwardGraphs`,
     owned by the engine so that its graphs serve every request) the forwards replay CUDA graphs. ``steps``: the denoising steps it runs
     (default all; a pipeline stage runs its consecutive share, on the caches of those steps only).
     """
 
     depth = 1
 
-    def __init__(self, model, caches: CacheSet, schedule: FlowMatchSchedule, text_kv, *, ref_rope_offset,
+    def __init__(self, model, caches: CacheSet, schedule: FlowMatchSchedule, text_kv, *,
                  on_forward: ForwardHook | None = None, graphs: ForwardGraphs | None = None,
                  steps: Sequence[int] | None = None):
         self.model = model
         self.caches = caches
         self.schedule = schedule
         self.text_kv = text_kv
-        self.ref_rope_offset = ref_rope_offset
         self.on_forward = on_forward
         self.forward = graphs.forward if graphs is not None else model.run_block
         self.steps = tuple(range(schedule.num_steps) if steps is None else steps)
@@ -50,7 +49,7 @@ class SequentialExecutor:
         for step in self.steps:
             kv = self.caches.kv_sets[step]
             inputs = model.prepare_block(x, audio, kv, cond, start_frame=job.start_frame,
-                                         ref_rope_offset=self.ref_rope_offset(step))
+                                         ref_rope_offset=job.ref_rope_offsets[step])
             velocity = self.forward(x, self.times[step], self.text_kv, audio, kv, cond, inputs)
             if self.on_forward is not None:
                 self.on_forward(job.clip, job.block, step, x, velocity)
@@ -59,3 +58,11 @@ class SequentialExecutor:
 
     def collect(self) -> torch.Tensor:
         return self.done.popleft()
+
+
+class SequentialFactory(ExecutorFactory):
+    """One device runs every step: a `SequentialExecutor` per request."""
+
+    def __call__(self, model, caches: CacheSet, schedule: FlowMatchSchedule, text_kv, *,
+                 on_forward: ForwardHook | None = None, graphs: ForwardGraphs | None = None) -> SequentialExecutor:
+        return SequentialExecutor(model, caches, schedule, text_kv, on_forward=on_forward, graphs=graphs)

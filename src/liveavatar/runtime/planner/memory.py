@@ -63,7 +63,7 @@ DEFAULT_AUDIO_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class RankRole:
-    """One rank of a multi-GPU pipeline (`liveavatar.runtime.pipeline_layout`): the denoising steps (KV
+    """One rank of a multi-GPU pipeline (`liveavatar.runtime.step_layout`): the denoising steps (KV
     sets) it runs, whether it holds a DiT, and whether it is the output rank (encoders at set-up, the VAE,
     the decode)."""
 
@@ -75,7 +75,7 @@ class RankRole:
 @dataclass(frozen=True)
 class Workload:
     """The shape of a run: video size, clip length, steps and GPUs. With ``num_gpus`` > 1 the memory and
-    speed are those of one rank, ``role`` (`liveavatar.runtime.planner.pipeline` plans every rank). A run's
+    speed are those of one rank, ``role`` (`liveavatar.runtime.planner.step_ranks` plans every rank). A run's
     workload comes from `of`; the defaults are the request options' defaults."""
 
     height: int
@@ -94,7 +94,7 @@ class Workload:
            audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> "Workload":
         """The workload of a request of ``geometry`` and ``options`` on ``num_gpus`` ranks."""
         return cls(geometry.height, geometry.width, geometry.infer_frames, options.sample_steps, num_gpus,
-                   options.mode, run_dtype_bytes, audio_seconds=audio_seconds)
+                   options.mode, run_dtype_bytes, audio_seconds=audio_seconds, attention=options.attention)
 
     @functools.cached_property
     def geometry(self) -> ClipGeometry:
@@ -129,7 +129,7 @@ class Workload:
         g = self.geometry
         gpus = f", {self.num_gpus} GPUs" if self.num_gpus > 1 else ""
         return (f"{self.width}x{self.height} ({g.frame_tokens} tokens/frame), {self.infer_frames}-frame clips, "
-                f"{self.sample_steps} steps{gpus}")
+                f"{self.sample_steps} steps{gpus}, {self.attention} attention")
 
 
 @dataclass(frozen=True)

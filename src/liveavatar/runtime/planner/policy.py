@@ -12,7 +12,7 @@ from liveavatar.runtime.planner.hardware import CPU_HARDWARE, GiB, MiB, Hardware
 from liveavatar.runtime.planner.host import COMPILE_WORKER_BYTES, compile_worker_bytes, host_components
 from liveavatar.runtime.planner.memory import (ALLOCATOR_FRAGMENTATION, Component, DiTInventory, Workload,
                                                host_pinned_bytes, memory_components, phase_peaks)
-from liveavatar.runtime.planner.speed import SpeedEstimate, estimate_speed
+from liveavatar.runtime.planner.speed import SpeedEstimate, attention_runs, estimate_speed
 
 # Memory the CUDA context, cuBLAS/cuDNN handles and kernels take outside PyTorch's allocator.
 CUDA_CONTEXT_BYTES = 640 * MiB
@@ -138,11 +138,13 @@ class Plan:
             "notes": self.notes,
             "forward_s": round(self.speed.forward_s, 4),
             "fps": round(self.speed.fps, 3),
+            "attention_runs": attention_runs(self.workload, self.hardware),
             "slowdown": round(self.slowdown, 3),
             "h2d_gb_per_forward": round(self.speed.h2d_bytes_per_forward / 1e9, 3),
             "workload": {"height": self.workload.height, "width": self.workload.width,
                          "infer_frames": self.workload.infer_frames, "sample_steps": self.workload.sample_steps,
                          "num_gpus": self.workload.num_gpus, "mode": self.workload.mode,
+                         "attention": self.workload.attention,
                          "frame_tokens": self.workload.geometry.frame_tokens,
                          "kv_tokens_per_set": self.workload.kv_tokens,
                          "cond_tokens": self.workload.geometry.cond_tokens},

@@ -55,11 +55,12 @@ COMPILED_FP8_MATMUL_EFFICIENCY = 0.70
 COMPILED_ATTENTION_EFFICIENCY = 0.57
 COMPILED_ELEMENTWISE_BYTES_PER_TOKEN_DIM = 80.0
 COMPILED_HOST_SECONDS_PER_LAYER = 0.001
-# MEASURED for the quantised self-attention (``--attention int8|fp8``, INT8/FP8 Q·Kᵀ and FP8 P·V): its
-# kernel's fraction of the FP8 peak at 704*384 (benchmarks/RESULTS.md, "Quantised attention"); its
-# passes over a call's tensors: Q read and written once at one byte, K and V read twice (mean / channel
-# maxima, then the cast) and written at one byte.
-QUANTISED_ATTENTION_EFFICIENCY = 0.40
+# ESTIMATED (no GPU measurement yet: benchmarks/gpu_quantised_attention.py refits it) for the quantised
+# self-attention (``--attention int8|fp8``, INT8/FP8 Q·Kᵀ and FP8 P·V): its Triton kernel's fraction of the
+# FP8 peak (Triton's FP8 attention on Hopper: ~0.35-0.4), below the ~0.44 of SageAttention2's hand-written
+# kernel (~870 TOPS on an H100); its passes over a call's tensors: Q read and written once at one byte, K
+# and V read twice (mean / channel maxima, then the cast) and written at one byte.
+QUANTISED_ATTENTION_EFFICIENCY = 0.35
 QUANTISE_QUERY_BYTES = 3
 QUANTISE_KEY_VALUE_BYTES = 10
 GRAPH_HOST_SECONDS_PER_LAYER = 0.0
@@ -74,6 +75,12 @@ def forward_path(placement: Placement, *, compiled: bool = True) -> str:
     return "graphs" if placement.resident else "compiled"
 
 
+def attention_runs(work: Workload, hw: Hardware) -> str:
+    """The self-attention a workload's mode runs on ``hw``: the quantised kernel needs FP8 tensor cores, else
+    bf16 (`liveavatar.models.quantised_attention`)."""
+    return work.attention if hw.has_fp8_matmul else "bf16"
+
+
 def _layer_compute_s(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware, unit: LayerUnit,
                      *, keys: int, path: str) -> float:
     eager = path == "eager"
@@ -86,7 +93,7 @@ def _layer_compute_s(inv: DiTInventory, work: Workload, placement: Placement, hw
     else:
         matmul_s = matmul_flops / (hw.bf16_flops * (MATMUL_EFFICIENCY if eager else COMPILED_MATMUL_EFFICIENCY))
         elementwise = (FP8_DEQUANT_BYTES + 5) * unit.fp8_elements if placement.weight_dtype == "fp8" else 0
-    quantised = work.attention != "bf16" and hw.has_fp8_matmul  # elsewhere it falls back to bf16
+    quantised = attention_runs(work, hw) != "bf16"
     self_flops, text_flops = 4 * tokens * keys * dim, 4 * tokens * inv.text_len * dim  # text: always bf16
     attention_s = (text_flops + (0 if quantised else self_flops)) / (
         hw.bf16_flops * (ATTENTION_EFFICIENCY if eager else COMPILED_ATTENTION_EFFICIENCY))

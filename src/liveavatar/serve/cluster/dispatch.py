@@ -217,7 +217,7 @@ class ClusterQueue:
 
     async def _attempt(self, job: Job) -> None:
         replica = await self.take_replica()
-        call = self.engine.options(stream=True).run_job.remote(job.id, job.spec, replica=replica)
+        call = self.engine.options(stream=True).run_job.remote(job.id, job.request, replica=replica)
         self._calls[job.id] = call
         self.placed[job.id] = replica
         job.stream_bytes = 0
@@ -262,7 +262,7 @@ class ClusterQueue:
             except (OSError, ValueError):
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            job = Job(spec=None, client=record["client"], folder=folder, id=record["id"])
+            job = Job(request=None, client=record["client"], folder=folder, id=record["id"])
             for name in RECORDED:
                 setattr(job, name, record[name])
             self.placed[job.id] = record.get("replica")

@@ -120,7 +120,7 @@ class EngineReplica:
         shutil.rmtree(self.state.root, ignore_errors=True)
 
     async def run_job(self, job_id: str, request, *, replica: str):
-        job = Job(spec=request, client="ingress", folder=self.queue.new_job_folder(), id=job_id)
+        job = Job(request=request, client="ingress", folder=self.queue.new_job_folder(), id=job_id)
         position = self.queue.submit(job)
         yield {"type": "assigned", "replica": self.id, "position": position}
         sent, blocks, frames, reported, said = 0, 0, 0, None, time.monotonic()

@@ -23,7 +23,7 @@ from liveavatar.models.vae import WanVAE
 from liveavatar.options import Mode
 from liveavatar.runtime.caches import build_caches
 from liveavatar.runtime.conditioning import WholeFileAudio, encode_reference
-from liveavatar.runtime.executors import BlockExecutor, SequentialExecutor
+from liveavatar.runtime.executors import BlockExecutor, SequentialFactory
 from liveavatar.runtime.placement import Placement
 from liveavatar.runtime.sampler import BlockLatents, VideoFrames, make_decoder, recorded_ref_rope_offsets, sample
 from liveavatar.runtime.schedule import FlowMatchSchedule
@@ -57,19 +57,21 @@ class _RecordingExecutor:
 
 
 @contextmanager
-def _executor_factory(fixture: Fixture, geometry: ClipGeometry, text: torch.Tensor, steps: int, ranks: int | None):
-    """SequentialExecutor, or the pipeline's executor over ``ranks`` local processes (stopped on exit)."""
+def _executor_factory(fixture: Fixture, geometry: ClipGeometry, text: torch.Tensor, steps: int, ranks: int | None,
+                      attention: str):
+    """A `SequentialFactory`, or the step ranks' executor factory over ``ranks`` local processes (stopped on
+    exit), whose ranks run the ``attention`` mode."""
     if not ranks or ranks < 2:
-        yield SequentialExecutor
+        yield SequentialFactory()
         return
-    from liveavatar.runtime.multi_gpu import StageSpec, spawn_pipeline
+    from liveavatar.runtime.multi_gpu import StageSpec, spawn_step_ranks
 
     spec = StageSpec(str(fixture.path(DIT_WEIGHTS)), Placement(), "cpu", "float32", threads=torch.get_num_threads())
-    pipeline = spawn_pipeline([spec] * (ranks - 1), torch.device("cpu"), sample_steps=steps)
+    step_ranks = spawn_step_ranks([spec] * (ranks - 1), torch.device("cpu"), sample_steps=steps)
     try:
-        yield pipeline.executor(geometry, text)
+        yield step_ranks.executor(geometry, text, attention)
     finally:
-        pipeline.close()
+        step_ranks.close()
 
 
 def _exact(name: str, got: list, expected: list) -> Comparison:
@@ -140,16 +142,16 @@ def run(fixture: Fixture, ranks: int | None = None, placement: Placement = Place
     clips: dict[int, list[torch.Tensor]] = {}
     frames: list[torch.Tensor] = []
     audio = WholeFileAudio(fixture["in.audio_emb"], geometry)
-    with _executor_factory(fixture, geometry, fixture["in.context"], schedule.num_steps, ranks) as factory:
-        steps = factory.local_steps(schedule.num_steps) if hasattr(factory, "local_steps") else \
-            range(schedule.num_steps)
+    with _executor_factory(fixture, geometry, fixture["in.context"], schedule.num_steps, ranks,
+                           self_attention.mode) as factory:
+        steps = factory.local_steps(schedule.num_steps)
         caches = build_caches(model, placement, geometry, steps, device="cpu", dtype=dtype) if steps else None
         executor = _RecordingExecutor(factory(model, caches, schedule, model.text_kv(fixture["in.context"]),
-                                              ref_rope_offset=draws, on_forward=record_forward),
+                                              on_forward=record_forward),
                                       blocks_per_clip=geometry.blocks_per_clip)
         for event in sample(executor, make_decoder(mode, vae, reference, geometry), reference, audio, geometry,
-                            noise=lambda clip: fixture[f"in.noise.clip{clip}"].to(dtype),
-                            total_blocks=num_clips * geometry.blocks_per_clip, mode=mode, online_decode=online):
+                            noise=lambda clip: fixture[f"in.noise.clip{clip}"].to(dtype), ref_rope_offset=draws,
+                            num_steps=schedule.num_steps, total_blocks=num_clips * geometry.blocks_per_clip, mode=mode, online_decode=online):
             if isinstance(event, BlockLatents):
                 clips.setdefault(event.clip, []).append(event.latents)
             elif isinstance(event, VideoFrames):

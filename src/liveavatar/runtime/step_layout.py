@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class PipelineLayout:
+class StepLayout:
     """The ranks of a pipeline: ``world_size`` processes, the last of which owns the output;
     ``output_denoises``: the output rank holds a DiT and runs steps too."""
 
@@ -31,7 +31,7 @@ class PipelineLayout:
             raise ValueError(f"a pipeline needs at least 2 ranks (got {self.world_size})")
 
     @classmethod
-    def for_steps(cls, world_size: int, num_steps: int) -> "PipelineLayout":
+    def for_steps(cls, world_size: int, num_steps: int) -> "StepLayout":
         """The layout a launch for ``num_steps`` steps gets: a decode-only output rank when there are more
         ranks than steps."""
         return cls(world_size, output_denoises=world_size <= num_steps)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from liveavatar.geometry import LATENT_CHANNELS, LATENT_FRAMES_PER_BLOCK
-from liveavatar.runtime.pipeline_layout import PipelineLayout
+from liveavatar.runtime.step_layout import StepLayout
 from liveavatar.runtime.planner.hardware import Hardware
 from liveavatar.runtime.planner.memory import DiTInventory, RankRole, Workload
 from liveavatar.runtime.planner.policy import MemoryPlanError, Pins, Plan, format_gib, make_plan
@@ -25,10 +25,10 @@ AUDIO_FEATURE_ELEMENTS_PER_FRAME = 25 * 1024
 
 
 @dataclass
-class PipelinePlan:
+class StepRanksPlan:
     """Every rank's plan (rank order) and the pipeline's steady state."""
 
-    layout: PipelineLayout
+    layout: StepLayout
     work: Workload
     ranks: list[Plan]
     hop_s: float
@@ -55,7 +55,7 @@ class PipelinePlan:
     def bottleneck(self) -> int:
         return max(range(len(self.ranks)), key=lambda rank: self.ranks[rank].speed.block_s)
 
-    def check(self) -> "PipelinePlan":
+    def check(self) -> "StepRanksPlan":
         """Raises `MemoryPlanError` naming each rank that does not fit, its numbers and the nearest setting."""
         if not self.fits:
             raise MemoryPlanError(self.refusal())
@@ -86,13 +86,13 @@ def hop_seconds(work: Workload, hw: Hardware) -> float:
     return HOP_OVERHEAD_S + nbytes / HOST_LINK_BYTES_PER_S + staging
 
 
-def plan_pipeline(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int | None, *,
+def plan_step_ranks(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes: int | None, *,
                   budget_source: str = "", headroom_bytes: int | None = None, host_budget_bytes: int | None = None,
-                  pins: Pins = Pins(), suggest: bool = True) -> PipelinePlan:
+                  pins: Pins = Pins(), suggest: bool = True) -> StepRanksPlan:
     """Plan each of ``work.num_gpus`` ranks on a GPU of ``budget_bytes`` (the ranks of one node share
     ``host_budget_bytes`` of pinned host memory equally). A pipeline that does not fit on some rank gets
     the nearest settings that would: more GPUs (fewer steps per rank), then that rank's own nearest."""
-    layout = PipelineLayout.for_steps(work.num_gpus, work.sample_steps)
+    layout = StepLayout.for_steps(work.num_gpus, work.sample_steps)
     host_share = None if host_budget_bytes is None else host_budget_bytes // work.num_gpus
     plans = []
     for rank, steps in enumerate(layout.steps(work.sample_steps)):
@@ -100,10 +100,10 @@ def plan_pipeline(inv: DiTInventory, work: Workload, hw: Hardware, budget_bytes:
         plans.append(make_plan(inv, replace(work, role=role), hw, budget_bytes, budget_source=budget_source,
                                headroom_bytes=headroom_bytes, host_budget_bytes=host_share, pins=pins,
                                suggest=suggest))
-    plan = PipelinePlan(layout, work, plans, hop_seconds(work, hw))
+    plan = StepRanksPlan(layout, work, plans, hop_seconds(work, hw))
     if suggest and not plan.fits:
         for count in range(work.num_gpus + 1, work.sample_steps + 2):
-            wider = plan_pipeline(inv, replace(work, num_gpus=count), hw, budget_bytes, budget_source=budget_source,
+            wider = plan_step_ranks(inv, replace(work, num_gpus=count), hw, budget_bytes, budget_source=budget_source,
                                   headroom_bytes=headroom_bytes, host_budget_bytes=host_budget_bytes, pins=pins,
                                   suggest=False)
             if wider.fits:
