@@ -82,7 +82,7 @@ def test_cpu_falls_back_to_bf16_with_one_notice():
         warnings.simplefilter("error")
         assert resolve_self_attention("bf16", "cpu") == SelfAttention()
         assert "PyTorch reference" in resolve_self_attention("fp8", "cpu", reference=True).name
-    with pytest.raises(ValueError, match="attention 'int4' is not one of bf16, int8, fp8"):
+    with pytest.raises(ValueError, match="attention 'int4': expected one of bf16, int8, fp8"):
         resolve_self_attention("int4", "cpu")
 
 

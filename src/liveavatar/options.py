@@ -37,6 +37,15 @@ class Mode(StrEnum):
     SINGLE_GPU = "single_gpu"
 
 
+def attention_mode(value) -> str:
+    """The one rule for a self-attention mode (``--attention``), wherever a mode enters: the request's options
+    and the engine's or a benchmark's direct calls."""
+    mode = str(value).strip().lower()
+    if mode not in ATTENTION_MODES:
+        raise ArgumentError("attention", f"{value!r}: expected one of {', '.join(ATTENTION_MODES)}")
+    return mode
+
+
 @dataclass(frozen=True)
 class RequestOptions:
     """How to make one video, checked when built (bad values raise `ArgumentError` naming the option).
@@ -100,9 +109,7 @@ class RequestOptions:
         if isinstance(bound, bool) or not self.live_lag_bound_s >= MIN_LAG_BOUND_S:
             raise ArgumentError("live_lag_bound_s", f"{bound!r}: must be at least {MIN_LAG_BOUND_S:g} s (a block is "
                                                     f"0.48 s of audio)")
-        set_("attention", str(self.attention).strip().lower())
-        if self.attention not in ATTENTION_MODES:
-            raise ArgumentError("attention", f"{self.attention!r}: expected one of {', '.join(ATTENTION_MODES)}")
+        set_("attention", attention_mode(self.attention))
 
     @classmethod
     def build(cls, options: RequestOptions | None = None, **overrides) -> RequestOptions:

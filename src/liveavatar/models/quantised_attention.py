@@ -14,7 +14,7 @@ import torch
 
 from liveavatar.models.attention import attention
 from liveavatar.models.sage_reference import reference_attention
-from liveavatar.options import ATTENTION_MODES, DEFAULTS
+from liveavatar.options import DEFAULTS, attention_mode
 
 DEFAULT_ATTENTION = DEFAULTS.attention
 KERNEL_HEAD_DIMS = (32, 64, 128)  # powers of two (tl.arange), multiples of 32 (the INT8/FP8 MMA's K)
@@ -82,17 +82,11 @@ class SelfAttention:
         return f"{self.runs} ({qk} Q·Kᵀ with K smoothing, FP8 P·V; {where})"
 
 
-def check_mode(mode: str) -> str:
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
-    return mode
-
-
 def choose_self_attention(mode: str, device: torch.device | str, *, head_dim: int | None = None,
                           reference: bool = False) -> SelfAttention:
     """The self-attention for ``mode`` on ``device``: the quantised kernel where it runs, else bf16 (the
     reason in ``reason``); ``reference`` runs the quantised modes in PyTorch instead (anywhere; slow)."""
-    check_mode(mode)
+    mode = attention_mode(mode)
     if mode == "bf16":
         return SelfAttention()
     if reference:
