@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ def fixture_drift(names: list[str], modes=MODES[1:]) -> dict:
     return drift
 
 
-def measure_row(engine, model, vae, size: str, steps: int, args, attention_for) -> dict:
+def measure_row(engine, model, vae, size: str, steps: int, args) -> dict:
     from liveavatar.runtime.bench import synthetic_request
 
     dtype, device = engine.dtype, engine.device
@@ -63,14 +64,14 @@ def measure_row(engine, model, vae, size: str, steps: int, args, attention_for) 
     row, latents = {"size": size, "steps": steps, "modes": {}}, {}
     from liveavatar.runtime.bench import measure_request
 
-    for mode in MODES:
-        model.self_attention = attention_for(mode)
-        entry = row["modes"][mode] = {"runs": model.self_attention.name}
-        first = measure_request(engine, synthetic.request, conditioning, decode=False, keep_latents=True, **common)
+    for mode in MODES:  # the engine runs the request's attention mode
+        request = replace(synthetic.request, options=replace(synthetic.request.options, attention=mode))
+        entry = row["modes"][mode] = {"runs": engine.self_attention(mode).name}
+        first = measure_request(engine, request, conditioning, decode=False, keep_latents=True, **common)
         latents[mode] = [t.detach().float().cpu() for t in first["latents"]]
         entry["dit_first_request"] = summarise(first)
         if device.type == "cuda":
-            entry["with_decode"] = summarise(measure_request(engine, synthetic.request, conditioning, **common))
+            entry["with_decode"] = summarise(measure_request(engine, request, conditioning, **common))
         if mode != "bf16":
             entry["vs_bf16"] = rel_diffs(latents["bf16"], latents[mode])
         timing = entry["dit_first_request"]["block_s"]
@@ -79,7 +80,6 @@ def measure_row(engine, model, vae, size: str, steps: int, args, attention_for) 
         print(f"{size} {steps} steps {mode}: DiT {timing:.3f} s/block"
               + (f", with decode {decode:.3f} s/block ({12 / decode:.1f} FPS)" if decode else "")
               + (f", vs bf16 max rel {worst:.2e}" if mode != "bf16" else ""), flush=True)
-    model.self_attention = attention_for("bf16")
     return row
 
 
@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
 
-    from liveavatar.models.quantised_attention import resolve_self_attention
     from liveavatar.runtime.compile import FastPath
     from liveavatar.runtime.engine import Engine
 
@@ -125,17 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         report["note"] = "tiny DiT (head dim 32), float32, the quantisation's PyTorch reference"
     report["build_s"] = round(time.perf_counter() - began, 1)
     engine = Engine(model, vae, None, None, placement=placement, device=device, dtype=dtype, fast_path=fast_path,
-                    overlap_decode=cuda)
-
-    def attention_for(mode):
-        return engine.self_attention(mode) if cuda else resolve_self_attention(mode, device, reference=True)
+                    overlap_decode=cuda, reference_attention=not cuda)
 
     for size, steps in rows:
         if time.perf_counter() - began + args.est_row_s > args.budget_s:
             report["skipped"].append(f"{size} {steps} steps (budget)")
             continue
         try:
-            report["rows"].append(measure_row(engine, model, vae, size, steps, args, attention_for))
+            report["rows"].append(measure_row(engine, model, vae, size, steps, args))
         except Exception as error:  # the error is part of the result; the next row still runs
             report["skipped"].append(f"{size} {steps} steps: {type(error).__name__}: {error}"[:400])
             free_memory()

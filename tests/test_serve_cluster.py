@@ -202,6 +202,18 @@ def test_a_killed_replica_fails_its_job_with_the_cause_spares_the_other_session_
     assert {s["state"] for s in statuses} == {"done"} and len({s["replica"] for s in statuses}) == 2
 
 
+def _replica_running_live(cluster, timeout=10.0) -> dict:
+    """The replica whose heartbeat says it runs the live session: /v1/info shows the last heartbeat (one a
+    second), which can still predate the session's start when its first block arrives."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [r for r in cluster.info()["replicas"] if r["running"] == "live"]
+        if running or time.monotonic() > deadline:
+            assert len(running) == 1, cluster.info()["replicas"]
+            return running[0]
+        time.sleep(0.2)
+
+
 def test_a_killed_replica_ends_its_live_session_with_an_error_and_a_clean_close_within_10_s(cluster, media_dir, speech):
     from websockets.sync.client import connect
 
@@ -212,7 +224,7 @@ def test_a_killed_replica_ends_its_live_session_with_an_error_and_a_clean_close_
         assert json.loads(ws.recv(timeout=30))["type"] == "ready"
         ws.send(to_pcm16(speech[:int(2.5 * 16000)]))  # a block needs 1 s of lookahead past its own audio
         assert isinstance(ws.recv(timeout=30), bytes)
-        victim = next(r for r in cluster.info()["replicas"] if r["running"] == "live")
+        victim = _replica_running_live(cluster)
         os.kill(victim["pid"], signal.SIGKILL)
         killed = time.monotonic()
         messages = []

@@ -79,7 +79,8 @@ class Engine:
     def __init__(self, transformer, vae: WanVAE, text_encoder: TextEncoder | None,
                  audio_encoder: AudioFeatureExtractor | None, *, placement: Placement, device: torch.device,
                  dtype: torch.dtype, layer_streamer: LayerStreamer | None = None, fast_path: FastPath | None = None,
-                 overlap_decode: bool | None = None, step_ranks=None):
+                 overlap_decode: bool | None = None, step_ranks=None,
+                 reference_attention: bool = False):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -110,6 +111,7 @@ class Engine:
             transformer.regions = EAGER
         self.graphs: ForwardGraphs | None = None
         self._self_attention: dict[str, SelfAttention] = {}
+        self.reference_attention = reference_attention  # quantised modes through their PyTorch form (CPU checks)
         self.requests_run = 0
         # The overlapped decode holds its activations next to the DiT's: default for resident placements
         # only (the large-memory case; the planner budgets the decode after the forward).
@@ -142,7 +144,8 @@ class Engine:
         engine's device, resolved once per mode: a fallback's notice is given once."""
         if mode not in self._self_attention:
             head_dim = self.transformer.config.head_dim if self.transformer is not None else None
-            self._self_attention[mode] = resolve_self_attention(mode, self.device, head_dim=head_dim)
+            self._self_attention[mode] = resolve_self_attention(mode, self.device, head_dim=head_dim,
+                                                                reference=self.reference_attention)
         return self._self_attention[mode]
 
     @property
