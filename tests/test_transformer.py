@@ -7,7 +7,7 @@ from liveavatar.geometry import FRAMEPACK_BUCKETS, ClipGeometry
 from liveavatar.models.rope import apply_rotation, block_positions, condition_positions, rotation
 from liveavatar.models.tiny import save_tiny_transformer
 from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
-from liveavatar.runtime.caches import CondCache, KVCache
+from liveavatar.runtime.caches import CondCache, JoinedKVCache, KVCache
 from liveavatar.testing import parity
 
 LATENT_H, LATENT_W = 8, 16
@@ -50,13 +50,16 @@ def cond_tokens(latent_hw) -> int:
     return condition_positions(*latent_hw, ref_frame=TransformerConfig.REF_FRAME, buckets=FRAMEPACK_BUCKETS).shape[0]
 
 
-def caches(model, *, kv_tokens, latent_hw=(LATENT_H, LATENT_W), cond_capacity=None):
-    """A KV set of ``kv_tokens`` tokens and a cond cache for ``latent_hw`` (or ``cond_capacity``)."""
+def caches(model, *, kv_tokens, latent_hw=(LATENT_H, LATENT_W), cond_capacity=None, joined=True):
+    """A KV set of ``kv_tokens`` tokens and a cond cache for ``latent_hw`` (or ``cond_capacity``); the KV set
+    holds the cond rows beside its ring (the device form), or with ``joined=False`` concatenates them."""
     c = model.config
     dims = dict(num_layers=c.num_layers, num_heads=c.num_heads, head_dim=c.head_dim, device=model.device,
                 dtype=model.dtype)
-    return (KVCache(capacity=kv_tokens, **dims),
-            CondCache(capacity=cond_capacity or cond_tokens(latent_hw), **dims))
+    cond = CondCache(capacity=cond_capacity or cond_tokens(latent_hw), **dims)
+    kv = JoinedKVCache(capacity=kv_tokens, cond_capacity=cond.capacity, **dims) if joined else \
+        KVCache(capacity=kv_tokens, **dims)
+    return kv, cond
 
 
 def make_inputs(model, seed=0, frames=3, latent_hw=(LATENT_H, LATENT_W)):
@@ -84,13 +87,16 @@ class SlidingWindow:
     def reserve(self, start_token: int, tokens: int) -> None:
         pass
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def sync_cond(self, cond, motion_rotation) -> None:
+        pass
+
+    def attention_inputs(self, layer, k, v, cond, cond_rotation, rope):
         old_k, old_v = self.keys[layer], self.values[layer]
         self.keys[layer] = (k if old_k is None else torch.cat([old_k, k], dim=1))[:, -self.capacity:]
         self.values[layer] = (v if old_v is None else torch.cat([old_v, v], dim=1))[:, -self.capacity:]
-
-    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[layer], self.values[layer]
+        cond_k, cond_v = cond.entries(layer)
+        return (torch.cat([self.keys[layer], rope(cond_k, *cond_rotation)], dim=1),
+                torch.cat([self.values[layer], cond_v], dim=1))
 
 
 def stream(model, inputs, *, blocks, cache_blocks=4, shifts=None, latent_hw=(LATENT_H, LATENT_W),

@@ -13,8 +13,9 @@ Two calls make up a run:
   (``text_kv``), a step's ``time_vectors`` and a block's ``audio_tokens`` once and passes them in.
 
 The tensor work itself is `liveavatar.models.regions` (a model's ``regions``: eager, or compiled by
-`liveavatar.runtime.compile`); what stays here is the glue between regions (cache writes and reads, the
-attention over the KV window and the condition tokens), whose shapes follow the KV window's fill. RoPE
+`liveavatar.runtime.compile`); what stays here is the glue between regions (the KV set's writes and the
+keys/values it hands the attention over the KV window and the condition tokens), whose shapes follow the
+KV window's fill. RoPE
 rotations come from per-axis tables (`GridRotation`): the block's and the reference frame's grids per
 call, the motion tokens' once per sink prefill.
 
@@ -222,11 +223,17 @@ class BlockInputs(NamedTuple):
 
 
 class KVStore(Protocol):
-    """What the model needs of a denoising step's KV set (`liveavatar.runtime.caches`)."""
+    """What the model needs of a denoising step's KV set (`liveavatar.runtime.caches`): ``reserve`` and
+    ``sync_cond`` on the host side of a forward, ``attention_inputs`` in its tensor work — which stores the
+    block's roped k, v and returns the self-attention's keys and values over the window and the cond rows
+    (cond keys roped by ``cond_rotation`` with ``rope``), whether the store concatenates them or holds them
+    side by side."""
 
     def reserve(self, start_token: int, tokens: int) -> None: ...
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
-    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def sync_cond(self, cond: "CondStore", motion_rotation: tuple[torch.Tensor, torch.Tensor]) -> None: ...
+    def attention_inputs(self, layer: int, k: torch.Tensor, v: torch.Tensor, cond: "CondStore",
+                         cond_rotation: tuple[torch.Tensor, torch.Tensor],
+                         rope: Callable) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class CondStore(Protocol):
@@ -236,6 +243,7 @@ class CondStore(Protocol):
     positions: torch.Tensor | None
     ref_tokens: int
     latent_hw: tuple[int, int] | None
+    version: int  # bumped by every prefill
 
     def begin(self, positions: torch.Tensor, ref_tokens: int, latent_hw: tuple[int, int]) -> None: ...
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
@@ -514,6 +522,7 @@ class CausalS2VTransformer(nn.Module):
         ref_frame = c.REF_FRAME + max(0, start_frame - (c.REF_FRAME - ref_rope_offset))
         ref_cos, ref_sin = grid(ref_frame, 1, rows, cols)
         motion_cos, motion_sin = self._motion_rotations(cond_cache)
+        kv_cache.sync_cond(cond_cache, (motion_cos, motion_sin))
         return BlockInputs(grid(start_frame, frames, rows, cols),
                            (torch.cat([ref_cos, motion_cos]), torch.cat([ref_sin, motion_sin])))
 
@@ -546,11 +555,8 @@ class CausalS2VTransformer(nn.Module):
 
         def attend(layer: int, block: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
             q, k, v = regions.self_attention_qkv_roped(block, x, modulation, *inputs.block_rotation)
-            kv_cache.write(layer, k, v)
-            window_k, window_v = kv_cache.window(layer)
-            cond_k, cond_v = cond_cache.entries(layer)
-            keys = torch.cat([window_k, regions.rope(cond_k, *inputs.cond_rotation)], dim=1)
-            return self_attention(q, keys, torch.cat([window_v, cond_v], dim=1))
+            keys, values = kv_cache.attention_inputs(layer, k, v, cond_cache, inputs.cond_rotation, regions.rope)
+            return self_attention(q, keys, values)
 
         hidden = self._run_blocks(tokens, modulation, attend, text_kv, audio=audio)
         out = self.head(hidden, time.embedding, regions)[0]

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from liveavatar.runtime.caches.device import CondCache, KVCache, check_block
+from liveavatar.runtime.caches.device import CondCache, KVCache
 from liveavatar.runtime.caches.storage import KVStorage, ring_spans
 from liveavatar.runtime.transfer import Copier, PinnedArena
 
@@ -38,17 +38,14 @@ class HostKVCache(KVCache):
         self.reset()
 
     def reset(self) -> None:
-        self.end = self.length = 0
-        self.end_before_block = 0
-        self.block: tuple[int, int] | None = None  # (start, tokens) of the block in flight
+        super().reset()
+        self.length_before_block = 0
+        self.block: tuple[int, int] | None = None  # (ring position, tokens) of the block in flight
         self.block_tokens = 0
 
     def reserve(self, start_token: int, tokens: int) -> None:
-        check_block(tokens, self.capacity, start_token)
-        self.end_before_block = self.end
-        self.end = max(self.end, start_token + tokens)
-        self.length = min(self.end, self.capacity)
-        self.block, self.block_tokens = (start_token, tokens), tokens
+        self.length_before_block = self.length
+        self.block, self.block_tokens = (self.place(start_token, tokens), tokens), tokens
         self.streamer.begin_forward(self)
 
     def needed(self) -> tuple[int, tuple]:
@@ -56,11 +53,12 @@ class HostKVCache(KVCache):
         hold before the block writes into it. Before this cache's forward starts, the coming block is
         predicted to follow the last one."""
         if self.block is not None:
-            valid, (start, tokens) = self.end_before_block, self.block
+            valid, (position, tokens) = self.length_before_block, self.block
         else:
-            valid, start, tokens = self.end, self.end, self.block_tokens
-        spans = tuple((p, n) for p, _, n in ring_spans(start, tokens, self.capacity)) if tokens else ()
-        return min(valid, self.capacity), spans
+            valid, tokens = self.length, self.block_tokens
+            position = 0 if self.origin is None else (self.end - self.origin) % self.capacity
+        spans = tuple((p, n) for p, _, n in ring_spans(position, tokens, self.capacity)) if tokens else ()
+        return valid, spans
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         slot = self.streamer.kv_slot(self, layer)
@@ -91,7 +89,6 @@ class HostCondCache(CondCache):
 
     def begin(self, positions: torch.Tensor, ref_tokens: int, latent_hw: tuple[int, int]) -> None:
         super().begin(positions, ref_tokens, latent_hw)
-        self.version += 1
         self.streamer.begin_prefill()
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

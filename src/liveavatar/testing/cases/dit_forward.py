@@ -12,7 +12,7 @@ import torch
 from liveavatar.geometry import FRAMEPACK_BUCKETS
 from liveavatar.models.rope import block_positions, condition_positions, rotation
 from liveavatar.models.transformer import CausalS2VTransformer
-from liveavatar.runtime.caches import CondCache, KVCache
+from liveavatar.runtime.caches import CondCache, JoinedKVCache
 from liveavatar.testing.parity import Comparison, Fixture
 
 RUN_DTYPE = torch.float32
@@ -39,8 +39,8 @@ class DitRun:
         latent_h, latent_w = manifest["latent_hw"]
         c = model.config
         dims = dict(num_layers=c.num_layers, num_heads=c.num_heads, head_dim=c.head_dim, device="cpu", dtype=RUN_DTYPE)
-        self.kv_cache = KVCache(capacity=cache_tokens, **dims)
         cond_tokens = condition_positions(latent_h, latent_w, ref_frame=c.REF_FRAME, buckets=FRAMEPACK_BUCKETS).shape[0]
+        self.kv_cache = JoinedKVCache(capacity=cache_tokens, cond_capacity=cond_tokens, **dims)
         self.cond_cache = CondCache(capacity=cond_tokens, **dims)
         self.text = model.embed_text(tensors["in.context"])
         self.text_kv = model.text_kv(self.text)
@@ -96,7 +96,7 @@ def run(fixture: Fixture) -> Iterator[Comparison]:
         yield fixture.compare(spec["out_key"], out, "out")
         offset = spec["kv_write_offset"]
         for layer in range(model.config.num_layers):
-            for kind, written in zip(("k", "v"), replay.kv_cache.storage.part(layer, 0, replay.kv_cache.capacity)):
+            for kind, written in zip(("k", "v"), replay.kv_cache.ring_entries(layer)):
                 name = f"call{spec['call']}.cache.layer{layer}.{kind}_written"
                 if name in fixture:
                     length = fixture[name].shape[1]
