@@ -68,6 +68,14 @@ class Placement:
         be one CUDA graph."""
         return not self.streamed_layers and self.kv_location == "gpu" and self.cond_location == "gpu"
 
+    @property
+    def joins_cond(self) -> bool:
+        """The KV sets keep a copy of the cond rows beside their ring, so the attention reads views instead
+        of concatenating (`liveavatar.runtime.caches.joined`): KV sets and cond cache on the GPU, the KV sets
+        in the run dtype (FP8 ones are dequantised on load and host ones reach the GPU through slots: both
+        concatenate)."""
+        return (self.kv_location, self.cond_location, self.kv_dtype) == ("gpu", "gpu", "bf16")
+
     def is_streamed(self, layer: int) -> bool:
         return layer in self.streamed_layers
 

@@ -47,18 +47,11 @@ class CacheSet:
         return sum(cache.nbytes for cache in self.kv_sets.values()) + self.cond.nbytes
 
 
-def joins_cond(placement: Placement) -> bool:
-    """True when the KV sets keep the cond rows beside their ring (`JoinedKVCache`): KV sets and cond
-    cache on the device, the KV sets in the run dtype (FP8 ones are dequantised on load, host ones reach
-    the device through slots: both concatenate)."""
-    return (placement.kv_location, placement.cond_location, placement.kv_dtype) == ("gpu", "gpu", "bf16")
-
-
 def build_caches(model: nn.Module, placement: Placement, geometry: ClipGeometry, steps: Sequence[int], *,
                  device: torch.device | str, dtype: torch.dtype) -> CacheSet:
     """The caches ``placement`` asks for: KV sets in the run dtype or FP8, on the device or in pinned host
     memory, and the cond cache on the device or the host, for the denoising ``steps`` given in order. With
-    both on the device in the run dtype (`joins_cond`), each KV set holds its own copy of the cond rows
+    both on the device in the run dtype (`Placement.joins_cond`), each KV set holds its own copy of the cond rows
     beside its ring, so the attention reads views instead of concatenating (`JoinedKVCache`)."""
     c = model.config
     dims = dict(num_layers=c.num_layers, num_heads=c.num_heads, head_dim=c.head_dim)
@@ -70,7 +63,7 @@ def build_caches(model: nn.Module, placement: Placement, geometry: ClipGeometry,
         if placement.kv_location == "host":
             kv_sets[step] = HostKVCache(streamer, capacity=geometry.kv_tokens, dtype=dtype, fp8=fp8, **dims)
             streamer.add_kv_set(kv_sets[step])
-        elif joins_cond(placement):
+        elif placement.joins_cond:
             kv_sets[step] = JoinedKVCache(capacity=geometry.kv_tokens, cond_capacity=geometry.cond_tokens,
                                           device=device, dtype=dtype, **dims)
         else:

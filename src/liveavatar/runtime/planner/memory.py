@@ -6,7 +6,9 @@
   streamed layer.
 * KV sets, one per denoising step on this GPU: (infer_frames/4)·S tokens × 2·dim·layers × dtype bytes
   (819,200 B per token per set in bf16 at 14B; FP8: 1 B codes plus one fp32 scale per token and layer).
-  On the host they need two per-layer window slots on the GPU.
+  On the host they need two per-layer window slots on the GPU. On the GPU in the run dtype each set also
+  holds a copy of the cond rows beside its ring (`liveavatar.runtime.caches.joined`): + cond tokens ×
+  2·dim·layers × 2 B per set.
 * The cond (sink) cache, shared by all steps: cond tokens × 2·dim·layers × 2 B (gpu, or host + 2 slots).
 * Pinned host memory (streamed layers, host caches) as the arenas take it: the allocations packed into
   power-of-two chunks (``liveavatar.runtime.pinned_chunks``). The rest of the host's memory (the process,
@@ -302,19 +304,23 @@ STEADY = PHASES[2:]
 
 
 def forward_activation_bytes(inv: DiTInventory, work: Workload, placement: Placement, hw: Hardware, *,
-                             tokens: int, keys: int, cond_tokens: int) -> int:
+                             tokens: int, keys: int, cond_tokens: int, joined: bool = False) -> int:
     """Peak live bytes of one DiT forward over `tokens` block tokens attending to `keys` keys.
 
     Attention phase: the larger of the rotation of k and the attention itself (the per-token working set,
     the concatenated keys and values, the re-roped cond keys and, for an FP8 KV set, its dequantised
-    window). FFN phase: the residual stream plus two hidden tensors of ffn_dim.
+    window). A ``joined`` KV set (`liveavatar.runtime.caches.joined`) concatenates nothing and re-ropes only
+    the reference frame's keys (one latent frame of tokens) into its buffer.
+    FFN phase: the residual stream plus two hidden tensors of ffn_dim.
     FP8 adds its per-call input copies (W8A8) or a dequantised weight (weight-only).
     """
     dim, b = inv.dim, work.run_dtype_bytes
     per_token = tokens * dim * b / 2  # the constants are for a bf16 run
+    concatenated = 0 if joined else 2 * b * keys * dim
+    roped_cond = work.geometry.frame_tokens if joined else cond_tokens
     attention = max(ROPE_BYTES_PER_TOKEN_DIM * per_token,
-                    ATTENTION_BYTES_PER_TOKEN_DIM * per_token + 2 * b * keys * dim
-                    + COND_ROPE_BYTES_PER_TOKEN_DIM * cond_tokens * dim * b / 2)
+                    ATTENTION_BYTES_PER_TOKEN_DIM * per_token + concatenated
+                    + COND_ROPE_BYTES_PER_TOKEN_DIM * roped_cond * dim * b / 2)
     if placement.kv_dtype == "fp8":
         attention += 2 * b * (keys - cond_tokens) * dim
     ffn = FFN_BYTES_PER_TOKEN_DIM * per_token + 2 * b * tokens * inv.ffn_dim
@@ -400,7 +406,8 @@ def _denoise_components(inv: DiTInventory, work: Workload, placement: Placement,
     cond = work.geometry.cond_tokens
     components = []
     fp8_kv = placement.kv_dtype == "fp8"
-    per_set = kv_allocations(inv, work.kv_tokens, b, fp8=fp8_kv)
+    joined = placement.joins_cond  # each KV set holds a copy of the cond rows beside its ring
+    per_set = kv_allocations(inv, work.kv_tokens + (cond if joined else 0), b, fp8=fp8_kv)
     sets = work.kv_sets_per_gpu
     cond_allocations = kv_allocations(inv, cond, b, fp8=False)
     # Host caches: the KV sets and then the cond cache carved from the cache streamer's one arena.
@@ -411,7 +418,8 @@ def _denoise_components(inv: DiTInventory, work: Workload, placement: Placement,
     # A text encoder on the CPU leaves the caches allocated while a later request's prompt is encoded.
     cache_phases = ("setup", *STEADY) if placement.text_encoder == "cpu" else STEADY
     on_host = dict(pinned=True, phases=cache_phases)
-    components.append(Component(f"KV sets ({sets} x {sum(per_set) / GiB:.2f} GiB, {work.kv_tokens} tokens)",
+    with_cond = f" + a copy of the {cond} cond tokens" if joined else ""
+    components.append(Component(f"KV sets ({sets} x {sum(per_set) / GiB:.2f} GiB, {work.kv_tokens} tokens{with_cond})",
                                 placement.kv_location, placement.kv_dtype, kv_bytes,
                                 **(on_host if host_kv else dict(phases=STEADY))))
     if placement.kv_location == "host":
@@ -427,10 +435,10 @@ def _denoise_components(inv: DiTInventory, work: Workload, placement: Placement,
     keys = work.kv_tokens + cond
     components.append(Component("forward activations (one block)", "gpu", run_dtype,
                                 forward_activation_bytes(inv, work, placement, hw, tokens=work.block_tokens,
-                                                         keys=keys, cond_tokens=cond), ("denoise",)))
+                                                         keys=keys, cond_tokens=cond, joined=joined), ("denoise",)))
     components.append(Component("sink prefill activations", "gpu", run_dtype,
                                 forward_activation_bytes(inv, work, placement, hw, tokens=cond, keys=cond,
-                                                         cond_tokens=cond), ("prefill",)))
+                                                         cond_tokens=cond, joined=False), ("prefill",)))
     return components
 
 
