@@ -1,0 +1,92 @@
+"""The KV set that holds the cond rows beside its ring (`JoinedKVCache`) against the concatenating one
+(`KVCache`, the reference's form): the same attention over a first clip that is not yet full and over a
+ring that has wrapped, after a sink refresh, with whole-block and per-token writes; the ring counts from
+the first token written."""
+import pytest
+import torch
+
+from liveavatar.geometry import FRAMEPACK_BUCKETS
+from liveavatar.models.attention import attention
+from liveavatar.models.rope import GridRotation, apply_rotation, condition_positions, rotation
+from liveavatar.runtime.caches import CondCache, JoinedKVCache, KVCache
+
+LAYERS, HEADS, HEAD_DIM = 2, 3, 32
+LATENT_HW = (8, 16)  # 4x8 tokens per frame
+FRAME_TOKENS = 32
+
+
+def _cond(dtype, generator, scale=1.0):
+    positions = condition_positions(*LATENT_HW, ref_frame=30, buckets=FRAMEPACK_BUCKETS)
+    cond = CondCache(num_layers=LAYERS, capacity=positions.shape[0] + 5, num_heads=HEADS, head_dim=HEAD_DIM,
+                     dtype=dtype)
+    cond.begin(positions, FRAME_TOKENS, LATENT_HW)
+    for layer in range(LAYERS):
+        k, v = (scale * torch.randn(1, positions.shape[0], HEADS, HEAD_DIM, generator=generator) for _ in "kv")
+        cond.write(layer, k.to(dtype), v.to(dtype))
+    return cond
+
+
+def _run(cache, cond_caches, dtype, *, block_frames, starts, refresh_at):
+    """Attention outputs of every (block, layer) through ``cache``; the sink is refreshed before block
+    ``refresh_at``. Same random inputs for every cache."""
+    generator = torch.Generator().manual_seed(11)
+    grid = GridRotation(HEAD_DIM, torch.float32, "cpu")
+    rope_dtype = torch.float32
+    outputs = []
+    for index, start_frame in enumerate(starts):
+        cond = cond_caches[index >= refresh_at]
+        tokens = block_frames * FRAME_TOKENS
+        cache.reserve(start_frame * FRAME_TOKENS, tokens)
+        motion = rotation(cond.positions[cond.ref_tokens:], HEAD_DIM, rope_dtype)
+        cache.sync_cond(cond, motion)
+        ref_cos, ref_sin = grid(30 + 7 * index, 1, 4, 8)  # the reference frame rolls every block
+        cond_rotation = (torch.cat([ref_cos, motion[0]]), torch.cat([ref_sin, motion[1]]))
+        for layer in range(LAYERS):
+            q, k, v = (torch.randn(1, tokens, HEADS, HEAD_DIM, generator=generator).to(dtype) for _ in "qkv")
+            keys, values = cache.attention_inputs(layer, k, v, cond, cond_rotation, apply_rotation)
+            outputs.append((keys.shape[1], attention(q, keys, values).float()))
+    return outputs
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("block_frames, capacity_frames", [(3, 12), (2, 7)])
+def test_joined_layout_attends_like_the_concatenation(dtype, tolerance, block_frames, capacity_frames):
+    """3-frame blocks in a 4-block ring (whole-slot writes) and 2-frame blocks in a 7-frame ring (per-token
+    writes, blocks straddling the wrap): 6 blocks fill the first clip, wrap the ring and follow a sink
+    refresh; the joined buffer gives the concatenation's result within the summation order's rounding."""
+    generator = torch.Generator().manual_seed(5)
+    conds = [_cond(dtype, generator), _cond(dtype, generator, scale=0.5)]
+    dims = dict(num_layers=LAYERS, capacity=capacity_frames * FRAME_TOKENS, num_heads=HEADS, head_dim=HEAD_DIM,
+                dtype=dtype)
+    joined = JoinedKVCache(cond_capacity=conds[0].capacity, **dims)
+    run = dict(block_frames=block_frames, starts=[block_frames * b for b in range(6)], refresh_at=4)
+    want = _run(KVCache(**dims), conds, dtype, **run)
+    got = _run(joined, conds, dtype, **run)
+    assert joined.slot_tokens == (block_frames * FRAME_TOKENS if capacity_frames % block_frames == 0 else 1)
+    assert [n for n, _ in got] == [n for n, _ in want]
+    assert want[0][0] < want[-1][0]  # the first clip's window was not full, the last one is
+    worst = max((a - b).abs().max().item() for (_, a), (_, b) in zip(got, want))
+    assert worst < tolerance, worst
+    # The buffer's ring holds what the concatenating cache holds, position by position.
+    concatenating = KVCache(**dims)
+    _run(concatenating, conds, dtype, **run)
+    for layer in range(LAYERS):
+        for a, b in zip(joined.ring_entries(layer), concatenating.ring_entries(layer)):
+            assert torch.equal(a, b)
+
+
+def test_an_empty_ring_starting_past_token_0_attends_only_to_what_it_wrote():
+    """A video whose first block starts at block 5 sees only that block in its window (not 5 blocks of
+    slots never written), exactly as one that starts at block 0 with the same inputs."""
+    generator = torch.Generator().manual_seed(2)
+    conds = [_cond(torch.float32, generator)] * 2
+    dims = dict(num_layers=LAYERS, capacity=12 * FRAME_TOKENS, num_heads=HEADS, head_dim=HEAD_DIM)
+    for make in (lambda: KVCache(**dims), lambda: JoinedKVCache(cond_capacity=conds[0].capacity, **dims)):
+        at_zero = _run(make(), conds, torch.float32, block_frames=3, starts=[0, 3], refresh_at=9)
+        late = make()
+        at_five = _run(late, conds, torch.float32, block_frames=3, starts=[15, 18], refresh_at=9)
+        assert [n for n, _ in at_five] == [n for n, _ in at_zero]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(at_five, at_zero))
+        assert late.length == 6 * FRAME_TOKENS
+        with pytest.raises(ValueError, match="does not follow"):
+            late.reserve(30 * FRAME_TOKENS, 3 * FRAME_TOKENS)  # would leave frames 21..29 unwritten
