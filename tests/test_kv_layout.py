@@ -48,12 +48,14 @@ def _run(cache, cond_caches, dtype, *, block_frames, starts, refresh_at):
     return outputs
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_frames, capacity_frames", [(3, 12), (2, 7)])
-def test_joined_layout_attends_like_the_concatenation(dtype, tolerance, block_frames, capacity_frames):
+def test_joined_layout_attends_like_the_concatenation(dtype, block_frames, capacity_frames):
     """3-frame blocks in a 4-block ring (whole-slot writes) and 2-frame blocks in a 7-frame ring (per-token
     writes, blocks straddling the wrap): 6 blocks fill the first clip, wrap the ring and follow a sink
-    refresh; the joined buffer gives the concatenation's result within the summation order's rounding."""
+    refresh (cond rows shorter than the cond capacity); the joined buffer's views give exactly the
+    concatenation's attention (max abs difference 0: the same keys in the same order, the motion keys
+    roped by the same eager function)."""
     generator = torch.Generator().manual_seed(5)
     conds = [_cond(dtype, generator), _cond(dtype, generator, scale=0.5)]
     dims = dict(num_layers=LAYERS, capacity=capacity_frames * FRAME_TOKENS, num_heads=HEADS, head_dim=HEAD_DIM,
@@ -66,7 +68,7 @@ def test_joined_layout_attends_like_the_concatenation(dtype, tolerance, block_fr
     assert [n for n, _ in got] == [n for n, _ in want]
     assert want[0][0] < want[-1][0]  # the first clip's window was not full, the last one is
     worst = max((a - b).abs().max().item() for (_, a), (_, b) in zip(got, want))
-    assert worst < tolerance, worst
+    assert worst == 0.0, worst  # the same keys in the same order: the same sums
     # The buffer's ring holds what the concatenating cache holds, position by position.
     concatenating = KVCache(**dims)
     _run(concatenating, conds, dtype, **run)

@@ -95,8 +95,8 @@ class SlidingWindow:
         self.keys[layer] = (k if old_k is None else torch.cat([old_k, k], dim=1))[:, -self.capacity:]
         self.values[layer] = (v if old_v is None else torch.cat([old_v, v], dim=1))[:, -self.capacity:]
         cond_k, cond_v = cond.entries(layer)
-        return (torch.cat([self.keys[layer], rope(cond_k, *cond_rotation)], dim=1),
-                torch.cat([self.values[layer], cond_v], dim=1))
+        return (torch.cat([rope(cond_k, *cond_rotation), self.keys[layer]], dim=1),
+                torch.cat([cond_v, self.values[layer]], dim=1))
 
 
 def stream(model, inputs, *, blocks, cache_blocks=4, shifts=None, latent_hw=(LATENT_H, LATENT_W),

@@ -94,12 +94,14 @@ class KVCache:
     def attention_inputs(self, layer: int, k: torch.Tensor, v: torch.Tensor, cond: "CondCache",
                          cond_rotation: tuple[torch.Tensor, torch.Tensor], rope) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the block's roped k, v [1, tokens, heads, head_dim]; return the self-attention's keys and
-        values: the window, then the cond rows (keys roped by ``cond_rotation`` with ``rope``)."""
+        values: the cond rows (keys roped by ``cond_rotation`` with ``rope``), then the window. The reference
+        puts the cond rows last; softmax does not depend on the order, and this is `JoinedKVCache`'s order,
+        so every placement of a run computes the same sums."""
         self.write(layer, k, v)
         window_k, window_v = self.window(layer)
         cond_k, cond_v = cond.entries(layer)
-        return (torch.cat([window_k, rope(cond_k, *cond_rotation)], dim=1),
-                torch.cat([window_v, cond_v], dim=1))
+        return (torch.cat([rope(cond_k, *cond_rotation), window_k], dim=1),
+                torch.cat([cond_v, window_v], dim=1))
 
     def ring_entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every ring position's stored keys and values [capacity, heads, head_dim], in ring order."""

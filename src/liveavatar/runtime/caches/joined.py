@@ -7,8 +7,9 @@ token. Here each layer's keys and values are one buffer of ``cond_capacity + cap
     [ unused | cond rows (the sink's ``length``, right-aligned) | ring: block slots ]
 
 so the attention's keys are ``buffer[cond_capacity - cond.length : cond_capacity + self.length]`` — a view,
-whatever the window's fill. Softmax attention does not depend on the order of its keys, so putting the cond
-rows first (the reference puts them last) changes only the summation order.
+whatever the window's fill. Softmax attention does not depend on the order of its keys; the reference puts
+the cond rows last, this layout first, and the concatenating caches (`KVCache`, the host ones) use this
+order too, so every placement of a run sees the same keys in the same order.
 
 * The cond values and the motion tokens' roped keys are copied in once per sink prefill (`sync_cond`, on
   the host side of a forward, outside any CUDA graph): the motion tokens' RoPE position never changes
