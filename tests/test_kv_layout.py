@@ -5,10 +5,14 @@ the first token written."""
 import pytest
 import torch
 
-from liveavatar.geometry import FRAMEPACK_BUCKETS
+from liveavatar.geometry import FRAMEPACK_BUCKETS, ClipGeometry
 from liveavatar.models.attention import attention
 from liveavatar.models.rope import GridRotation, apply_rotation, condition_positions, rotation
-from liveavatar.runtime.caches import CondCache, JoinedKVCache, KVCache
+from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
+from liveavatar.runtime.caches import CondCache, JoinedKVCache, KVCache, build_caches
+from liveavatar.runtime.placement import Placement
+from liveavatar.runtime.planner.hardware import HARDWARE_PRESETS
+from liveavatar.runtime.planner.memory import Workload, dit_inventory, memory_components
 
 LAYERS, HEADS, HEAD_DIM = 2, 3, 32
 LATENT_HW = (8, 16)  # 4x8 tokens per frame
@@ -92,3 +96,20 @@ def test_an_empty_ring_starting_past_token_0_attends_only_to_what_it_wrote():
         assert late.length == 6 * FRAME_TOKENS
         with pytest.raises(ValueError, match="does not follow"):
             late.reserve(30 * FRAME_TOKENS, 3 * FRAME_TOKENS)  # would leave frames 21..29 unwritten
+
+
+@pytest.mark.parametrize("placement", [Placement(), Placement(kv_dtype="fp8")], ids=lambda p: p.describe())
+def test_the_planner_counts_the_bytes_the_caches_take(placement):
+    """The planner's KV-set and cond-cache bytes are the caches' allocations, the joined sets' copies of
+    the cond rows included (the placement decisions rest on them)."""
+    config = TransformerConfig.tiny()
+    with torch.device("meta"):
+        model = CausalS2VTransformer(config)
+    geometry = ClipGeometry(64, 128, 48)
+    caches = build_caches(model, placement, geometry, range(3), device="meta", dtype=torch.bfloat16)
+    assert all(isinstance(kv, JoinedKVCache) == placement.joins_cond for kv in caches.kv_sets.values())
+    work = Workload(geometry.height, geometry.width, geometry.infer_frames, sample_steps=3)
+    components = {c.name.split(" (")[0]: c.nbytes
+                  for c in memory_components(dit_inventory(config), work, placement, HARDWARE_PRESETS["h100"])}
+    assert components["KV sets"] == sum(kv.nbytes for kv in caches.kv_sets.values())
+    assert components["cond cache"] == caches.cond.nbytes
