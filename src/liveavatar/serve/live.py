@@ -51,6 +51,7 @@ class _Block:
     handed: float  # the loop took its features: compute starts
     latents_at: float  # denoised
     frames_at: float  # decoded
+    busy_s: float  # the engine's time on this block: from its start, or the previous block's frames if later
     encoded_at: float = 0.0
 
 
@@ -66,6 +67,7 @@ class LiveSession:
         self._loop = loop
         self._stopped = False
         self._latents_at: dict[int, float] = {}
+        self._last_frames_at: float | None = None
         self.audio.on_first_block = lambda: self._post(ready)
         self.audio.on_lag = lambda lag_s, dropped_s, policy: self._post({
             "type": "lag", "lag_s": round(lag_s, 3), "dropped_s": round(dropped_s, 3), "policy": policy})
@@ -106,8 +108,14 @@ class LiveSession:
         now = time.monotonic()
         number = (frames.start + DROPPED_LEADING_FRAMES) // self.request.geometry.frames_per_block
         window_done, handed = self.audio.ledger.blocks.pop(number)
+        # A block's compute alone overstates the rate: the decode runs beside the next block's compute, and on a
+        # GPU the launches return before the work is done. Frames-ready to frames-ready is what the engine
+        # sustains; a block that waited for its audio counts only from its start.
+        started = handed if self._last_frames_at is None else max(handed, self._last_frames_at)
+        self._last_frames_at = now
         block = _Block(index, frames, self.audio.take_output(frames.start, len(frames.frames)), self.audio.queued_seconds,
-                       self.audio.lag_seconds(), window_done, handed, self._latents_at.pop(number, now), now)
+                       self.audio.lag_seconds(), window_done, handed, self._latents_at.pop(number, now), now,
+                       now - started)
         if self.audio.pacer is not None:
             self.audio.pacer.block_sent(now - handed)
         return block
@@ -145,7 +153,7 @@ class LiveSession:
                   "audio_start": out.clock_start / AUDIO_SAMPLE_RATE, "audio_samples": len(out.samples),
                   "input_samples": list(out.input_range) if out.input_range else None, "speech": speech,
                   "latency_ms": _ms(sent_at - out.first_arrival) if speech else None,
-                  "compute_ms": timing["compute_ms"], "rtf": round(block_seconds / max(compute_s, 1e-6), 3),
+                  "compute_ms": timing["compute_ms"], "rtf": round(block_seconds / max(block.busy_s, 1e-6), 3),
                   "timing": timing, "queued_audio_s": round(block.queued_s, 3), "lag_s": round(block.lag_s, 3),
                   "blocks_done": block.index + 1}
         return pack_block(header, jpegs, to_pcm16(out.samples))
