@@ -40,8 +40,8 @@ def test_canonical_704x384_numbers_match_the_reference(inventory):
     assert (work.geometry.frame_tokens, work.kv_tokens, work.geometry.cond_tokens) == (1056, 12_672, 2640)
     components = memory_components(inventory, work, Placement(), H100)
     assert component(components, "DiT weights").nbytes == 32_591_511_218
-    kv = component(components, "KV sets")  # resident in bf16: each set holds a copy of the cond rows
-    assert kv.nbytes == 4 * (12_672 + 2640) * 819_200 == 50_174_361_600 and kv.where == "gpu"
+    kv = component(components, "KV sets")  # resident in bf16: each pair of sets holds a copy of the cond rows
+    assert kv.nbytes == (4 * 12_672 + 2 * 2640) * 819_200 == 45_848_985_600 and kv.where == "gpu"
     assert component(components, "cond cache").nbytes == 2640 * 819_200
     concatenating = memory_components(inventory, work, Placement(cond_location="host"), H100)
     assert component(concatenating, "KV sets").nbytes == 4 * 10_380_902_400 == 41_523_609_600

@@ -19,8 +19,11 @@ order too, so every placement of a run sees the same keys in the same order.
   blocks) is written with one slot index (a device tensor, so a CUDA graph replayed for another slot reads
   the slot instead of baking it in) and the rows moved as 8-byte words; other blocks per token.
 
-The cond rows cost one copy (K and V, every layer) per KV set on top of the cond cache:
-`liveavatar.runtime.planner.memory` counts them.
+Two KV sets can share one copy of the cond rows (`JoinedKVCache.pair`, what `build_caches` makes of
+consecutive steps): ``[ring A | cond rows | ring B]``, A's ring filled from its end so that its valid
+blocks always end at the cond rows. A copy costs K and V of every layer of the cond tokens (2.0 GiB at
+704*384 in bf16) per pair, on top of the cond cache's un-roped rows; `liveavatar.runtime.planner.memory`
+counts them.
 """
 from __future__ import annotations
 
@@ -32,14 +35,21 @@ from liveavatar.runtime.caches.storage import KVStorage
 
 
 class JoinedKVCache(KVCache):
-    """A `KVCache` in the run dtype on the device, holding a copy of the cond rows in front of its ring."""
+    """A `KVCache` in the run dtype on the device, holding the cond rows beside its ring: alone
+    (``[cond | ring]``, the constructor) or sharing one copy with another set (`pair`)."""
 
     def __init__(self, *, num_layers: int, capacity: int, cond_capacity: int, num_heads: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 ring_first: bool = False, _storage: KVStorage | None = None):
         if capacity <= 0:
             raise ValueError(f"cache capacity must be positive, got {capacity} tokens")
-        self.storage = KVStorage(num_layers, cond_capacity + capacity, num_heads, head_dim, dtype=dtype, fp8=False,
-                                 device=device)
+        self.shared = _storage is not None
+        self.storage = _storage or KVStorage(num_layers, cond_capacity + capacity, num_heads, head_dim, dtype=dtype,
+                                             fp8=False, device=device)
+        # [cond | ring], or with ring_first [ring, filled from its end | cond]; a pair: [ring | cond | ring].
+        self.reversed = ring_first
+        self.cond_start = capacity if ring_first or self.shared else 0
+        self.ring_start = 0 if ring_first else self.cond_start + cond_capacity
         self._capacity, self.cond_capacity = capacity, cond_capacity
         row_bytes = num_heads * head_dim * dtype.itemsize
         self._word = torch.int64 if row_bytes % 8 == 0 else dtype  # what a write moves per element
@@ -49,61 +59,101 @@ class JoinedKVCache(KVCache):
         self.cond_source: tuple | None = None  # (cond cache, its version) whose rows this buffer holds
         self.reset()
 
+    @classmethod
+    def pair(cls, *, num_layers: int, capacity: int, cond_capacity: int, num_heads: int, head_dim: int,
+             device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+             ) -> tuple["JoinedKVCache", "JoinedKVCache"]:
+        """Two KV sets sharing one copy of the cond rows: ``[ring A | cond | ring B]``, A's ring filled from
+        its end (its first block next to the cond rows), B's from its start, so each set's keys stay one
+        view. The shared rows hold what both need (the same cond values and motion keys); the reference
+        frame's keys are re-roped by each forward before it attends."""
+        storage = KVStorage(num_layers, 2 * capacity + cond_capacity, num_heads, head_dim, dtype=dtype, fp8=False,
+                            device=device)
+        dims = dict(num_layers=num_layers, capacity=capacity, cond_capacity=cond_capacity, num_heads=num_heads,
+                    head_dim=head_dim, dtype=dtype, _storage=storage)
+        return cls(**dims, ring_first=True), cls(**dims, ring_first=False)
+
     capacity = property(lambda self: self._capacity)
 
     def reset(self) -> None:
         super().reset()
         self.cond_source = None
+        self.mode: int | None = None  # slot size of this video's writes (a reversed ring keeps one)
 
     def reserve(self, start_token: int, tokens: int) -> None:
         position = self.place(start_token, tokens)
         slot = tokens if self.capacity % tokens == 0 and position % tokens == 0 else 1
-        count = tokens // slot
+        if self.reversed and self.mode not in (None, slot):
+            # Slot writes keep a block's token order inside its reversed slot, per-token writes reverse it:
+            # mixing them would overwrite the wrong tokens of a block.
+            raise ValueError(f"a block of {tokens} tokens at ring position {position} breaks this KV set's "
+                             f"{self.mode}-token slots; blocks of one size, aligned to the ring, are needed")
+        self.mode = slot
+        count, slots = tokens // slot, self.capacity // slot
         if self.write_index is None or (self.write_index.numel(), self.slot_tokens) != (count, slot):
             device = self.storage.tensors[0].device
             self._offsets = torch.arange(count, device=device)
             self.write_index = torch.empty(count, dtype=torch.long, device=device)
             self.slot_tokens = slot
-        slots = self.capacity // slot
         torch.add(self._offsets, position // slot, out=self.write_index).remainder_(slots)
+        if self.reversed:  # ring position 0 is the row next to the cond rows
+            self.write_index.neg_().add_(slots - 1)
+
+    def _cond_rows(self, cond: CondCache) -> int:
+        """First row of the cond rows: right-aligned before a forward ring, left-aligned after a reversed one
+        (a shared copy must be exactly full)."""
+        if cond.length > self.cond_capacity or (self.shared and cond.length != self.cond_capacity):
+            raise ValueError(f"{cond.length} condition tokens do not fit a KV set sized for {self.cond_capacity}; "
+                             f"size it with ClipGeometry(...).cond_tokens")
+        return self.cond_start + (0 if self.reversed else self.cond_capacity - cond.length)
 
     def sync_cond(self, cond: CondCache, motion_rotation: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Copy a new prefill's cond values and roped motion keys into every layer's buffer (once per
         prefill; the reference frame's keys are roped per forward)."""
         if self.cond_source == (cond, cond.version):
             return
-        if cond.length > self.cond_capacity:
-            raise ValueError(f"{cond.length} condition tokens do not fit a KV set sized for {self.cond_capacity}; "
-                             f"size it with ClipGeometry(...).cond_tokens")
-        first, motion = self.cond_capacity - cond.length, self.cond_capacity - cond.length + cond.ref_tokens
+        first = self._cond_rows(cond)
+        motion, end = first + cond.ref_tokens, first + cond.length
         keys, values = self.storage.tensors[:2]
         for layer in range(keys.shape[0]):
             cond_k, cond_v = cond.entries(layer)
-            values[layer, first:self.cond_capacity].copy_(cond_v[0])
-            keys[layer, motion:self.cond_capacity].copy_(apply_rotation(cond_k[0, cond.ref_tokens:], *motion_rotation))
+            values[layer, first:end].copy_(cond_v[0])
+            keys[layer, motion:end].copy_(apply_rotation(cond_k[0, cond.ref_tokens:], *motion_rotation))
         self.cond_source = (cond, cond.version)
+
+    def _ring(self, tensor: torch.Tensor, layer: int) -> torch.Tensor:
+        return tensor[layer, self.ring_start:self.ring_start + self.capacity]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         slot = self.slot_tokens
         for buffer, new in zip(self.storage.tensors, (k, v)):
-            ring = buffer[layer, self.cond_capacity:].view(self.capacity // slot, -1).view(self._word)
-            ring.index_copy_(0, self.write_index, new[0].to(buffer.dtype).reshape(-1, slot * new[0][0].numel()).view(self._word))
+            ring = self._ring(buffer, layer).view(self.capacity // slot, -1).view(self._word)
+            rows = new[0].to(buffer.dtype).reshape(-1, slot * new[0][0].numel())
+            ring.index_copy_(0, self.write_index, rows.view(self._word))
 
     def attention_inputs(self, layer: int, k: torch.Tensor, v: torch.Tensor, cond: CondCache,
                          cond_rotation: tuple[torch.Tensor, torch.Tensor], rope) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the block's roped k, v [1, tokens, heads, head_dim] and re-rope the reference frame's keys
-        into their rows; return the views of the buffer the attention reads (cond rows, then the window)."""
+        into their rows; return the views of the buffer the attention reads (the cond rows and the window)."""
         self.write(layer, k, v)
         keys, values = self.storage.tensors[0][layer], self.storage.tensors[1][layer]
-        first, ref = self.cond_capacity - cond.length, cond.ref_tokens
+        first, ref = self._cond_rows(cond), cond.ref_tokens
         cos, sin = cond_rotation
         keys[first:first + ref].copy_(rope(cond.entries(layer)[0][:, :ref], cos[:ref], sin[:ref])[0])
-        end = self.cond_capacity + self.length
-        return keys[None, first:end], values[None, first:end]
+        if self.reversed:
+            start, end = self.cond_start - self.length, first + cond.length
+        else:
+            start, end = first, self.ring_start + self.length
+        return keys[None, start:end], values[None, start:end]
 
     def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.cond_capacity
-        return tuple(t[layer, start:start + self.length].unsqueeze(0) for t in self.storage.tensors[:2])
+        """The valid ring rows [1, length, heads, head_dim] (in the buffer's order)."""
+        start = self.capacity - self.length if self.reversed else 0
+        return tuple(self._ring(t, layer)[start:start + self.length].unsqueeze(0) for t in self.storage.tensors[:2])
 
     def ring_entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(t[layer, self.cond_capacity:] for t in self.storage.tensors[:2])
+        rings = [self._ring(t, layer) for t in self.storage.tensors[:2]]
+        if not self.reversed:
+            return tuple(rings)
+        slot = self.slot_tokens
+        return tuple(ring.view(self.capacity // slot, slot, *ring.shape[1:]).flip(0).flatten(0, 1) for ring in rings)

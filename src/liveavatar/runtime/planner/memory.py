@@ -6,9 +6,9 @@
   streamed layer.
 * KV sets, one per denoising step on this GPU: (infer_frames/4)·S tokens × 2·dim·layers × dtype bytes
   (819,200 B per token per set in bf16 at 14B; FP8: 1 B codes plus one fp32 scale per token and layer).
-  On the host they need two per-layer window slots on the GPU. On the GPU in the run dtype each set also
-  holds a copy of the cond rows beside its ring (`liveavatar.runtime.caches.joined`): + cond tokens ×
-  2·dim·layers × 2 B per set.
+  On the host they need two per-layer window slots on the GPU. On the GPU in the run dtype the sets hold
+  copies of the cond rows beside their rings, one per pair of sets (`liveavatar.runtime.caches.joined`):
+  + cond tokens × 2·dim·layers × dtype bytes per pair (and per odd set).
 * The cond (sink) cache, shared by all steps: cond tokens × 2·dim·layers × 2 B (gpu, or host + 2 slots).
 * Pinned host memory (streamed layers, host caches) as the arenas take it: the allocations packed into
   power-of-two chunks (``liveavatar.runtime.pinned_chunks``). The rest of the host's memory (the process,
@@ -406,19 +406,20 @@ def _denoise_components(inv: DiTInventory, work: Workload, placement: Placement,
     cond = work.geometry.cond_tokens
     components = []
     fp8_kv = placement.kv_dtype == "fp8"
-    joined = placement.joins_cond  # each KV set holds a copy of the cond rows beside its ring
-    per_set = kv_allocations(inv, work.kv_tokens + (cond if joined else 0), b, fp8=fp8_kv)
+    joined = placement.joins_cond  # KV sets hold a copy of the cond rows beside their rings, one per pair
+    per_set = kv_allocations(inv, work.kv_tokens, b, fp8=fp8_kv)
     sets = work.kv_sets_per_gpu
+    cond_copies = (sets + 1) // 2 if joined else 0
     cond_allocations = kv_allocations(inv, cond, b, fp8=False)
     # Host caches: the KV sets and then the cond cache carved from the cache streamer's one arena.
     host_kv = per_set * sets if placement.kv_location == "host" else []
     host_cond = cond_allocations if placement.cond_location == "host" else []
-    kv_bytes = packed_bytes(host_kv) if host_kv else sets * sum(per_set)
+    kv_bytes = packed_bytes(host_kv) if host_kv else sets * sum(per_set) + cond_copies * sum(cond_allocations)
     cond_bytes = packed_bytes(host_kv + host_cond) - packed_bytes(host_kv) if host_cond else sum(cond_allocations)
     # A text encoder on the CPU leaves the caches allocated while a later request's prompt is encoded.
     cache_phases = ("setup", *STEADY) if placement.text_encoder == "cpu" else STEADY
     on_host = dict(pinned=True, phases=cache_phases)
-    with_cond = f" + a copy of the {cond} cond tokens" if joined else ""
+    with_cond = f" + {cond_copies} x {sum(cond_allocations) / GiB:.2f} GiB copies of the cond rows" if joined else ""
     components.append(Component(f"KV sets ({sets} x {sum(per_set) / GiB:.2f} GiB, {work.kv_tokens} tokens{with_cond})",
                                 placement.kv_location, placement.kv_dtype, kv_bytes,
                                 **(on_host if host_kv else dict(phases=STEADY))))
