@@ -95,8 +95,8 @@ class KVCache:
                          cond_rotation: tuple[torch.Tensor, torch.Tensor], rope) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the block's roped k, v [1, tokens, heads, head_dim]; return the self-attention's keys and
         values: the cond rows (keys roped by ``cond_rotation`` with ``rope``), then the window. The reference
-        puts the cond rows last; softmax does not depend on the order, and this is `JoinedKVCache`'s order,
-        so every placement of a run computes the same sums."""
+        puts the cond rows last; softmax does not depend on the order, and this is the order of a
+        `JoinedKVCache` whose ring follows its cond rows."""
         self.write(layer, k, v)
         window_k, window_v = self.window(layer)
         cond_k, cond_v = cond.entries(layer)

@@ -2,14 +2,17 @@
 
 The reference (``liveavatar/models/wan/causal_model_s2v.py``, the streaming self-attention) concatenates
 the KV window with the freshly roped cond keys on every forward, and writes a block into its ring per
-token. Here each layer's keys and values are one buffer of ``cond_capacity + capacity`` rows:
+token. Here each layer's keys and values are one buffer holding the cond rows beside the ring:
 
-    [ unused | cond rows (the sink's ``length``, right-aligned) | ring: block slots ]
+    alone:   [ cond rows, right-aligned | ring ]   or   [ ring, filled from its end | cond rows, left-aligned ]
+    a pair:  [ ring A, filled from its end | cond rows (shared) | ring B ]
 
-so the attention's keys are ``buffer[cond_capacity - cond.length : cond_capacity + self.length]`` — a view,
-whatever the window's fill. Softmax attention does not depend on the order of its keys; the reference puts
-the cond rows last, this layout first, and the concatenating caches (`KVCache`, the host ones) use this
-order too, so every placement of a run sees the same keys in the same order.
+so the attention's keys are one view of the buffer — the cond rows and the valid ring rows next to them —
+whatever the window's fill. Softmax attention does not depend on the order of its keys: the reference puts
+the cond rows last; ``[cond | ring]`` is the order the concatenating caches (`KVCache`, the host ones) use,
+so it gives their sums exactly, and a ring before the cond rows differs from them by float rounding only.
+An even denoising step's ring comes before the cond rows, an odd one's after them, paired or alone
+(`build_caches`), so a step's keys keep one order whichever steps a pipeline rank holds.
 
 * The cond values and the motion tokens' roped keys are copied in once per sink prefill (`sync_cond`, on
   the host side of a forward, outside any CUDA graph): the motion tokens' RoPE position never changes
@@ -19,10 +22,8 @@ order too, so every placement of a run sees the same keys in the same order.
   blocks) is written with one slot index (a device tensor, so a CUDA graph replayed for another slot reads
   the slot instead of baking it in) and the rows moved as 8-byte words; other blocks per token.
 
-Two KV sets can share one copy of the cond rows (`JoinedKVCache.pair`, what `build_caches` makes of
-consecutive steps): ``[ring A | cond rows | ring B]``, A's ring filled from its end so that its valid
-blocks always end at the cond rows. A copy costs K and V of every layer of the cond tokens (2.0 GiB at
-704*384 in bf16) per pair, on top of the cond cache's un-roped rows; `liveavatar.runtime.planner.memory`
+A copy of the cond rows costs K and V of every layer of the cond tokens (2.0 GiB at 704*384 in bf16) per
+pair of sets (and per odd set), on top of the cond cache's un-roped rows; `liveavatar.runtime.planner.memory`
 counts them.
 """
 from __future__ import annotations
