@@ -209,7 +209,7 @@ def test_pinned_arena_carves_aligned_tensors_from_shared_chunks():
     assert float(a.sum()) == 0 and float(b.sum()) == 0
 
 
-def test_reset_caches_serve_a_second_video_in_the_same_storage(checkpoint, inputs, resident):
+def test_reset_caches_serve_a_second_video_in_the_same_storage(checkpoint, inputs, concatenating):
     model, _, caches = load(checkpoint, Placement(kv_location="host", cond_location="host"))
     run(model, inputs, caches)
     storage = [caches.kv_sets[step].storage.tensors[0][0].data_ptr() for step in range(STEPS)]
@@ -217,5 +217,5 @@ def test_reset_caches_serve_a_second_video_in_the_same_storage(checkpoint, input
     outputs, kv_sets, _ = run(model, inputs, caches)  # a second video through the same caches and streamer
     assert [kv.storage.tensors[0][0].data_ptr() for kv in kv_sets] == storage
     assert caches.streamer.kv_sets == kv_sets
-    for got, expected in zip(outputs, resident):
+    for got, expected in zip(outputs, concatenating):
         assert torch.equal(got, expected)
