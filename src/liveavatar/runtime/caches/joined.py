@@ -57,7 +57,7 @@ class JoinedKVCache(KVCache):
         self.write_index: torch.Tensor | None = None  # slots (or tokens) of the reserved block, on the device
         self._offsets: torch.Tensor | None = None
         self.slot_tokens = 1
-        self.cond_source: tuple | None = None  # (cond cache, its version) whose rows this buffer holds
+        self.synced: dict = {}  # "source": (cond cache, its version) whose rows the buffer holds; a pair shares it
         self.reset()
 
     @classmethod
@@ -72,13 +72,15 @@ class JoinedKVCache(KVCache):
                             device=device)
         dims = dict(num_layers=num_layers, capacity=capacity, cond_capacity=cond_capacity, num_heads=num_heads,
                     head_dim=head_dim, dtype=dtype, _storage=storage)
-        return cls(**dims, ring_first=True), cls(**dims, ring_first=False)
+        first, second = cls(**dims, ring_first=True), cls(**dims, ring_first=False)
+        second.synced = first.synced  # one copy of the rows: synced once per prefill
+        return first, second
 
     capacity = property(lambda self: self._capacity)
 
     def reset(self) -> None:
         super().reset()
-        self.cond_source = None
+        self.synced.clear()
         self.mode: int | None = None  # slot size of this video's writes (a reversed ring keeps one)
 
     def reserve(self, start_token: int, tokens: int) -> None:
@@ -111,7 +113,7 @@ class JoinedKVCache(KVCache):
     def sync_cond(self, cond: CondCache, motion_rotation: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Copy a new prefill's cond values and roped motion keys into every layer's buffer (once per
         prefill; the reference frame's keys are roped per forward)."""
-        if self.cond_source == (cond, cond.version):
+        if self.synced.get("source") == (cond, cond.version):
             return
         first = self._cond_rows(cond)
         motion, end = first + cond.ref_tokens, first + cond.length
@@ -120,7 +122,7 @@ class JoinedKVCache(KVCache):
             cond_k, cond_v = cond.entries(layer)
             values[layer, first:end].copy_(cond_v[0])
             keys[layer, motion:end].copy_(apply_rotation(cond_k[0, cond.ref_tokens:], *motion_rotation))
-        self.cond_source = (cond, cond.version)
+        self.synced["source"] = (cond, cond.version)
 
     def _ring(self, tensor: torch.Tensor, layer: int) -> torch.Tensor:
         return tensor[layer, self.ring_start:self.ring_start + self.capacity]
