@@ -36,8 +36,9 @@ from liveavatar.runtime.caches.storage import KVStorage
 
 
 class JoinedKVCache(KVCache):
-    """A `KVCache` in the run dtype on the device, holding the cond rows beside its ring: alone
-    (``[cond | ring]``, the constructor) or sharing one copy with another set (`pair`)."""
+    """A `KVCache` in the run dtype on the device, holding the cond rows beside its ring: alone (the
+    constructor: ``[cond | ring]``, or with ``ring_first`` ``[ring | cond]``) or sharing one copy of the
+    rows with another set (`pair`)."""
 
     def __init__(self, *, num_layers: int, capacity: int, cond_capacity: int, num_heads: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
