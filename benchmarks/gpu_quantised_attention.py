@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from liveavatar.models.quantised_attention import kernel_problem, resolve_self_attention
 from liveavatar.models.sage_reference import reference_attention
 
-SWEEP = ((64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 8, 4))
+SWEEP = ((64, 8, 3), (128, 8, 3), (128, 4, 3), (128, 8, 4), (128, 8, 2))
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -138,5 +138,7 @@ def test_speed_model_knows_the_attention_mode(inventory):
         return estimate_speed(inventory, Workload(384, 704, attention=attention), Placement(weight_dtype="fp8"),
                               HARDWARE_PRESETS[hardware]).block_s
 
-    assert block_s("int8", "h200") < block_s("bf16", "h200")  # the self-attention at the FP8 rate
+    # Measured on an H100 (benchmarks/RESULTS.md, 2026-12-07): the Triton kernel attends about as fast as
+    # cuDNN's bf16 kernel, and its quantisation passes come on top (DiT 0.836 s/block int8 vs 0.781 bf16).
+    assert block_s("bf16", "h100") < block_s("int8", "h100") < 1.1 * block_s("bf16", "h100")
     assert block_s("fp8", "a100") == block_s("bf16", "a100")  # no FP8 tensor cores: the bf16 fallback

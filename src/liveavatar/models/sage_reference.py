@@ -21,7 +21,7 @@ import math
 import torch
 
 BLOCK_M = 128  # queries per Q scale (and per kernel program)
-BLOCK_N = 64  # keys per K scale (and per step of the kernel's loop)
+BLOCK_N = 128  # keys per K scale (and per step of the kernel's loop): the fastest of the tilings measured on an H100
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # e4m3's largest finite value
 P_SCALE = FP8_MAX  # P in [0, 1] is scaled onto e4m3's range before its cast (SageAttention2)

@@ -355,8 +355,15 @@ def measure_request(engine, request, conditioning, *, warmup_blocks: int, total_
     if decode:
         warm = [mark for mark in frame_marks if mark[1] <= warm_frames]
         first = warm[-1] if warm and warmup_blocks else (loop_start, 0)
-        measured_frames = frame_marks[-1][1] - first[1]
-        block_times = [(frame_marks[-1][0] - first[0]) * geometry.frames_per_block / measured_frames]
+        # A decoder one block late hands its last frames out at the flush, a decode after the last denoise,
+        # while its earlier batches came while the next block denoised (their decodes slowed by sharing the
+        # GPU): from a steady batch to the flush is not a whole number of block periods, so end at the batch
+        # before the flush (measured on an H100: 0.706 s/block that way against 0.78 s of DiT alone).
+        steady = frame_marks[:-1] if engine.decodes_one_block_late(request.options) and len(frame_marks) > 2 \
+            else frame_marks
+        last = steady[-1] if steady[-1][1] > first[1] else frame_marks[-1]
+        measured_frames = last[1] - first[1]
+        block_times = [(last[0] - first[0]) * geometry.frames_per_block / measured_frames]
         ttff_s = frame_marks[0][0] - loop_start
     else:
         block_times = _intervals(block_marks, cuda, max(1, warmup_blocks))

@@ -74,6 +74,10 @@ class _FixedStream:
 
     def run(self, z: torch.Tensor) -> torch.Tensor:
         owner = self.owner
+        # A latent frame sliced from its block has the block's strides; the compiled step is specialised on
+        # strides, so the capture's own contiguous copy would recompile inside the capture, which CUDA refuses
+        # (seen on an H100: "operation not permitted when stream is capturing").
+        z = z.contiguous()
         self.calls += 1
         if self.graph is None and owner.cuda_graphs and owner.failed is None and self.calls > 1:
             self._capture(z)

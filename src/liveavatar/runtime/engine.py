@@ -27,7 +27,7 @@ from liveavatar.models.quantised_attention import SelfAttention, resolve_self_at
 from liveavatar.models.regions import EAGER
 from liveavatar.models.text_encoder import TEXT_LEN, TextEncoder
 from liveavatar.models.vae import WanVAE
-from liveavatar.options import Mode
+from liveavatar.options import Mode, RequestOptions
 from liveavatar.request import LiveSource, Request
 from liveavatar.runtime.caches import CacheSet, build_caches
 from liveavatar.runtime.conditioning import (
@@ -139,6 +139,11 @@ class Engine:
         return cls(transformer, vae, text_encoder, audio_encoder, placement=placement, device=device, dtype=dtype,
                    layer_streamer=layer_streamer, fast_path=fast_path, step_ranks=step_ranks)
 
+    def decodes_one_block_late(self, options: RequestOptions) -> bool:
+        """True if a request's frames come out one block after its latents (the decode overlapped with the
+        next block's denoising)."""
+        return self.overlap_decode and options.mode == Mode.STREAMING
+
     def self_attention(self, mode: str) -> SelfAttention:
         """The blocks' self-attention for an attention mode (`liveavatar.models.quantised_attention`) on this
         engine's device, resolved once per mode: a fallback's notice is given once."""
@@ -230,7 +235,7 @@ class Engine:
         runner = executor(self.transformer, caches, schedule, conditioning.text_kv, on_forward=on_forward,
                           graphs=self.forward_graphs(caches) if caches else None)
         decoder = make_decoder(options.mode, self.vae, conditioning.reference, geometry) if decode else NoDecoder()
-        if decode and self.overlap_decode and options.mode == Mode.STREAMING:
+        if decode and self.decodes_one_block_late(options):
             decoder = OverlappedDecoder(decoder, self.device)
         yield from sample(runner, decoder, conditioning.reference, conditioning.audio, geometry,
                           noise=lambda clip: clip_noise(options.base_seed, clip, geometry, device=self.device,

@@ -32,14 +32,14 @@ VAE_DECODE_FLOPS_PER_PIXEL = 8.45e6
 # token x width per layer; a per-forward overhead. The VAE decode of a block: conv efficiency plus a fixed
 # per-block cost (it runs frame by frame, many small calls). Fitted to the H100 runs in
 # benchmarks/RESULTS.md (704*384 per forward: bf16 0.362 s, FP8 0.336 s, 512x512 FP8 + FP8 KV 0.390 s;
-# decode 0.32 s per block at 704*384 and 0.14 s at 384*256).
+# the streaming decode alone, bf16, 2026-12-07: 0.211 s per block at 704*384 and 0.083 s at 384*256).
 MATMUL_EFFICIENCY = 0.55
 FP8_MATMUL_EFFICIENCY = 0.35
 ATTENTION_EFFICIENCY = 0.55
 ELEMENTWISE_BYTES_PER_TOKEN_DIM = 600.0
 FORWARD_OVERHEAD_S = 0.01
-VAE_EFFICIENCY = 0.10
-VAE_DECODE_OVERHEAD_S = 0.043
+VAE_EFFICIENCY = 0.138
+VAE_DECODE_OVERHEAD_S = 0.010
 # CALIBRATED: host time to issue one block's kernels, and the extra per FP8 linear (its quantiser call);
 # a layer takes at least this long however small the block (384*256 runs: 0.168 s per bf16 forward).
 HOST_SECONDS_PER_LAYER = 0.004
@@ -51,18 +51,22 @@ HOST_SECONDS_PER_FP8_LINEAR = 0.0001
 # the key/value window traffic counted separately. The host issues ~25 calls per layer (regions and the
 # attention glue), or one replay per forward.
 COMPILED_MATMUL_EFFICIENCY = 0.74
-COMPILED_FP8_MATMUL_EFFICIENCY = 0.70
+# CALIBRATED (the FP8 GEMMs with their activation quantiser, on the graphs path): an H100's 704*384 forward
+# took 0.1925 s (2026-12-07, FP8 weights, bf16 attention); this also gives the H100's 1.47x real time measured
+# at 384*256 (1.46x) and the H200's 0.753 s DiT block (0.740 s).
+COMPILED_FP8_MATMUL_EFFICIENCY = 0.48
 COMPILED_ATTENTION_EFFICIENCY = 0.57
 COMPILED_ELEMENTWISE_BYTES_PER_TOKEN_DIM = 80.0
 COMPILED_HOST_SECONDS_PER_LAYER = 0.001
-# ESTIMATED (no GPU measurement yet: benchmarks/gpu_quantised_attention.py refits it) for the quantised
-# self-attention (``--attention int8|fp8``, INT8/FP8 Q·Kᵀ and FP8 P·V): its Triton kernel's fraction of the
-# FP8 peak (Triton's FP8 attention on Hopper: ~0.35-0.4), below the ~0.44 of SageAttention2's hand-written
-# kernel (~870 TOPS on an H100); its passes over a call's tensors: Q read and written once at one byte, K
-# and V read twice (mean / channel maxima, then the cast) and written at one byte.
-QUANTISED_ATTENTION_EFFICIENCY = 0.35
+# CALIBRATED on an H100 (benchmarks/RESULTS.md, 2026-12-07; one 704*384 block's self-attention per layer,
+# 3168 x 15312, 40 heads of 128) for the quantised self-attention (``--attention int8|fp8``, INT8/FP8 Q·Kᵀ and
+# FP8 P·V): its Triton kernel reached 609 (int8) and 643 (fp8) TFLOPS at 128-key tiles, 0.31 of the FP8 peak
+# (cuDNN's bf16 kernel: 552 TFLOPS, 0.56 of the bf16 peak, as COMPILED_ATTENTION_EFFICIENCY says); its passes
+# over a call's tensors took 0.33 ms: Q read and written once at one byte, K and V ~14 bytes per element
+# (the mean and channel-maxima reductions read them at under full bandwidth, then the cast).
+QUANTISED_ATTENTION_EFFICIENCY = 0.31
 QUANTISE_QUERY_BYTES = 3
-QUANTISE_KEY_VALUE_BYTES = 10
+QUANTISE_KEY_VALUE_BYTES = 14
 GRAPH_HOST_SECONDS_PER_LAYER = 0.0
 FORWARD_PATHS = ("eager", "compiled", "graphs")
 
