@@ -12,7 +12,8 @@ captured there), graphs compiled in the stream (1 per size), a second stream of 
 nothing: it takes the first one's buffers over), peak allocated memory, and against the eager
 decoder's frames (uint8, as written to the video): max and mean absolute difference, PSNR, and the share of
 pixels clamped at -1 or 1 (random weights). With ``--profile``, a kernel table of one steady block of the
-compiled step (no graphs) goes to $OUT/profile_decode_<size>.txt.
+eager, compiled and graphs_cl variants (the last two's step without graph replay only where its capture
+failed) goes to $OUT/profile_decode_<size>_<variant>.txt.
 
 Variants: eager (today's decoder, every frame eager), fixed (the fixed-buffer step, eager), compiled,
 graphs (compiled + CUDA graphs), graphs_cl (also channels_last_3d weights and buffers; applied last, as it
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--warmup-blocks", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms per shape (torch.backends.cudnn.benchmark)")
     args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     from torch._dynamo.utils import counters
 
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"meta": {"torch": torch.__version__, "cuda": torch.version.cuda,
                        "gpu": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": args.dtype,
                        "blocks": args.blocks, "warmup_blocks": args.warmup_blocks,
+                       "cudnn_benchmark": args.cudnn_benchmark,
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, "rows": []}
     try:
         import triton
@@ -145,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
             (out / "decode.json").write_text(json.dumps(report, indent=1))
-            if args.profile and variant == "compiled":
-                profile(vae, inputs[size], size, out, sync)
+            if args.profile and variant in ("eager", "compiled", "graphs_cl"):
+                profile(vae, inputs[size], f"{size}_{variant}", out, sync)
     print(f"\n| size | variant | s/block | first block | compiles (2nd stream) | peak GiB | vs eager max/mean/PSNR |")
     print("|---|---|---|---|---|---|---|")
     for row in report["rows"]:
@@ -168,7 +173,7 @@ def profile(vae, latents, size: str, out: Path, sync) -> None:
         sync()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     (out / f"profile_decode_{size.replace('*', 'x')}.txt").write_text(table)
-    print(table[:6000], flush=True)
+    print(table[:3000], flush=True)
 
 
 if __name__ == "__main__":
