@@ -2,12 +2,14 @@
 (`KVCache`, the reference's form): the same attention over a first clip that is not yet full and over a
 ring that has wrapped, after a sink refresh, with whole-block and per-token writes; the ring counts from
 the first token written."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from liveavatar.geometry import FRAMEPACK_BUCKETS, ClipGeometry
 from liveavatar.models.attention import attention
-from liveavatar.models.rope import GridRotation, apply_rotation, condition_positions, rotation
+from liveavatar.models.rope import GridRotation, apply_rotation, condition_positions, rotation, rotation_dtype
 from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
 from liveavatar.runtime.caches import CondCache, JoinedKVCache, KVCache, build_caches
 from liveavatar.runtime.placement import Placement
@@ -19,10 +21,11 @@ LATENT_HW = (8, 16)  # 4x8 tokens per frame
 FRAME_TOKENS = 32
 
 
-def _cond(dtype, generator, scale=1.0, spare=5):
+def _cond(dtype, generator, scale=1.0, spare=5, into=None):
+    """A prefilled cond cache of random rows (``into``: prefill that one)."""
     positions = condition_positions(*LATENT_HW, ref_frame=30, buckets=FRAMEPACK_BUCKETS)
-    cond = CondCache(num_layers=LAYERS, capacity=positions.shape[0] + spare, num_heads=HEADS, head_dim=HEAD_DIM,
-                     dtype=dtype)
+    cond = into or CondCache(num_layers=LAYERS, capacity=positions.shape[0] + spare, num_heads=HEADS,
+                             head_dim=HEAD_DIM, dtype=dtype)
     cond.begin(positions, FRAME_TOKENS, LATENT_HW)
     for layer in range(LAYERS):
         k, v = (scale * torch.randn(1, positions.shape[0], HEADS, HEAD_DIM, generator=generator) for _ in "kv")
@@ -32,15 +35,17 @@ def _cond(dtype, generator, scale=1.0, spare=5):
 
 def _run(caches, cond_caches, dtype, *, block_frames, starts, refresh_at):
     """Attention outputs of every (block, step, layer), step i through ``caches[i]`` (one KV set per step,
-    as the sampler runs them); the sink is refreshed before block ``refresh_at``. Same random inputs for
-    every run."""
+    as the sampler runs them); the sink is refreshed before block ``refresh_at`` (``cond_caches``: the two
+    prefilled cond caches, or a function of the block index that prefills one when the sink changes).
+    Same random inputs for every run."""
     generator = torch.Generator().manual_seed(11)
-    grid = GridRotation(HEAD_DIM, torch.float32, "cpu")
+    grid = GridRotation(HEAD_DIM, rotation_dtype(dtype), "cpu")
+    cond_of = cond_caches if callable(cond_caches) else lambda index: cond_caches[index >= refresh_at]
     outputs = []
     for index, start_frame in enumerate(starts):
-        cond = cond_caches[index >= refresh_at]
+        cond = cond_of(index)
         tokens = block_frames * FRAME_TOKENS
-        motion = rotation(cond.positions[cond.ref_tokens:], HEAD_DIM, torch.float32)
+        motion = rotation(cond.positions[cond.ref_tokens:], HEAD_DIM, rotation_dtype(dtype))
         for step, cache in enumerate(caches):
             cache.reserve(start_frame * FRAME_TOKENS, tokens)
             cache.sync_cond(cond, motion)
@@ -89,6 +94,34 @@ def test_joined_layout_attends_like_the_concatenation(dtype, block_frames, capac
         for layer in range(LAYERS):
             for a, b in zip(cache.ring_entries(layer), reference.ring_entries(layer)):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_resident_cond_cache_writes_the_sets_rows_during_the_prefill(dtype):
+    """`build_caches`' resident form: the cond cache writes the values and roped motion keys into the
+    pair's shared buffer during the prefill and keeps only the reference frame's keys (what the planner
+    counts); the attention is exactly the one of a pair that copies them from a full cond cache."""
+    model = SimpleNamespace(config=SimpleNamespace(num_layers=LAYERS, num_heads=HEADS, head_dim=HEAD_DIM))
+    geometry = ClipGeometry(8 * LATENT_HW[0], 8 * LATENT_HW[1], 48)
+    caches = build_caches(model, Placement(), geometry, range(2), device="cpu", dtype=dtype)
+    assert caches.cond.nbytes == LAYERS * FRAME_TOKENS * HEADS * HEAD_DIM * dtype.itemsize
+    run = dict(block_frames=3, starts=[3 * b for b in range(6)], refresh_at=4)
+    generator = torch.Generator().manual_seed(5)
+    conds = [_cond(dtype, generator, spare=0), _cond(dtype, generator, scale=0.5, spare=0)]
+    pulled = JoinedKVCache.pair(num_layers=LAYERS, capacity=geometry.kv_tokens, cond_capacity=geometry.cond_tokens,
+                                num_heads=HEADS, head_dim=HEAD_DIM, dtype=dtype)
+    want = _run(pulled, conds, dtype, **run)
+    generator = torch.Generator().manual_seed(5)
+
+    def prefill(index):
+        if index in (0, run["refresh_at"]):
+            _cond(dtype, generator, scale=0.5 if index else 1.0, into=caches.cond)
+        return caches.cond
+
+    got = _run([caches.kv_sets[0], caches.kv_sets[1]], prefill, dtype, **run)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
+    with pytest.raises(RuntimeError, match="reference frame"):
+        caches.cond.entries(0)
 
 
 def test_a_reversed_ring_refuses_to_mix_slot_and_token_writes():

@@ -42,7 +42,9 @@ def test_canonical_704x384_numbers_match_the_reference(inventory):
     assert component(components, "DiT weights").nbytes == 32_591_511_218
     kv = component(components, "KV sets")  # resident in bf16: each pair of sets holds a copy of the cond rows
     assert kv.nbytes == (4 * 12_672 + 2 * 2640) * 819_200 == 45_848_985_600 and kv.where == "gpu"
-    assert component(components, "cond cache").nbytes == 2640 * 819_200
+    assert component(components, "cond cache").nbytes == 1056 * 819_200 // 2  # the reference frame's keys
+    concatenating = memory_components(inventory, work, Placement(kv_dtype="fp8"), H100)
+    assert component(concatenating, "cond cache").nbytes == 2640 * 819_200
     concatenating = memory_components(inventory, work, Placement(cond_location="host"), H100)
     assert component(concatenating, "KV sets").nbytes == 4 * 10_380_902_400 == 41_523_609_600
     assert vae_state_elements(48, 88) == 639_209_472  # the decoder's causal-conv caches: 2 input frames per conv

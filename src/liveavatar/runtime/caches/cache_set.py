@@ -11,7 +11,7 @@ from torch import nn
 from liveavatar.geometry import ClipGeometry
 from liveavatar.runtime.caches.device import CondCache, KVCache
 from liveavatar.runtime.caches.host import CacheStreamer, HostCondCache, HostKVCache
-from liveavatar.runtime.caches.joined import JoinedKVCache
+from liveavatar.runtime.caches.joined import JoinedCondCache, JoinedKVCache
 from liveavatar.runtime.placement import Placement
 
 
@@ -80,7 +80,10 @@ def build_caches(model: nn.Module, placement: Placement, geometry: ClipGeometry,
             streamer.add_kv_set(kv_sets[step])
         elif not placement.joins_cond:
             kv_sets[step] = KVCache(capacity=geometry.kv_tokens, device=device, dtype=dtype, fp8=fp8, **dims)
-    if placement.cond_location == "host":
+    if placement.joins_cond:
+        cond = JoinedCondCache(list(kv_sets.values()), capacity=geometry.cond_tokens,
+                               ref_capacity=geometry.frame_tokens, device=device, dtype=dtype, **dims)
+    elif placement.cond_location == "host":
         cond = HostCondCache(streamer, capacity=geometry.cond_tokens, dtype=dtype, **dims)
         streamer.set_cond(cond)
     else:

@@ -146,3 +146,7 @@ class CondCache:
     def entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's un-roped keys and values, [1, length, heads, head_dim]."""
         return self.storage.load(layer, self.length)
+
+    def reference_keys(self, layer: int) -> torch.Tensor:
+        """This layer's un-roped keys of the reference frame's tokens, [1, ref_tokens, heads, head_dim]."""
+        return self.entries(layer)[0][:, :self.ref_tokens]

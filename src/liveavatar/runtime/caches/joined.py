@@ -28,9 +28,11 @@ counts them.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from liveavatar.models.rope import apply_rotation
+from liveavatar.models.rope import apply_rotation, rotation, rotation_dtype
 from liveavatar.runtime.caches.device import CondCache, KVCache
 from liveavatar.runtime.caches.storage import KVStorage
 
@@ -112,17 +114,20 @@ class JoinedKVCache(KVCache):
         return self.cond_start + (0 if self.reversed else self.cond_capacity - cond.length)
 
     def sync_cond(self, cond: CondCache, motion_rotation: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Copy a new prefill's cond values and roped motion keys into every layer's buffer (once per
-        prefill; the reference frame's keys are roped per forward)."""
+        """Copy a new prefill's cond values and roped motion keys into every layer's buffer, once per
+        prefill (a `JoinedCondCache` has written them during the prefill already)."""
         if self.synced.get("source") == (cond, cond.version):
             return
-        first = self._cond_rows(cond)
-        motion, end = first + cond.ref_tokens, first + cond.length
-        keys, values = self.storage.tensors[:2]
-        for layer in range(keys.shape[0]):
+        for layer in range(self.storage.tensors[0].shape[0]):
             cond_k, cond_v = cond.entries(layer)
-            values[layer, first:end].copy_(cond_v[0])
-            keys[layer, motion:end].copy_(apply_rotation(cond_k[0, cond.ref_tokens:], *motion_rotation))
+            self.store_cond_rows(layer, cond, apply_rotation(cond_k[0, cond.ref_tokens:], *motion_rotation), cond_v[0])
+
+    def store_cond_rows(self, layer: int, cond: CondCache, motion_keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store one layer's roped motion keys and cond values [tokens, heads, head_dim] of ``cond``'s prefill
+        (the reference frame's keys are roped per forward)."""
+        first = self._cond_rows(cond)
+        self.storage.tensors[1][layer, first:first + cond.length].copy_(values)
+        self.storage.tensors[0][layer, first + cond.ref_tokens:first + cond.length].copy_(motion_keys)
         self.synced["source"] = (cond, cond.version)
 
     def _ring(self, tensor: torch.Tensor, layer: int) -> torch.Tensor:
@@ -143,7 +148,7 @@ class JoinedKVCache(KVCache):
         keys, values = self.storage.tensors[0][layer], self.storage.tensors[1][layer]
         first, ref = self._cond_rows(cond), cond.ref_tokens
         cos, sin = cond_rotation
-        keys[first:first + ref].copy_(rope(cond.entries(layer)[0][:, :ref], cos[:ref], sin[:ref])[0])
+        keys[first:first + ref].copy_(rope(cond.reference_keys(layer), cos[:ref], sin[:ref])[0])
         if self.reversed:
             start, end = self.cond_start - self.length, first + cond.length
         else:
@@ -161,3 +166,44 @@ class JoinedKVCache(KVCache):
             return tuple(rings)
         slot = self.slot_tokens
         return tuple(ring.view(self.capacity // slot, slot, *ring.shape[1:]).flip(0).flatten(0, 1) for ring in rings)
+
+
+class JoinedCondCache(CondCache):
+    """The cond cache of joined KV sets: the sink prefill writes its values and roped motion keys straight
+    into the sets' buffers (once per shared buffer) and keeps only the reference frame's un-roped keys,
+    which every forward re-ropes (the reference keeps all cond rows un-roped: ``cond_k``/``cond_v``)."""
+
+    def __init__(self, kv_sets: Sequence[JoinedKVCache], *, num_layers: int, capacity: int, ref_capacity: int,
+                 num_heads: int, head_dim: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.buffers = list({id(kv.storage): kv for kv in kv_sets}.values())  # a pair's sets share one
+        self.ref_keys = torch.zeros(num_layers, ref_capacity, num_heads, head_dim, dtype=dtype, device=device)
+        self._capacity, self.head_dim = capacity, head_dim
+        self.version = 0
+        self.motion_rotation: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reset()
+
+    capacity = property(lambda self: self._capacity)
+    nbytes = property(lambda self: self.ref_keys.nbytes)
+
+    def begin(self, positions: torch.Tensor, ref_tokens: int, latent_hw: tuple[int, int]) -> None:
+        if ref_tokens > self.ref_keys.shape[1]:
+            raise ValueError(f"{ref_tokens} reference-frame tokens for latent size {latent_hw[0]}x{latent_hw[1]} do "
+                             f"not fit a cond cache sized for {self.ref_keys.shape[1]}; size it with ClipGeometry")
+        super().begin(positions, ref_tokens, latent_hw)
+        # The motion tokens' rotation, as `CausalS2VTransformer.prepare_block` computes it for the forwards.
+        self.motion_rotation = rotation(positions[ref_tokens:].to(self.ref_keys.device), self.head_dim,
+                                        rotation_dtype(self.ref_keys.dtype))
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.ref_keys[layer, :self.ref_tokens].copy_(k[0, :self.ref_tokens])
+        motion_keys = apply_rotation(k[0, self.ref_tokens:], *self.motion_rotation)
+        for kv in self.buffers:
+            kv.store_cond_rows(layer, self, motion_keys, v[0])
+
+    def entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("a joined cond cache keeps only the reference frame's keys: its other rows live in the "
+                           "KV sets' buffers (reset the caches and prefill again)")
+
+    def reference_keys(self, layer: int) -> torch.Tensor:
+        return self.ref_keys[layer:layer + 1, :self.ref_tokens]

@@ -8,7 +8,8 @@
   (819,200 B per token per set in bf16 at 14B; FP8: 1 B codes plus one fp32 scale per token and layer).
   On the host they need two per-layer window slots on the GPU. On the GPU in the run dtype the sets hold
   copies of the cond rows beside their rings, one per pair of sets (`liveavatar.runtime.caches.joined`):
-  + cond tokens × 2·dim·layers × dtype bytes per pair (and per odd set).
+  + cond tokens × 2·dim·layers × dtype bytes per pair (and per odd set); the cond cache then keeps only
+  the reference frame's un-roped keys (frame tokens × dim·layers × dtype bytes).
 * The cond (sink) cache, shared by all steps: cond tokens × 2·dim·layers × 2 B (gpu, or host + 2 slots).
 * Pinned host memory (streamed layers, host caches) as the arenas take it: the allocations packed into
   power-of-two chunks (``liveavatar.runtime.pinned_chunks``). The rest of the host's memory (the process,
@@ -426,8 +427,13 @@ def _denoise_components(inv: DiTInventory, work: Workload, placement: Placement,
     if placement.kv_location == "host":
         components.append(Component("KV window slots (2 layers)", "gpu", placement.kv_dtype,
                                     2 * sum(per_set) // inv.num_layers, STEADY))
-    components.append(Component(f"cond cache ({cond} tokens, shared by the steps)", placement.cond_location,
-                                run_dtype, cond_bytes, **(on_host if host_cond else dict(phases=STEADY))))
+    if joined:  # the KV sets' copies hold the rest; the forwards re-rope the reference frame's keys from here
+        ref = work.geometry.frame_tokens
+        components.append(Component(f"cond cache (the reference frame's {ref} un-roped keys, shared by the steps)",
+                                    "gpu", run_dtype, ref * inv.dim * inv.num_layers * b, STEADY))
+    else:
+        components.append(Component(f"cond cache ({cond} tokens, shared by the steps)", placement.cond_location,
+                                    run_dtype, cond_bytes, **(on_host if host_cond else dict(phases=STEADY))))
     if placement.cond_location == "host":
         components.append(Component("cond slots (2 layers)", "gpu", run_dtype, 2 * cond * 2 * inv.dim * b, STEADY))
 
