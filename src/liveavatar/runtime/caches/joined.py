@@ -23,8 +23,10 @@ An even denoising step's ring comes before the cond rows, an odd one's after the
   the slot instead of baking it in) and the rows moved as 8-byte words; other blocks per token.
 
 A copy of the cond rows costs K and V of every layer of the cond tokens (2.0 GiB at 704*384 in bf16) per
-pair of sets (and per odd set), on top of the cond cache's un-roped rows; `liveavatar.runtime.planner.memory`
-counts them.
+pair of sets (and per odd set). `build_caches` gives joined sets a `JoinedCondCache`, which the sink prefill
+writes through into the sets' rows and which keeps only the reference frame's un-roped keys (0.4 GiB);
+a plain `CondCache` (the fixtures' runner, the tests) is copied from by `sync_cond` instead.
+`liveavatar.runtime.planner.memory` counts both.
 """
 from __future__ import annotations
 
