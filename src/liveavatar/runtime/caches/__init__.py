@@ -3,6 +3,6 @@ host caches, and the factory."""
 from liveavatar.runtime.caches.cache_set import CacheSet, build_caches
 from liveavatar.runtime.caches.device import CondCache, KVCache
 from liveavatar.runtime.caches.host import CacheStreamer, HostCondCache, HostKVCache
-from liveavatar.runtime.caches.joined import JoinedKVCache
+from liveavatar.runtime.caches.joined import JoinedCondCache, JoinedKVCache
 
-__all__ = ["CacheSet", "build_caches", "CondCache", "KVCache", "JoinedKVCache", "CacheStreamer", "HostCondCache", "HostKVCache"]
+__all__ = ["CacheSet", "build_caches", "CondCache", "KVCache", "JoinedCondCache", "JoinedKVCache", "CacheStreamer", "HostCondCache", "HostKVCache"]
