@@ -8,7 +8,7 @@ import torch
 from liveavatar.geometry import ClipGeometry
 from liveavatar.models.tiny import save_tiny_transformer
 from liveavatar.models.transformer import CausalS2VTransformer, TransformerConfig
-from liveavatar.runtime.caches import HostKVCache, KVCache, build_caches
+from liveavatar.runtime.caches import CondCache, HostKVCache, KVCache, build_caches
 from liveavatar.runtime.caches.host import _complement
 from liveavatar.runtime.layer_streaming import place_dit
 from liveavatar.runtime.placement import Placement, spread_layers
@@ -75,8 +75,9 @@ def concatenating(checkpoint, inputs):
     them: the same keys, in another order)."""
     model, _, caches = load(checkpoint)
     c = model.config
-    caches.kv_sets = {step: KVCache(num_layers=c.num_layers, capacity=GEOMETRY.kv_tokens, num_heads=c.num_heads,
-                                    head_dim=c.head_dim) for step in caches.kv_sets}
+    dims = dict(num_layers=c.num_layers, num_heads=c.num_heads, head_dim=c.head_dim)
+    caches.kv_sets = {step: KVCache(capacity=GEOMETRY.kv_tokens, **dims) for step in caches.kv_sets}
+    caches.cond = CondCache(capacity=GEOMETRY.cond_tokens, **dims)
     return run(model, inputs, caches)[0]
 
 
