@@ -15,9 +15,8 @@ Two calls make up a run:
 The tensor work itself is `liveavatar.models.regions` (a model's ``regions``: eager, or compiled by
 `liveavatar.runtime.compile`); what stays here is the glue between regions (the KV set's writes and the
 keys/values it hands the attention over the KV window and the condition tokens), whose shapes follow the
-KV window's fill. RoPE
-rotations come from per-axis tables (`GridRotation`): the block's and the reference frame's grids per
-call, the motion tokens' once per sink prefill.
+KV window's fill. RoPE rotations come from per-axis tables (`GridRotation`): the block's and the reference
+frame's grids per call, the motion tokens' once per sink prefill.
 
 Precision follows the reference's bf16 run in any run dtype: the residual stream is float32 inside a block
 and the run dtype between blocks; modulation, the timestep MLP and the head's linear are float32; norm1 and
