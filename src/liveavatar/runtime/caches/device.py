@@ -126,6 +126,7 @@ class CondCache:
 
     capacity = property(lambda self: self.storage.tokens)
     nbytes = property(lambda self: self.storage.nbytes)
+    address = property(lambda self: self.storage.tensors[0].data_ptr(), doc="Where its rows are (a graph's key).")
 
     def reset(self) -> None:
         self.length = 0

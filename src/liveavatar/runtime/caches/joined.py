@@ -187,6 +187,7 @@ class JoinedCondCache(CondCache):
 
     capacity = property(lambda self: self._capacity)
     nbytes = property(lambda self: self.ref_keys.nbytes)
+    address = property(lambda self: self.ref_keys.data_ptr())
 
     def begin(self, positions: torch.Tensor, ref_tokens: int, latent_hw: tuple[int, int]) -> None:
         if ref_tokens > self.ref_keys.shape[1]:

@@ -68,7 +68,7 @@ class ForwardGraphs:
 
     def key(self, x: torch.Tensor, kv, cond) -> tuple:
         return (id(kv), kv.storage.tensors[0].data_ptr(), kv.write_index.data_ptr(), kv.length,
-                id(cond), cond.storage.tensors[0].data_ptr(), cond.length, tuple(x.shape), x.dtype,
+                id(cond), cond.address, cond.length, tuple(x.shape), x.dtype,
                 self.model.self_attention)
 
     def forward(self, x: torch.Tensor, time: TimeVectors, text_kv, audio, kv, cond, inputs: BlockInputs
