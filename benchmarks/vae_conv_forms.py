@@ -8,7 +8,8 @@ streaming decoder at full width with random weights, with the input it got; then
 several forms and sums them: the eager decoder's own call (``conv3d``, NCDHW), the same in channels_last_3d,
 and a causal 3x3x3 convolution as one 2-D convolution over the three frames each output frame reads, stacked on
 the channels (``stacked2d``: the input gathered as [T_out, 3C, H, W] and the weight as [C_out, 3C, 3, 3]; same
-sums, other order), NCHW and channels_last. Each form with cuDNN's algorithm search off and on
+sums, other order), NCHW and channels_last, or as three 2-D convolutions over frame-shifted views of a
+channels_last_3d input, summed (``summed2d_cl``: no gather). Each form with cuDNN's algorithm search off and on
 (torch.backends.cudnn.benchmark). The 2-D convolutions (spatial resampling) are timed as they are. Prints the
 per-form totals (ms per block), the top layers, and the largest difference of each form from the eager call.
 Writes $OUT/vae_conv_forms.json.
@@ -63,6 +64,21 @@ def stacked2d(x: torch.Tensor, weight: torch.Tensor, bias, memory_format) -> tor
     return out.reshape(b, frames, -1, *out.shape[-2:]).permute(0, 2, 1, 3, 4)
 
 
+def summed2d(x_cl: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """The same as ``kt`` 2-D convolutions over frame-shifted views, summed: with the activations in
+    channels_last_3d a run of frames is already a channels_last batch of images, so nothing is copied."""
+    b, c, t, h, w = x_cl.shape
+    kt = weight.shape[2]
+    frames = t - kt + 1
+    images = x_cl.permute(0, 2, 1, 3, 4)  # [b, t, c, h, w], a view
+    out = None
+    for i in range(kt):
+        tap = weight[:, :, i].contiguous(memory_format=torch.channels_last)
+        part = F.conv2d(images[:, i:i + frames].reshape(b * frames, c, h, w), tap, bias if i == 0 else None)
+        out = part if out is None else out.add_(part)
+    return out.reshape(b, frames, -1, *out.shape[-2:]).permute(0, 2, 1, 3, 4)
+
+
 def forms(kind: str, x, weight, bias, kwargs):
     """name -> a callable computing the call in that form (only the forms that apply to it)."""
     conv = F.conv3d if kind == "conv3d" else F.conv2d
@@ -73,6 +89,7 @@ def forms(kind: str, x, weight, bias, kwargs):
     if kind == "conv3d" and plain and weight.shape[2] > 1:
         out["stacked2d"] = lambda: stacked2d(x, weight, bias, torch.contiguous_format)
         out["stacked2d_cl"] = lambda: stacked2d(x, weight, bias, torch.channels_last)
+        out["summed2d_cl"] = lambda: summed2d(x_cl, weight, bias)
     return out
 
 
@@ -122,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[key] = time_call(fn, sync, args.repeats) * 1000
                 # A form that does not apply to this call counts it in the native form.
                 worst[key] = max(worst[key], float((fn().float() - reference).abs().max()))
-            for name in ("native", "channels_last", "stacked2d", "stacked2d_cl"):
+            for name in ("native", "channels_last", "stacked2d", "stacked2d_cl", "summed2d_cl"):
                 key = f"{name}{'+search' if search else ''}"
                 totals.setdefault(key, {"ms": 0.0})["ms"] += row.get(key, row[f"native{'+search' if search else ''}"])
             layers.append(row)
