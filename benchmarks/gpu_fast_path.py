@@ -474,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         if run.fits("warm start in a new process", 90):
             size = args.size or "704*384"
             run.data["warm_start"] = subprocess_json(
-                [sys.executable, __file__, "--suite", "warm-start", "--size", size, "--config", args.config],
+                [sys.executable, __file__, "--suite", "warm-start", "--size", size, "--config", args.config,
+                 "--weights", args.suite_weights or "bf16"],
                 max(60.0, run.budget_s - elapsed()))
     run.save()
     print_table(run)

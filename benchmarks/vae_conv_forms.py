@@ -35,7 +35,8 @@ def record_convs(vae, latents: torch.Tensor) -> list[tuple[str, torch.Tensor, to
 
     def recorder(kind):
         def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-            calls.append((kind, x.detach().clone(), weight, bias,
+            # The decoder runs under autocast: its convolutions compute in the weights' dtype.
+            calls.append((kind, x.detach().to(weight.dtype).clone(), weight, bias,
                           dict(stride=stride, padding=padding, dilation=dilation, groups=groups)))
             return originals[kind](x, weight, bias, stride, padding, dilation, groups)
         return conv

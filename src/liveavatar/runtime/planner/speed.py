@@ -40,6 +40,9 @@ ELEMENTWISE_BYTES_PER_TOKEN_DIM = 600.0
 FORWARD_OVERHEAD_S = 0.01
 VAE_EFFICIENCY = 0.138
 VAE_DECODE_OVERHEAD_S = 0.010
+# CALIBRATED: the decode on the graphs path (the compiled steady step in channels_last_3d, replayed as a CUDA
+# graph, no per-call host cost): 0.0958 s per 704*384 block on an H100 (2026-12-07; 384*256 not measured).
+GRAPHS_VAE_EFFICIENCY = 0.289
 # CALIBRATED: host time to issue one block's kernels, and the extra per FP8 linear (its quantiser call);
 # a layer takes at least this long however small the block (384*256 runs: 0.168 s per bf16 forward).
 HOST_SECONDS_PER_LAYER = 0.004
@@ -52,8 +55,8 @@ HOST_SECONDS_PER_FP8_LINEAR = 0.0001
 # attention glue), or one replay per forward.
 COMPILED_MATMUL_EFFICIENCY = 0.74
 # CALIBRATED (the FP8 GEMMs with their activation quantiser, on the graphs path): an H100's 704*384 forward
-# took 0.1925 s (2026-12-07, FP8 weights, bf16 attention); this also gives the H100's 1.47x real time measured
-# at 384*256 (1.46x) and the H200's 0.753 s DiT block (0.740 s).
+# took 0.1925 s with the keys concatenated and 0.181 s with the joined KV layout (2026-12-07, FP8 weights, bf16
+# attention; the model: 0.1925 and 0.1845 s); it gives the H200's 0.753 s DiT block (concatenating) as 0.740 s.
 COMPILED_FP8_MATMUL_EFFICIENCY = 0.48
 COMPILED_ATTENTION_EFFICIENCY = 0.57
 COMPILED_ELEMENTWISE_BYTES_PER_TOKEN_DIM = 80.0
@@ -105,7 +108,9 @@ def _layer_compute_s(inv: DiTInventory, work: Workload, placement: Placement, hw
         attention_s += self_flops / (hw.fp8_flops * QUANTISED_ATTENTION_EFFICIENCY)
         elementwise += (QUANTISE_QUERY_BYTES * tokens + QUANTISE_KEY_VALUE_BYTES * keys) * dim
     per_token_dim = ELEMENTWISE_BYTES_PER_TOKEN_DIM if eager else COMPILED_ELEMENTWISE_BYTES_PER_TOKEN_DIM
-    elementwise += per_token_dim * tokens * dim + 4 * work.run_dtype_bytes * keys * dim
+    elementwise += per_token_dim * tokens * dim
+    if not placement.joins_cond:  # the window and the cond rows concatenated for every attention call
+        elementwise += 4 * work.run_dtype_bytes * keys * dim
     if placement.kv_dtype == "fp8":
         elementwise += FP8_KV_DEQUANT_BYTES * (keys - work.geometry.cond_tokens) * 2 * dim
     gpu_s = matmul_s + attention_s + elementwise / hw.hbm_bytes_per_s
@@ -194,8 +199,11 @@ def estimate_speed(inv: DiTInventory, work: Workload, placement: Placement, hw: 
     writeback_bytes = work.block_tokens * kv_bytes if placement.kv_location == "host" else 0
     writeback = [writeback_bytes / hw.d2h_bytes_per_s] * inv.num_layers
     forward_s = simulate_forward(compute, [weights_fetch, window], writeback)
-    decode_s = VAE_DECODE_OVERHEAD_S + (work.video_frames_per_block * work.height * work.width
-                                        * VAE_DECODE_FLOPS_PER_PIXEL / (hw.bf16_flops * VAE_EFFICIENCY))
+    decode_flops = work.video_frames_per_block * work.height * work.width * VAE_DECODE_FLOPS_PER_PIXEL
+    if path == "graphs":  # the compiled steady step, replayed
+        decode_s = decode_flops / (hw.bf16_flops * GRAPHS_VAE_EFFICIENCY)
+    else:
+        decode_s = VAE_DECODE_OVERHEAD_S + decode_flops / (hw.bf16_flops * VAE_EFFICIENCY)
     # One GPU (or one rank of a pipeline): its steps, plus the decode where the output is made.
     block_s = work.kv_sets_per_gpu * forward_s + (decode_s if work.is_output else 0.0)
     h2d = int(sum(inv.layers[i].nbytes(placement.weight_dtype, b) for i in placement.streamed_layers)
