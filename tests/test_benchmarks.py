@@ -71,3 +71,14 @@ def test_the_decode_benchmark_compares_the_fixed_buffer_step_on_the_cpu(tmp_path
     assert [row["variant"] for row in rows] == ["eager", "fixed"]
     assert rows[1]["vs_eager"]["max_abs"] == 0 and rows[1]["second_stream_vs_eager"]["max_abs"] == 0
     assert rows[0]["block_s"] > 0 and rows[1]["compiles"] == 0
+
+
+def test_the_conv_forms_benchmark_times_every_form_of_the_decoders_convolutions_on_the_cpu(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "vae_conv_forms.py"), "--device", "cpu",
+                             "--tiny", "--size", "32*32", "--repeats", "1"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "vae_conv_forms.json").read_text())
+    assert report["calls"] > 0 and {"native", "channels_last", "stacked2d", "summed2d_cl"} <= set(report["totals_ms_per_block"])
+    # Every form computes the same convolution (float32 on the CPU: only the summation order differs).
+    assert max(report["max_abs_vs_native"].values()) < 1e-4
