@@ -27,9 +27,11 @@ def _cond(dtype, generator, scale=1.0, spare=5, into=None):
     cond = into or CondCache(num_layers=LAYERS, capacity=positions.shape[0] + spare, num_heads=HEADS,
                              head_dim=HEAD_DIM, dtype=dtype)
     cond.begin(positions, FRAME_TOKENS, LATENT_HW)
+    cos_sin = rotation(positions, HEAD_DIM, rotation_dtype(dtype))
     for layer in range(LAYERS):
-        k, v = (scale * torch.randn(1, positions.shape[0], HEADS, HEAD_DIM, generator=generator) for _ in "kv")
-        cond.write(layer, k.to(dtype), v.to(dtype))
+        k, v = (scale * torch.randn(1, positions.shape[0], HEADS, HEAD_DIM, generator=generator).to(dtype)
+                for _ in "kv")
+        cond.write(layer, k, v, apply_rotation(k, *cos_sin))
     return cond
 
 

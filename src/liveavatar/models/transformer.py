@@ -245,7 +245,7 @@ class CondStore(Protocol):
     version: int  # bumped by every prefill
 
     def begin(self, positions: torch.Tensor, ref_tokens: int, latent_hw: tuple[int, int]) -> None: ...
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, roped_k: torch.Tensor) -> None: ...
     def entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -462,7 +462,8 @@ class CausalS2VTransformer(nn.Module):
     @torch.no_grad()
     def prefill_sink(self, cond_cache: CondStore, text_kv: TextKV, ref_latents: torch.Tensor,
                      motion_latents: torch.Tensor) -> None:
-        """The t = 0 sink call: run the condition tokens and store their un-roped K and V per layer.
+        """The t = 0 sink call: run the condition tokens and store their K (un-roped, and roped at the sink
+        positions for a store that keeps roped rows) and V per layer.
 
         ref_latents [1, 16, 1, h, w]; motion_latents [1, 16, T, h, w] (only the last 19 frames are used,
         zero-padded in front when fewer).
@@ -490,8 +491,9 @@ class CausalS2VTransformer(nn.Module):
 
         def attend(layer: int, block: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
             q, k, v = regions.self_attention_qkv(block, x, modulation)
-            cond_cache.write(layer, k, v)
-            return attention(regions.rope(q, cos, sin), regions.rope(k, cos, sin), v)
+            roped_k = regions.rope(k, cos, sin)
+            cond_cache.write(layer, k, v, roped_k)
+            return attention(regions.rope(q, cos, sin), roped_k, v)
 
         self._run_blocks(x, modulation, attend, text_kv, audio=None)
 

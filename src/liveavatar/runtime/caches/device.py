@@ -33,7 +33,6 @@ def check_block(tokens: int, capacity: int, start_token: int) -> None:
         raise ValueError(f"start token must be >= 0, got {start_token}")
 
 
-
 def check_cond_capacity(tokens: int, capacity: int, latent_hw: tuple[int, int]) -> int:
     """``tokens`` if a cond cache of ``capacity`` holds them, else the error that says how to size it."""
     if tokens > capacity:
@@ -140,8 +139,9 @@ class CondCache:
         self.positions, self.ref_tokens, self.latent_hw = positions, ref_tokens, latent_hw
         self.version += 1
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one layer's un-roped keys and values [1, length, heads, head_dim]."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, roped_k: torch.Tensor) -> None:
+        """Store one layer's un-roped keys and values [1, length, heads, head_dim] (``roped_k``, the keys roped
+        at the sink positions, is for a store that keeps roped rows)."""
         self.storage.store(layer, 0, k[0], v[0])
 
     def entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

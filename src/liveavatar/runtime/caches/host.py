@@ -91,7 +91,7 @@ class HostCondCache(CondCache):
         super().begin(positions, ref_tokens, latent_hw)
         self.streamer.begin_prefill()
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, roped_k: torch.Tensor) -> None:
         pairs = list(zip(self.storage.part(layer, 0, self.length), (k[0], v[0])))
         self.written_back[layer] = self.streamer.write_back(pairs)
 

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from liveavatar.models.rope import apply_rotation, rotation, rotation_dtype
+from liveavatar.models.rope import apply_rotation
 from liveavatar.runtime.caches.device import CondCache, KVCache
 from liveavatar.runtime.caches.storage import KVStorage
 
@@ -180,9 +180,8 @@ class JoinedCondCache(CondCache):
                  dtype: torch.dtype = torch.float32):
         self.buffers = list({id(kv.storage): kv for kv in kv_sets}.values())  # a pair's sets share one
         self.ref_keys = torch.zeros(num_layers, ref_capacity, num_heads, head_dim, dtype=dtype, device=device)
-        self._capacity, self.head_dim = capacity, head_dim
+        self._capacity = capacity
         self.version = 0
-        self.motion_rotation: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset()
 
     capacity = property(lambda self: self._capacity)
@@ -194,15 +193,13 @@ class JoinedCondCache(CondCache):
             raise ValueError(f"{ref_tokens} reference-frame tokens for latent size {latent_hw[0]}x{latent_hw[1]} do "
                              f"not fit a cond cache sized for {self.ref_keys.shape[1]}; size it with ClipGeometry")
         super().begin(positions, ref_tokens, latent_hw)
-        # The motion tokens' rotation, as `CausalS2VTransformer.prepare_block` computes it for the forwards.
-        self.motion_rotation = rotation(positions[ref_tokens:].to(self.ref_keys.device), self.head_dim,
-                                        rotation_dtype(self.ref_keys.dtype))
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, roped_k: torch.Tensor) -> None:
+        """Keep the reference frame's un-roped keys; store the motion tokens' keys as the prefill roped them
+        (their position never changes within a prefill) and the values in the sets' rows."""
         self.ref_keys[layer, :self.ref_tokens].copy_(k[0, :self.ref_tokens])
-        motion_keys = apply_rotation(k[0, self.ref_tokens:], *self.motion_rotation)
         for kv in self.buffers:
-            kv.store_cond_rows(layer, self, motion_keys, v[0])
+            kv.store_cond_rows(layer, self, roped_k[0, self.ref_tokens:], v[0])
 
     def entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise RuntimeError("a joined cond cache keeps only the reference frame's keys: its other rows live in the "
