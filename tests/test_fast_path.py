@@ -211,3 +211,18 @@ def test_the_engine_gives_inductor_the_planned_compile_workers(folder, tmp_path,
         Engine(_model(folder), None, None, None, placement=Placement(compile_workers=workers),
                device=torch.device("cpu"), dtype=torch.float32, fast_path=compiled)
         assert inductor.compile_threads == threads
+
+
+def test_compiler_chooses_kernel_tilings_by_rule_unless_the_user_says_otherwise(tmp_path, monkeypatch):
+    """Inductor's deterministic mode (no tiling chosen by timing) is on, so that every process compiles the
+    same summation orders; a TORCHINDUCTOR_DETERMINISTIC the user exported is left as it is."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "deterministic", False)
+    monkeypatch.delenv("TORCHINDUCTOR_DETERMINISTIC", raising=False)
+    configure_compiler(tmp_path)
+    assert inductor.deterministic is True
+    monkeypatch.setattr(inductor, "deterministic", False)
+    monkeypatch.setenv("TORCHINDUCTOR_DETERMINISTIC", "0")
+    configure_compiler(tmp_path)
+    assert inductor.deterministic is False

@@ -189,7 +189,8 @@ def test_plan_command_prints_every_rank_and_the_pipeline_fps(capsys):
 
 def test_the_multi_gpu_benchmark_runs_on_cpu_processes(tmp_path):
     """benchmarks/gpu_pipeline.py waits for a multi-GPU machine; its CPU form keeps it runnable meanwhile:
-    the pipeline's frames equal one device's, and the kill drill brings every rank down."""
+    compiled (Inductor's C++ on every rank), the pipeline's frames equal one device's, and the kill drill
+    brings every rank down."""
     import subprocess
     import sys
     from pathlib import Path
@@ -198,7 +199,8 @@ def test_the_multi_gpu_benchmark_runs_on_cpu_processes(tmp_path):
     result = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu_pipeline.py"), "--config", "tiny",
                              "--device", "cpu", "--ranks", "2", "--size", "64*64", "--blocks", "2",
                              "--warmup-blocks", "1"], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(repo / "src")})
+                            env={**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(repo / "src"),
+                                 "LIVEAVATAR_COMPILE": "1", "LIVEAVATAR_COMPILE_CACHE": str(tmp_path / "compiled")})
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_pipeline.json").read_text())
     row = report["pipelines"][0]

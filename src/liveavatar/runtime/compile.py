@@ -9,7 +9,9 @@ fill phase, at the ring wrap, at the sink refresh or for the next request of the
 length only reaches the attention glue, which stays outside the regions). Elementwise work (norms,
 modulation, gates, RoPE, residual casts, the FP8 activation quantiser) is fused by Inductor around the
 GEMMs, which stay cuBLAS calls. ``emulate_precision_casts`` keeps every explicit rounding of the
-reference's numerics (the bf16 casts inside fused kernels).
+reference's numerics (the bf16 casts inside fused kernels); Inductor's ``deterministic`` mode chooses every
+kernel's tiling by rule, not by timing, so the compiled path gives the same bits in every process (one GPU
+or the ranks of a pipeline) whatever the compile cache holds.
 
 Default: on for CUDA GPUs where Triton works, off on the CPU. ``LIVEAVATAR_COMPILE=0`` (or the API's
 ``compile=False``, the CLI's ``--no-compile``) turns it off; ``=1`` forces it (also on the CPU, where
@@ -35,6 +37,7 @@ if TYPE_CHECKING:  # torch loads with the functions that need it: the CLI reads 
 COMPILE_ENV = "LIVEAVATAR_COMPILE"
 GRAPHS_ENV = "LIVEAVATAR_CUDA_GRAPHS"
 CACHE_ENV = "LIVEAVATAR_COMPILE_CACHE"
+DETERMINISTIC_ENV = "TORCHINDUCTOR_DETERMINISTIC"  # exported by the user (0 or 1): theirs wins
 _OFF = {"0", "false", "no", "off"}
 _ON = {"1", "true", "yes", "on"}
 
@@ -126,6 +129,13 @@ def configure_compiler(cache_dir: str | os.PathLike | None = None, *, workers: i
         inductor.compile_threads = max(1, workers)  # 1 thread: Inductor starts no worker pool
     if hasattr(inductor, "emulate_precision_casts"):
         inductor.emulate_precision_casts = True  # keep the reference's explicit bf16 roundings
+    if hasattr(inductor, "deterministic") and DETERMINISTIC_ENV not in os.environ:
+        # Without it Inductor picks some reduction kernels' block sizes by timing them on the GPU the first
+        # time they run, and the block size sets the summation order: two processes (the ranks of a
+        # pipeline, or two runs with a cold cache) can round differently from the same inputs. It is the
+        # one timing-dependent choice of the compiled path; an H100 pipeline of 2 ranks differed from one
+        # GPU's frames compiled (up to 11 levels of 255) and not eager.
+        inductor.deterministic = True
     # A region has two shapes per clip size and weight type (block, sink): several sizes in one process
     # must not reach dynamo's default limit of 8, past which it silently runs the region eagerly.
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
