@@ -76,15 +76,17 @@ def comm_timeout() -> timedelta:
 
 
 def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], torch.Tensor | None]:
-    """Tensors as their specs and one host byte buffer (each part padded so every view back is aligned)."""
-    specs, parts = [], []
-    for name, tensor in tensors.items():
-        host = tensor.detach().to("cpu").contiguous().reshape(-1)
-        spec = TensorSpec(name, host.dtype, tuple(tensor.shape))
-        raw = host.view(torch.uint8)
-        parts.append(torch.nn.functional.pad(raw, (0, spec.nbytes - raw.numel())))
-        specs.append(spec)
-    return specs, (torch.cat(parts) if parts else None)
+    """Tensors as their specs and one host byte buffer (each part padded so every view back is aligned),
+    each copied once, straight into its place (from the device too)."""
+    specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
+    if not specs:
+        return specs, None
+    buffer = torch.empty(sum(spec.nbytes for spec in specs), dtype=torch.uint8)
+    offset = 0
+    for spec, tensor in zip(specs, tensors.values()):
+        buffer[offset:offset + spec.size].view(spec.dtype).view(spec.shape).copy_(tensor.detach())
+        offset += spec.nbytes
+    return specs, buffer
 
 
 def unpack_tensors(specs: list[TensorSpec], buffer: torch.Tensor | None, device) -> dict[str, torch.Tensor]:
