@@ -26,7 +26,7 @@ from liveavatar.runtime.step_layout import StepLayout
 class StageSpec:
     """What a worker rank loads and where: its DiT (folder, LoRA, placement) on ``device`` in ``dtype``.
     ``threads``: torch's CPU threads (a CPU rank uses the spawning process's count, so that its matmuls
-    split the same way and give the same bits)."""
+    split the same way and give the same bits; None: one on a GPU rank once its DiT is loaded)."""
 
     dit_dir: str
     placement: Placement
@@ -55,6 +55,12 @@ def run_stage(group: RankGroup, spec: StageSpec) -> None:
     dtype = resolve_dtype(spec.dtype, device)
     with torch.no_grad():
         model, streamer = spec.load(device, dtype)
+        if spec.threads is None and device.type == "cuda":
+            # Loaded (a LoRA merge may run on the host); from here one thread, as torchrun gives each of its
+            # processes: a GPU rank's host work is copies and Python, and OpenMP's spinning threads of one
+            # rank take the cores another needs (a hop between two CPU processes: 4.3 ms with a thread per
+            # core, 1.1 ms with one).
+            torch.set_num_threads(1)
         # An engine of this rank's DiT only: it owns the caches (reused between requests) and the streamer.
         engine = Engine(model, None, None, None, placement=spec.placement, device=device, dtype=dtype,
                         layer_streamer=streamer, fast_path=resolve_fast_path(device, compile=spec.compile))
