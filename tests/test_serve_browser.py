@@ -154,13 +154,21 @@ def test_the_jobs_page_shows_a_refusal_and_a_lost_server_with_a_retry_that_resum
 def test_the_live_page_streams_a_file_shows_its_metrics_and_sends_nothing_after_end(browser_page, backend, tiny,
                                                                                     media_dir, short_wav, shots):
     page = browser_page
-    # Every WebSocket message the page sends, in order: no audio may follow "end".
+    # Every WebSocket message the page sends, in order: no audio may follow "end"; and the rtf of every block
+    # header the page decodes.
     page.add_init_script("""
         window.sent = [];
         const send = WebSocket.prototype.send;
         WebSocket.prototype.send = function (data) {
           window.sent.push(typeof data === "string" ? JSON.parse(data).type : "audio");
           return send.call(this, data);
+        };
+        window.rtfs = [];
+        const decode = TextDecoder.prototype.decode;
+        TextDecoder.prototype.decode = function (...args) {
+          const text = decode.apply(this, args);
+          try { const header = JSON.parse(text); if (header.type === "block") window.rtfs.push(header.rtf); } catch {}
+          return text;
         };""")
     with LocalServer(backend) as server:
         page.goto(server.url + "/live")
@@ -186,6 +194,9 @@ def test_the_live_page_streams_a_file_shows_its_metrics_and_sends_nothing_after_
         assert page.is_enabled("#start") and page.is_disabled("#end")
         shots(page, "live-done")
         sent = page.evaluate("window.sent")
+        rtfs = sorted(page.evaluate("window.rtfs")[-20:])
+        # The tile shows the median block, not the last one (the first block's time holds the decoder's warm-up).
+        assert page.text_content("#m-rtf b") == f"{rtfs[len(rtfs) // 2]:.2f}× real time", rtfs
     assert sent[0] == "start" and sent.count("end") == 1 and "audio" not in sent[sent.index("end"):], sent
     assert ("say" in sent) is tts
     assert page.problems == []
