@@ -295,7 +295,7 @@ def build(args, device, weights: str):
     model, vae, _, _ = build_random_models(Placement(), config=config, device=device, dtype=dtype,
                                            vae_config=VAEConfig(base_dim=8) if tiny else VAEConfig())
     if weights == "fp8":
-        convert_to_fp8(model, kernel=fp8_kernel_for(device))
+        convert_to_fp8(model, kernel=args.fp8_kernel or fp8_kernel_for(device))
     return model, vae, dtype, Placement(weight_dtype=weights)
 
 
@@ -385,6 +385,8 @@ def print_table(run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from liveavatar.runtime.fp8 import FP8_KERNELS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=["main", "more", "extra", "warm-start"], default="main")
     parser.add_argument("--size", help="one size instead of the suite's (e.g. 64*64 with --config tiny)")
@@ -400,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=510.0, help="wall-clock budget of the whole script")
     parser.add_argument("--no-decode", dest="decode", action="store_false")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--fp8-kernel", choices=FP8_KERNELS, help="the FP8 rows' linear kernel (default: the "
+                        "device's, scaled_mm on FP8 tensor cores); scaled_mm_rows scales activations per token")
     parser.add_argument("--compile-cache", help="a compile_cache.tgz from an earlier call, unpacked first")
     args = parser.parse_args(argv)
 
@@ -425,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"suite": args.suite, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
             "command": " ".join([Path(sys.executable).name] + sys.argv), "compile_cache": str(cache),
-            "blocks": args.blocks, "warmup_blocks": args.warmup_blocks}
+            "blocks": args.blocks, "warmup_blocks": args.warmup_blocks, "fp8_kernel": args.fp8_kernel}
     try:
         import triton
 
@@ -453,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             if built is not None and weights == "fp8" and built[2] == "bf16":
                 from liveavatar.runtime.fp8 import convert_to_fp8, fp8_kernel_for
 
-                convert_to_fp8(built[0], kernel=fp8_kernel_for(device))  # in place: the bf16 copy is freed
+                # In place: the bf16 copy is freed.
+                convert_to_fp8(built[0], kernel=args.fp8_kernel or fp8_kernel_for(device))
                 free_memory()
                 built = (built[0], built[1], "fp8", built[3])
             else:
@@ -475,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             size = args.size or "704*384"
             run.data["warm_start"] = subprocess_json(
                 [sys.executable, __file__, "--suite", "warm-start", "--size", size, "--config", args.config,
-                 "--weights", args.suite_weights or "bf16"],
+                 "--weights", args.suite_weights or "bf16"]
+                + (["--fp8-kernel", args.fp8_kernel] if args.fp8_kernel else []),
                 max(60.0, run.budget_s - elapsed()))
     run.save()
     print_table(run)
