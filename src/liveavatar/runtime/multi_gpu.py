@@ -58,7 +58,7 @@ def run_stage(group: RankGroup, spec: StageSpec) -> None:
         if spec.threads is None and device.type == "cuda":
             # Loaded (a LoRA merge may run on the host); from here one thread, as torchrun gives each of its
             # processes: a GPU rank's host work is copies and Python, and OpenMP's spinning threads of one
-            # rank take the cores another needs (a hop between two CPU processes: 4.3 ms with a thread per
+            # rank take the cores another needs (a hop between two CPU processes: 4.4 ms with a thread per
             # core, 1.1 ms with one).
             torch.set_num_threads(1)
         # An engine of this rank's DiT only: it owns the caches (reused between requests) and the streamer.
