@@ -17,9 +17,9 @@ spawned with the 14B DiT built from the same seed (so every rank and the one-GPU
 weights); a block-sized message goes round the ranks to time one hop; then the real sampling loop runs
 warm-up + measured blocks on synthetic conditioning (as `liveavatar bench`), then a second run is cut by
 SIGKILL of rank 1 (the drill: time until the output rank raises, until every rank has exited, and the
-message). Last, one GPU runs the same request with the same weight and KV dtypes (a lossless placement
-choice otherwise) and the decoded frames are compared with each pipeline's. Peaks exclude the set-up
-(the encoders are not loaded). A compact table closes the output; JSON goes to $OUT/gpu_pipeline.json.
+message). Last, one GPU runs the same request with the same weight and KV dtypes, every layer resident
+(with ``--share-gpu`` on the whole card, the ranks gone), and the decoded frames are compared with each
+pipeline's. Peaks exclude the set-up (the encoders are not loaded). A compact table closes the output; JSON goes to $OUT/gpu_pipeline.json.
 Expected wall time on H100/H200s: about 2 minutes per rank count plus 1 minute for the one-GPU run.
 """
 from __future__ import annotations
@@ -227,14 +227,18 @@ def vae_config(config_name: str | None):
 
 
 def one_gpu_frames(args, work: Workload, hardware, budget, source, dtype, device, weights: str, kv_dtype: str):
-    """The same request on one device, with the pipeline's weight and KV dtypes (None when it cannot fit)."""
+    """The same request on one device, with the pipeline's weight and KV dtypes and every layer resident, as
+    the ranks hold theirs (None when it cannot fit). A layer streamer would take the CUDA graphs away from the
+    one-GPU run while the ranks replay theirs: an H100 run of 2026-12-07 that let it stream 4 layers (a 36 GiB
+    budget) differed from the compiled pipeline by up to 11 levels of 255."""
     config = transformer_config_for(None, args.config)
+    pins = Pins(weight_dtype=weights, kv_dtype=kv_dtype, streamed_layers=0)
     if device.type == "cpu":
-        plan = make_plan(dit_inventory(config), work, CPU_HARDWARE, None, pins=Pins(weight_dtype=weights,
-                                                                                      kv_dtype=kv_dtype))
+        plan = make_plan(dit_inventory(config), work, CPU_HARDWARE, None, pins=pins)
     else:
-        plan = make_plan(dit_inventory(config), work, hardware, budget, budget_source=source,
-                         pins=Pins(weight_dtype=weights, kv_dtype=kv_dtype))
+        if args.share_gpu:  # the ranks have exited: the whole card is this run's
+            budget, source = resolve_budget(vram_budget=None)
+        plan = make_plan(dit_inventory(config), work, hardware, budget, budget_source=source, pins=pins)
     if not plan.fits:
         return None, plan.refusal()
     model, streamer = random_dit(config, plan.placement, device, dtype, torch.Generator(device).manual_seed(args.seed))
