@@ -18,10 +18,12 @@ from liveavatar.runtime.planner.policy import MemoryPlanError, Pins, Plan, forma
 
 # A hop's fixed cost (store round trips, polling, the synchronous copies through host memory) and the rate
 # of gloo over TCP for the block's bytes, staged through host memory at both ends. The fixed cost is fitted
-# to the one hop measured on a GPU: 11 ms with 2 ranks sharing an H100 at 384*256 (benchmarks/gpu_pipeline.py,
-# issue 20; the bytes' terms below make 0.5 ms of it). The link rate is an estimate. On a 2-core CPU the
-# same hop takes 4.4 ms, 1.1 ms with one torch thread per rank (OpenMP's spinning threads share the cores).
-HOP_OVERHEAD_S = 0.0105
+# to the hops measured on a GPU with 2 ranks sharing an H100 at 384*256 (benchmarks/gpu_pipeline.py, issue 20;
+# the bytes' terms below make 0.4 ms of them): 4.2 and 4.3 ms since each tensor is copied once into the
+# message and each GPU rank runs one torch thread (11 ms before). The link rate is an estimate. On a 2-core
+# CPU the same hop takes 4.4 ms, 1.1 ms with one torch thread per rank (OpenMP's spinning threads share the
+# cores).
+HOP_OVERHEAD_S = 0.0038
 HOST_LINK_BYTES_PER_S = 2e9
 # wav2vec2-large: 25 hidden states of 1024 per video frame travel with every block.
 AUDIO_FEATURE_ELEMENTS_PER_FRAME = 25 * 1024
