@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     out = Path(os.environ.get("OUT", "."))
+    out.mkdir(parents=True, exist_ok=True)
     configure_compiler(workers=None)
     generator = torch.Generator(device).manual_seed(0)
     vae = random_vae(VAEConfig(base_dim=8) if args.tiny else VAEConfig(), device=device, dtype=dtype,
