@@ -19,7 +19,8 @@ warm-up + measured blocks on synthetic conditioning (as `liveavatar bench`), the
 SIGKILL of rank 1 (the drill: time until the output rank raises, until every rank has exited, and the
 message). Last, one GPU runs the same request with the same weight and KV dtypes, every layer resident
 (with ``--share-gpu`` on the whole card, the ranks gone), and the decoded frames are compared with each
-pipeline's. Peaks exclude the set-up (the encoders are not loaded). A compact table closes the output; JSON goes to $OUT/gpu_pipeline.json.
+pipeline's. Peaks exclude the set-up (the encoders are not loaded). A compact table closes the output; JSON
+goes to $OUT/gpu_pipeline.json.
 Expected wall time on H100/H200s: about 2 minutes per rank count plus 1 minute for the one-GPU run.
 """
 from __future__ import annotations
