@@ -16,8 +16,8 @@ eager, compiled and graphs_cl variants (the last two's step without graph replay
 failed) goes to $OUT/profile_decode_<size>_<variant>.txt.
 
 Variants: eager (today's decoder, every frame eager), fixed (the fixed-buffer step, eager), compiled,
-graphs (compiled + CUDA graphs), graphs_cl (also channels_last_3d weights and buffers; applied last, as it
-changes the weights' layout in place). Writes $OUT/decode.json after every row.
+graphs (compiled + CUDA graphs), compiled_cl (compiled in channels_last_3d without graphs: what a placement
+that streams DiT layers runs), graphs_cl (channels_last_3d with graphs: what a resident placement runs). Writes $OUT/decode.json after every row.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 GiB = 2**30
-VARIANTS = ("eager", "fixed", "compiled", "graphs", "graphs_cl")
+VARIANTS = ("eager", "fixed", "compiled", "graphs", "compiled_cl", "graphs_cl")
 
 
 def uint8(frames: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             from liveavatar.runtime.decoding import SteadyDecoder
             vae.steady_decoder = SteadyDecoder(vae)
         elif variant != "eager":
-            compile_decoder(vae, cuda_graphs=variant.startswith("graphs"), channels_last=variant == "graphs_cl")
+            compile_decoder(vae, cuda_graphs=variant.startswith("graphs"), channels_last=variant.endswith("_cl"))
         for size in sizes:
             if cuda:
                 torch.cuda.empty_cache()
