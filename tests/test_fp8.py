@@ -16,6 +16,7 @@ from liveavatar.runtime.fp8 import (
     quantize_per_row,
     quantize_per_tensor,
     quantize_rows,
+    tensor_amax,
 )
 from liveavatar.runtime.placement import Placement
 
@@ -52,6 +53,15 @@ def test_quantisation_follows_the_reference_formula():
     rows, row_inverse = quantize_rows(torch.randn(5, 3, 8))
     assert row_inverse.shape == (5,) and rows.shape == (5, 3, 8)
     assert dequantize_rows(rows, row_inverse, torch.float32).shape == (5, 3, 8)
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (2, 6, 4)])
+def test_tensor_amax_is_the_whole_tensors_max_taken_by_rows(shape):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    x.view(-1)[-1] = -40.0  # the largest magnitude, negative, in the last row
+    assert tensor_amax(x).item() == 40.0
+    assert torch.equal(tensor_amax(x), x.abs().amax())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
