@@ -41,8 +41,11 @@ FORWARD_OVERHEAD_S = 0.01
 VAE_EFFICIENCY = 0.138
 VAE_DECODE_OVERHEAD_S = 0.010
 # CALIBRATED: the decode on the graphs path (the compiled steady step in channels_last_3d, replayed as a CUDA
-# graph, no per-call host cost): 0.0958 s per 704*384 block on an H100 (2026-12-07; 384*256 not measured).
+# graph, no per-call host cost): 0.0958 s per 704*384 block on an H100 (2026-12-07). A placement that streams
+# DiT layers still compiles the step, without graphs: on an H200 0.0889 s against 0.0870 with them at 704*384
+# (0.0349 against 0.0338 at 384*256), so that path decodes at the graphs path's rate less 2 %.
 GRAPHS_VAE_EFFICIENCY = 0.289
+COMPILED_VAE_EFFICIENCY = GRAPHS_VAE_EFFICIENCY * 0.0870 / 0.0889
 # CALIBRATED: host time to issue one block's kernels, and the extra per FP8 linear (its quantiser call);
 # a layer takes at least this long however small the block (384*256 runs: 0.168 s per bf16 forward).
 HOST_SECONDS_PER_LAYER = 0.004
@@ -202,6 +205,8 @@ def estimate_speed(inv: DiTInventory, work: Workload, placement: Placement, hw: 
     decode_flops = work.video_frames_per_block * work.height * work.width * VAE_DECODE_FLOPS_PER_PIXEL
     if path == "graphs":  # the compiled steady step, replayed
         decode_s = decode_flops / (hw.bf16_flops * GRAPHS_VAE_EFFICIENCY)
+    elif path == "compiled":  # the compiled steady step, called
+        decode_s = decode_flops / (hw.bf16_flops * COMPILED_VAE_EFFICIENCY)
     else:
         decode_s = VAE_DECODE_OVERHEAD_S + decode_flops / (hw.bf16_flops * VAE_EFFICIENCY)
     # One GPU (or one rank of a pipeline): its steps, plus the decode where the output is made.
