@@ -26,6 +26,20 @@ def region(ffn_in, ffn_out, x, shift, scale, gate):
     return (x.float() + ffn_out(hidden).float() * gate).to(x.dtype)
 
 
+def median_call_us(function, *args, runs: int = 5, calls: int = 20) -> float:
+    """Microseconds per call of ``function(*args)``: CUDA events, the median of ``runs`` runs of ``calls``."""
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            function(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", default="3168,1152")
@@ -50,22 +64,14 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(3):
                     out = compiled(*layers, x, shift, scale, gate)
                 torch.cuda.synchronize()
-                runs = []
-                for _ in range(5):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(20):
-                        compiled(*layers, x, shift, scale, gate)
-                    end.record()
-                    end.synchronize()
-                    runs.append(start.elapsed_time(end) * 1000 / 20)
+                us_per_call = median_call_us(compiled, *layers, x, shift, scale, gate)
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     compiled(*layers, x, shift, scale, gate)
                     torch.cuda.synchronize()
                 kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
                 error = float((out.float() - reference).norm() / reference.norm())
-                print(json.dumps({"tokens": tokens, "kernel": kernel, "us_per_call": round(statistics.median(runs), 1),
+                print(json.dumps({"tokens": tokens, "kernel": kernel, "us_per_call": round(us_per_call, 1),
                                   "kernels_per_call": len(kernels), "rel_l2_vs_bf16_eager": round(error, 5),
                                   "kernel_names": sorted(set(k[:60] for k in kernels))}), flush=True)
     return 0

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fp8_activation_scale import median_call_us  # noqa: E402
 
 
 def quantize(x: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,15 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(3):
                         codes, inverse = compiled(*inputs, form)
                     torch.cuda.synchronize()
-                    runs = []
-                    for _ in range(5):
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        for _ in range(20):
-                            compiled(*inputs, form)
-                        end.record()
-                        end.synchronize()
-                        runs.append(start.elapsed_time(end) * 1000 / 20)
+                    us_per_call = median_call_us(compiled, *inputs, form)
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         compiled(*inputs, form)
                         torch.cuda.synchronize()
@@ -95,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 same = bool(torch.equal(codes.view(torch.uint8), baseline[0]) and torch.equal(inverse, baseline[1]))
                 print(json.dumps({"tokens": tokens, "place": place, "form": form,
                                   "input_strides": list(inputs[0].stride()),
-                                  "us_per_call": round(statistics.median(runs), 1), "same_as_flat": same,
+                                  "us_per_call": round(us_per_call, 1), "same_as_flat": same,
                                   "kernels_us": kernels}), flush=True)
     return 0
 
