@@ -25,12 +25,13 @@ from fp8_activation_scale import median_call_us  # noqa: E402
 
 
 def quantize(x: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from liveavatar.runtime.fp8 import FP8_DTYPE, FP8_MAX, tensor_amax
+    """The engine's quantiser ("rows"), or the same with the amax taken over the whole tensor at once."""
+    from liveavatar.runtime.fp8 import FP8_DTYPE, FP8_MAX, quantize_per_tensor, scale_for_amax
 
-    amax = (x.abs().amax() if form == "flat" else tensor_amax(x)).float()
-    scale = (FP8_MAX / amax.clamp(min=1e-12)).clamp(max=FP8_MAX)
-    codes = x.to(torch.float32).mul(scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return codes, scale.reciprocal()
+    if form == "rows":
+        return quantize_per_tensor(x)
+    scale = scale_for_amax(x.abs().amax().float())
+    return x.to(torch.float32).mul(scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale.reciprocal()
 
 
 def after_attention(attended: torch.Tensor, form: str):

@@ -17,7 +17,8 @@ failed) goes to $OUT/profile_decode_<size>_<variant>.txt.
 
 Variants: eager (today's decoder, every frame eager), fixed (the fixed-buffer step, eager), compiled,
 graphs (compiled + CUDA graphs), compiled_cl (compiled in channels_last_3d without graphs: what a placement
-that streams DiT layers runs), graphs_cl (channels_last_3d with graphs: what a resident placement runs). Writes $OUT/decode.json after every row.
+that streams DiT layers runs), graphs_cl (channels_last_3d with graphs: what a resident placement runs).
+Writes $OUT/decode.json after every row.
 """
 from __future__ import annotations
 

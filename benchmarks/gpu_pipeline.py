@@ -321,13 +321,13 @@ def main(argv=None) -> int:
             torch.cuda.set_device(0)
         reference, one = one_gpu_frames(args, work, hardware, budget, source, dtype,
                                         torch.device("cuda", 0) if device.type == "cuda" else device, weights, kv_dtype)
+        compiled = resolve_fast_path(device, compile=args.compile).compile
+        bound = COMPILED_GPU_FRAME_BOUND if compiled and device.type == "cuda" else 0
         for report in fitting:
             got = frames[report["ranks"]]
             if isinstance(one, dict) and reference is not None:
                 count = min(len(got), len(reference))
                 diff = np.abs(got[:count].astype(np.int16) - reference[:count].astype(np.int16))
-                compiled = resolve_fast_path(device, compile=args.compile).compile
-                bound = COMPILED_GPU_FRAME_BOUND if compiled and device.type == "cuda" else 0
                 report["frame_diff"] = {"frames": count, "max_abs": int(diff.max()),
                                         "pixels_differing": float((diff > 0).mean()), "bound": bound}
     out = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu_pipeline_"))

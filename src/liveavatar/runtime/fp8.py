@@ -41,6 +41,11 @@ KEEP_BF16_PATTERNS = (
 FP8_KERNELS = ("scaled_mm", "scaled_mm_rows", "weight_only")
 
 
+def scale_for_amax(amax: torch.Tensor) -> torch.Tensor:
+    """The reference's e4m3 scale for an fp32 amax: 448 / amax, capped at 448 (tiny tensors are not blown up)."""
+    return (FP8_MAX / amax.clamp(min=1e-12)).clamp(max=FP8_MAX)
+
+
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     """max |x| over the whole tensor, as the maxima of its rows reduced once more: the same value (a max is
     exact in any order), but Inductor makes it a row reduction and a small one. Taken whole, inside the DiT
@@ -55,7 +60,7 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
 def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 codes, fp32 0-d inverse scale) with x ≈ codes · inverse_scale; the scale math is fp32."""
     amax = tensor_amax(x).float()  # the max of bf16 values is exact in bf16
-    scale = (FP8_MAX / amax.clamp(min=1e-12)).clamp(max=FP8_MAX)
+    scale = scale_for_amax(amax)
     codes = x.detach().to(torch.float32, copy=True).mul_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return codes, scale.reciprocal()
 
@@ -63,7 +68,7 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_per_tensor` of every row of x [M, I]: codes and fp32 inverse scales [M, 1]."""
     amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
-    scale = (FP8_MAX / amax.clamp(min=1e-12)).clamp(max=FP8_MAX)
+    scale = scale_for_amax(amax)
     codes = (x.detach().float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return codes, scale.reciprocal()
 
@@ -178,7 +183,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token e4m3 codes of x [..., tokens, heads, head_dim] and the fp32 inverse scale per token,
     with the same formula as `quantize_per_tensor` applied to each token's heads x head_dim values."""
     amax = x.detach().abs().amax(dim=(-2, -1)).float()
-    scale = (FP8_MAX / amax.clamp(min=1e-12)).clamp(max=FP8_MAX)
+    scale = scale_for_amax(amax)
     codes = (x.float() * scale[..., None, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return codes, scale.reciprocal()
 
