@@ -3,11 +3,12 @@ several scale granularities, against the fixture's float32 results (CPU, about a
 
     PYTHONPATH=src python3 benchmarks/fp8_kv_granularity.py [FIXTURES_DIR (default tests/data/fixtures)]
 
-Every variant quantises and dequantises the K/V a block writes into a KV set (``KVStorage.store_at``, the
-only writer of the KV sets), with the amax taken over: each token (all heads: the engine's scheme), each
-(token, head), each (block, head), or the whole block. The stored values then carry exactly the variant's
-rounding, so the run measures its error without a storage format per variant. Prints, per variant, the
-relative L2 error of the recorded velocities and the mean / max |error| of velocities, latents and video.
+Every variant quantises and dequantises the K/V a block writes into a KV set (the ``write`` of each KV cache
+class, through which every write passes), with the amax taken over: each token (all heads: the engine's
+scheme), each (token, head), each (block, head), or the whole block. The stored values then carry exactly
+the variant's rounding, so the run measures its error without a storage format per variant. Prints, per
+variant, the relative L2 error of the recorded velocities and the mean / max |error| of velocities, latents
+and video; exits 1 if a variant's writes were not quantised.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from liveavatar.runtime.caches import storage
-from liveavatar.runtime.fp8 import FP8_DTYPE, FP8_MAX
+from liveavatar.runtime.caches.device import KVCache
+from liveavatar.runtime.caches.host import HostKVCache
+from liveavatar.runtime.caches.joined import JoinedKVCache
+from liveavatar.runtime.fp8 import FP8_DTYPE, FP8_MAX, scale_for_amax
 from liveavatar.testing.cases import loop
 from liveavatar.testing.parity import Fixture
 
@@ -28,19 +31,22 @@ VARIANTS = {"float32 KV": None, "token": (1, 2), "(token, head)": (2,), "(block,
 
 def fake_quantize(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     amax = x.detach().abs().amax(dim=dims, keepdim=True).float()
-    scale = (FP8_MAX / amax.clamp(min=1e-12)).clamp(max=FP8_MAX)
+    scale = scale_for_amax(amax)
     return ((x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() / scale).to(x.dtype)
 
 
 def measure(fixture_path: Path, dims) -> dict[str, tuple[float, float, float]]:
-    store_at = storage.KVStorage.store_at
+    writes = {cache: cache.write for cache in (KVCache, JoinedKVCache, HostKVCache)}  # each its own write
 
-    def quantized_store_at(self, layer, index, k, v):
-        if dims is not None:
-            k, v = fake_quantize(k, dims), fake_quantize(v, dims)
-        store_at(self, layer, index, k, v)
+    def quantizing(write):
+        def quantized_write(self, layer, k, v):  # k, v [1, tokens, heads, head_dim]
+            if dims is not None:
+                k, v = fake_quantize(k[0], dims)[None], fake_quantize(v[0], dims)[None]
+            write(self, layer, k, v)
+        return quantized_write
 
-    storage.KVStorage.store_at = quantized_store_at
+    for cache, write in writes.items():
+        cache.write = quantizing(write)
     try:
         fixture = Fixture(fixture_path)
         compared = {}
@@ -54,7 +60,8 @@ def measure(fixture_path: Path, dims) -> dict[str, tuple[float, float, float]]:
         for _ in loop.run(fixture):
             pass
     finally:
-        storage.KVStorage.store_at = store_at
+        for cache, write in writes.items():
+            cache.write = write
         Fixture.compare = real_compare
     return {name: (float((got - ref).norm() / ref.norm()), float((got - ref).abs().mean()),
                    float((got - ref).abs().max()))
@@ -72,11 +79,18 @@ def main() -> int:
     torch.set_num_threads(1)
     print("| one scale per | velocities rel. L2 | velocities mean / max abs | latents clip 1 mean abs | video max abs |")
     print("|---|---|---|---|---|")
+    unquantised = None
     for label, dims in VARIANTS.items():
         r = measure(folder / "B_loop_tpp.json", dims)
         velocity, latents, video = r["trace.*.out"], r["out.latents.clip1"], r["out.video"]
         print(f"| {label} | {velocity[0]:.1e} | {velocity[1]:.1e} / {velocity[2]:.1e} | {latents[1]:.1e} | "
               f"{video[2]:.1e} |", flush=True)
+        if dims is None:
+            unquantised = velocity
+        elif velocity == unquantised:  # the KV writes bypassed the quantiser: the table would mean nothing
+            print(f"error: {label}: no KV write was quantised (a KV cache class whose write this script does "
+                  "not wrap)", file=sys.stderr)
+            return 1
     return 0
 
 
